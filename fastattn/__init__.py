@@ -1,0 +1,33 @@
+"""fastattn: fused scaled dot-product attention for NumPy on the CPU.
+
+The public functions validate and lay out their arguments, then call Numba kernels
+(:mod:`fastattn.kernels`) that compute the masked softmax and the weighted sum in
+one tiled pass. :mod:`reference` holds the plain NumPy oracle of the same contract.
+
+Numba and the kernels load on first use of a public function, so importing
+:mod:`fastattn` (and :mod:`fastattn.checks`, which :mod:`reference` uses) stays cheap.
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_PUBLIC = {
+    "scaled_dot_product_attention": "fastattn.attention",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name):
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fastattn' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))

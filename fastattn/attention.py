@@ -1,0 +1,171 @@
+"""Public scaled dot-product attention: validates and lays out, then calls the fused kernel."""
+
+import math
+
+import numpy as np
+
+from fastattn.checks import check_attention
+from fastattn.kernels.config import single_threaded_blas
+from fastattn.kernels.forward import forward_kernel
+
+# Rows of queries per prange task, and keys per inner block.
+BLOCK_Q = 64
+BLOCK_K = 128
+
+
+def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, causal=False,
+                                 causal_alignment="top_left", window=None, kv_lengths=None,
+                                 scale=None, enable_gqa=False, return_weights=False,
+                                 return_lse=False):
+    r"""Scaled dot-product attention computed by a fused Numba kernel.
+
+    .. math::
+
+        \mathrm{out} = \mathrm{softmax}\!\left(\mathrm{scale}\cdot QK^\top + B,
+        \text{masked}\right) V, \qquad \mathrm{scale} = 1/\sqrt{d_k}\ \text{by default}
+
+    This function checks and broadcasts the arguments, then calls a kernel that
+    computes the masked softmax and the weighted sum in one tiled pass (online
+    softmax), without building the ``(Lq, Lk)`` score matrix.
+
+    Parameters
+    ----------
+    query : array_like, shape ``(*batch, Lq, Dk)``
+        Queries; a 2-D ``(Lq, Dk)`` array is a single sequence.
+    key : array_like, shape ``(*batch, Lk, Dk)``
+    value : array_like, shape ``(*batch, Lk, Dv)``
+        ``Dv`` may differ from ``Dk``.
+    mask : array_like of bool, optional
+        Broadcastable to ``(*batch, Lq, Lk)``; **True = may attend**.
+    bias : array_like, optional
+        Real, broadcastable to ``(*batch, Lq, Lk)``, added to the scaled scores.
+        ``-inf`` hides a key; ``+inf`` is refused. Cast to the compute dtype.
+    causal : bool, default False
+        Key ``j`` is visible to query ``i`` only if ``j <= i + off``.
+    causal_alignment : {"top_left", "bottom_right"}, default "top_left"
+        ``off = 0`` (PyTorch ``is_causal``) or ``off = Lk - Lq`` (KV-cache decoding).
+        Also places the window.
+    window : (int, int), optional
+        ``(left, right)``: key ``j`` visible iff ``i + off - left <= j <= i + off + right``.
+    kv_lengths : array_like of int, optional
+        One per index of the first batch axis (one entry for 2-D inputs): keys
+        ``j >= kv_lengths[b]`` are padding.
+    scale : float, optional
+        Finite; default ``1 / sqrt(Dk)`` (1.0 when ``Dk == 0``).
+    enable_gqa : bool, default False
+        Grouped-query attention: axis -3 is heads, query head ``h`` uses kv head
+        ``h // (Hq // Hkv)``.
+    return_weights : bool, default False
+        Also return the attention weights ``(*batch, Lq, Lk)`` (O(Lq*Lk) memory).
+    return_lse : bool, default False
+        Also return the natural log-sum-exp of each row's scores ``(*batch, Lq)``.
+
+    Returns
+    -------
+    out : ndarray, shape ``(*batch, Lq, Dv)``
+    weights : ndarray, shape ``(*batch, Lq, Lk)``, only if ``return_weights``
+    lse : ndarray, shape ``(*batch, Lq)``, only if ``return_lse``
+
+    Notes
+    -----
+    A row with no visible key gives output 0, weights 0 and lse ``-inf``, never NaN.
+    float32 and float64 are computed natively, float16 in float32 (returned as
+    float16), integer and bool inputs in float64; the bias does not change the
+    dtype. Inputs are never modified; any memory layout is accepted.
+
+    See Also
+    --------
+    reference.scaled_dot_product_attention : the plain NumPy oracle.
+    """
+    problem = check_attention(query, key, value, mask, bias=bias, causal=causal,
+                              causal_alignment=causal_alignment, window=window,
+                              kv_lengths=kv_lengths, scale=scale, enable_gqa=enable_gqa)
+    out, weights, lse = _run_forward(problem, return_weights)
+    results = (out,)
+    if return_weights:
+        results += (weights,)
+    if return_lse:
+        results += (lse,)
+    return results[0] if len(results) == 1 else results
+
+
+def _run_forward(problem, return_weights):
+    """Lay the problem out for the kernel, run it, and shape the results."""
+    dtype = problem.compute_dtype
+    batch, group = problem.batch_shape, problem.gqa_group
+    n_batch = math.prod(batch)
+    query, query_index = stack_operand(problem.query, batch, dtype)
+    key, key_index = stack_operand(problem.key, batch, dtype, group)
+    value, value_index = stack_operand(problem.value, batch, dtype, group)
+    mask, mask_index, mask_steps = score_operand(problem.mask, batch, np.bool_)
+    bias, bias_index, bias_steps = score_operand(problem.bias, batch, dtype)
+    kv_lengths = flat_kv_lengths(problem)
+    reach_left, reach_right = problem.key_reach()
+
+    out = np.empty((n_batch, problem.q_len, problem.value_dim), dtype)  # (N, Lq, Dv)
+    lse = np.empty((n_batch, problem.q_len), dtype)  # (N, Lq)
+    weights_shape = (n_batch, problem.q_len, problem.kv_len) if return_weights else (1, 1, 1)
+    weights = np.zeros(weights_shape, dtype)  # (N, Lq, Lk) or a placeholder
+
+    if n_batch and problem.q_len:
+        with single_threaded_blas():
+            forward_kernel(dtype)(
+                query, key, value, query_index, key_index, value_index,
+                mask, mask_index, *mask_steps, problem.mask is not None,
+                bias, bias_index, *bias_steps, problem.bias is not None,
+                kv_lengths, problem.diag_offset, reach_left, reach_right, problem.scale,
+                BLOCK_Q, BLOCK_K, out, lse, weights, bool(return_weights))
+
+    out_dtype = problem.out_dtype
+    out = out.reshape(problem.out_shape).astype(out_dtype, copy=False)
+    lse = lse.reshape(problem.lse_shape).astype(out_dtype, copy=False)
+    if return_weights:
+        weights = weights.reshape(problem.weights_shape).astype(out_dtype, copy=False)
+    return out, weights, lse
+
+
+def stack_operand(array, batch_shape, dtype, group=1):
+    """Flatten an operand's own batch dims and map the broadcast batch onto them.
+
+    Returns
+    -------
+    stack : ndarray, shape ``(n_own, *array.shape[-2:])``, C-contiguous, ``dtype``
+        The operand without copies of broadcast dims (a copy only to change dtype or
+        layout).
+    index : ndarray of int64, shape ``(prod(batch_shape),)``
+        Entry ``b`` of the flattened broadcast batch reads ``stack[index[b]]``. Under
+        grouped-query attention (``group > 1``) the last batch axis is the head axis
+        and query head ``h`` reads kv head ``h // group``.
+    """
+    own_batch = array.shape[:-2]
+    stack = np.ascontiguousarray(array, dtype=dtype)
+    stack = stack.reshape((math.prod(own_batch),) + array.shape[-2:])  # (n_own, rows, cols)
+    own_index = np.arange(stack.shape[0]).reshape(own_batch)  # (*own_batch)
+    if group > 1:
+        own_index = np.repeat(own_index, group, axis=-1)  # (..., Hkv * group)
+    index = np.broadcast_to(own_index, batch_shape).ravel()  # (N,)
+    return stack, np.ascontiguousarray(index, dtype=np.int64)
+
+
+def score_operand(array, batch_shape, dtype):
+    """Lay out a mask or bias ``(..., 1 or Lq, 1 or Lk)`` for the kernel.
+
+    Returns the stack and index of :func:`stack_operand` and the ``(row_step,
+    col_step)`` the kernel multiplies positions by (0 along a broadcast axis). A
+    missing operand becomes a ``(1, 1, 1)`` placeholder that the kernel never reads.
+    """
+    if array is None:
+        placeholder = np.zeros((1, 1, 1), dtype)
+        return placeholder, np.zeros(max(math.prod(batch_shape), 1), np.int64), (0, 0)
+    stack, index = stack_operand(array, batch_shape, dtype)
+    steps = (int(array.shape[-2] != 1), int(array.shape[-1] != 1))
+    return stack, index, steps
+
+
+def flat_kv_lengths(problem):
+    """Valid key count of every entry of the flattened batch, int64 ``(N,)``."""
+    batch = problem.batch_shape
+    if problem.kv_lengths is None:
+        return np.full(max(math.prod(batch), 1), problem.kv_len, np.int64)
+    per_first_axis = problem.kv_lengths.reshape(batch[:1] + (1,) * (len(batch) - 1))
+    return np.ascontiguousarray(np.broadcast_to(per_first_axis, batch).ravel(), np.int64)

@@ -1,0 +1,139 @@
+"""Checks of the scalar and small arguments of attention: dtypes, scale, window,
+causal alignment and ``kv_lengths``.
+
+Both implementations (the Numba kernels in :mod:`fastattn` and the NumPy
+oracle in :mod:`reference`) call these, so an argument is accepted or refused
+the same way, with the same message, whichever path a user takes.
+"""
+
+import math
+import numbers
+
+import numpy as np
+
+CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
+
+# dtype kinds: b bool, i signed int, u unsigned int, f float.
+_REAL_KINDS = "biuf"
+
+
+def as_real_array(name, array):
+    """Return ``array`` as an ndarray of a real dtype, or raise ``TypeError``.
+
+    Complex, object, string and other non-numeric inputs are refused rather than
+    silently cast, since attention of such values has no meaning here.
+    """
+    array = np.asarray(array)
+    if array.dtype.kind not in _REAL_KINDS:
+        raise TypeError(
+            f"{name} must hold real numbers (bool, int or float); got dtype {array.dtype}"
+        )
+    return array
+
+
+def as_mask_array(mask):
+    """Return ``mask`` as a boolean ndarray (True = may attend), or raise ``TypeError``."""
+    mask = np.asarray(mask)
+    if mask.dtype != np.bool_:
+        raise TypeError(
+            f"mask must be boolean (True = may attend); got dtype {mask.dtype}. "
+            "To add real-valued scores (for example -inf for masked keys) pass them as bias="
+        )
+    return mask
+
+
+def result_dtypes(query, key, value):
+    """Choose the compute dtype and the output dtype of an attention call.
+
+    Rules of the contract: float32 and float64 are computed natively; float16 is
+    computed in float32 and returned as float16; integer and bool inputs are
+    promoted to float64; mixed inputs follow ``np.result_type``.
+
+    Returns
+    -------
+    compute_dtype, out_dtype : numpy.dtype
+    """
+    common = np.result_type(query.dtype, key.dtype, value.dtype)
+    if common.kind in "biu":
+        return np.dtype(np.float64), np.dtype(np.float64)
+    if common == np.float16:
+        return np.dtype(np.float32), np.dtype(np.float16)
+    if common in (np.float32, np.float64):
+        return common, common
+    raise TypeError(
+        f"query, key and value combine to dtype {common}, which is not supported; "
+        "use float16, float32 or float64"
+    )
+
+
+def check_scale(scale, head_dim):
+    """Return the softmax scale as a Python float.
+
+    ``None`` gives ``1 / sqrt(head_dim)``; for ``head_dim == 0`` every score is an
+    empty dot product (zero), and the default scale is taken as 1.0.
+    """
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number; got {scale!r}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite; got {scale}")
+    return scale
+
+
+def check_window(window):
+    """Return ``window`` as a ``(left, right)`` pair of non-negative ints, or None."""
+    if window is None:
+        return None
+    try:
+        left, right = window
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"window must be None or a pair (left, right) of non-negative ints; got {window!r}"
+        ) from None
+    for side, reach in (("left", left), ("right", right)):
+        if isinstance(reach, (bool, np.bool_)) or not isinstance(reach, numbers.Integral):
+            raise TypeError(f"window {side} must be an int; got {reach!r} in window={window!r}")
+        if reach < 0:
+            raise ValueError(f"window must be non-negative; got {side}={reach} in window={window!r}")
+    return int(left), int(right)
+
+
+def check_causal_alignment(causal_alignment, q_len, kv_len):
+    """Return the diagonal offset ``off`` of the causal and window rules.
+
+    Key ``j`` lies on or below the diagonal of query ``i`` when ``j <= i + off``:
+    ``"top_left"`` gives ``off = 0``, ``"bottom_right"`` gives ``off = Lk - Lq``.
+    """
+    if causal_alignment == "top_left":
+        return 0
+    if causal_alignment == "bottom_right":
+        return kv_len - q_len
+    raise ValueError(
+        f"causal_alignment must be one of {CAUSAL_ALIGNMENTS}; got {causal_alignment!r}"
+    )
+
+
+def check_kv_lengths(kv_lengths, batch_shape, kv_len):
+    """Return ``kv_lengths`` as a 1-D int64 array, one entry per first batch index.
+
+    With no batch axes (2-D inputs) it must hold exactly one entry.
+    """
+    if kv_lengths is None:
+        return None
+    kv_lengths = np.asarray(kv_lengths)
+    if kv_lengths.dtype.kind not in "iu":
+        raise TypeError(f"kv_lengths must hold integers; got dtype {kv_lengths.dtype}")
+    expected = batch_shape[0] if batch_shape else 1
+    if kv_lengths.shape != (expected,):
+        raise ValueError(
+            f"kv_lengths must have shape ({expected},), one entry per index of the first "
+            f"batch axis of batch shape {batch_shape}; got shape {kv_lengths.shape}"
+        )
+    if kv_lengths.size and (kv_lengths.min() < 0 or kv_lengths.max() > kv_len):
+        raise ValueError(
+            f"kv_lengths must lie in [0, Lk] = [0, {kv_len}]; "
+            f"got values from {kv_lengths.min()} to {kv_lengths.max()}"
+        )
+    return kv_lengths.astype(np.int64)

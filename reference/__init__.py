@@ -1,0 +1,9 @@
+"""Plain NumPy implementations of fastattn's public API, written to be read.
+
+They are the oracle the fused Numba kernels are tested against: every function
+here builds its intermediates in full, computes in float64 and never calls a kernel.
+"""
+
+from reference.attention import masked_softmax, scaled_dot_product_attention
+
+__all__ = ["scaled_dot_product_attention", "masked_softmax"]

@@ -1,0 +1,116 @@
+"""Scaled dot-product attention in plain NumPy: the oracle the kernels are tested against.
+
+Written to be read, not to be fast: it builds the full ``(Lq, Lk)`` score matrix,
+computes in float64 and casts back to the contract's output dtype.
+"""
+
+import numpy as np
+
+from fastattn.checks import check_attention
+
+
+def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, causal=False,
+                                 causal_alignment="top_left", window=None, kv_lengths=None,
+                                 scale=None, enable_gqa=False, return_weights=False,
+                                 return_lse=False):
+    r"""Attention by the textbook formula, in float64.
+
+    .. math::
+
+        \mathrm{out} = \mathrm{softmax}\!\left(\frac{QK^\top}{\sqrt{d_k}} + B,
+        \text{masked}\right) V
+
+    Same arguments, results and errors as :func:`fastattn.scaled_dot_product_attention`
+    (see ``../shared/API.md``); this version materialises every intermediate.
+
+    Returns
+    -------
+    out : ndarray, shape ``(*batch, Lq, Dv)``
+    weights : ndarray, shape ``(*batch, Lq, Lk)``, if ``return_weights``
+    lse : ndarray, shape ``(*batch, Lq)``, if ``return_lse``
+    """
+    problem = check_attention(query, key, value, mask, bias=bias, causal=causal,
+                              causal_alignment=causal_alignment, window=window,
+                              kv_lengths=kv_lengths, scale=scale, enable_gqa=enable_gqa)
+    q, k, v = broadcast_inputs(problem)  # (*batch, Lq, Dk), (*batch, Lk, Dk), (*batch, Lk, Dv)
+
+    scores = q @ k.swapaxes(-1, -2) * problem.scale  # (*batch, Lq, Lk)
+    if problem.bias is not None:
+        scores = scores + problem.bias.astype(np.float64)  # (*batch, Lq, Lk)
+    scores = np.where(visible_keys(problem), scores, -np.inf)  # (*batch, Lq, Lk)
+
+    weights, lse = masked_softmax(scores)  # (*batch, Lq, Lk), (*batch, Lq)
+    out = weights @ v  # (*batch, Lq, Dv)
+
+    results = (out.astype(problem.out_dtype),)
+    if return_weights:
+        results += (weights.astype(problem.out_dtype),)
+    if return_lse:
+        results += (lse.astype(problem.out_dtype),)
+    return results[0] if len(results) == 1 else results
+
+
+def broadcast_inputs(problem):
+    """Query, key and value in float64, broadcast to the full batch shape.
+
+    Under grouped-query attention each kv head is repeated for the query heads of
+    its group, so query head ``h`` meets kv head ``h // group``.
+    """
+    batch = problem.batch_shape
+    key, value = problem.key, problem.value
+    if problem.gqa_group > 1:
+        key = np.repeat(key, problem.gqa_group, axis=-3)  # (..., Hq, Lk, Dk)
+        value = np.repeat(value, problem.gqa_group, axis=-3)  # (..., Hq, Lk, Dv)
+    q = np.broadcast_to(problem.query.astype(np.float64), batch + problem.query.shape[-2:])
+    k = np.broadcast_to(key.astype(np.float64), batch + key.shape[-2:])
+    v = np.broadcast_to(value.astype(np.float64), batch + value.shape[-2:])
+    return q, k, v
+
+
+def visible_keys(problem):
+    """Boolean ``(*batch, Lq, Lk)``: True where query ``i`` may attend to key ``j``.
+
+    The AND of the causal rule, the window, the padding given by ``kv_lengths`` and
+    the user's mask.
+    """
+    batch, off = problem.batch_shape, problem.diag_offset
+    i = np.arange(problem.q_len)[:, None]  # (Lq, 1) query positions
+    j = np.arange(problem.kv_len)[None, :]  # (1, Lk) key positions
+
+    visible = np.ones((problem.q_len, problem.kv_len), dtype=bool)  # (Lq, Lk)
+    if problem.causal:
+        visible &= j <= i + off  # (Lq, Lk)
+    if problem.window is not None:
+        left, right = problem.window
+        visible &= (i + off - left <= j) & (j <= i + off + right)  # (Lq, Lk)
+    visible = np.broadcast_to(visible, batch + visible.shape)  # (*batch, Lq, Lk)
+    if problem.kv_lengths is not None:
+        # one length per index of the first batch axis: shape (B, 1, ..., 1, 1, 1)
+        lengths = problem.kv_lengths.reshape(batch[:1] + (1,) * (len(batch) - 1) + (1, 1))
+        visible = visible & (j < lengths)  # (*batch, Lq, Lk)
+    if problem.mask is not None:
+        visible = visible & problem.mask  # (*batch, Lq, Lk)
+    return visible
+
+
+def masked_softmax(scores):
+    """Softmax over the last axis of scores where hidden keys hold ``-inf``.
+
+    The row maximum is subtracted before ``exp`` so large scores cannot overflow.
+    A row whose scores are all ``-inf`` (no visible key) gets weights 0 and
+    log-sum-exp ``-inf``, never NaN.
+
+    Returns
+    -------
+    weights : ndarray, shape ``(..., Lq, Lk)``
+    lse : ndarray, shape ``(..., Lq)``, the natural log of ``sum(exp(scores))``
+    """
+    row_max = np.max(scores, axis=-1, keepdims=True, initial=-np.inf)  # (..., Lq, 1)
+    shift = np.where(row_max == -np.inf, 0.0, row_max)  # (..., Lq, 1) 0 for empty rows
+    exp_scores = np.exp(scores - shift)  # (..., Lq, Lk) 0 where hidden
+    row_sum = exp_scores.sum(axis=-1, keepdims=True)  # (..., Lq, 1)
+    weights = np.divide(exp_scores, row_sum, out=np.zeros_like(exp_scores),
+                        where=row_sum > 0)  # (..., Lq, Lk)
+    with np.errstate(divide="ignore"):
+        lse = (shift + np.log(row_sum))[..., 0]  # (..., Lq) -inf for empty rows
+    return weights, lse
