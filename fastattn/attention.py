@@ -7,6 +7,7 @@ import numpy as np
 from fastattn.checks import check_attention
 from fastattn.kernels.config import single_threaded_blas
 from fastattn.kernels.forward import forward_kernel
+from fastattn.layout import flat_kv_lengths, score_operand, stack_operand
 
 # Rows of queries per prange task, and keys per inner block.
 BLOCK_Q = 64
@@ -122,50 +123,3 @@ def _run_forward(problem, return_weights):
     if return_weights:
         weights = weights.reshape(problem.weights_shape).astype(out_dtype, copy=False)
     return out, weights, lse
-
-
-def stack_operand(array, batch_shape, dtype, group=1):
-    """Flatten an operand's own batch dims and map the broadcast batch onto them.
-
-    Returns
-    -------
-    stack : ndarray, shape ``(n_own, *array.shape[-2:])``, C-contiguous, ``dtype``
-        The operand without copies of broadcast dims (a copy only to change dtype or
-        layout).
-    index : ndarray of int64, shape ``(prod(batch_shape),)``
-        Entry ``b`` of the flattened broadcast batch reads ``stack[index[b]]``. Under
-        grouped-query attention (``group > 1``) the last batch axis is the head axis
-        and query head ``h`` reads kv head ``h // group``.
-    """
-    own_batch = array.shape[:-2]
-    stack = np.ascontiguousarray(array, dtype=dtype)
-    stack = stack.reshape((math.prod(own_batch),) + array.shape[-2:])  # (n_own, rows, cols)
-    own_index = np.arange(stack.shape[0]).reshape(own_batch)  # (*own_batch)
-    if group > 1:
-        own_index = np.repeat(own_index, group, axis=-1)  # (..., Hkv * group)
-    index = np.broadcast_to(own_index, batch_shape).ravel()  # (N,)
-    return stack, np.ascontiguousarray(index, dtype=np.int64)
-
-
-def score_operand(array, batch_shape, dtype):
-    """Lay out a mask or bias ``(..., 1 or Lq, 1 or Lk)`` for the kernel.
-
-    Returns the stack and index of :func:`stack_operand` and the ``(row_step,
-    col_step)`` the kernel multiplies positions by (0 along a broadcast axis). A
-    missing operand becomes a ``(1, 1, 1)`` placeholder that the kernel never reads.
-    """
-    if array is None:
-        placeholder = np.zeros((1, 1, 1), dtype)
-        return placeholder, np.zeros(max(math.prod(batch_shape), 1), np.int64), (0, 0)
-    stack, index = stack_operand(array, batch_shape, dtype)
-    steps = (int(array.shape[-2] != 1), int(array.shape[-1] != 1))
-    return stack, index, steps
-
-
-def flat_kv_lengths(problem):
-    """Valid key count of every entry of the flattened batch, int64 ``(N,)``."""
-    batch = problem.batch_shape
-    if problem.kv_lengths is None:
-        return np.full(max(math.prod(batch), 1), problem.kv_len, np.int64)
-    per_first_axis = problem.kv_lengths.reshape(batch[:1] + (1,) * (len(batch) - 1))
-    return np.ascontiguousarray(np.broadcast_to(per_first_axis, batch).ravel(), np.int64)

@@ -6,54 +6,18 @@ maximum, a running row sum and a rescaled output accumulator, so no ``(Lq, Lk)``
 matrix is ever built; extra memory is one ``(block_q, block_k)`` score block and one
 ``(block_q, Dv)`` accumulator per task.
 
-Key ``j`` is visible to query ``i`` of batch entry ``b`` iff
-
-    lo(i) <= j < hi(i),  lo(i) = i + off - reach_left,
-                         hi(i) = min(i + off + reach_right + 1, kv_lengths[b])
-
-and the user's mask allows it. Because ``lo`` and ``hi`` grow with ``i``, the keys a
-query block can see form one interval: key blocks outside it are never visited.
+Visibility (causal, window, kv_lengths, mask) is applied block by block by
+:mod:`fastattn.kernels.masking`; key blocks that no query of a block can see are
+never visited.
 """
 
 import math
 
 import numpy as np
-from numba import njit, prange, types
+from numba import prange, types
 
 from fastattn.kernels.config import array_type, jit_kernel
-
-
-@njit(inline="always")
-def _visible_range(row, kv_stop, diag_offset, reach_left, reach_right):
-    """Half-open interval ``[lo, hi)`` of keys that query ``row`` may see structurally."""
-    lo = max(row + diag_offset - reach_left, 0)
-    hi = min(row + diag_offset + reach_right + 1, kv_stop)
-    return lo, hi
-
-
-@njit(inline="always")
-def _mask_scores(scores, q_start, key_start, kv_stop, scale, diag_offset, reach_left,
-                 reach_right, mask, mask_entry, mask_row_step, mask_col_step, has_mask,
-                 bias, bias_entry, bias_row_step, bias_col_step, has_bias):
-    """In place: ``scores = scores * scale + bias``, ``-inf`` where a key is hidden.
-
-    ``scores`` is the ``(rows, cols)`` block of queries ``q_start + r`` against keys
-    ``key_start + c``. Mask and bias are read through row and column steps of 0 or 1,
-    so a mask of shape ``(1, Lk)`` is never expanded to ``(Lq, Lk)``.
-    """
-    rows, cols = scores.shape
-    for r in range(rows):
-        row = q_start + r
-        lo, hi = _visible_range(row, kv_stop, diag_offset, reach_left, reach_right)
-        for c in range(cols):
-            col = key_start + c
-            score = scores[r, c] * scale
-            if has_bias:
-                score += bias[bias_entry, row * bias_row_step, col * bias_col_step]
-            visible = lo <= col < hi
-            if has_mask:
-                visible = visible and mask[mask_entry, row * mask_row_step, col * mask_col_step]
-            scores[r, c] = score if visible else -np.inf
+from fastattn.kernels.masking import mask_scores, visible_range
 
 
 def _attention_forward(query, key, value, query_index, key_index, value_index,
@@ -81,8 +45,8 @@ def _attention_forward(query, key, value, query_index, key_index, value_index,
         q_block = query[query_index[b], q_start:q_stop]  # (rows, Dk)
         keys = key[key_index[b]]  # (Lk, Dk)
         values = value[value_index[b]]  # (Lk, Dv)
-        first_key = _visible_range(q_start, kv_stop, diag_offset, reach_left, reach_right)[0]
-        last_key = _visible_range(q_stop - 1, kv_stop, diag_offset, reach_left, reach_right)[1]
+        first_key = visible_range(q_start, kv_stop, diag_offset, reach_left, reach_right)[0]
+        last_key = visible_range(q_stop - 1, kv_stop, diag_offset, reach_left, reach_right)[1]
 
         row_max = np.full(rows, -np.inf)  # (rows,) running max of the scores
         row_sum = np.zeros(rows)  # (rows,) running sum of exp(score - row_max)
@@ -90,7 +54,7 @@ def _attention_forward(query, key, value, query_index, key_index, value_index,
         for key_start in range(first_key, last_key, block_k):
             key_stop = min(key_start + block_k, last_key)
             scores = np.dot(q_block, keys[key_start:key_stop].T)  # (rows, cols)
-            _mask_scores(scores, q_start, key_start, kv_stop, scale, diag_offset,
+            mask_scores(scores, q_start, key_start, kv_stop, scale, diag_offset,
                          reach_left, reach_right, mask, mask_index[b], mask_row_step,
                          mask_col_step, has_mask, bias, bias_index[b], bias_row_step,
                          bias_col_step, has_bias)
@@ -126,7 +90,7 @@ def _attention_forward(query, key, value, query_index, key_index, value_index,
             for key_start in range(first_key, last_key, block_k):
                 key_stop = min(key_start + block_k, last_key)
                 scores = np.dot(q_block, keys[key_start:key_stop].T)  # (rows, cols)
-                _mask_scores(scores, q_start, key_start, kv_stop, scale, diag_offset,
+                mask_scores(scores, q_start, key_start, kv_stop, scale, diag_offset,
                              reach_left, reach_right, mask, mask_index[b], mask_row_step,
                              mask_col_step, has_mask, bias, bias_index[b], bias_row_step,
                              bias_col_step, has_bias)

@@ -1,0 +1,47 @@
+"""Visibility rules applied inside the kernels' tile loops.
+
+Key ``j`` is visible to query ``i`` of batch entry ``b`` iff
+
+    lo(i) <= j < hi(i),  lo(i) = i + off - reach_left,
+                         hi(i) = min(i + off + reach_right + 1, kv_lengths[b])
+
+and the user's mask allows it (see :meth:`fastattn.checks.AttentionProblem.key_reach`).
+Because ``lo`` and ``hi`` grow with ``i``, the keys a block of queries can see form
+one interval, so key blocks outside it are never visited.
+"""
+
+import numpy as np
+from numba import njit
+
+
+@njit(inline="always")
+def visible_range(row, kv_stop, diag_offset, reach_left, reach_right):
+    """Half-open interval ``[lo, hi)`` of keys that query ``row`` may see structurally."""
+    lo = max(row + diag_offset - reach_left, 0)
+    hi = min(row + diag_offset + reach_right + 1, kv_stop)
+    return lo, hi
+
+
+@njit(inline="always")
+def mask_scores(scores, q_start, key_start, kv_stop, scale, diag_offset, reach_left,
+                 reach_right, mask, mask_entry, mask_row_step, mask_col_step, has_mask,
+                 bias, bias_entry, bias_row_step, bias_col_step, has_bias):
+    """In place: ``scores = scores * scale + bias``, ``-inf`` where a key is hidden.
+
+    ``scores`` is the ``(rows, cols)`` block of queries ``q_start + r`` against keys
+    ``key_start + c``. Mask and bias are read through row and column steps of 0 or 1,
+    so a mask of shape ``(1, Lk)`` is never expanded to ``(Lq, Lk)``.
+    """
+    rows, cols = scores.shape
+    for r in range(rows):
+        row = q_start + r
+        lo, hi = visible_range(row, kv_stop, diag_offset, reach_left, reach_right)
+        for c in range(cols):
+            col = key_start + c
+            score = scores[r, c] * scale
+            if has_bias:
+                score += bias[bias_entry, row * bias_row_step, col * bias_col_step]
+            visible = lo <= col < hi
+            if has_mask:
+                visible = visible and mask[mask_entry, row * mask_row_step, col * mask_col_step]
+            scores[r, c] = score if visible else -np.inf
