@@ -5,6 +5,8 @@
 - :func:`jit_kernel`: ``numba.njit`` with an explicit signature and the on-disk
   cache, falling back to in-memory compilation when no cache location is writable
   (a read-only install with ``NUMBA_CACHE_DIR`` unset).
+- The cache is keyed on every source file of this package, not only the kernel's
+  own file (Numba's default), so editing a shared helper recompiles the kernels.
 - :func:`single_threaded_blas`: the kernels call BLAS (``np.dot``) from inside
   ``prange``; each of those calls must use one thread, or the BLAS thread pool and
   Numba's threads oversubscribe the cores.
@@ -12,6 +14,7 @@
 
 import contextlib
 import functools
+import os
 import warnings
 
 import numba
@@ -22,6 +25,55 @@ FASTMATH_FLAGS = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
 
 _KERNEL_OPTIONS = dict(parallel=True, nogil=True, fastmath=set(FASTMATH_FLAGS),
                        error_model="numpy", boundscheck=False)
+
+
+def _kernel_sources_stamp():
+    """(name, mtime, size) of every module of this package: the kernels' cache key."""
+    folder = os.path.dirname(os.path.abspath(__file__))
+    stamp = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            info = os.stat(os.path.join(folder, name))
+            stamp.append((name, info.st_mtime, info.st_size))
+    return tuple(stamp)
+
+
+def _key_kernel_caches_on_package_sources():
+    """Make Numba's cache locators stamp fastattn kernels with the whole package.
+
+    Numba invalidates a cached kernel only when the file defining it changes; a
+    kernel that inlines helpers from another module would otherwise keep stale code.
+    Locators for functions outside this package are left as they are. If Numba's
+    private caching classes ever change shape, the default behaviour stays.
+    """
+    from numba.core import caching
+
+    def numba_class(name):  # public names since Numba 0.60-ish, underscored before
+        return getattr(caching, name, None) or getattr(caching, "_" + name, None)
+
+    names = ("UserProvidedCacheLocator", "InTreeCacheLocator", "UserWideCacheLocator")
+    bases = tuple(numba_class(name) for name in names)
+    cache_impl = numba_class("CacheImpl")
+    if None in bases or not isinstance(getattr(cache_impl, "_locator_classes", None), list):
+        return
+    locators = cache_impl._locator_classes
+    stamp = _kernel_sources_stamp()
+
+    class PackageStamp:
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            if not getattr(py_func, "__module__", "").startswith(__package__ + "."):
+                return None
+            return super().from_function(py_func, py_file)
+
+        def get_source_stamp(self):
+            return stamp
+
+    locators[:0] = [type(f"FastattnKernel{base.__name__}", (PackageStamp, base), {})
+                    for base in bases]
+
+
+_key_kernel_caches_on_package_sources()
 
 
 def array_type(dtype, ndim, readonly=True):

@@ -1,0 +1,70 @@
+"""Shared fixtures: the implementations under test, seeded inputs, tolerances.
+
+Every implementation of the contract is listed in ``IMPLEMENTATIONS``; tests of
+behaviour that both must share (errors, empty sizes, masked rows) fan out over it,
+and accuracy tests compare ``fastattn`` against the float64 ``reference``.
+"""
+
+import numpy as np
+import pytest
+
+import fastattn
+import reference
+
+IMPLEMENTATIONS = {
+    "fastattn": fastattn.scaled_dot_product_attention,
+    "reference": reference.scaled_dot_product_attention,
+}
+
+# The contract: float32 within 2e-5 (absolute and relative) of the float64
+# reference, float64 within 1e-10. float16 results are float32 results rounded
+# to float16, so they may sit one float16 rounding step (~1e-3 relative) away.
+TOLERANCE = {
+    np.dtype(np.float16): 2e-3,
+    np.dtype(np.float32): 2e-5,
+    np.dtype(np.float64): 1e-10,
+}
+
+
+@pytest.fixture(params=sorted(IMPLEMENTATIONS), ids=sorted(IMPLEMENTATIONS))
+def attention(request):
+    """Each implementation of ``scaled_dot_product_attention`` in turn."""
+    return IMPLEMENTATIONS[request.param]
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20261122)
+
+
+def random_inputs(rng, q_shape, kv_shape, value_dim=None, dtype=np.float64):
+    """Standard-normal query ``q_shape``, key ``kv_shape`` and value with ``Dv`` columns."""
+    value_dim = kv_shape[-1] if value_dim is None else value_dim
+    query = rng.standard_normal(q_shape).astype(dtype)  # (*batch, Lq, Dk)
+    key = rng.standard_normal(kv_shape).astype(dtype)  # (*batch, Lk, Dk)
+    value = rng.standard_normal(kv_shape[:-1] + (value_dim,)).astype(dtype)  # (*batch, Lk, Dv)
+    return query, key, value
+
+
+def as_tuple(result):
+    return result if isinstance(result, tuple) else (result,)
+
+
+def assert_close_to_reference(query, key, value, mask=None, **options):
+    """Run both implementations and compare every returned array.
+
+    The reference gets float64 copies of the inputs, so it is the float64 truth;
+    the tolerance is that of fastattn's result dtype, applied both absolutely and
+    relatively. Returns fastattn's results.
+    """
+    result = as_tuple(fastattn.scaled_dot_product_attention(query, key, value, mask, **options))
+    expected = as_tuple(reference.scaled_dot_product_attention(
+        np.asarray(query, np.float64), np.asarray(key, np.float64),
+        np.asarray(value, np.float64), mask, **options))
+    assert len(result) == len(expected)
+    for got, want in zip(result, expected):
+        assert got.shape == want.shape
+        assert not np.isnan(got).any(), "NaN in fastattn's result"
+        tolerance = TOLERANCE[got.dtype]
+        np.testing.assert_allclose(got.astype(np.float64), want, rtol=tolerance, atol=tolerance)
+    return result

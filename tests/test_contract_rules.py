@@ -1,0 +1,183 @@
+"""Rules of ../shared/API.md that every implementation keeps: dtypes, memory layouts,
+rows with no visible key, empty sizes, thread counts."""
+
+import numba
+import numpy as np
+import pytest
+from conftest import as_tuple, assert_close_to_reference, random_inputs
+
+import fastattn
+
+ALL_OUTPUTS = dict(return_weights=True, return_lse=True)
+
+
+# ---------------------------------------------------------------- dtypes
+
+@pytest.mark.parametrize("dtype, out_dtype", [
+    (np.float16, np.float16), (np.float32, np.float32), (np.float64, np.float64),
+    (np.int32, np.float64), (np.int64, np.float64), (np.uint8, np.float64), (np.bool_, np.float64),
+])
+def test_result_dtype(attention, rng, dtype, out_dtype):
+    query, key, value = (array.astype(dtype) for array in random_inputs(rng, (2, 5, 4), (2, 6, 4)))
+    for result in as_tuple(attention(query, key, value, **ALL_OUTPUTS)):
+        assert result.dtype == out_dtype
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.int32, np.bool_])
+def test_promoted_dtypes_match_reference(rng, dtype):
+    query, key, value = (np.round(array * 2).astype(dtype)
+                         for array in random_inputs(rng, (2, 9, 4), (2, 130, 4)))
+    assert_close_to_reference(query, key, value, causal=True, **ALL_OUTPUTS)
+
+
+def test_mixed_dtypes_follow_result_type(attention, rng):
+    query, key, value = random_inputs(rng, (5, 4), (6, 4))
+    out = attention(query.astype(np.float32), key.astype(np.float16), value.astype(np.float32))
+    assert out.dtype == np.float32
+    out = attention(query.astype(np.float32), key, value.astype(np.int16))
+    assert out.dtype == np.float64
+
+
+def test_bias_does_not_change_the_dtype(attention, rng):
+    query, key, value = random_inputs(rng, (5, 4), (6, 4), dtype=np.float32)
+    assert attention(query, key, value, bias=np.zeros((5, 6))).dtype == np.float32
+
+
+@pytest.mark.parametrize("bad", [np.complex64, object, "U3"])
+def test_unsupported_dtypes_raise_type_error(attention, rng, bad):
+    query, key, value = random_inputs(rng, (5, 4), (6, 4))
+    with pytest.raises(TypeError, match="query"):
+        attention(query.astype(bad), key, value)
+    with pytest.raises(TypeError, match="value"):
+        attention(query, key, value.astype(bad))
+
+
+# ---------------------------------------------------------------- layouts
+
+def _layouts(array):
+    """The same values in several memory layouts."""
+    readonly = array.copy()
+    readonly.flags.writeable = False
+    return {
+        "fortran": np.asfortranarray(array),
+        "strided": np.repeat(array, 2, axis=-2)[..., ::2, :],
+        "negative-stride": array[..., ::-1, :][..., ::-1, :],
+        "transposed-view": np.ascontiguousarray(array.swapaxes(-1, -2)).swapaxes(-1, -2),
+        "readonly": readonly,
+        "broadcast": np.broadcast_to(array[:1], array.shape),
+    }
+
+
+@pytest.mark.parametrize("layout", list(_layouts(np.zeros((2, 3, 4)))))
+def test_any_memory_layout(rng, layout):
+    query, key, value = random_inputs(rng, (2, 70, 8), (2, 130, 8), dtype=np.float32)
+    query, key, value = (_layouts(array)[layout] for array in (query, key, value))
+    mask = _layouts(rng.random((2, 70, 130)) < 0.7)[layout]
+    bias = _layouts(rng.standard_normal((2, 70, 130)))[layout]
+    assert_close_to_reference(query, key, value, mask, bias=bias, **ALL_OUTPUTS)
+
+
+def test_inputs_are_never_modified(attention, rng):
+    query, key, value = random_inputs(rng, (2, 70, 8), (2, 130, 8), dtype=np.float32)
+    mask = rng.random((70, 130)) < 0.5
+    bias = rng.standard_normal((70, 130))
+    kv_lengths = np.array([100, 3])
+    originals = [array.copy() for array in (query, key, value, mask, bias, kv_lengths)]
+    attention(query, key, value, mask, bias=bias, kv_lengths=kv_lengths, causal=True,
+              **ALL_OUTPUTS)
+    for array, original in zip((query, key, value, mask, bias, kv_lengths), originals):
+        np.testing.assert_array_equal(array, original)
+
+
+def test_lists_are_accepted(attention):
+    out = attention([[1.0, 0.0]], [[1.0, 0.0], [0.0, 1.0]], [[1.0], [2.0]])
+    assert out.shape == (1, 1)
+
+
+# ---------------------------------------------------------------- rows that see no key
+
+def _assert_empty_rows(out, weights, lse, rows):
+    assert not np.isnan(out).any() and not np.isnan(weights).any() and not np.isnan(lse).any()
+    assert (out[rows] == 0).all() and (weights[rows] == 0).all() and (lse[rows] == -np.inf).all()
+
+
+def test_fully_masked_rows(attention, rng):
+    query, key, value = random_inputs(rng, (9, 4), (140, 4))
+    mask = rng.random((9, 140)) < 0.5
+    mask[[0, 4, 8]] = False
+    out, weights, lse = attention(query, key, value, mask, **ALL_OUTPUTS)
+    _assert_empty_rows(out, weights, lse, [0, 4, 8])
+    np.testing.assert_allclose(np.delete(weights, [0, 4, 8], axis=0).sum(-1), 1.0)
+
+
+def test_rows_hidden_by_minus_infinite_bias(attention, rng):
+    query, key, value = random_inputs(rng, (4, 4), (6, 4))
+    bias = np.zeros((4, 6))
+    bias[2] = -np.inf
+    _assert_empty_rows(*attention(query, key, value, bias=bias, **ALL_OUTPUTS), rows=[2])
+
+
+def test_zero_kv_lengths(attention, rng):
+    query, key, value = random_inputs(rng, (2, 5, 4), (2, 6, 4))
+    out, weights, lse = attention(query, key, value, kv_lengths=[0, 6], **ALL_OUTPUTS)
+    _assert_empty_rows(out, weights, lse, rows=0)
+    assert np.isfinite(lse[1]).all()
+
+
+def test_bottom_right_rows_above_the_diagonal(attention, rng):
+    """Lq > Lk with bottom-right alignment: the first Lq - Lk queries see no key."""
+    query, key, value = random_inputs(rng, (10, 4), (4, 4))
+    out, weights, lse = attention(query, key, value, causal=True,
+                                  causal_alignment="bottom_right", **ALL_OUTPUTS)
+    _assert_empty_rows(out, weights, lse, rows=slice(0, 6))
+    assert np.isfinite(lse[6:]).all()
+
+
+def test_no_keys_at_all(attention, rng):
+    query, key, value = random_inputs(rng, (2, 5, 4), (2, 0, 4), 3)
+    out, weights, lse = attention(query, key, value, **ALL_OUTPUTS)
+    assert out.shape == (2, 5, 3) and weights.shape == (2, 5, 0)
+    _assert_empty_rows(out, weights, lse, rows=slice(None))
+
+
+# ---------------------------------------------------------------- empty sizes
+
+@pytest.mark.parametrize("q_shape, kv_shape, out_shape", [
+    ((0, 4), (6, 4), (0, 5)),  # Lq == 0
+    ((0, 3, 4), (0, 6, 4), (0, 3, 5)),  # zero batch
+    ((2, 0, 3, 4), (1, 6, 4), (2, 0, 3, 5)),  # zero inner batch dim
+])
+def test_empty_sizes(attention, rng, q_shape, kv_shape, out_shape):
+    query, key, value = random_inputs(rng, q_shape, kv_shape, 5)
+    out, weights, lse = attention(query, key, value, **ALL_OUTPUTS)
+    assert out.shape == out_shape
+    assert weights.shape == out_shape[:-1] + (kv_shape[-2],)
+    assert lse.shape == out_shape[:-1]
+
+
+def test_zero_width_head_dim_gives_uniform_weights(attention):
+    """Dk == 0: every score is an empty dot product, so each row is uniform."""
+    query, key = np.zeros((3, 0)), np.zeros((4, 0))
+    value = np.arange(8.0).reshape(4, 2)
+    out, weights = attention(query, key, value, return_weights=True)
+    np.testing.assert_allclose(weights, 0.25)
+    np.testing.assert_allclose(out, np.broadcast_to(value.mean(0), (3, 2)))
+
+
+# ---------------------------------------------------------------- threads
+
+def test_results_identical_for_every_thread_count(rng):
+    query, key, value = random_inputs(rng, (2, 4, 200, 32), (2, 4, 300, 32), dtype=np.float32)
+    default_threads = numba.get_num_threads()
+    try:
+        results = []
+        for threads in sorted({1, default_threads}):
+            numba.set_num_threads(threads)
+            results.append(fastattn.scaled_dot_product_attention(
+                query, key, value, causal=True, return_lse=True))
+    finally:
+        numba.set_num_threads(default_threads)
+    for out, lse in results[1:]:
+        np.testing.assert_array_equal(out, results[0][0])
+        np.testing.assert_array_equal(lse, results[0][1])
+

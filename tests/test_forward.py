@@ -1,0 +1,158 @@
+"""fastattn's fused forward kernel against the float64 NumPy reference."""
+
+import numpy as np
+import pytest
+from conftest import assert_close_to_reference, random_inputs
+
+from fastattn.attention import BLOCK_K, BLOCK_Q
+
+# Awkward lengths: 1, and one below, at and one past each block size.
+Q_LENGTHS = [1, BLOCK_Q - 1, BLOCK_Q, BLOCK_Q + 1]
+KV_LENGTHS = [1, BLOCK_K - 1, BLOCK_K, BLOCK_K + 1, 2 * BLOCK_K + 3]
+DTYPES = [np.float32, np.float64]
+ALL_OUTPUTS = dict(return_weights=True, return_lse=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kv_len", KV_LENGTHS)
+@pytest.mark.parametrize("q_len", Q_LENGTHS)
+def test_lengths_around_block_sizes(rng, q_len, kv_len, dtype):
+    query, key, value = random_inputs(rng, (2, q_len, 16), (2, kv_len, 16), dtype=dtype)
+    assert_close_to_reference(query, key, value, **ALL_OUTPUTS)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim, value_dim", [(1, 1), (3, 5), (8, 64), (64, 8), (128, 128), (256, 256)])
+def test_head_and_value_dims(rng, head_dim, value_dim, dtype):
+    query, key, value = random_inputs(rng, (3, 37, head_dim), (3, 70, head_dim), value_dim, dtype)
+    assert_close_to_reference(query, key, value, return_lse=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_long_sequences_keep_contract_accuracy(rng, dtype):
+    """L = 4096, D = 64: the longest rows accumulate over many key blocks."""
+    query, key, value = random_inputs(rng, (1, 4096, 64), (1, 4096, 64), dtype=dtype)
+    assert_close_to_reference(query[:, ::16], key, value, return_lse=True)
+
+
+def test_unbatched_two_dimensional_inputs(rng):
+    query, key, value = random_inputs(rng, (5, 6), (7, 6), 4)
+    out, weights, lse = assert_close_to_reference(query, key, value, **ALL_OUTPUTS)
+    assert out.shape == (5, 4) and weights.shape == (5, 7) and lse.shape == (5,)
+
+
+@pytest.mark.parametrize(
+    "mask_shape",
+    [(7,), (1, 7), (5, 1), (5, 7), (2, 1, 1, 7), (1, 3, 5, 7), (2, 3, 5, 7), (3, 1, 1)],
+    ids=lambda shape: "x".join(map(str, shape)),
+)
+def test_mask_broadcast_shapes(rng, mask_shape):
+    query, key, value = random_inputs(rng, (2, 3, 5, 4), (2, 3, 7, 4))
+    mask = rng.random(mask_shape) < 0.6
+    assert_close_to_reference(query, key, value, mask, **ALL_OUTPUTS)
+
+
+@pytest.mark.parametrize("bias_shape", [(7,), (5, 1), (5, 7), (3, 5, 7), (2, 1, 5, 7)],
+                         ids=lambda shape: "x".join(map(str, shape)))
+def test_bias_broadcast_shapes(rng, bias_shape):
+    query, key, value = random_inputs(rng, (2, 3, 5, 4), (2, 3, 7, 4))
+    bias = rng.standard_normal(bias_shape)
+    bias[rng.random(bias_shape) < 0.3] = -np.inf
+    assert_close_to_reference(query, key, value, bias=bias, **ALL_OUTPUTS)
+
+
+@pytest.mark.parametrize("alignment", ["top_left", "bottom_right"])
+@pytest.mark.parametrize("q_len, kv_len", [(1, 1), (1, 200), (70, 70), (200, 70), (70, 200), (129, 257)])
+def test_causal(rng, q_len, kv_len, alignment):
+    query, key, value = random_inputs(rng, (2, q_len, 8), (2, kv_len, 8))
+    assert_close_to_reference(query, key, value, causal=True, causal_alignment=alignment,
+                              **ALL_OUTPUTS)
+
+
+@pytest.mark.parametrize("alignment", ["top_left", "bottom_right"])
+@pytest.mark.parametrize("window", [(0, 0), (3, 0), (0, 5), (40, 2), (1000, 0), (0, 1000)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_window(rng, window, causal, alignment):
+    query, key, value = random_inputs(rng, (2, 150, 8), (2, 290, 8))
+    assert_close_to_reference(query, key, value, window=window, causal=causal,
+                              causal_alignment=alignment, **ALL_OUTPUTS)
+
+
+@pytest.mark.parametrize("lengths", [[0, 0], [1, 300], [129, 128], [300, 0]])
+def test_kv_lengths(rng, lengths):
+    query, key, value = random_inputs(rng, (2, 3, 70, 8), (2, 3, 300, 8))
+    assert_close_to_reference(query, key, value, kv_lengths=np.array(lengths), **ALL_OUTPUTS)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.7, 3.0, 1e-3])
+def test_scale(rng, scale):
+    query, key, value = random_inputs(rng, (2, 40, 8), (2, 50, 8))
+    assert_close_to_reference(query, key, value, scale=scale, **ALL_OUTPUTS)
+
+
+def test_large_scores_do_not_overflow(rng):
+    """Scores near 1e4 would overflow exp() without subtracting the row maximum."""
+    query, key, value = random_inputs(rng, (1, 20, 8), (1, 300, 8))
+    out, lse = assert_close_to_reference(query * 100, key * 100, value, return_lse=True)
+    assert np.isfinite(out).all() and np.isfinite(lse).all()
+
+
+@pytest.mark.parametrize("q_heads, kv_heads", [(8, 2), (8, 1), (6, 3), (4, 4)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grouped_query_attention(rng, q_heads, kv_heads, dtype):
+    query, key, value = random_inputs(rng, (2, q_heads, 33, 16), (2, kv_heads, 45, 16), 8, dtype)
+    mask = rng.random((2, q_heads, 33, 45)) < 0.8
+    assert_close_to_reference(query, key, value, mask, enable_gqa=True, causal=True,
+                              **ALL_OUTPUTS)
+
+
+def test_grouped_query_heads_read_their_group(rng):
+    """Query head h must meet kv head h // group: compare with an explicit repeat."""
+    query, key, value = random_inputs(rng, (1, 6, 9, 4), (1, 2, 9, 4))
+    import fastattn
+
+    grouped = fastattn.scaled_dot_product_attention(query, key, value, enable_gqa=True)
+    repeated = fastattn.scaled_dot_product_attention(
+        query, np.repeat(key, 3, axis=1), np.repeat(value, 3, axis=1))
+    np.testing.assert_array_equal(grouped, repeated)
+
+
+@pytest.mark.parametrize("q_shape, kv_shape", [
+    ((2, 1, 9, 4), (1, 3, 11, 4)),  # both sides broadcast
+    ((9, 4), (2, 3, 11, 4)),  # unbatched query against batched keys
+    ((4, 2, 3, 9, 4), (3, 11, 4)),  # more batch dims on the query
+])
+def test_broadcast_batch_dims(rng, q_shape, kv_shape):
+    query, key, value = random_inputs(rng, q_shape, kv_shape)
+    assert_close_to_reference(query, key, value, **ALL_OUTPUTS)
+
+
+def test_key_and_value_broadcast_differently(rng):
+    query = rng.standard_normal((2, 3, 9, 4))  # (2, 3, Lq, Dk)
+    key = rng.standard_normal((1, 3, 11, 4))  # (1, 3, Lk, Dk)
+    value = rng.standard_normal((2, 1, 11, 6))  # (2, 1, Lk, Dv)
+    assert_close_to_reference(query, key, value, **ALL_OUTPUTS)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_option_at_once(rng, dtype):
+    query, key, value = random_inputs(rng, (2, 4, 130, 32), (2, 2, 260, 32), 16, dtype)
+    mask = rng.random((2, 1, 130, 260)) < 0.9
+    bias = rng.standard_normal((4, 130, 260))
+    assert_close_to_reference(
+        query, key, value, mask, bias=bias, causal=True, causal_alignment="bottom_right",
+        window=(100, 10), kv_lengths=[200, 260], scale=0.3, enable_gqa=True, **ALL_OUTPUTS)
+
+
+def test_weights_and_lse_are_consistent(rng):
+    import fastattn
+
+    query, key, value = random_inputs(rng, (3, 40, 8), (3, 150, 8))
+    out, weights, lse = fastattn.scaled_dot_product_attention(
+        query, key, value, causal=True, **ALL_OUTPUTS)
+    np.testing.assert_allclose(weights.sum(axis=-1), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(out, weights @ value, rtol=1e-10, atol=1e-12)
+    scores = query @ key.swapaxes(-1, -2) / np.sqrt(8)  # (3, 40, 150)
+    hidden = np.triu(np.ones((40, 150), bool), k=1)  # (40, 150) keys after each query
+    expected_lse = np.log(np.where(hidden, 0.0, np.exp(scores)).sum(-1))  # (3, 40)
+    np.testing.assert_allclose(lse, expected_lse, rtol=1e-12)
