@@ -5,13 +5,16 @@ import math
 import numpy as np
 
 from fastattn.checks import check_attention
-from fastattn.kernels.config import single_threaded_blas
+from fastattn.kernels.config import kernel_threading
 from fastattn.kernels.forward import forward_kernel
 from fastattn.layout import flat_kv_lengths, score_operand, stack_operand
 
-# Rows of queries per prange task, and keys per inner block.
-BLOCK_Q = 64
-BLOCK_K = 128
+# Keys per inner block, and the most query rows per prange task. Large blocks keep
+# the two BLAS products per block efficient; see choose_block_q for smaller ones.
+BLOCK_K = 512
+BLOCK_Q = 256
+# Fewest prange tasks a call should offer before query blocks are made smaller.
+MIN_TASKS = 16
 
 
 def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, causal=False,
@@ -109,13 +112,14 @@ def _run_forward(problem, return_weights):
     weights = np.zeros(weights_shape, dtype)  # (N, Lq, Lk) or a placeholder
 
     if n_batch and problem.q_len:
-        with single_threaded_blas():
+        with kernel_threading():
             forward_kernel(dtype)(
                 query, key, value, query_index, key_index, value_index,
                 mask, mask_index, *mask_steps, problem.mask is not None,
                 bias, bias_index, *bias_steps, problem.bias is not None,
                 kv_lengths, problem.diag_offset, reach_left, reach_right, problem.scale,
-                BLOCK_Q, BLOCK_K, out, lse, weights, bool(return_weights))
+                choose_block_q(n_batch, problem.q_len), BLOCK_K, out, lse, weights,
+                bool(return_weights))
 
     out_dtype = problem.out_dtype
     out = out.reshape(problem.out_shape).astype(out_dtype, copy=False)
@@ -123,3 +127,13 @@ def _run_forward(problem, return_weights):
     if return_weights:
         weights = weights.reshape(problem.weights_shape).astype(out_dtype, copy=False)
     return out, weights, lse
+
+
+def choose_block_q(n_batch, q_len):
+    """Query rows per task: ``BLOCK_Q``, halved (down to 16) until the call has
+    ``MIN_TASKS`` tasks. Depends on the shape only, never on the thread count, so
+    results are bitwise identical however many threads run."""
+    block_q = BLOCK_Q
+    while block_q > 16 and n_batch * -(-q_len // block_q) < MIN_TASKS:
+        block_q //= 2
+    return block_q

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from conftest import assert_close_to_reference, random_inputs
 
-from fastattn.attention import BLOCK_K, BLOCK_Q
+from fastattn.attention import BLOCK_K, BLOCK_Q, choose_block_q
 
 # Awkward lengths: 1, and one below, at and one past each block size.
 Q_LENGTHS = [1, BLOCK_Q - 1, BLOCK_Q, BLOCK_Q + 1]
@@ -19,6 +19,23 @@ ALL_OUTPUTS = dict(return_weights=True, return_lse=True)
 def test_lengths_around_block_sizes(rng, q_len, kv_len, dtype):
     query, key, value = random_inputs(rng, (2, q_len, 16), (2, kv_len, 16), dtype=dtype)
     assert_close_to_reference(query, key, value, **ALL_OUTPUTS)
+
+
+@pytest.mark.parametrize("q_len", [BLOCK_Q - 1, BLOCK_Q, BLOCK_Q + 1])
+def test_full_size_query_blocks(rng, q_len):
+    """Enough batch entries that query blocks keep their full size."""
+    batch = 16
+    assert choose_block_q(batch, q_len) == BLOCK_Q
+    query, key, value = random_inputs(rng, (batch, q_len, 8), (batch, BLOCK_K + 1, 8),
+                                      dtype=np.float32)
+    assert_close_to_reference(query, key, value, causal=True, **ALL_OUTPUTS)
+
+
+@pytest.mark.parametrize("batch, q_len", [(1, 1), (2, 63), (1, 4096), (64, 4096)])
+def test_query_blocks_leave_enough_tasks(batch, q_len):
+    block_q = choose_block_q(batch, q_len)
+    assert 16 <= block_q <= BLOCK_Q
+    assert block_q == BLOCK_Q or batch * -(-q_len // block_q) >= 16 or block_q == 16
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -7,7 +7,7 @@
   (a read-only install with ``NUMBA_CACHE_DIR`` unset).
 - The cache is keyed on every source file of this package, not only the kernel's
   own file (Numba's default), so editing a shared helper recompiles the kernels.
-- :func:`single_threaded_blas`: the kernels call BLAS (``np.dot``) from inside
+- :func:`kernel_threading`: the kernels call BLAS (``np.dot``) from inside
   ``prange``; each of those calls must use one thread, or the BLAS thread pool and
   Numba's threads oversubscribe the cores.
 """
@@ -117,16 +117,23 @@ def _blas_controllers():
 
 
 @contextlib.contextmanager
-def single_threaded_blas():
-    """Run the body with every BLAS library at one thread, then restore the counts."""
+def kernel_threading():
+    """Thread settings for the duration of one kernel call, restored afterwards.
+
+    - every BLAS library at one thread (the kernels call it from their own threads);
+    - dynamic scheduling of ``prange`` in chunks of one task, so that tasks of
+      uneven cost (causal rows near the top see few keys) spread over the threads.
+    """
     controllers = _blas_controllers()
     saved = [controller.num_threads for controller in controllers]
     for controller, count in zip(controllers, saved):
         if count != 1:
             controller.set_num_threads(1)
+    saved_chunksize = numba.set_parallel_chunksize(1)
     try:
         yield
     finally:
+        numba.set_parallel_chunksize(saved_chunksize)
         for controller, count in zip(controllers, saved):
             if count != 1:
                 controller.set_num_threads(count)

@@ -14,10 +14,41 @@ never visited.
 import math
 
 import numpy as np
-from numba import prange, types
+from numba import njit, prange, types
 
 from fastattn.kernels.config import array_type, jit_kernel
 from fastattn.kernels.masking import mask_scores, visible_range
+from fastattn.kernels.vector_math import LN2, LOG2E, exp2, maximum
+
+
+@njit(inline="always")
+def online_softmax_block(scores, row_max, row_sum, acc):
+    """Fold one key block into the running softmax of each row (log2 units).
+
+    ``scores`` ``(rows, cols)`` holds ``log2(e) * score`` (``-inf`` where hidden) and is
+    overwritten with ``exp2(score - new_row_max)``, ready to multiply the values.
+    ``row_max``, ``row_sum`` ``(rows,)`` and ``acc`` ``(rows, Dv)`` are rescaled by
+    ``exp2(old_max - new_max)`` so every row stays relative to its latest maximum.
+    """
+    rows, cols = scores.shape
+    for r in range(rows):
+        block_max = row_max[r]
+        for c in range(cols):
+            block_max = maximum(block_max, scores[r, c])
+        if block_max == -np.inf:  # nothing visible to this row yet
+            scores[r, :] = 0.0
+            continue
+        block_sum = row_sum[r] - row_sum[r]  # a zero of the compute dtype
+        for c in range(cols):
+            p = exp2(scores[r, c] - block_max)
+            scores[r, c] = p
+            block_sum += p
+        correction = exp2(row_max[r] - block_max)  # 0 when row_max was -inf
+        row_sum[r] = row_sum[r] * correction + block_sum
+        row_max[r] = block_max
+        if correction != 1.0:
+            for d in range(acc.shape[1]):
+                acc[r, d] *= correction
 
 
 def _attention_forward(query, key, value, query_index, key_index, value_index,
@@ -31,8 +62,13 @@ def _attention_forward(query, key, value, query_index, key_index, value_index,
     ``(Lk, Dk)``, ``value[value_index[b]]`` ``(Lk, Dv)``, ``mask[mask_index[b]]`` and
     ``bias[bias_index[b]]``, and writes ``out[b]`` ``(Lq, Dv)``, ``lse[b]`` ``(Lq,)``
     and, if ``return_weights``, ``weights[b]`` ``(Lq, Lk)`` (which must be zeroed).
+
+    Scores are kept in log2 units (``log2(e) * scale * q.k``) so the softmax uses
+    ``exp2``; the query block is scaled once, before its products with the keys.
     """
     n_batch, q_len, value_dim = out.shape
+    head_dim = query.shape[2]
+    log2_scale = scale * LOG2E
     n_q_blocks = (q_len + block_q - 1) // block_q
     for task in prange(n_batch * n_q_blocks):
         b = task // n_q_blocks
@@ -40,48 +76,45 @@ def _attention_forward(query, key, value, query_index, key_index, value_index,
         q_stop = min(q_start + block_q, q_len)
         rows = q_stop - q_start
         kv_stop = kv_lengths[b]
-        # Slicing with [i, a:b] (no trailing ':') keeps Numba's 'C' layout, so np.dot
-        # reads the blocks in place instead of copying them.
-        q_block = query[query_index[b], q_start:q_stop]  # (rows, Dk)
+        query_rows = query[query_index[b]]  # (Lq, Dk)
+        # Slicing with [i] or [i, a:b] (no trailing ':') keeps Numba's 'C' layout, so
+        # np.dot reads the blocks in place instead of copying them.
         keys = key[key_index[b]]  # (Lk, Dk)
         values = value[value_index[b]]  # (Lk, Dv)
+        q_block = np.empty((rows, head_dim), dtype=out.dtype)  # (rows, Dk) in log2 units
+        for r in range(rows):
+            for d in range(head_dim):
+                q_block[r, d] = query_rows[q_start + r, d] * log2_scale
+
+        # keys some row of the block may see, and keys every row of it sees
         first_key = visible_range(q_start, kv_stop, diag_offset, reach_left, reach_right)[0]
         last_key = visible_range(q_stop - 1, kv_stop, diag_offset, reach_left, reach_right)[1]
+        common_first = visible_range(q_stop - 1, kv_stop, diag_offset, reach_left, reach_right)[0]
+        common_last = visible_range(q_start, kv_stop, diag_offset, reach_left, reach_right)[1]
+        needs_masking = has_mask or has_bias
 
-        row_max = np.full(rows, -np.inf)  # (rows,) running max of the scores
-        row_sum = np.zeros(rows)  # (rows,) running sum of exp(score - row_max)
+        row_max = np.full(rows, -np.inf, dtype=out.dtype)  # (rows,) running max, log2 units
+        row_sum = np.zeros(rows, dtype=out.dtype)  # (rows,) running sum of exp2(s - row_max)
         acc = np.zeros((rows, value_dim), dtype=out.dtype)  # (rows, Dv) unnormalised output
         for key_start in range(first_key, last_key, block_k):
             key_stop = min(key_start + block_k, last_key)
             scores = np.dot(q_block, keys[key_start:key_stop].T)  # (rows, cols)
-            mask_scores(scores, q_start, key_start, kv_stop, scale, diag_offset,
-                         reach_left, reach_right, mask, mask_index[b], mask_row_step,
-                         mask_col_step, has_mask, bias, bias_index[b], bias_row_step,
-                         bias_col_step, has_bias)
-            for r in range(rows):
-                new_max = row_max[r]
-                for c in range(scores.shape[1]):
-                    new_max = max(new_max, scores[r, c])
-                if new_max == -np.inf:  # nothing visible to this row yet
-                    scores[r, :] = 0.0
-                    continue
-                correction = math.exp(row_max[r] - new_max)  # 0 when row_max was -inf
-                block_sum = 0.0
-                for c in range(scores.shape[1]):
-                    p = math.exp(scores[r, c] - new_max)
-                    scores[r, c] = p
-                    block_sum += p
-                row_sum[r] = row_sum[r] * correction + block_sum
-                row_max[r] = new_max
-                if correction != 1.0:
-                    acc[r, :] *= correction
+            if needs_masking or key_start < common_first or key_stop > common_last:
+                mask_scores(scores, q_start, key_start, kv_stop, diag_offset, reach_left,
+                            reach_right, mask, mask_index[b], mask_row_step, mask_col_step,
+                            has_mask, bias, bias_index[b], bias_row_step, bias_col_step,
+                            has_bias, LOG2E)
+            online_softmax_block(scores, row_max, row_sum, acc)  # scores -> probabilities
             acc += np.dot(scores, values[key_start:key_stop])  # (rows, Dv)
 
         for r in range(rows):
             row = q_start + r
             if row_sum[r] > 0.0:
-                out[b, row, :] = acc[r, :] * (1.0 / row_sum[r])
-                lse[b, row] = row_max[r] + math.log(row_sum[r])
+                inverse_sum = 1.0 / row_sum[r]
+                for d in range(value_dim):
+                    out[b, row, d] = acc[r, d] * inverse_sum
+                row_max[r] += math.log2(row_sum[r])  # now log2 of the row's sum of exp
+                lse[b, row] = row_max[r] * LN2
             else:  # no visible key: output 0, lse -inf
                 out[b, row, :] = 0.0
                 lse[b, row] = -np.inf
@@ -90,16 +123,14 @@ def _attention_forward(query, key, value, query_index, key_index, value_index,
             for key_start in range(first_key, last_key, block_k):
                 key_stop = min(key_start + block_k, last_key)
                 scores = np.dot(q_block, keys[key_start:key_stop].T)  # (rows, cols)
-                mask_scores(scores, q_start, key_start, kv_stop, scale, diag_offset,
-                             reach_left, reach_right, mask, mask_index[b], mask_row_step,
-                             mask_col_step, has_mask, bias, bias_index[b], bias_row_step,
-                             bias_col_step, has_bias)
+                mask_scores(scores, q_start, key_start, kv_stop, diag_offset, reach_left,
+                            reach_right, mask, mask_index[b], mask_row_step, mask_col_step,
+                            has_mask, bias, bias_index[b], bias_row_step, bias_col_step,
+                            has_bias, LOG2E)
                 for r in range(rows):
-                    row_lse = lse[b, q_start + r]
-                    if row_lse == -np.inf:
-                        continue
-                    for c in range(scores.shape[1]):
-                        weights[b, q_start + r, key_start + c] = math.exp(scores[r, c] - row_lse)
+                    if row_sum[r] > 0.0:
+                        for c in range(key_stop - key_start):
+                            weights[b, q_start + r, key_start + c] = exp2(scores[r, c] - row_max[r])
 
 
 def _forward_signature(dtype):

@@ -23,14 +23,14 @@ def visible_range(row, kv_stop, diag_offset, reach_left, reach_right):
 
 
 @njit(inline="always")
-def mask_scores(scores, q_start, key_start, kv_stop, scale, diag_offset, reach_left,
-                 reach_right, mask, mask_entry, mask_row_step, mask_col_step, has_mask,
-                 bias, bias_entry, bias_row_step, bias_col_step, has_bias):
-    """In place: ``scores = scores * scale + bias``, ``-inf`` where a key is hidden.
+def mask_scores(scores, q_start, key_start, kv_stop, diag_offset, reach_left, reach_right,
+                mask, mask_entry, mask_row_step, mask_col_step, has_mask,
+                bias, bias_entry, bias_row_step, bias_col_step, has_bias, bias_factor):
+    """In place: add ``bias_factor * bias`` to the scores and set hidden keys to ``-inf``.
 
     ``scores`` is the ``(rows, cols)`` block of queries ``q_start + r`` against keys
-    ``key_start + c``. Mask and bias are read through row and column steps of 0 or 1,
-    so a mask of shape ``(1, Lk)`` is never expanded to ``(Lq, Lk)``.
+    ``key_start + c``, already scaled. Mask and bias are read through row and column
+    steps of 0 or 1, so a mask of shape ``(1, Lk)`` is never expanded to ``(Lq, Lk)``.
     """
     rows, cols = scores.shape
     for r in range(rows):
@@ -38,9 +38,9 @@ def mask_scores(scores, q_start, key_start, kv_stop, scale, diag_offset, reach_l
         lo, hi = visible_range(row, kv_stop, diag_offset, reach_left, reach_right)
         for c in range(cols):
             col = key_start + c
-            score = scores[r, c] * scale
+            score = scores[r, c]
             if has_bias:
-                score += bias[bias_entry, row * bias_row_step, col * bias_col_step]
+                score += bias_factor * bias[bias_entry, row * bias_row_step, col * bias_col_step]
             visible = lo <= col < hi
             if has_mask:
                 visible = visible and mask[mask_entry, row * mask_row_step, col * mask_col_step]
