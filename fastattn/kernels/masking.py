@@ -36,12 +36,15 @@ def mask_scores(scores, q_start, key_start, kv_stop, diag_offset, reach_left, re
     for r in range(rows):
         row = q_start + r
         lo, hi = visible_range(row, kv_stop, diag_offset, reach_left, reach_right)
-        for c in range(cols):
-            col = key_start + c
-            score = scores[r, c]
-            if has_bias:
-                score += bias_factor * bias[bias_entry, row * bias_row_step, col * bias_col_step]
-            visible = lo <= col < hi
-            if has_mask:
-                visible = visible and mask[mask_entry, row * mask_row_step, col * mask_col_step]
-            scores[r, c] = score if visible else -np.inf
+        first = min(max(lo - key_start, 0), cols)  # columns [first, stop) may be visible
+        stop = max(min(hi - key_start, cols), first)
+        if has_bias:
+            for c in range(first, stop):
+                scores[r, c] += bias_factor * bias[bias_entry, row * bias_row_step,
+                                                   (key_start + c) * bias_col_step]
+        if has_mask:
+            for c in range(first, stop):
+                if not mask[mask_entry, row * mask_row_step, (key_start + c) * mask_col_step]:
+                    scores[r, c] = -np.inf
+        scores[r, :first] = -np.inf
+        scores[r, stop:] = -np.inf

@@ -45,6 +45,27 @@ def _float64_from_bits(typingctx, bits):
     return types.float64(types.int64), codegen
 
 
+def _unary_float_intrinsic(name):
+    """An LLVM float intrinsic of one argument (``llvm.floor`` ...) callable from Numba."""
+    @intrinsic
+    def call(typingctx, a):
+        if not isinstance(a, types.Float):
+            return None
+
+        def codegen(context, builder, signature, args):
+            value_type = args[0].type
+            function = builder.module.declare_intrinsic(
+                name, [value_type], ir.FunctionType(value_type, [value_type]))
+            return builder.call(function, args)
+        return a(a), codegen
+    return call
+
+
+# llvm.floor keeps the value a float (math.floor would round-trip through int64),
+# which lets the exp2 loops vectorise.
+_floor = _unary_float_intrinsic("llvm.floor")
+
+
 @intrinsic
 def maximum(typingctx, a, b):
     """The larger of two floats of one type, as LLVM's ``maxnum`` intrinsic."""
@@ -71,10 +92,10 @@ def _exp2_overload(x):
 
         def exp2_float32(x):
             clipped = min(max(x, np.float32(-126.0)), np.float32(127.0))
-            whole = math.floor(clipped + np.float32(0.5))  # nearest integer n
-            f = clipped - np.float32(whole)  # (-1/2, 1/2]
+            whole = _floor(clipped + np.float32(0.5))  # nearest integer n
+            f = clipped - whole  # [-1/2, 1/2)
             poly = c0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * c6)))))
-            scale = _float32_from_bits(np.int32((whole + 127) << 23))  # 2**n
+            scale = _float32_from_bits((np.int32(whole) + np.int32(127)) << np.int32(23))  # 2**n
             return poly * scale if x >= np.float32(-126.0) else np.float32(0.0)
         return exp2_float32
 
@@ -83,11 +104,11 @@ def _exp2_overload(x):
 
         def exp2_float64(x):
             clipped = min(max(x, -1022.0), 1023.0)
-            whole = math.floor(clipped + 0.5)
+            whole = _floor(clipped + 0.5)
             f = clipped - whole
             poly = c0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * (c6 + f * (
                 c7 + f * (c8 + f * (c9 + f * (c10 + f * (c11 + f * c12)))))))))))
-            scale = _float64_from_bits(np.int64((whole + 1023) << 52))
+            scale = _float64_from_bits((np.int64(whole) + np.int64(1023)) << np.int64(52))
             return poly * scale if x >= -1022.0 else 0.0
         return exp2_float64
 
