@@ -5,7 +5,7 @@ import math
 import numpy as np
 
 from fastattn.checks import check_attention
-from fastattn.kernels.config import kernel_threading
+from fastattn.kernels.config import single_threaded_blas
 from fastattn.kernels.forward import forward_kernel
 from fastattn.layout import flat_kv_lengths, score_operand, stack_operand
 
@@ -108,16 +108,19 @@ def _run_forward(problem, return_weights):
 
     out = np.empty((n_batch, problem.q_len, problem.value_dim), dtype)  # (N, Lq, Dv)
     lse = np.empty((n_batch, problem.q_len), dtype)  # (N, Lq)
-    weights_shape = (n_batch, problem.q_len, problem.kv_len) if return_weights else (1, 1, 1)
-    weights = np.zeros(weights_shape, dtype)  # (N, Lq, Lk) or a placeholder
+    if return_weights:
+        weights = np.zeros((n_batch, problem.q_len, problem.kv_len), dtype)  # (N, Lq, Lk)
+    else:
+        weights = np.empty((1, 1, 1), dtype)  # placeholder, never written
 
     if n_batch and problem.q_len:
-        with kernel_threading():
+        with single_threaded_blas():
             forward_kernel(dtype)(
                 query, key, value, query_index, key_index, value_index,
                 mask, mask_index, *mask_steps, problem.mask is not None,
                 bias, bias_index, *bias_steps, problem.bias is not None,
-                kv_lengths, problem.diag_offset, reach_left, reach_right, problem.scale,
+                kv_lengths, problem.kv_lengths is not None, problem.diag_offset,
+                reach_left, reach_right, problem.scale,
                 choose_block_q(n_batch, problem.q_len), BLOCK_K, out, lse, weights,
                 bool(return_weights))
 

@@ -6,6 +6,7 @@ its own batch entries plus an int64 index ``(N,)`` over the flattened broadcast 
 never materialised, and grouped-query heads are an index, not a copy.
 """
 
+import functools
 import math
 
 import numpy as np
@@ -27,6 +28,8 @@ def stack_operand(array, batch_shape, dtype, group=1):
     own_batch = array.shape[:-2]
     stack = np.ascontiguousarray(array, dtype=dtype)
     stack = stack.reshape((math.prod(own_batch),) + array.shape[-2:])  # (n_own, rows, cols)
+    if own_batch == batch_shape and group == 1:  # nothing broadcast: entry b is stack[b]
+        return stack, identity_index(stack.shape[0])
     own_index = np.arange(stack.shape[0]).reshape(own_batch)  # (*own_batch)
     if group > 1:
         own_index = np.repeat(own_index, group, axis=-1)  # (..., Hkv * group)
@@ -50,9 +53,28 @@ def score_operand(array, batch_shape, dtype):
 
 
 def flat_kv_lengths(problem):
-    """Valid key count of every entry of the flattened batch, int64 ``(N,)``."""
+    """Valid key count of every entry of the flattened batch, int64 ``(N,)``.
+
+    Without ``kv_lengths`` a ``(1,)`` placeholder that the kernel never reads.
+    """
     batch = problem.batch_shape
     if problem.kv_lengths is None:
-        return np.full(max(math.prod(batch), 1), problem.kv_len, np.int64)
+        return identity_index(1)
     per_first_axis = problem.kv_lengths.reshape(batch[:1] + (1,) * (len(batch) - 1))
     return np.ascontiguousarray(np.broadcast_to(per_first_axis, batch).ravel(), np.int64)
+
+
+@functools.lru_cache(maxsize=16)
+def identity_index(size):
+    """Read-only int64 ``[0, 1, ..., size - 1]``, shared between calls."""
+    index = np.arange(size, dtype=np.int64)
+    index.flags.writeable = False
+    return index
+
+
+@functools.lru_cache(maxsize=None)
+def placeholder(dtype):
+    """Read-only ``(1, 1, 1)`` zeros standing in for a missing mask or bias."""
+    array = np.zeros((1, 1, 1), dtype)
+    array.flags.writeable = False
+    return array

@@ -7,12 +7,12 @@
   (a read-only install with ``NUMBA_CACHE_DIR`` unset).
 - The cache is keyed on every source file of this package, not only the kernel's
   own file (Numba's default), so editing a shared helper recompiles the kernels.
-- :func:`kernel_threading`: the kernels call BLAS (``np.dot``) from inside
+- :class:`single_threaded_blas`: the kernels call BLAS (``np.dot``) from inside
   ``prange``; each of those calls must use one thread, or the BLAS thread pool and
   Numba's threads oversubscribe the cores.
 """
 
-import contextlib
+import ctypes
 import functools
 import os
 import warnings
@@ -103,37 +103,62 @@ def jit_kernel(signature):
     return decorate
 
 
-@functools.cache
-def _blas_controllers():
-    """threadpoolctl handles of the BLAS libraries loaded in this process.
+def _openblas_thread_functions(controller):
+    """ctypes ``(get, set)`` thread-count functions of an OpenBLAS, or None."""
+    if controller.internal_api != "openblas":
+        return None
+    for prefix in ("", "scipy_"):  # SciPy's wheels rename OpenBLAS's symbols
+        for suffix in ("", "64_"):
+            get = getattr(controller.dynlib, f"{prefix}openblas_get_num_threads{suffix}", None)
+            set_ = getattr(controller.dynlib, f"{prefix}openblas_set_num_threads{suffix}", None)
+            if get is not None and set_ is not None:
+                get.restype, set_.argtypes = ctypes.c_int, [ctypes.c_int]
+                return get, set_
+    return None
 
-    ``scipy.linalg.cython_blas`` is imported first: it loads the BLAS that Numba's
-    ``np.dot`` calls, which threadpoolctl can only see once it is loaded.
+
+@functools.cache
+def _kernel_blas_thread_functions():
+    """``(get, set)`` thread-count functions of the BLAS that the kernels call.
+
+    Numba's ``np.dot`` calls ``scipy.linalg.cython_blas``; importing it loads that
+    BLAS, which threadpoolctl can only see once it is loaded. SciPy's own copy is
+    picked out by its folder (``scipy.libs``); if none is recognised, every BLAS in
+    the process is handled. OpenBLAS is driven through ctypes directly (about a
+    microsecond), other libraries through threadpoolctl.
     """
     import scipy.linalg.cython_blas  # noqa: F401
     from threadpoolctl import ThreadpoolController
 
-    return tuple(ThreadpoolController().select(user_api="blas").lib_controllers)
+    controllers = ThreadpoolController().select(user_api="blas").lib_controllers
+    scipy_owned = [controller for controller in controllers
+                   if os.path.basename(os.path.dirname(controller.filepath)).startswith("scipy")]
+    functions = []
+    for controller in scipy_owned or controllers:
+        functions.append(_openblas_thread_functions(controller) or (
+            lambda controller=controller: controller.num_threads, controller.set_num_threads))
+    return tuple(functions)
 
 
-@contextlib.contextmanager
-def kernel_threading():
-    """Thread settings for the duration of one kernel call, restored afterwards.
+class single_threaded_blas:
+    """Context manager: the kernels' BLAS at one thread inside, as it was after.
 
-    - every BLAS library at one thread (the kernels call it from their own threads);
-    - dynamic scheduling of ``prange`` in chunks of one task, so that tasks of
-      uneven cost (causal rows near the top see few keys) spread over the threads.
+    The kernels call BLAS (``np.dot``) from their own threads; a multi-threaded
+    BLAS would start threads of its own for every block and oversubscribe the cores.
     """
-    controllers = _blas_controllers()
-    saved = [controller.num_threads for controller in controllers]
-    for controller, count in zip(controllers, saved):
-        if count != 1:
-            controller.set_num_threads(1)
-    saved_chunksize = numba.set_parallel_chunksize(1)
-    try:
-        yield
-    finally:
-        numba.set_parallel_chunksize(saved_chunksize)
-        for controller, count in zip(controllers, saved):
+
+    __slots__ = ("saved",)
+
+    def __enter__(self):
+        self.saved = []
+        for get, set_ in _kernel_blas_thread_functions():
+            count = get()
             if count != 1:
-                controller.set_num_threads(count)
+                set_(1)
+                self.saved.append((set_, count))
+        return self
+
+    def __exit__(self, *exc_info):
+        for set_, count in self.saved:
+            set_(count)
+        return False

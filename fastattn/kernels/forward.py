@@ -54,13 +54,13 @@ def online_softmax_block(scores, row_max, row_sum, acc):
 def _attention_forward(query, key, value, query_index, key_index, value_index,
                        mask, mask_index, mask_row_step, mask_col_step, has_mask,
                        bias, bias_index, bias_row_step, bias_col_step, has_bias,
-                       kv_lengths, diag_offset, reach_left, reach_right, scale,
-                       block_q, block_k, out, lse, weights, return_weights):
+                       kv_lengths, has_kv_lengths, diag_offset, reach_left, reach_right,
+                       scale, block_q, block_k, out, lse, weights, return_weights):
     """Compute attention for every batch entry ``b`` of the flattened batch.
 
     Entry ``b`` reads ``query[query_index[b]]`` ``(Lq, Dk)``, ``key[key_index[b]]``
-    ``(Lk, Dk)``, ``value[value_index[b]]`` ``(Lk, Dv)``, ``mask[mask_index[b]]`` and
-    ``bias[bias_index[b]]``, and writes ``out[b]`` ``(Lq, Dv)``, ``lse[b]`` ``(Lq,)``
+    ``(Lk, Dk)``, ``value[value_index[b]]`` ``(Lk, Dv)``, and when their flags are set
+    ``mask[mask_index[b]]``, ``bias[bias_index[b]]`` and ``kv_lengths[b]``; it writes ``out[b]`` ``(Lq, Dv)``, ``lse[b]`` ``(Lq,)``
     and, if ``return_weights``, ``weights[b]`` ``(Lq, Lk)`` (which must be zeroed).
 
     Scores are kept in log2 units (``log2(e) * scale * q.k``) so the softmax uses
@@ -72,10 +72,17 @@ def _attention_forward(query, key, value, query_index, key_index, value_index,
     n_q_blocks = (q_len + block_q - 1) // block_q
     for task in prange(n_batch * n_q_blocks):
         b = task // n_q_blocks
-        q_start = (task - b * n_q_blocks) * block_q
+        # prange gives each thread an equal contiguous share of tasks, but a causal
+        # block near the top sees few keys: visit blocks in zigzag order (first, last,
+        # second, second to last, ...) so every share mixes cheap and costly blocks.
+        step = task - b * n_q_blocks
+        q_block_index = step // 2 if step % 2 == 0 else n_q_blocks - 1 - step // 2
+        q_start = q_block_index * block_q
         q_stop = min(q_start + block_q, q_len)
         rows = q_stop - q_start
-        kv_stop = kv_lengths[b]
+        kv_stop = kv_lengths[b] if has_kv_lengths else key.shape[1]
+        mask_entry = mask_index[b] if has_mask else 0
+        bias_entry = bias_index[b] if has_bias else 0
         query_rows = query[query_index[b]]  # (Lq, Dk)
         # Slicing with [i] or [i, a:b] (no trailing ':') keeps Numba's 'C' layout, so
         # np.dot reads the blocks in place instead of copying them.
@@ -101,8 +108,8 @@ def _attention_forward(query, key, value, query_index, key_index, value_index,
             scores = np.dot(q_block, keys[key_start:key_stop].T)  # (rows, cols)
             if needs_masking or key_start < common_first or key_stop > common_last:
                 mask_scores(scores, q_start, key_start, kv_stop, diag_offset, reach_left,
-                            reach_right, mask, mask_index[b], mask_row_step, mask_col_step,
-                            has_mask, bias, bias_index[b], bias_row_step, bias_col_step,
+                            reach_right, mask, mask_entry, mask_row_step, mask_col_step,
+                            has_mask, bias, bias_entry, bias_row_step, bias_col_step,
                             has_bias, LOG2E)
             online_softmax_block(scores, row_max, row_sum, acc)  # scores -> probabilities
             acc += np.dot(scores, values[key_start:key_stop])  # (rows, Dv)
@@ -124,8 +131,8 @@ def _attention_forward(query, key, value, query_index, key_index, value_index,
                 key_stop = min(key_start + block_k, last_key)
                 scores = np.dot(q_block, keys[key_start:key_stop].T)  # (rows, cols)
                 mask_scores(scores, q_start, key_start, kv_stop, diag_offset, reach_left,
-                            reach_right, mask, mask_index[b], mask_row_step, mask_col_step,
-                            has_mask, bias, bias_index[b], bias_row_step, bias_col_step,
+                            reach_right, mask, mask_entry, mask_row_step, mask_col_step,
+                            has_mask, bias, bias_entry, bias_row_step, bias_col_step,
                             has_bias, LOG2E)
                 for r in range(rows):
                     if row_sum[r] > 0.0:
@@ -140,7 +147,8 @@ def _forward_signature(dtype):
         data3, data3, data3, index, index, index,  # query, key, value and their indices
         array_type(np.bool_, 3), index, types.int64, types.int64, types.boolean,  # mask
         data3, index, types.int64, types.int64, types.boolean,  # bias
-        index, types.int64, types.int64, types.int64, types.float64,  # rules, scale
+        index, types.boolean, types.int64, types.int64, types.int64,  # visibility rules
+        types.float64,  # scale
         types.int64, types.int64,  # block_q, block_k
         array_type(dtype, 3, readonly=False), array_type(dtype, 2, readonly=False),
         array_type(dtype, 3, readonly=False), types.boolean,  # out, lse, weights

@@ -96,7 +96,7 @@ def _exp2_overload(x):
             f = clipped - whole  # [-1/2, 1/2)
             poly = c0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * c6)))))
             scale = _float32_from_bits((np.int32(whole) + np.int32(127)) << np.int32(23))  # 2**n
-            return poly * scale if x >= np.float32(-126.0) else np.float32(0.0)
+            return poly * scale * np.float32(x >= np.float32(-126.0))  # 0 below 2**-126
         return exp2_float32
 
     if x == types.float64:
@@ -109,7 +109,7 @@ def _exp2_overload(x):
             poly = c0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * (c6 + f * (
                 c7 + f * (c8 + f * (c9 + f * (c10 + f * (c11 + f * c12)))))))))))
             scale = _float64_from_bits((np.int64(whole) + np.int64(1023)) << np.int64(52))
-            return poly * scale if x >= -1022.0 else 0.0
+            return poly * scale * np.float64(x >= -1022.0)
         return exp2_float64
 
 
