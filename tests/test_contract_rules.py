@@ -166,18 +166,25 @@ def test_zero_width_head_dim_gives_uniform_weights(attention):
 
 # ---------------------------------------------------------------- threads
 
-def test_results_identical_for_every_thread_count(rng):
-    query, key, value = random_inputs(rng, (2, 4, 200, 32), (2, 4, 300, 32), dtype=np.float32)
-    default_threads = numba.get_num_threads()
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_results_identical_for_every_thread_count(rng, dtype):
+    query, key, value = random_inputs(rng, (2, 4, 600, 32), (2, 4, 1100, 32), dtype=dtype)
+    default_threads = fastattn.get_num_threads()
     try:
         results = []
-        for threads in sorted({1, default_threads}):
-            numba.set_num_threads(threads)
+        for threads in range(1, numba.config.NUMBA_NUM_THREADS + 1):
+            fastattn.set_num_threads(threads)
+            assert fastattn.get_num_threads() == threads
             results.append(fastattn.scaled_dot_product_attention(
                 query, key, value, causal=True, return_lse=True))
     finally:
-        numba.set_num_threads(default_threads)
+        fastattn.set_num_threads(default_threads)
     for out, lse in results[1:]:
         np.testing.assert_array_equal(out, results[0][0])
         np.testing.assert_array_equal(lse, results[0][1])
 
+
+@pytest.mark.parametrize("count", [0, -1, numba.config.NUMBA_NUM_THREADS + 1, 1.5, True])
+def test_set_num_threads_refuses_bad_counts(count):
+    with pytest.raises(ValueError, match="NUMBA_NUM_THREADS"):
+        fastattn.set_num_threads(count)
