@@ -20,6 +20,9 @@ from fastattn.kernels.config import array_type, jit_kernel
 from fastattn.kernels.masking import mask_scores, visible_range
 from fastattn.kernels.vector_math import LN2, LOG2E, exp2, maximum
 
+# Query rows per group on the partly visible strips (causal diagonal, window edges).
+EDGE_ROWS = 64
+
 
 @njit(inline="always")
 def online_softmax_block(scores, row_max, row_sum, acc):
@@ -51,6 +54,32 @@ def online_softmax_block(scores, row_max, row_sum, acc):
                 acc[r, d] *= correction
 
 
+@njit(inline="always")
+def attend_key_range(q_rows, row_start, key_first, key_last, keys, values, row_max, row_sum,
+                     acc, block_k, must_mask, common_first, common_last, kv_stop,
+                     diag_offset, reach_left, reach_right,
+                     mask, mask_entry, mask_row_step, mask_col_step, has_mask,
+                     bias, bias_entry, bias_row_step, bias_col_step, has_bias):
+    """Fold keys ``[key_first, key_last)`` into the running softmax of some query rows.
+
+    ``q_rows`` ``(rows, Dk)`` are queries ``row_start + r`` in log2 units; ``row_max``,
+    ``row_sum`` ``(rows,)`` and ``acc`` ``(rows, Dv)`` are their running state, updated
+    in place, one block of at most ``block_k`` keys at a time. Every row sees keys
+    ``[common_first, common_last)`` structurally: blocks inside that range skip the
+    visibility pass unless ``must_mask`` (a user mask or bias) asks for it.
+    """
+    for key_start in range(key_first, key_last, block_k):
+        key_stop = min(key_start + block_k, key_last)
+        scores = np.dot(q_rows, keys[key_start:key_stop].T)  # (rows, cols)
+        if must_mask or key_start < common_first or key_stop > common_last:
+            mask_scores(scores, row_start, key_start, kv_stop, diag_offset, reach_left,
+                        reach_right, mask, mask_entry, mask_row_step, mask_col_step,
+                        has_mask, bias, bias_entry, bias_row_step, bias_col_step,
+                        has_bias, LOG2E)
+        online_softmax_block(scores, row_max, row_sum, acc)  # scores -> probabilities
+        acc += np.dot(scores, values[key_start:key_stop])  # (rows, Dv)
+
+
 def _attention_forward(query, key, value, query_index, key_index, value_index,
                        mask, mask_index, mask_row_step, mask_col_step, has_mask,
                        bias, bias_index, bias_row_step, bias_col_step, has_bias,
@@ -60,8 +89,9 @@ def _attention_forward(query, key, value, query_index, key_index, value_index,
 
     Entry ``b`` reads ``query[query_index[b]]`` ``(Lq, Dk)``, ``key[key_index[b]]``
     ``(Lk, Dk)``, ``value[value_index[b]]`` ``(Lk, Dv)``, and when their flags are set
-    ``mask[mask_index[b]]``, ``bias[bias_index[b]]`` and ``kv_lengths[b]``; it writes ``out[b]`` ``(Lq, Dv)``, ``lse[b]`` ``(Lq,)``
-    and, if ``return_weights``, ``weights[b]`` ``(Lq, Lk)`` (which must be zeroed).
+    ``mask[mask_index[b]]``, ``bias[bias_index[b]]`` and ``kv_lengths[b]``; it writes
+    ``out[b]`` ``(Lq, Dv)``, ``lse[b]`` ``(Lq,)`` and, if ``return_weights``,
+    ``weights[b]`` ``(Lq, Lk)`` (which must be zeroed).
 
     Scores are kept in log2 units (``log2(e) * scale * q.k``) so the softmax uses
     ``exp2``; the query block is scaled once, before its products with the keys.
@@ -98,21 +128,43 @@ def _attention_forward(query, key, value, query_index, key_index, value_index,
         last_key = visible_range(q_stop - 1, kv_stop, diag_offset, reach_left, reach_right)[1]
         common_first = visible_range(q_stop - 1, kv_stop, diag_offset, reach_left, reach_right)[0]
         common_last = visible_range(q_start, kv_stop, diag_offset, reach_left, reach_right)[1]
-        needs_masking = has_mask or has_bias
 
         row_max = np.full(rows, -np.inf, dtype=out.dtype)  # (rows,) running max, log2 units
         row_sum = np.zeros(rows, dtype=out.dtype)  # (rows,) running sum of exp2(s - row_max)
         acc = np.zeros((rows, value_dim), dtype=out.dtype)  # (rows, Dv) unnormalised output
-        for key_start in range(first_key, last_key, block_k):
-            key_stop = min(key_start + block_k, last_key)
-            scores = np.dot(q_block, keys[key_start:key_stop].T)  # (rows, cols)
-            if needs_masking or key_start < common_first or key_stop > common_last:
-                mask_scores(scores, q_start, key_start, kv_stop, diag_offset, reach_left,
-                            reach_right, mask, mask_entry, mask_row_step, mask_col_step,
-                            has_mask, bias, bias_entry, bias_row_step, bias_col_step,
-                            has_bias, LOG2E)
-            online_softmax_block(scores, row_max, row_sum, acc)  # scores -> probabilities
-            acc += np.dot(scores, values[key_start:key_stop])  # (rows, Dv)
+
+        # 1. Keys every row of the block sees: full-size blocks, masked only for a
+        #    user mask or bias.
+        full_first, full_last = max(common_first, first_key), min(common_last, last_key)
+        attend_key_range(q_block, q_start, full_first, full_last, keys, values, row_max,
+                         row_sum, acc, block_k, has_mask or has_bias, full_first, full_last,
+                         kv_stop, diag_offset,
+                         reach_left, reach_right, mask, mask_entry, mask_row_step,
+                         mask_col_step, has_mask, bias, bias_entry, bias_row_step,
+                         bias_col_step, has_bias)
+        # 2. Keys only some rows see (the causal diagonal, window edges): groups of
+        #    EDGE_ROWS rows, each over its own visible range, so little is computed
+        #    only to be masked.
+        for group_start in range(0, rows, EDGE_ROWS):
+            group_stop = min(group_start + EDGE_ROWS, rows)
+            group_first, group_common_last = visible_range(
+                q_start + group_start, kv_stop, diag_offset, reach_left, reach_right)
+            group_common_first, group_last = visible_range(
+                q_start + group_stop - 1, kv_stop, diag_offset, reach_left, reach_right)
+            if full_first < full_last:  # the strips left and right of part 1
+                strips = ((group_first, min(full_first, group_last)),
+                          (max(full_last, group_first), group_last))
+            else:
+                strips = ((group_first, group_last), (group_last, group_last))
+            for strip_first, strip_last in strips:
+                attend_key_range(q_block[group_start:group_stop], q_start + group_start,
+                                 strip_first, strip_last, keys, values,
+                                 row_max[group_start:group_stop],
+                                 row_sum[group_start:group_stop], acc[group_start:group_stop],
+                                 block_k, has_mask or has_bias, group_common_first,
+                                 group_common_last, kv_stop, diag_offset, reach_left, reach_right,
+                                 mask, mask_entry, mask_row_step, mask_col_step, has_mask,
+                                 bias, bias_entry, bias_row_step, bias_col_step, has_bias)
 
         for r in range(rows):
             row = q_start + r
