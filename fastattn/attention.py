@@ -15,6 +15,9 @@ BLOCK_K = 512
 BLOCK_Q = 256
 # Fewest prange tasks a call should offer before query blocks are made smaller.
 MIN_TASKS = 16
+# Below this many multiply-adds per matrix product no BLAS starts threads of its own
+# (OpenBLAS's threshold is 4x larger), so tiny calls skip the BLAS thread switch.
+SERIAL_BLAS_WORK = 65536
 
 
 def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, causal=False,
@@ -113,16 +116,18 @@ def _run_forward(problem, return_weights):
     else:
         weights = np.empty((1, 1, 1), dtype)  # placeholder, never written
 
+    block_q = choose_block_q(n_batch, problem.q_len)
+    largest_product = block_q * min(problem.kv_len, BLOCK_K) * max(problem.head_dim,
+                                                                   problem.value_dim)
     if n_batch and problem.q_len:
-        with single_threaded_blas():
+        with single_threaded_blas(largest_product > SERIAL_BLAS_WORK):
             forward_kernel(dtype)(
                 query, key, value, query_index, key_index, value_index,
                 mask, mask_index, *mask_steps, problem.mask is not None,
                 bias, bias_index, *bias_steps, problem.bias is not None,
                 kv_lengths, problem.kv_lengths is not None, problem.diag_offset,
                 reach_left, reach_right, problem.scale,
-                choose_block_q(n_batch, problem.q_len), BLOCK_K, out, lse, weights,
-                bool(return_weights))
+                block_q, BLOCK_K, out, lse, weights, bool(return_weights))
 
     out_dtype = problem.out_dtype
     out = out.reshape(problem.out_shape).astype(out_dtype, copy=False)

@@ -72,7 +72,7 @@ def identity_index(size):
     return index
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def placeholder(dtype):
     """Read-only ``(1, 1, 1)`` zeros standing in for a missing mask or bias."""
     array = np.zeros((1, 1, 1), dtype)

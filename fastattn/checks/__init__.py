@@ -32,7 +32,7 @@ from fastattn.checks.shapes import (
 __all__ = ["AttentionProblem", "check_attention"]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class AttentionProblem:
     """A validated attention call: what to compute, not how.
 

@@ -103,6 +103,8 @@ def broadcast_batch(query, key, value, mask, bias, group):
         operands.append(("mask", mask.shape[:-2]))
     if bias is not None:
         operands.append(("bias", bias.shape[:-2]))
+    if all(batch == operands[0][1] for _, batch in operands):  # the common case, cheaply
+        return operands[0][1]
     try:
         return tuple(np.broadcast_shapes(*(batch for _, batch in operands)))
     except ValueError:

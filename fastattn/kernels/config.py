@@ -145,12 +145,19 @@ class single_threaded_blas:
 
     The kernels call BLAS (``np.dot``) from their own threads; a multi-threaded
     BLAS would start threads of its own for every block and oversubscribe the cores.
+    ``single_threaded_blas(False)`` does nothing, for calls whose products are too
+    small for any BLAS to thread.
     """
 
-    __slots__ = ("saved",)
+    __slots__ = ("active", "saved")
+
+    def __init__(self, active=True):
+        self.active = active
+        self.saved = []
 
     def __enter__(self):
-        self.saved = []
+        if not self.active:
+            return self
         for get, set_ in _kernel_blas_thread_functions():
             count = get()
             if count != 1:
