@@ -14,9 +14,9 @@ never visited.
 import math
 
 import numpy as np
-from numba import njit, prange, types
+from numba import prange, types
 
-from fastattn.kernels.config import array_type, jit_kernel
+from fastattn.kernels.config import array_type, jit_helper, jit_kernel
 from fastattn.kernels.masking import mask_scores, visible_range
 from fastattn.kernels.vector_math import LN2, LOG2E, exp2, maximum
 
@@ -24,7 +24,7 @@ from fastattn.kernels.vector_math import LN2, LOG2E, exp2, maximum
 EDGE_ROWS = 64
 
 
-@njit(inline="always")
+@jit_helper
 def online_softmax_block(scores, row_max, row_sum, acc):
     """Fold one key block into the running softmax of each row (log2 units).
 
@@ -54,7 +54,7 @@ def online_softmax_block(scores, row_max, row_sum, acc):
                 acc[r, d] *= correction
 
 
-@njit(inline="always")
+@jit_helper
 def attend_key_range(q_rows, row_start, key_first, key_last, keys, values, row_max, row_sum,
                      acc, block_k, must_mask, common_first, common_last, kv_stop,
                      diag_offset, reach_left, reach_right,

@@ -13,6 +13,8 @@ one interval, so key blocks outside it are never visited.
 import numpy as np
 from numba import njit
 
+from fastattn.kernels.config import jit_helper
+
 
 @njit(inline="always")
 def visible_range(row, kv_stop, diag_offset, reach_left, reach_right):
@@ -22,7 +24,7 @@ def visible_range(row, kv_stop, diag_offset, reach_left, reach_right):
     return lo, hi
 
 
-@njit(inline="always")
+@jit_helper
 def mask_scores(scores, q_start, key_start, kv_stop, diag_offset, reach_left, reach_right,
                 mask, mask_entry, mask_row_step, mask_col_step, has_mask,
                 bias, bias_entry, bias_row_step, bias_col_step, has_bias, bias_factor):
