@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _PUBLIC = {
     "scaled_dot_product_attention": "fastattn.attention",
+    "scaled_dot_product_attention_backward": "fastattn.backward",
     "set_num_threads": "fastattn.threads",
     "get_num_threads": "fastattn.threads",
 }

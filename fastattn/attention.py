@@ -7,7 +7,7 @@ import numpy as np
 from fastattn.checks import check_attention
 from fastattn.kernels.config import single_threaded_blas
 from fastattn.kernels.forward import forward_kernel
-from fastattn.layout import flat_kv_lengths, score_operand, stack_operand
+from fastattn.layout import kernel_inputs
 
 # Keys per inner block, and the most query rows per prange task. Large blocks keep
 # the two BLAS products per block efficient; see choose_block_q for smaller ones.
@@ -99,16 +99,7 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, cau
 def _run_forward(problem, return_weights):
     """Lay the problem out for the kernel, run it, and shape the results."""
     dtype = problem.compute_dtype
-    batch, group = problem.batch_shape, problem.gqa_group
-    n_batch = math.prod(batch)
-    query, query_index = stack_operand(problem.query, batch, dtype)
-    key, key_index = stack_operand(problem.key, batch, dtype, group)
-    value, value_index = stack_operand(problem.value, batch, dtype, group)
-    mask, mask_index, mask_steps = score_operand(problem.mask, batch, np.bool_)
-    bias, bias_index, bias_steps = score_operand(problem.bias, batch, dtype)
-    kv_lengths = flat_kv_lengths(problem)
-    reach_left, reach_right = problem.key_reach()
-
+    n_batch = math.prod(problem.batch_shape)
     out = np.empty((n_batch, problem.q_len, problem.value_dim), dtype)  # (N, Lq, Dv)
     lse = np.empty((n_batch, problem.q_len), dtype)  # (N, Lq)
     if return_weights:
@@ -117,17 +108,10 @@ def _run_forward(problem, return_weights):
         weights = np.empty((1, 1, 1), dtype)  # placeholder, never written
 
     block_q = choose_block_q(n_batch, problem.q_len)
-    largest_product = block_q * min(problem.kv_len, BLOCK_K) * max(problem.head_dim,
-                                                                   problem.value_dim)
     if n_batch and problem.q_len:
-        with single_threaded_blas(largest_product > SERIAL_BLAS_WORK):
-            forward_kernel(dtype)(
-                query, key, value, query_index, key_index, value_index,
-                mask, mask_index, *mask_steps, problem.mask is not None,
-                bias, bias_index, *bias_steps, problem.bias is not None,
-                kv_lengths, problem.kv_lengths is not None, problem.diag_offset,
-                reach_left, reach_right, problem.scale,
-                block_q, BLOCK_K, out, lse, weights, bool(return_weights))
+        with single_threaded_blas(needs_blas_threads(problem, block_q, BLOCK_K)):
+            forward_kernel(dtype)(*kernel_inputs(problem), block_q, BLOCK_K, out, lse,
+                                  weights, bool(return_weights))
 
     out_dtype = problem.out_dtype
     out = out.reshape(problem.out_shape).astype(out_dtype, copy=False)
@@ -135,6 +119,12 @@ def _run_forward(problem, return_weights):
     if return_weights:
         weights = weights.reshape(problem.weights_shape).astype(out_dtype, copy=False)
     return out, weights, lse
+
+
+def needs_blas_threads(problem, block_q, block_k):
+    """Whether a block product of this problem is large enough for BLAS to thread."""
+    largest = block_q * min(problem.kv_len, block_k) * max(problem.head_dim, problem.value_dim)
+    return largest > SERIAL_BLAS_WORK
 
 
 def choose_block_q(n_batch, q_len):

@@ -12,6 +12,28 @@ import math
 import numpy as np
 
 
+def kernel_inputs(problem):
+    """The leading arguments every kernel takes, in this order:
+
+    ``query, key, value`` stacks and their ``query_index, key_index, value_index``;
+    ``mask, mask_index, mask_row_step, mask_col_step, has_mask``;
+    ``bias, bias_index, bias_row_step, bias_col_step, has_bias``;
+    ``kv_lengths, has_kv_lengths, diag_offset, reach_left, reach_right, scale``.
+    See :data:`fastattn.kernels.config.problem_argument_types` for their types.
+    """
+    dtype, batch, group = problem.compute_dtype, problem.batch_shape, problem.gqa_group
+    query, query_index = stack_operand(problem.query, batch, dtype)
+    key, key_index = stack_operand(problem.key, batch, dtype, group)
+    value, value_index = stack_operand(problem.value, batch, dtype, group)
+    mask, mask_index, mask_steps = score_operand(problem.mask, batch, np.bool_)
+    bias, bias_index, bias_steps = score_operand(problem.bias, batch, dtype)
+    return (query, key, value, query_index, key_index, value_index,
+            mask, mask_index, *mask_steps, problem.mask is not None,
+            bias, bias_index, *bias_steps, problem.bias is not None,
+            flat_kv_lengths(problem), problem.kv_lengths is not None, problem.diag_offset,
+            *problem.key_reach(), problem.scale)
+
+
 def stack_operand(array, batch_shape, dtype, group=1):
     """Flatten an operand's own batch dims and map the broadcast batch onto them.
 

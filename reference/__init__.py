@@ -5,5 +5,7 @@ here builds its intermediates in full, computes in float64 and never calls a ker
 """
 
 from reference.attention import masked_softmax, scaled_dot_product_attention
+from reference.backward import scaled_dot_product_attention_backward
 
-__all__ = ["scaled_dot_product_attention", "masked_softmax"]
+__all__ = ["scaled_dot_product_attention", "scaled_dot_product_attention_backward",
+           "masked_softmax"]

@@ -29,7 +29,7 @@ from fastattn.checks.shapes import (
     matrix_dims,
 )
 
-__all__ = ["AttentionProblem", "check_attention"]
+__all__ = ["AttentionProblem", "check_attention", "check_backward_arrays"]
 
 
 @dataclass(slots=True)
@@ -160,3 +160,26 @@ def check_attention(query, key, value, mask=None, *, bias=None, causal=False,
         scale=check_scale(scale, head_dim), causal=bool(causal),
         diag_offset=diag_offset, window=check_window(window),
     )
+
+
+def check_backward_arrays(problem, grad_out, out, lse):
+    """Validate the extra arrays of the backward against the forward's problem.
+
+    ``grad_out`` and ``out`` must have the forward output's shape ``(*batch, Lq, Dv)``
+    and ``lse`` the shape ``(*batch, Lq)``; all must be real.
+
+    Returns
+    -------
+    grad_out, out, lse : ndarray
+    """
+    checked = []
+    for name, array, shape, meaning in (
+            ("grad_out", grad_out, problem.out_shape, "(*batch, Lq, Dv)"),
+            ("out", out, problem.out_shape, "(*batch, Lq, Dv)"),
+            ("lse", lse, problem.lse_shape, "(*batch, Lq)")):
+        array = as_real_array(name, array)
+        if array.shape != shape:
+            raise ValueError(f"{name} must have the forward's shape {meaning} = {shape}; "
+                             f"got {array.shape}")
+        checked.append(array)
+    return tuple(checked)

@@ -86,6 +86,20 @@ def jit_helper(func):
     return numba.njit(**options)(func)
 
 
+def problem_argument_types(dtype):
+    """Numba types of the leading kernel arguments built by
+    :func:`fastattn.layout.kernel_inputs`, for data of ``dtype``."""
+    data3 = array_type(dtype, 3)
+    index = array_type(np.int64, 1)
+    return (
+        data3, data3, data3, index, index, index,  # query, key, value and their indices
+        array_type(np.bool_, 3), index, types.int64, types.int64, types.boolean,  # mask
+        data3, index, types.int64, types.int64, types.boolean,  # bias
+        index, types.boolean, types.int64, types.int64, types.int64,  # visibility rules
+        types.float64,  # scale
+    )
+
+
 def array_type(dtype, ndim, readonly=True):
     """Numba type of a C-contiguous array; readonly types also accept writeable arrays."""
     return types.Array(numba.from_dtype(np.dtype(dtype)), ndim, "C", readonly=readonly)

@@ -16,7 +16,8 @@ import math
 import numpy as np
 from numba import prange, types
 
-from fastattn.kernels.config import array_type, jit_helper, jit_kernel
+from fastattn.kernels.config import (array_type, jit_helper, jit_kernel,
+                                     problem_argument_types)
 from fastattn.kernels.masking import mask_scores, visible_range
 from fastattn.kernels.vector_math import LN2, LOG2E, exp2, maximum
 
@@ -193,17 +194,11 @@ def _attention_forward(query, key, value, query_index, key_index, value_index,
 
 
 def _forward_signature(dtype):
-    data3 = array_type(dtype, 3)
-    index = array_type(np.int64, 1)
     return types.void(
-        data3, data3, data3, index, index, index,  # query, key, value and their indices
-        array_type(np.bool_, 3), index, types.int64, types.int64, types.boolean,  # mask
-        data3, index, types.int64, types.int64, types.boolean,  # bias
-        index, types.boolean, types.int64, types.int64, types.int64,  # visibility rules
-        types.float64,  # scale
+        *problem_argument_types(dtype),
         types.int64, types.int64,  # block_q, block_k
         array_type(dtype, 3, readonly=False), array_type(dtype, 2, readonly=False),
-        array_type(dtype, 3, readonly=False), types.boolean,  # out, lse, weights
+        array_type(dtype, 3, readonly=False), types.boolean,  # out, lse, weights, flag
     )
 
 

@@ -1,0 +1,66 @@
+"""Shared pieces of the asv suite: the implementations, inputs, FLOP counts.
+
+Implementations are a benchmark parameter (as SciPy's fft suite does with its
+backends): ``"fastattn"`` (the fused Numba kernels), ``"reference"`` (the plain
+NumPy oracle) and ``"torch"`` (``torch.nn.functional.scaled_dot_product_attention``
+on 4-D tensors, skipped when PyTorch is absent). asv runs every parameter
+combination in a process of its own, so Numba's and PyTorch's thread pools never
+share a process. Modules are imported in ``setup``, never at import time.
+"""
+
+import numpy as np
+
+IMPLEMENTATIONS = ["fastattn", "reference", "torch"]
+
+# The reference materialises (B, H, Lq, Lk) float64 scores: skipped beyond this.
+REFERENCE_MAX_LENGTH = 2048
+
+
+def attention_flops(batch, heads, q_len, kv_len, dim, causal=False):
+    """Multiply-adds of the two products, counted as ``4*B*H*Lq*Lk*D`` (half if causal
+    with ``Lq == Lk``)."""
+    flops = 4 * batch * heads * q_len * kv_len * dim
+    return flops // 2 if causal and q_len == kv_len else flops
+
+
+def random_qkv(q_shape, kv_shape, dtype, kv_heads=None):
+    """Standard-normal ``(B, H, L, D)`` query, key and value of ``dtype``."""
+    rng = np.random.default_rng(0)
+    if kv_heads is not None:
+        kv_shape = kv_shape[:1] + (kv_heads,) + kv_shape[2:]
+    query = rng.standard_normal(q_shape, dtype=np.float32).astype(dtype)
+    key = rng.standard_normal(kv_shape, dtype=np.float32).astype(dtype)
+    value = rng.standard_normal(kv_shape, dtype=np.float32).astype(dtype)
+    return query, key, value
+
+
+def attention_call(impl, query, key, value, warm_up=True, **options):
+    """A no-argument callable running ``impl`` on these inputs, warmed up once
+    (``warm_up=True``) to compile or load the kernels for exactly this dtype and layout.
+
+    Raises ``NotImplementedError`` (asv's signal to skip) when ``impl`` is
+    ``"torch"`` and PyTorch is not installed, or when the reference would build
+    score matrices longer than ``REFERENCE_MAX_LENGTH``.
+    """
+    if impl == "reference" and max(query.shape[-2], key.shape[-2]) > REFERENCE_MAX_LENGTH:
+        raise NotImplementedError("the reference is too slow and large beyond L=2048")
+    if impl == "torch":
+        try:
+            import torch
+            import torch.nn.functional as F
+        except ImportError:
+            raise NotImplementedError("PyTorch is not installed") from None
+        tensors = [torch.from_numpy(np.ascontiguousarray(array)) for array in (query, key, value)]
+        torch_options = {"is_causal": options.pop("causal", False), **options}
+
+        def call():
+            with torch.no_grad():
+                return F.scaled_dot_product_attention(*tensors, **torch_options)
+    else:
+        module = __import__(impl)
+
+        def call():
+            return module.scaled_dot_product_attention(query, key, value, **options)
+    if warm_up:
+        call()
+    return call

@@ -1,0 +1,86 @@
+"""Public attention backward: validates and lays out, then calls the fused kernel."""
+
+import math
+
+import numpy as np
+
+from fastattn.checks import check_attention, check_backward_arrays
+from fastattn.checks.shapes import sum_to_shape
+from fastattn.kernels.backward import backward_kernel
+from fastattn.kernels.config import single_threaded_blas
+from fastattn.layout import kernel_inputs
+
+# Rows and keys per block of the two backward passes.
+BLOCK_Q = 128
+BLOCK_K = 128
+
+
+def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse, mask=None, *,
+                                          bias=None, causal=False, causal_alignment="top_left",
+                                          window=None, kv_lengths=None, scale=None,
+                                          enable_gqa=False):
+    r"""Gradients of :func:`fastattn.scaled_dot_product_attention`, by a fused kernel.
+
+    The vector-Jacobian product of the forward under the same options, given the
+    forward's ``out`` and ``lse`` (``return_lse=True``), so that nothing of size
+    ``Lq*Lk`` is kept between the two. With :math:`P = \exp(S - \mathrm{lse})`
+    recomputed block by block and :math:`D_i = \sum_d dO_{id} O_{id}`,
+
+    .. math::
+
+        dV = P^\top dO, \quad dS = P \odot (dO\, V^\top - D), \quad
+        dQ = \mathrm{scale}\; dS\, K, \quad dK = \mathrm{scale}\; dS^\top Q.
+
+    Parameters
+    ----------
+    grad_out : array_like, shape ``(*batch, Lq, Dv)``
+        Gradient of the loss with respect to ``out``.
+    query, key, value, mask
+        The forward's inputs.
+    out : array_like, shape ``(*batch, Lq, Dv)``
+    lse : array_like, shape ``(*batch, Lq)``
+        The forward's results.
+    bias, causal, causal_alignment, window, kv_lengths, scale, enable_gqa
+        Exactly as given to the forward.
+
+    Returns
+    -------
+    grad_query, grad_key, grad_value : ndarray
+        Shaped like ``query``, ``key`` and ``value``: batch dims an input was broadcast
+        along are summed back, and under grouped-query attention each kv head gets the
+        sum over its group of query heads. Rows that saw no key give zero gradients.
+        dtypes follow the forward's rules (float16 computed in float32, integers in
+        float64). No gradient is returned for ``bias``.
+
+    See Also
+    --------
+    reference.scaled_dot_product_attention_backward : the plain NumPy oracle.
+    """
+    problem = check_attention(query, key, value, mask, bias=bias, causal=causal,
+                              causal_alignment=causal_alignment, window=window,
+                              kv_lengths=kv_lengths, scale=scale, enable_gqa=enable_gqa)
+    grad_out, out, lse = check_backward_arrays(problem, grad_out, out, lse)
+    dtype, batch = problem.compute_dtype, problem.batch_shape
+    n_batch, q_len, kv_len = math.prod(batch), problem.q_len, problem.kv_len
+
+    grad_out = np.ascontiguousarray(grad_out, dtype).reshape(n_batch, q_len, problem.value_dim)
+    out = np.asarray(out, dtype).reshape(n_batch, q_len, problem.value_dim)
+    lse = np.ascontiguousarray(lse, dtype).reshape(n_batch, q_len)
+    delta = np.einsum("nqd,nqd->nq", grad_out, out)  # (N, Lq) D_i = rowsum(dO * O)
+    grad_query = np.zeros((n_batch, q_len, problem.head_dim), dtype)  # (N, Lq, Dk)
+    grad_key = np.zeros((n_batch, kv_len, problem.head_dim), dtype)  # (N, Lk, Dk)
+    grad_value = np.zeros((n_batch, kv_len, problem.value_dim), dtype)  # (N, Lk, Dv)
+
+    if n_batch and q_len and kv_len:
+        with single_threaded_blas():
+            backward_kernel(dtype)(*kernel_inputs(problem), BLOCK_Q, BLOCK_K, grad_out, lse,
+                                   np.ascontiguousarray(delta), grad_query, grad_key,
+                                   grad_value)
+
+    group, out_dtype = problem.gqa_group, problem.out_dtype
+    grad_query = grad_query.reshape(batch + (q_len, problem.head_dim))  # (*batch, Lq, Dk)
+    grad_key = grad_key.reshape(batch + (kv_len, problem.head_dim))  # (*batch, Lk, Dk)
+    grad_value = grad_value.reshape(batch + (kv_len, problem.value_dim))  # (*batch, Lk, Dv)
+    return (sum_to_shape(grad_query, problem.query.shape).astype(out_dtype, copy=False),
+            sum_to_shape(grad_key, problem.key.shape, group).astype(out_dtype, copy=False),
+            sum_to_shape(grad_value, problem.value.shape, group).astype(out_dtype, copy=False))

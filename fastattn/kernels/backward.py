@@ -1,0 +1,165 @@
+"""Fused backward attention kernel: FlashAttention-2 style recomputation.
+
+Nothing of size ``Lq*Lk`` is kept from the forward; the probabilities are recomputed
+block by block from the forward's log-sum-exp, ``P = exp(S - lse)``. With
+``D_i = rowsum(dO_i * O_i)`` precomputed:
+
+    dV += P^T dO,   dP = dO V^T,   dS = P * (dP - D),
+    dQ += scale * dS K,   dK += scale * dS^T Q.
+
+Two parallel passes keep every write private to one task, so there are no races
+and the result does not depend on the thread count:
+
+1. one task per (batch entry, key block): ``dK`` and ``dV`` of those keys, summed
+   over the query rows that can see them;
+2. one task per (batch entry, query block): ``dQ`` of those rows, summed over the
+   keys they can see.
+
+Both passes recompute ``P`` and ``dP``; the price of not sharing ``dQ`` between tasks.
+"""
+
+import numpy as np
+from numba import prange, types
+
+from fastattn.kernels.config import (array_type, jit_helper, jit_kernel,
+                                     problem_argument_types)
+from fastattn.kernels.masking import mask_scores, visible_range
+from fastattn.kernels.vector_math import LOG2E, exp2
+
+
+@jit_helper
+def probabilities_and_score_grads(scores, grad_probs, row_start, key_start, row_lse,
+                                  row_delta, log2_scale, kv_stop, diag_offset, reach_left,
+                                  reach_right, mask, mask_entry, mask_row_step, mask_col_step,
+                                  has_mask, bias, bias_entry, bias_row_step, bias_col_step,
+                                  has_bias):
+    """In place: ``scores`` (raw ``q.k``) becomes ``P``, ``grad_probs`` (``dP``) becomes ``dS``.
+
+    ``P = exp(scale * q.k + bias - lse)``, 0 where a key is hidden or a row sees no
+    key (``lse = -inf``); ``dS = P * (dP - D)``. ``row_lse`` and ``row_delta`` are
+    indexed by absolute query position.
+    """
+    rows, cols = scores.shape
+    for r in range(rows):
+        for c in range(cols):
+            scores[r, c] *= log2_scale
+    mask_scores(scores, row_start, key_start, kv_stop, diag_offset, reach_left, reach_right,
+                mask, mask_entry, mask_row_step, mask_col_step, has_mask, bias, bias_entry,
+                bias_row_step, bias_col_step, has_bias, LOG2E)
+    for r in range(rows):
+        lse = row_lse[row_start + r]
+        if lse == -np.inf:  # the row saw no key: no probability, no gradient
+            scores[r, :] = 0.0
+            grad_probs[r, :] = 0.0
+            continue
+        lse2 = lse * LOG2E
+        delta = row_delta[row_start + r]
+        for c in range(cols):
+            p = exp2(scores[r, c] - lse2)
+            scores[r, c] = p
+            grad_probs[r, c] = p * (grad_probs[r, c] - delta)
+
+
+def _attention_backward(query, key, value, query_index, key_index, value_index,
+                        mask, mask_index, mask_row_step, mask_col_step, has_mask,
+                        bias, bias_index, bias_row_step, bias_col_step, has_bias,
+                        kv_lengths, has_kv_lengths, diag_offset, reach_left, reach_right,
+                        scale, block_q, block_k, grad_out, lse, delta,
+                        grad_query, grad_key, grad_value):
+    """Gradients for every entry ``b`` of the flattened batch (see the module docstring).
+
+    ``grad_out`` ``(N, Lq, Dv)``, ``lse`` and ``delta`` ``(N, Lq)`` are per entry;
+    ``grad_query`` ``(N, Lq, Dk)``, ``grad_key`` ``(N, Lk, Dk)`` and ``grad_value``
+    ``(N, Lk, Dv)`` must be zeroed: keys no query sees, and rows that see no key,
+    are never written.
+    """
+    n_batch, q_len, _ = grad_query.shape
+    kv_len = grad_key.shape[1]
+    log2_scale = scale * LOG2E
+
+    # Pass 1: dK, dV, one task per (entry, key block).
+    n_k_blocks = (kv_len + block_k - 1) // block_k
+    for task in prange(n_batch * n_k_blocks):
+        b = task // n_k_blocks
+        kv_stop = kv_lengths[b] if has_kv_lengths else kv_len
+        key_start = (task - b * n_k_blocks) * block_k
+        key_stop = min(key_start + block_k, kv_stop)
+        if key_start >= key_stop:
+            continue
+        mask_entry = mask_index[b] if has_mask else 0
+        bias_entry = bias_index[b] if has_bias else 0
+        keys = key[key_index[b], key_start:key_stop]  # (cols, Dk)
+        values = value[value_index[b], key_start:key_stop]  # (cols, Dv)
+        queries = query[query_index[b]]  # (Lq, Dk)
+        grads = grad_out[b]  # (Lq, Dv)
+        # query rows that may see a key of [key_start, key_stop): lo(i) < key_stop, hi(i) > key_start
+        row_first = min(max(key_start - diag_offset - reach_right, 0), q_len)
+        row_last = max(min(key_stop - 1 - diag_offset + reach_left + 1, q_len), row_first)
+        key_grad = np.zeros((key_stop - key_start, key.shape[2]), dtype=grad_key.dtype)  # (cols, Dk)
+        value_grad = np.zeros((key_stop - key_start, value.shape[2]), dtype=grad_value.dtype)  # (cols, Dv)
+        for row_start in range(row_first, row_last, block_q):
+            row_stop = min(row_start + block_q, row_last)
+            q_rows = queries[row_start:row_stop]  # (rows, Dk)
+            grad_rows = grads[row_start:row_stop]  # (rows, Dv)
+            probs = np.dot(q_rows, keys.T)  # (rows, cols) raw scores, then P
+            score_grads = np.dot(grad_rows, values.T)  # (rows, cols) dP, then dS
+            probabilities_and_score_grads(
+                probs, score_grads, row_start, key_start, lse[b], delta[b], log2_scale,
+                kv_stop, diag_offset, reach_left, reach_right, mask, mask_entry,
+                mask_row_step, mask_col_step, has_mask, bias, bias_entry, bias_row_step,
+                bias_col_step, has_bias)
+            value_grad += np.dot(probs.T, grad_rows)  # (cols, Dv) P^T dO
+            key_grad += np.dot(score_grads.T, q_rows)  # (cols, Dk) dS^T Q
+        grad_key[b, key_start:key_stop] = key_grad * scale
+        grad_value[b, key_start:key_stop] = value_grad
+
+    # Pass 2: dQ, one task per (entry, query block).
+    n_q_blocks = (q_len + block_q - 1) // block_q
+    for task in prange(n_batch * n_q_blocks):
+        b = task // n_q_blocks
+        kv_stop = kv_lengths[b] if has_kv_lengths else kv_len
+        q_start = (task - b * n_q_blocks) * block_q
+        q_stop = min(q_start + block_q, q_len)
+        mask_entry = mask_index[b] if has_mask else 0
+        bias_entry = bias_index[b] if has_bias else 0
+        q_rows = query[query_index[b], q_start:q_stop]  # (rows, Dk)
+        grad_rows = grad_out[b, q_start:q_stop]  # (rows, Dv)
+        keys_all = key[key_index[b]]  # (Lk, Dk)
+        values_all = value[value_index[b]]  # (Lk, Dv)
+        first_key = visible_range(q_start, kv_stop, diag_offset, reach_left, reach_right)[0]
+        last_key = visible_range(q_stop - 1, kv_stop, diag_offset, reach_left, reach_right)[1]
+        query_grad = np.zeros((q_stop - q_start, query.shape[2]), dtype=grad_query.dtype)  # (rows, Dk)
+        for key_start in range(first_key, last_key, block_k):
+            key_stop = min(key_start + block_k, last_key)
+            keys = keys_all[key_start:key_stop]  # (cols, Dk)
+            probs = np.dot(q_rows, keys.T)  # (rows, cols)
+            score_grads = np.dot(grad_rows, values_all[key_start:key_stop].T)  # (rows, cols)
+            probabilities_and_score_grads(
+                probs, score_grads, q_start, key_start, lse[b], delta[b], log2_scale,
+                kv_stop, diag_offset, reach_left, reach_right, mask, mask_entry,
+                mask_row_step, mask_col_step, has_mask, bias, bias_entry, bias_row_step,
+                bias_col_step, has_bias)
+            query_grad += np.dot(score_grads, keys)  # (rows, Dk) dS K
+        grad_query[b, q_start:q_stop] = query_grad * scale
+
+
+def _backward_signature(dtype):
+    writable3 = array_type(dtype, 3, readonly=False)
+    return types.void(
+        *problem_argument_types(dtype),
+        types.int64, types.int64,  # block_q, block_k
+        array_type(dtype, 3), array_type(dtype, 2), array_type(dtype, 2),  # dO, lse, delta
+        writable3, writable3, writable3,  # grad_query, grad_key, grad_value
+    )
+
+
+_compiled = {}
+
+
+def backward_kernel(dtype):
+    """The backward kernel compiled for ``dtype`` (float32 or float64), built on first use."""
+    dtype = np.dtype(dtype)
+    kernel = _compiled.get(dtype)
+    if kernel is None:
+        kernel = _compiled[dtype] = jit_kernel(_backward_signature(dtype))(_attention_backward)
+    return kernel

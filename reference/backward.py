@@ -1,0 +1,68 @@
+"""Gradients of attention in plain NumPy, from the softmax Jacobian: the oracle of
+:func:`fastattn.scaled_dot_product_attention_backward`."""
+
+import numpy as np
+
+from fastattn.checks import check_attention, check_backward_arrays
+from fastattn.checks.shapes import sum_to_shape
+from reference.attention import broadcast_inputs, masked_softmax, visible_keys
+
+
+def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse, mask=None,
+                                          **options):
+    r"""Vector-Jacobian product of attention, in float64, written to be read.
+
+    With :math:`S = \mathrm{scale}\, QK^\top + B` (hidden keys at :math:`-\infty`),
+    :math:`P = \mathrm{softmax}(S)` row by row and :math:`O = PV`, the gradients of a
+    loss with :math:`\partial L / \partial O = dO` are
+
+    .. math::
+
+        dV = P^\top dO, \quad dP = dO\, V^\top, \quad
+        dS_i = J_i\, dP_i = P_i \odot (dP_i - P_i \cdot dP_i), \quad
+        dQ = \mathrm{scale}\; dS\, K, \quad dK = \mathrm{scale}\; dS^\top Q,
+
+    where :math:`J_i = \mathrm{diag}(P_i) - P_i P_i^\top` is the softmax Jacobian of
+    row :math:`i`. This version recomputes :math:`P` from the inputs; ``out`` and
+    ``lse`` are only checked for shape (the fused kernel uses them).
+
+    Parameters
+    ----------
+    grad_out : array_like, shape ``(*batch, Lq, Dv)``
+        Gradient of the loss with respect to the forward's output.
+    query, key, value, mask, **options
+        Exactly as given to the forward (``bias``, ``causal``, ``causal_alignment``,
+        ``window``, ``kv_lengths``, ``scale``, ``enable_gqa``).
+    out : array_like, shape ``(*batch, Lq, Dv)``
+    lse : array_like, shape ``(*batch, Lq)``
+        The forward's output and log-sum-exp.
+
+    Returns
+    -------
+    grad_query, grad_key, grad_value : ndarray
+        Shaped like ``query``, ``key`` and ``value``: broadcast batch dims summed back,
+        and under grouped-query attention each kv head's group summed.
+    """
+    problem = check_attention(query, key, value, mask, **options)
+    grad_out = check_backward_arrays(problem, grad_out, out, lse)[0]
+    q, k, v = broadcast_inputs(problem)  # (*batch, Lq, Dk), (*batch, Lk, Dk), (*batch, Lk, Dv)
+    grad_out = np.broadcast_to(grad_out.astype(np.float64), problem.out_shape)  # (*batch, Lq, Dv)
+
+    scores = q @ k.swapaxes(-1, -2) * problem.scale  # (*batch, Lq, Lk)
+    if problem.bias is not None:
+        scores = scores + problem.bias.astype(np.float64)  # (*batch, Lq, Lk)
+    scores = np.where(visible_keys(problem), scores, -np.inf)  # (*batch, Lq, Lk)
+    weights, _ = masked_softmax(scores)  # (*batch, Lq, Lk) P, zero rows where nothing is visible
+
+    grad_value = weights.swapaxes(-1, -2) @ grad_out  # (*batch, Lk, Dv) P^T dO
+    grad_weights = grad_out @ v.swapaxes(-1, -2)  # (*batch, Lq, Lk) dP = dO V^T
+    # softmax Jacobian applied row by row: dS = P * (dP - sum_j P_j dP_j)
+    row_dot = (weights * grad_weights).sum(axis=-1, keepdims=True)  # (*batch, Lq, 1)
+    grad_scores = weights * (grad_weights - row_dot)  # (*batch, Lq, Lk)
+    grad_query = problem.scale * grad_scores @ k  # (*batch, Lq, Dk)
+    grad_key = problem.scale * grad_scores.swapaxes(-1, -2) @ q  # (*batch, Lk, Dk)
+
+    group, dtype = problem.gqa_group, problem.out_dtype
+    return (sum_to_shape(grad_query, problem.query.shape).astype(dtype),
+            sum_to_shape(grad_key, problem.key.shape, group).astype(dtype),
+            sum_to_shape(grad_value, problem.value.shape, group).astype(dtype))
