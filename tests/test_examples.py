@@ -1,0 +1,19 @@
+"""The README's examples run and do what they claim."""
+
+import importlib.util
+import pathlib
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+
+
+def load_example(name):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gradient_descent_fits_the_teacher():
+    losses = load_example("train_attention").train(steps=60, report=None)
+    assert losses[-1] < losses[0] / 10
+    assert all(later <= 1.5 * earlier for earlier, later in zip(losses, losses[1:]))
