@@ -24,16 +24,18 @@ import time
 import numpy as np
 
 # name: B, H (query heads), Hkv, Lq, Lk, D, causal, dtype, implementations, threads
-#       (None = all cores), memory (also measure extra memory)
+#       (None = all cores), memory (also measure extra memory), backward (time the
+#       gradients instead of the forward)
 CASES = {}
 
 
 def _case(name, length=None, dim=64, *, batch=1, heads=8, kv_heads=None, q_len=None,
           kv_len=None, causal=False, dtype="float32", impls=("fastattn", "torch"),
-          threads=None, memory=False):
+          threads=None, memory=False, backward=False):
     CASES[name] = dict(batch=batch, heads=heads, kv_heads=kv_heads or heads,
                        q_len=q_len or length, kv_len=kv_len or length, dim=dim, causal=causal,
-                       dtype=dtype, impls=impls, threads=threads, memory=memory)
+                       dtype=dtype, impls=impls, threads=threads, memory=memory,
+                       backward=backward)
 
 
 for _length in (512, 2048, 4096):
@@ -50,6 +52,9 @@ _case("tiny", 16, 8, heads=1)
 _case("L4096-D64-1thread", 4096, 64, impls=("fastattn",), threads=1)
 _case("memory-L16384", 16384, 64, heads=1, impls=("fastattn", "torch"), memory=True)
 _case("memory-L65536", 65536, 64, heads=1, impls=("fastattn",), memory=True)
+for _length in (512, 2048):
+    _case(f"backward-L{_length}-D64", _length, 64, backward=True,
+          impls=("fastattn", "torch", "reference"), memory=True)
 
 
 def attention_flops(case):
@@ -92,6 +97,8 @@ def _make_call(impl, case):
     key = rng.standard_normal(kv_shape, dtype=np.float32).astype(dtype)
     value = rng.standard_normal(kv_shape, dtype=np.float32).astype(dtype)
     options = dict(enable_gqa=case["kv_heads"] != case["heads"])
+    if case["backward"]:
+        return _make_backward_call(impl, case, query, key, value)
     if impl == "torch":
         import torch
         import torch.nn.functional as F
@@ -108,6 +115,29 @@ def _make_call(impl, case):
     module = __import__("fastattn" if impl == "fastattn" else "reference")
     return lambda: module.scaled_dot_product_attention(query, key, value,
                                                        causal=case["causal"], **options)
+
+
+def _make_backward_call(impl, case, query, key, value):
+    """The gradients of query, key and value; the forward runs once, untimed."""
+    grad_out = np.random.default_rng(1).standard_normal(query.shape, dtype=np.float32)
+    grad_out = grad_out.astype(query.dtype)[..., :value.shape[-1]]
+    if impl == "torch":
+        import torch
+        import torch.nn.functional as F
+
+        inputs = [torch.from_numpy(array.copy()).requires_grad_() for array in (query, key, value)]
+        out = F.scaled_dot_product_attention(*inputs, is_causal=case["causal"])
+        grad = torch.from_numpy(np.ascontiguousarray(grad_out))
+
+        def call():
+            grads = torch.autograd.grad(out, inputs, grad, retain_graph=True)
+            return grads[0].numpy()
+        return call
+    module = __import__("fastattn" if impl == "fastattn" else "reference")
+    out, lse = module.scaled_dot_product_attention(query, key, value, causal=case["causal"],
+                                                   return_lse=True)
+    return lambda: module.scaled_dot_product_attention_backward(
+        grad_out, query, key, value, out, lse, causal=case["causal"])[0]
 
 
 def run_worker(impl, case, repeats):
@@ -222,6 +252,12 @@ def main():
             if plain and causal:
                 print(f"causal / non-causal time, fastattn L={length} D={dim}: "
                       f"{causal['seconds'] / plain['seconds']:.2f}")
+    for length in (512, 2048):
+        backward = results.get((f"backward-L{length}-D64", "fastattn"))
+        forward = results.get((f"L{length}-D64", "fastattn"))
+        if backward and forward:
+            print(f"backward / forward time, fastattn L={length} D=64: "
+                  f"{backward['seconds'] / forward['seconds']:.2f}")
     one = results.get(("L4096-D64-1thread", "fastattn"))
     two = results.get(("L4096-D64", "fastattn"))
     if one and two:
