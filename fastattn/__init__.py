@@ -16,6 +16,11 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "scaled_dot_product_attention": "fastattn.attention",
     "scaled_dot_product_attention_backward": "fastattn.backward",
+    "MultiHeadAttention": "fastattn.layers",
+    "LayerNorm": "fastattn.layers",
+    "sinusoidal_positional_encoding": "fastattn.layers",
+    "TransformerEncoderLayer": "fastattn.layers",
+    "TransformerDecoderLayer": "fastattn.layers",
     "set_num_threads": "fastattn.threads",
     "get_num_threads": "fastattn.threads",
 }

@@ -1,0 +1,99 @@
+"""Layer normalisation and the position-wise feed-forward block of a Transformer."""
+
+import math
+
+import numpy as np
+from scipy.special import erf
+
+
+def _check_state(owner, state, expected):
+    """``state`` must hold exactly ``expected`` (name -> shape); returns float arrays."""
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise ValueError(f"{owner}: state_dict keys do not match; missing {missing}, "
+                         f"unexpected {extra}")
+    arrays = {}
+    for name, shape in expected.items():
+        array = np.asarray(state[name])
+        if array.shape != shape:
+            raise ValueError(f"{owner}: state_dict[{name!r}] must have shape {shape}; "
+                             f"got {array.shape}")
+        arrays[name] = array
+    return arrays
+
+
+class LayerNorm:
+    r"""Normalise the last axis to zero mean and unit variance, then scale and shift.
+
+    .. math:: y = \frac{x - \mathrm{mean}(x)}{\sqrt{\mathrm{var}(x) + \epsilon}} \cdot w + b
+
+    (biased variance, as in PyTorch's ``nn.LayerNorm``; state keys ``weight``, ``bias``).
+    """
+
+    def __init__(self, d_model, eps=1e-5, *, dtype=np.float32):
+        self.d_model, self.eps, self.dtype = d_model, eps, np.dtype(dtype)
+        self.weight = np.ones(d_model, self.dtype)  # (d_model,)
+        self.bias = np.zeros(d_model, self.dtype)  # (d_model,)
+
+    def __call__(self, x):
+        x = np.asarray(x, self.dtype)
+        if x.shape[-1:] != (self.d_model,):
+            raise ValueError(f"LayerNorm expects a last dim of {self.d_model}; got shape {x.shape}")
+        mean = x.mean(axis=-1, keepdims=True)  # (..., 1)
+        variance = ((x - mean) ** 2).mean(axis=-1, keepdims=True)  # (..., 1)
+        return (x - mean) / np.sqrt(variance + self.eps) * self.weight + self.bias  # (..., d)
+
+    def state_dict(self):
+        return {"weight": self.weight.copy(), "bias": self.bias.copy()}
+
+    def load_state_dict(self, state):
+        arrays = _check_state("LayerNorm", state, {"weight": (self.d_model,),
+                                                   "bias": (self.d_model,)})
+        self.weight = arrays["weight"].astype(self.dtype)
+        self.bias = arrays["bias"].astype(self.dtype)
+
+
+ACTIVATIONS = {
+    "relu": lambda x: np.maximum(x, 0.0),
+    "gelu": lambda x: 0.5 * x * (1.0 + erf(x / math.sqrt(2.0))),  # exact, as PyTorch's default
+}
+
+
+class FeedForward:
+    r"""Position-wise feed-forward network ``linear2(activation(linear1(x)))``.
+
+    .. math:: \mathrm{FFN}(x) = \sigma(x W_1^\top + b_1) W_2^\top + b_2
+
+    Weights in PyTorch's ``nn.Linear`` layout ``(out, in)``; state keys
+    ``linear1.weight``, ``linear1.bias``, ``linear2.weight``, ``linear2.bias``.
+    """
+
+    def __init__(self, d_model, dim_feedforward, *, activation="relu", dtype=np.float32,
+                 rng=None):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}; got {activation!r}")
+        self.d_model, self.dim_feedforward = d_model, dim_feedforward
+        self.activation, self.dtype = activation, np.dtype(dtype)
+        rng = np.random.default_rng() if rng is None else rng
+        bound1, bound2 = 1 / np.sqrt(d_model), 1 / np.sqrt(dim_feedforward)
+        self.w1 = rng.uniform(-bound1, bound1, (dim_feedforward, d_model)).astype(self.dtype)
+        self.b1 = rng.uniform(-bound1, bound1, dim_feedforward).astype(self.dtype)
+        self.w2 = rng.uniform(-bound2, bound2, (d_model, dim_feedforward)).astype(self.dtype)
+        self.b2 = rng.uniform(-bound2, bound2, d_model).astype(self.dtype)
+
+    def __call__(self, x):
+        hidden = ACTIVATIONS[self.activation](x @ self.w1.T + self.b1)  # (..., dim_ff)
+        return hidden @ self.w2.T + self.b2  # (..., d_model)
+
+    def state_dict(self):
+        return {"linear1.weight": self.w1.copy(), "linear1.bias": self.b1.copy(),
+                "linear2.weight": self.w2.copy(), "linear2.bias": self.b2.copy()}
+
+    def load_state_dict(self, state):
+        d, f = self.d_model, self.dim_feedforward
+        arrays = _check_state("FeedForward", state, {
+            "linear1.weight": (f, d), "linear1.bias": (f,),
+            "linear2.weight": (d, f), "linear2.bias": (d,)})
+        self.w1, self.b1 = (arrays[k].astype(self.dtype) for k in ("linear1.weight", "linear1.bias"))
+        self.w2, self.b2 = (arrays[k].astype(self.dtype) for k in ("linear2.weight", "linear2.bias"))

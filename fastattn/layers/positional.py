@@ -1,0 +1,40 @@
+"""Sinusoidal positional encoding: how a Transformer tells "lion kills tiger" from
+"tiger kills lion", since attention itself ignores word order."""
+
+import numpy as np
+
+
+def sinusoidal_positional_encoding(length, d_model, *, base=10000.0, dtype=np.float32):
+    r"""Positional encodings ``(length, d_model)`` to add to token embeddings.
+
+    .. math::
+
+        PE_{pos,\,2i} = \sin\!\left(pos / base^{2i/d}\right), \qquad
+        PE_{pos,\,2i+1} = \cos\!\left(pos / base^{2i/d}\right)
+
+    Parameters
+    ----------
+    length : int
+        Number of positions (``>= 0``).
+    d_model : int
+        Embedding width (``>= 0``); an odd width ends with a sine column.
+    base : float, default 10000.0
+        Positive; larger bases give slower frequencies.
+    dtype : dtype, default float32
+
+    Returns
+    -------
+    ndarray, shape ``(length, d_model)``
+    """
+    for name, size in (("length", length), ("d_model", d_model)):
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 0:
+            raise ValueError(f"{name} must be a non-negative int; got {size!r}")
+    if not base > 0:
+        raise ValueError(f"base must be positive; got {base!r}")
+    positions = np.arange(length, dtype=np.float64)[:, None]  # (length, 1)
+    pair_index = np.arange(0, d_model, 2, dtype=np.float64)  # (ceil(d/2),) the 2i of each pair
+    angles = positions / base ** (pair_index / d_model)  # (length, ceil(d/2))
+    encoding = np.empty((length, d_model), dtype=np.float64)  # (length, d_model)
+    encoding[:, 0::2] = np.sin(angles)  # even columns
+    encoding[:, 1::2] = np.cos(angles[:, : d_model // 2])  # odd columns
+    return encoding.astype(dtype)

@@ -1,0 +1,127 @@
+"""Transformer encoder and decoder layers (forward only) built on MultiHeadAttention."""
+
+import numpy as np
+
+from fastattn.layers.multihead import MultiHeadAttention
+from fastattn.layers.norm import FeedForward, LayerNorm
+
+
+def _prefixed(state, prefix):
+    return {name[len(prefix):]: array for name, array in state.items() if name.startswith(prefix)}
+
+
+class _LayerBase:
+    """Sub-layers stored under PyTorch's state_dict prefixes."""
+
+    _parts = ()  # (prefix, attribute) pairs
+
+    def state_dict(self):
+        state = {}
+        for prefix, attribute in self._parts:
+            state.update({prefix + name: array
+                          for name, array in getattr(self, attribute).state_dict().items()})
+        state.update(self.feed_forward.state_dict())  # linear1.*, linear2.*
+        return state
+
+    def load_state_dict(self, state):
+        """Load the matching PyTorch layer's state_dict given as NumPy arrays."""
+        known = tuple(prefix for prefix, _ in self._parts) + ("linear1.", "linear2.")
+        unexpected = sorted(name for name in state if not name.startswith(known))
+        if unexpected:
+            raise ValueError(f"{type(self).__name__}: unexpected state_dict keys {unexpected}")
+        for prefix, attribute in self._parts:
+            getattr(self, attribute).load_state_dict(_prefixed(state, prefix))
+        self.feed_forward.load_state_dict(
+            {name: array for name, array in state.items() if name.startswith("linear")})
+
+
+class TransformerEncoderLayer(_LayerBase):
+    r"""Self-attention, Add & Norm, feed-forward, Add & Norm.
+
+    Post-norm (``norm_first=False``, the original Transformer)::
+
+        x = norm1(x + self_attn(x));  x = norm2(x + ffn(x))
+
+    Pre-norm (``norm_first=True``)::
+
+        x = x + self_attn(norm1(x));  x = x + ffn(norm2(x))
+
+    Matches ``torch.nn.TransformerEncoderLayer(batch_first=True)`` in evaluation mode
+    (no dropout), whose state_dict it loads (``self_attn.*``, ``linear1.*``,
+    ``linear2.*``, ``norm1.*``, ``norm2.*``).
+    """
+
+    _parts = (("self_attn.", "self_attn"), ("norm1.", "norm1"), ("norm2.", "norm2"))
+
+    def __init__(self, d_model, nhead, dim_feedforward=2048, *, norm_first=False,
+                 activation="relu", layer_norm_eps=1e-5, dtype=np.float32, seed=None):
+        rng = np.random.default_rng(seed)
+        self.norm_first = norm_first
+        self.self_attn = MultiHeadAttention(d_model, nhead, dtype=dtype,
+                                            seed=int(rng.integers(2 ** 31)))
+        self.feed_forward = FeedForward(d_model, dim_feedforward, activation=activation,
+                                        dtype=dtype, rng=rng)
+        self.norm1 = LayerNorm(d_model, layer_norm_eps, dtype=dtype)
+        self.norm2 = LayerNorm(d_model, layer_norm_eps, dtype=dtype)
+
+    def __call__(self, x, *, mask=None, causal=False, kv_lengths=None):
+        """``x`` ``(batch, L, d_model)`` -> ``(batch, L, d_model)``; mask True = may attend,
+        ``kv_lengths`` the valid length of each padded sequence."""
+        def attend(h):
+            return self.self_attn(h, mask=mask, causal=causal, kv_lengths=kv_lengths)
+
+        x = np.asarray(x, self.self_attn.dtype)
+        if self.norm_first:
+            x = x + attend(self.norm1(x))  # (batch, L, d_model)
+            return x + self.feed_forward(self.norm2(x))
+        x = self.norm1(x + attend(x))  # (batch, L, d_model)
+        return self.norm2(x + self.feed_forward(x))
+
+
+class TransformerDecoderLayer(_LayerBase):
+    r"""Masked self-attention, cross-attention to the encoder's memory, feed-forward,
+    each followed (post-norm) or preceded (pre-norm) by LayerNorm with a residual::
+
+        x = norm1(x + self_attn(x, causal));  x = norm2(x + cross_attn(x, memory));
+        x = norm3(x + ffn(x))
+
+    Matches ``torch.nn.TransformerDecoderLayer(batch_first=True)`` in evaluation mode;
+    state keys ``self_attn.*``, ``multihead_attn.*``, ``linear1/2.*``, ``norm1/2/3.*``.
+    """
+
+    _parts = (("self_attn.", "self_attn"), ("multihead_attn.", "cross_attn"),
+              ("norm1.", "norm1"), ("norm2.", "norm2"), ("norm3.", "norm3"))
+
+    def __init__(self, d_model, nhead, dim_feedforward=2048, *, norm_first=False,
+                 activation="relu", layer_norm_eps=1e-5, dtype=np.float32, seed=None):
+        rng = np.random.default_rng(seed)
+        self.norm_first = norm_first
+        self.self_attn = MultiHeadAttention(d_model, nhead, dtype=dtype,
+                                            seed=int(rng.integers(2 ** 31)))
+        self.cross_attn = MultiHeadAttention(d_model, nhead, dtype=dtype,
+                                             seed=int(rng.integers(2 ** 31)))
+        self.feed_forward = FeedForward(d_model, dim_feedforward, activation=activation,
+                                        dtype=dtype, rng=rng)
+        self.norm1, self.norm2, self.norm3 = (LayerNorm(d_model, layer_norm_eps, dtype=dtype)
+                                              for _ in range(3))
+
+    def __call__(self, target, memory, *, causal=True, target_mask=None, memory_mask=None,
+                 target_kv_lengths=None, memory_kv_lengths=None):
+        """``target`` ``(batch, Lt, d)`` attends to itself (causally by default) and to
+        ``memory`` ``(batch, Lm, d)``; returns ``(batch, Lt, d)``."""
+        def attend_self(h):
+            return self.self_attn(h, mask=target_mask, causal=causal,
+                                  kv_lengths=target_kv_lengths)
+
+        def attend_memory(h):
+            return self.cross_attn(h, memory, mask=memory_mask, kv_lengths=memory_kv_lengths)
+
+        x = np.asarray(target, self.self_attn.dtype)
+        memory = np.asarray(memory, self.self_attn.dtype)
+        if self.norm_first:
+            x = x + attend_self(self.norm1(x))  # (batch, Lt, d)
+            x = x + attend_memory(self.norm2(x))
+            return x + self.feed_forward(self.norm3(x))
+        x = self.norm1(x + attend_self(x))  # (batch, Lt, d)
+        x = self.norm2(x + attend_memory(x))
+        return self.norm3(x + self.feed_forward(x))

@@ -1,0 +1,141 @@
+"""fastattn.layers against the plain reference layers, and what positional encoding does."""
+
+import numpy as np
+import pytest
+
+import fastattn
+import reference
+
+TOLERANCE = {np.float32: 2e-5, np.float64: 1e-10}
+
+
+def assert_matches(got, want, dtype):
+    assert got.dtype == dtype
+    np.testing.assert_allclose(got, want, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("length, d_model", [(0, 4), (1, 1), (7, 6), (50, 33)])
+def test_positional_encoding(length, d_model):
+    encoding = fastattn.sinusoidal_positional_encoding(length, d_model, dtype=np.float64)
+    assert encoding.shape == (length, d_model)
+    np.testing.assert_allclose(encoding, reference.positional_encoding(length, d_model),
+                               atol=1e-12)
+    if length:  # position 0: sin 0 = 0 in even columns, cos 0 = 1 in odd ones
+        assert (encoding[0, 0::2] == 0).all() and (encoding[0, 1::2] == 1).all()
+
+
+def test_positional_encoding_refuses_bad_sizes():
+    with pytest.raises(ValueError, match="d_model"):
+        fastattn.sinusoidal_positional_encoding(3, -1)
+    with pytest.raises(ValueError, match="base"):
+        fastattn.sinusoidal_positional_encoding(3, 4, base=0.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("q_len, kv_len", [(1, 1), (5, 5), (9, 13)])
+def test_multi_head_cross_attention(rng, dtype, q_len, kv_len):
+    layer = fastattn.MultiHeadAttention(12, 3, kdim=5, vdim=7, dtype=dtype, seed=1)
+    query = rng.standard_normal((2, q_len, 12))
+    key, value = rng.standard_normal((2, kv_len, 5)), rng.standard_normal((2, kv_len, 7))
+    mask = rng.random((2, q_len, kv_len)) < 0.8
+    got = layer(query, key, value, mask=mask, kv_lengths=[kv_len, max(kv_len - 2, 0)])
+    want = reference.multi_head_attention(query, key, value, layer.state_dict(), 3, mask=mask,
+                                          kv_lengths=[kv_len, max(kv_len - 2, 0)])
+    assert_matches(got, want, dtype)
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
+def test_multi_head_self_attention_and_grouped_heads(rng, num_kv_heads):
+    layer = fastattn.MultiHeadAttention(16, 4, num_kv_heads=num_kv_heads, dtype=np.float64,
+                                        seed=2)
+    x = rng.standard_normal((3, 11, 16))
+    out, weights = layer(x, causal=True, return_weights=True)
+    want = reference.multi_head_attention(x, x, x, layer.state_dict(), 4, num_kv_heads,
+                                          causal=True)
+    assert_matches(out, want, np.float64)
+    assert weights.shape == (3, 4, 11, 11)
+    np.testing.assert_allclose(weights.sum(-1), 1.0)
+    assert (np.triu(weights, k=1) == 0).all()
+
+
+def test_unbatched_input(rng):
+    layer = fastattn.MultiHeadAttention(8, 2, dtype=np.float64, seed=3)
+    x = rng.standard_normal((6, 8))
+    np.testing.assert_allclose(layer(x), layer(x[None])[0])
+
+
+def test_state_dict_round_trip(rng):
+    source = fastattn.MultiHeadAttention(8, 2, kdim=3, vdim=3, dtype=np.float64, seed=4)
+    target = fastattn.MultiHeadAttention(8, 2, kdim=3, vdim=3, dtype=np.float64, seed=5)
+    target.load_state_dict(source.state_dict())
+    x, k = rng.standard_normal((2, 4, 8)), rng.standard_normal((2, 5, 3))
+    np.testing.assert_array_equal(target(x, k), source(x, k))
+
+
+def test_multi_head_validation():
+    with pytest.raises(ValueError, match="num_heads"):
+        fastattn.MultiHeadAttention(10, 3)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        fastattn.MultiHeadAttention(12, 4, num_kv_heads=3)
+    layer = fastattn.MultiHeadAttention(8, 2)
+    with pytest.raises(ValueError, match=r"query.*\(batch, L, 8\).*\(2, 3, 5\)"):
+        layer(np.zeros((2, 3, 5)))
+    state = layer.state_dict()
+    with pytest.raises(ValueError, match=r"in_proj_weight.*\(24, 8\)"):
+        layer.load_state_dict({**state, "in_proj_weight": np.zeros((24, 9))})
+    with pytest.raises(ValueError, match="missing.*out_proj.bias"):
+        layer.load_state_dict({k: v for k, v in state.items() if k != "out_proj.bias"})
+    with pytest.raises(ValueError, match="unexpected.*bias_k"):
+        layer.load_state_dict({**state, "bias_k": np.zeros((1, 1, 8))})
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_encoder_layer(rng, dtype, norm_first, activation):
+    layer = fastattn.TransformerEncoderLayer(16, 4, 24, norm_first=norm_first,
+                                             activation=activation, dtype=dtype, seed=6)
+    x = rng.standard_normal((2, 9, 16))
+    got = layer(x, causal=True, kv_lengths=[9, 4])
+    want = reference.encoder_layer(x, layer.state_dict(), 4, norm_first, activation,
+                                   causal=True, kv_lengths=[9, 4])
+    assert_matches(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_decoder_layer(rng, dtype, norm_first):
+    layer = fastattn.TransformerDecoderLayer(16, 2, 20, norm_first=norm_first, dtype=dtype,
+                                             seed=7)
+    target, memory = rng.standard_normal((2, 6, 16)), rng.standard_normal((2, 11, 16))
+    want = reference.decoder_layer(target, memory, layer.state_dict(), 2, norm_first)
+    assert_matches(layer(target, memory), want, dtype)
+
+
+def test_layer_norm(rng):
+    norm = fastattn.LayerNorm(5, dtype=np.float64)
+    norm.load_state_dict({"weight": np.arange(1.0, 6.0), "bias": np.full(5, 0.5)})
+    x = rng.standard_normal((3, 5))
+    np.testing.assert_allclose(norm(x), reference.layer_norm(x, np.arange(1.0, 6.0), 0.5))
+    plain = fastattn.LayerNorm(5, dtype=np.float64)(x)
+    np.testing.assert_allclose(plain.mean(-1), 0.0, atol=1e-12)
+    np.testing.assert_allclose(plain.var(-1), 1.0, rtol=1e-4)  # eps keeps it just under 1
+
+
+def test_word_order_needs_positional_encoding():
+    """Without positional encoding, "tiger kills lion" gives the contextual embeddings of
+    "lion kills tiger" in permuted order; with it, the same word differs by position."""
+    rng = np.random.default_rng(11)
+    lion, kills, tiger = rng.standard_normal((3, 16))  # word embeddings, (16,) each
+    first = np.stack([lion, kills, tiger])[None]  # (1, 3, 16) "lion kills tiger"
+    second = np.stack([tiger, kills, lion])[None]  # (1, 3, 16) "tiger kills lion"
+    layer = fastattn.MultiHeadAttention(16, 2, dtype=np.float64, seed=12)
+    reversed_order = [2, 1, 0]
+
+    plain_first, plain_second = layer(first), layer(second)
+    np.testing.assert_allclose(plain_second[0], plain_first[0][reversed_order], atol=1e-12)
+
+    encoding = fastattn.sinusoidal_positional_encoding(3, 16, dtype=np.float64)  # (3, 16)
+    encoded_first, encoded_second = layer(first + encoding), layer(second + encoding)
+    difference = np.abs(encoded_second[0] - encoded_first[0][reversed_order]).max()
+    assert difference > 0.05  # "lion" as subject and as object no longer coincide
