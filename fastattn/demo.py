@@ -148,8 +148,12 @@ def show_scaling(compare):
           "weight);\nscaling by 1/sqrt(d_k) keeps variance near 1 and the weights spread.")
 
 
-def run_demo():
-    """Print every example; return the process exit status (0 when both paths agree)."""
+def run_demo(plot_dir=None):
+    """Print every example; return the process exit status (0 when both paths agree).
+
+    With ``plot_dir``, also write the figures of :func:`fastattn.plots.write_demo_plots`
+    there (or say how to install matplotlib when it is missing).
+    """
     import reference
 
     print("Loading fastattn kernels (the first run compiles them: about 30 s; "
@@ -171,4 +175,13 @@ def run_demo():
     agree = compare.worst <= AGREEMENT_TOLERANCE
     print(f"largest |fastattn - reference| over every example: {compare.worst:.2e} "
           f"({'within' if agree else 'OUTSIDE'} the contract's {AGREEMENT_TOLERANCE:.0e})")
+    if plot_dir is not None:
+        from fastattn.plots import write_demo_plots
+
+        heading("Figures")
+        try:
+            for path in write_demo_plots(plot_dir):
+                print(f"wrote {path}")
+        except ImportError as error:
+            print(f"no figures: {error}")
     return 0 if agree else 1
