@@ -8,6 +8,10 @@ combination in a process of its own, so Numba's and PyTorch's thread pools never
 share a process. Modules are imported in ``setup``, never at import time.
 """
 
+import os
+import threading
+import time
+
 import numpy as np
 
 IMPLEMENTATIONS = ["fastattn", "reference", "torch"]
@@ -64,3 +68,36 @@ def attention_call(impl, query, key, value, warm_up=True, **options):
     if warm_up:
         call()
     return call
+
+
+def resident_bytes():
+    """This process's resident set size (Linux ``/proc/self/statm``)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def extra_memory_bytes(call):
+    """Run ``call()``; return its peak resident memory above the pre-call level, minus
+    the size of what it returns (an ndarray or a torch tensor).
+
+    A thread samples the resident set every half millisecond while the call runs, so
+    the figure is the call's own peak, not the process's lifetime high-water mark.
+    """
+    before = resident_bytes()
+    peak = [before]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], resident_bytes())
+            time.sleep(0.0005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        result = call()
+    finally:
+        done.set()
+        sampler.join()
+    result_bytes = result.numel() * result.element_size() if hasattr(result, "numel") else result.nbytes
+    return max(peak[0], resident_bytes()) - before - result_bytes

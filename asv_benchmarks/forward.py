@@ -6,13 +6,12 @@ core (Numba's and PyTorch's defaults); ``setup`` runs the call once so compilati
 never lands in a timed region (compile cost has its own ``timeraw_*`` benchmarks).
 """
 
-import os
-import threading
 import time
 
 import numpy as np
 
-from .common import IMPLEMENTATIONS, attention_call, attention_flops, random_qkv
+from .common import (IMPLEMENTATIONS, attention_call, attention_flops, extra_memory_bytes,
+                     random_qkv)
 
 BATCH, HEADS = 1, 8
 
@@ -117,24 +116,4 @@ class MemoryForward:
         self.call()
 
     def track_extra_mib(self, impl, length):
-        before = _resident_bytes()
-        peak = [before]
-        done = threading.Event()
-
-        def sample():
-            while not done.is_set():
-                peak[0] = max(peak[0], _resident_bytes())
-                time.sleep(0.0005)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        out = self.call()
-        done.set()
-        sampler.join()
-        out_bytes = out.numel() * out.element_size() if hasattr(out, "numel") else out.nbytes
-        return (max(peak[0], _resident_bytes()) - before - out_bytes) / 2.0 ** 20
-
-
-def _resident_bytes():
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return extra_memory_bytes(self.call) / 2.0 ** 20

@@ -4,6 +4,7 @@ each implementation timed in a process of its own.
     python asv_benchmarks/peer_comparison.py            # every case (a few minutes)
     python asv_benchmarks/peer_comparison.py --quick    # fewer repeats, no 64k-long case
     python asv_benchmarks/peer_comparison.py --cases tiny decode
+    python asv_benchmarks/peer_comparison.py --cases memory-H8-L16384   # one call's extra memory
 
 Numba's OpenMP threads and PyTorch's slow each other down when they share a process,
 so every (case, implementation) pair runs in a fresh interpreter that prints one
@@ -22,6 +23,11 @@ import tempfile
 import time
 
 import numpy as np
+
+try:  # imported by asv as part of the asv_benchmarks package
+    from .common import attention_flops, extra_memory_bytes
+except ImportError:  # run as a script: python asv_benchmarks/peer_comparison.py
+    from common import attention_flops, extra_memory_bytes
 
 # name: B, H (query heads), Hkv, Lq, Lk, D, causal, dtype, implementations, threads
 #       (None = all cores), memory (also measure extra memory), backward (time the
@@ -51,42 +57,19 @@ _case("decode-gqa", dim=128, heads=32, kv_heads=8, q_len=1, kv_len=4096)
 _case("tiny", 16, 8, heads=1)
 _case("L4096-D64-1thread", 4096, 64, impls=("fastattn",), threads=1)
 _case("memory-L16384", 16384, 64, heads=1, impls=("fastattn", "torch"), memory=True)
+_case("memory-H8-L16384", 16384, 64, impls=("fastattn",), memory=True)
 _case("memory-L65536", 65536, 64, heads=1, impls=("fastattn",), memory=True)
 for _length in (512, 2048):
     _case(f"backward-L{_length}-D64", _length, 64, backward=True,
           impls=("fastattn", "torch", "reference"), memory=True)
 
 
-def attention_flops(case):
-    flops = 4 * case["batch"] * case["heads"] * case["q_len"] * case["kv_len"] * case["dim"]
-    return flops // 2 if case["causal"] and case["q_len"] == case["kv_len"] else flops
+def case_flops(case):
+    return attention_flops(case["batch"], case["heads"], case["q_len"], case["kv_len"],
+                           case["dim"], case["causal"])
 
 
 # ---------------------------------------------------------------- worker side
-
-def _resident_bytes():
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _extra_memory(call):
-    """Peak resident bytes above the pre-call level during ``call()``, minus its output."""
-    import threading
-
-    before, peak, done = _resident_bytes(), [0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], _resident_bytes())
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    out = call()
-    done.set()
-    sampler.join()
-    return max(peak[0], _resident_bytes()) - before - out.nbytes
-
 
 def _make_call(impl, case):
     rng = np.random.default_rng(0)
@@ -146,7 +129,7 @@ def run_worker(impl, case, repeats):
     call()  # compile, or load from the cache
     result = {}
     if case["memory"]:
-        result["extra_mib"] = _extra_memory(call) / 2.0 ** 20
+        result["extra_mib"] = extra_memory_bytes(call) / 2.0 ** 20
     started = time.perf_counter()
     call()
     single = time.perf_counter() - started
@@ -210,7 +193,8 @@ def main():
     if args.first_call:
         return run_first_call_worker()
 
-    names = args.cases or [name for name in CASES if not (args.quick and name == "memory-L65536")]
+    slow = ("memory-L65536", "memory-H8-L16384")
+    names = args.cases or [name for name in CASES if not (args.quick and name in slow)]
     repeats = 3 if args.quick else args.repeats
     have_torch = importlib.util.find_spec("torch") is not None
     if not have_torch:
@@ -241,7 +225,7 @@ def main():
                 versus_reference = f"{seconds / fast:.1f}"
             extra = f"{result['extra_mib']:.1f}" if "extra_mib" in result else ""
             print(f"{name:22}{impl:>10}{seconds * 1e3:>12.3f}"
-                  f"{attention_flops(case) / seconds / 1e9:>10.1f}{versus_torch:>16}"
+                  f"{case_flops(case) / seconds / 1e9:>10.1f}{versus_torch:>16}"
                   f"{versus_reference:>14}{extra:>11}")
 
     print()

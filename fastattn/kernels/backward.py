@@ -21,7 +21,7 @@ Both passes recompute ``P`` and ``dP``; the price of not sharing ``dQ`` between 
 import numpy as np
 from numba import prange, types
 
-from fastattn.kernels.config import (array_type, jit_helper, jit_kernel,
+from fastattn.kernels.config import (array_type, jit_helper, kernel_per_dtype,
                                      problem_argument_types)
 from fastattn.kernels.masking import mask_scores, visible_range
 from fastattn.kernels.vector_math import LOG2E, exp2
@@ -153,13 +153,4 @@ def _backward_signature(dtype):
     )
 
 
-_compiled = {}
-
-
-def backward_kernel(dtype):
-    """The backward kernel compiled for ``dtype`` (float32 or float64), built on first use."""
-    dtype = np.dtype(dtype)
-    kernel = _compiled.get(dtype)
-    if kernel is None:
-        kernel = _compiled[dtype] = jit_kernel(_backward_signature(dtype))(_attention_backward)
-    return kernel
+backward_kernel = kernel_per_dtype(_attention_backward, _backward_signature)

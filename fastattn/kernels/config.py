@@ -76,6 +76,23 @@ def _key_kernel_caches_on_package_sources():
 _key_kernel_caches_on_package_sources()
 
 
+def kernel_per_dtype(function, signature):
+    """A getter ``kernel(dtype)`` that compiles ``function`` for ``signature(dtype)``
+    (float32 or float64) on its first use with that dtype, then returns the same
+    dispatcher every time."""
+    compiled = {}
+
+    def kernel(dtype):
+        dtype = np.dtype(dtype)
+        dispatcher = compiled.get(dtype)
+        if dispatcher is None:
+            dispatcher = compiled[dtype] = jit_kernel(signature(dtype))(function)
+        return dispatcher
+
+    kernel.__doc__ = f"``{function.__name__}`` compiled for ``dtype``, built on first use."
+    return kernel
+
+
 def jit_helper(func):
     """Decorator for functions the kernels call: same fast-math and error model.
 

@@ -16,7 +16,7 @@ import math
 import numpy as np
 from numba import prange, types
 
-from fastattn.kernels.config import (array_type, jit_helper, jit_kernel,
+from fastattn.kernels.config import (array_type, jit_helper, kernel_per_dtype,
                                      problem_argument_types)
 from fastattn.kernels.masking import mask_scores, visible_range
 from fastattn.kernels.vector_math import LN2, LOG2E, exp2, maximum
@@ -202,13 +202,4 @@ def _forward_signature(dtype):
     )
 
 
-_compiled = {}
-
-
-def forward_kernel(dtype):
-    """The forward kernel compiled for ``dtype`` (float32 or float64), built on first use."""
-    dtype = np.dtype(dtype)
-    kernel = _compiled.get(dtype)
-    if kernel is None:
-        kernel = _compiled[dtype] = jit_kernel(_forward_signature(dtype))(_attention_forward)
-    return kernel
+forward_kernel = kernel_per_dtype(_attention_forward, _forward_signature)
