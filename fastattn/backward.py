@@ -11,8 +11,8 @@ from fastattn.kernels.config import single_threaded_blas
 from fastattn.layout import kernel_inputs
 
 # Rows and keys per block of the two backward passes.
-BLOCK_Q = 128
-BLOCK_K = 128
+BLOCK_Q = 256
+BLOCK_K = 256
 
 
 def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse, mask=None, *,
