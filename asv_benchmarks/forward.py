@@ -90,6 +90,22 @@ class TimeDecode:
         self.call()
 
 
+class TimeDecodeFewHeads:
+    """Decoding with fewer heads than threads (``Lq = 1``, D = 128, long cache): the
+    keys are split into spans across threads and merged by log-sum-exp."""
+
+    params = [IMPLEMENTATIONS, [1, 2], [32768]]
+    param_names = ["impl", "heads", "kv_len"]
+    timeout = 300
+
+    def setup(self, impl, heads, kv_len):
+        query, key, value = random_qkv((1, heads, 1, 128), (1, heads, kv_len, 128), "float32")
+        self.call = attention_call(impl, query, key, value)
+
+    def time_decode_few_heads(self, impl, heads, kv_len):
+        self.call()
+
+
 class MemoryForward:
     """Memory over sequence length (H = 1, D = 64, float32): fastattn's extra memory
     grows like O(L*D), the reference's like O(L^2).

@@ -54,6 +54,7 @@ for _length in (512, 2048, 4096):
 _case("L2048-D64-float64", 2048, 64, dtype="float64")
 _case("decode", dim=128, heads=32, q_len=1, kv_len=4096)
 _case("decode-gqa", dim=128, heads=32, kv_heads=8, q_len=1, kv_len=4096)
+_case("decode-H1", dim=128, heads=1, q_len=1, kv_len=32768)  # keys split across threads
 _case("tiny", 16, 8, heads=1)
 _case("L4096-D64-1thread", 4096, 64, impls=("fastattn",), threads=1)
 _case("memory-L16384", 16384, 64, heads=1, impls=("fastattn", "torch"), memory=True)

@@ -108,10 +108,22 @@ def _run_forward(problem, return_weights):
         weights = np.empty((1, 1, 1), dtype)  # placeholder, never written
 
     block_q = choose_block_q(n_batch, problem.q_len)
+    split_len = problem.kv_len
+    if not return_weights:  # the weights need each row's whole softmax in one task
+        split_len = choose_split_len(n_batch * -(-problem.q_len // block_q), problem.kv_len)
+    n_splits = -(-problem.kv_len // split_len) if split_len < problem.kv_len else 1
+    if n_splits > 1:
+        split_out = np.empty((n_splits, n_batch, problem.q_len, problem.value_dim),
+                             dtype)  # (splits, N, Lq, Dv)
+        split_lse = np.empty((n_splits, n_batch, problem.q_len), dtype)  # (splits, N, Lq)
+    else:
+        split_out = np.empty((1, 1, 1, 1), dtype)  # placeholders, never written
+        split_lse = np.empty((1, 1, 1), dtype)
     if n_batch and problem.q_len:
         with single_threaded_blas(needs_blas_threads(problem, block_q, BLOCK_K)):
-            forward_kernel(dtype)(*kernel_inputs(problem), block_q, BLOCK_K, out, lse,
-                                  weights, bool(return_weights))
+            forward_kernel(dtype)(*kernel_inputs(problem), block_q, BLOCK_K,
+                                  max(split_len, 1), out, lse, weights, bool(return_weights),
+                                  split_out, split_lse)
 
     out_dtype = problem.out_dtype
     out = out.reshape(problem.out_shape).astype(out_dtype, copy=False)
@@ -125,6 +137,20 @@ def needs_blas_threads(problem, block_q, block_k):
     """Whether a block product of this problem is large enough for BLAS to thread."""
     largest = block_q * min(problem.kv_len, block_k) * max(problem.head_dim, problem.value_dim)
     return largest > SERIAL_BLAS_WORK
+
+
+def choose_split_len(n_tasks, kv_len):
+    """Keys per span when a call's ``n_tasks`` query blocks are fewer than
+    ``MIN_TASKS``: the keys are cut into spans of whole ``BLOCK_K`` blocks so that
+    query blocks x spans reaches ``MIN_TASKS`` (decoding one token against a long
+    cache, say), and the spans' results are merged by their log-sum-exp. Returns
+    ``kv_len`` (no split) when the call has enough tasks or too few keys. Depends on
+    the shape only, so results are bitwise identical for every thread count."""
+    n_key_blocks = -(-kv_len // BLOCK_K)
+    if n_tasks >= MIN_TASKS or n_key_blocks < 2:
+        return kv_len
+    wanted_splits = -(-MIN_TASKS // max(n_tasks, 1))
+    return max(1, n_key_blocks // wanted_splits) * BLOCK_K
 
 
 def choose_block_q(n_batch, q_len):

@@ -166,9 +166,13 @@ def test_zero_width_head_dim_gives_uniform_weights(attention):
 
 # ---------------------------------------------------------------- threads
 
+@pytest.mark.parametrize("q_shape, kv_shape", [
+    ((2, 4, 600, 32), (2, 4, 1100, 32)),
+    ((1, 2, 1, 32), (1, 2, 3000, 32)),  # decoding: keys split across tasks
+])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_results_identical_for_every_thread_count(rng, dtype):
-    query, key, value = random_inputs(rng, (2, 4, 600, 32), (2, 4, 1100, 32), dtype=dtype)
+def test_results_identical_for_every_thread_count(rng, dtype, q_shape, kv_shape):
+    query, key, value = random_inputs(rng, q_shape, kv_shape, dtype=dtype)
     default_threads = fastattn.get_num_threads()
     try:
         results = []

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from conftest import assert_close_to_reference, random_inputs
 
-from fastattn.attention import BLOCK_K, BLOCK_Q, choose_block_q
+import fastattn
+from fastattn.attention import BLOCK_K, BLOCK_Q, MIN_TASKS, choose_block_q, choose_split_len
 
 # Awkward lengths: 1, and one below, at and one past each block size.
 Q_LENGTHS = [1, BLOCK_Q - 1, BLOCK_Q, BLOCK_Q + 1]
@@ -36,6 +37,66 @@ def test_query_blocks_leave_enough_tasks(batch, q_len):
     block_q = choose_block_q(batch, q_len)
     assert 16 <= block_q <= BLOCK_Q
     assert block_q == BLOCK_Q or batch * -(-q_len // block_q) >= 16 or block_q == 16
+
+
+@pytest.mark.parametrize("n_tasks", [1, 3, MIN_TASKS - 1, MIN_TASKS, 40])
+@pytest.mark.parametrize("kv_len", [0, 1, BLOCK_K, BLOCK_K + 1, 3 * BLOCK_K, 40 * BLOCK_K + 7])
+def test_key_spans_are_whole_blocks_and_fill_the_tasks(n_tasks, kv_len):
+    split_len = choose_split_len(n_tasks, kv_len)
+    n_key_blocks = -(-kv_len // BLOCK_K)
+    if n_tasks >= MIN_TASKS or n_key_blocks < 2:
+        assert split_len == kv_len
+    else:
+        n_splits = -(-kv_len // split_len)
+        assert split_len % BLOCK_K == 0 and 2 <= n_splits <= n_key_blocks
+        assert n_tasks * n_splits >= MIN_TASKS or split_len == BLOCK_K
+
+
+# Few query blocks and many keys: the keys are split into spans whose results are
+# merged by log-sum-exp. Each option must see the right keys in every span.
+SPLIT_OPTIONS = {
+    "plain": {},
+    "causal-top-left": dict(causal=True),
+    "causal-bottom-right": dict(causal=True, causal_alignment="bottom_right"),
+    "window-inside-one-span": dict(window=(5, 3), causal_alignment="bottom_right"),
+    "window-across-spans": dict(window=(BLOCK_K + 9, 0), causal=True,
+                                causal_alignment="bottom_right"),
+    "kv-lengths": dict(kv_lengths=[3 * BLOCK_K + 4, BLOCK_K - 2, 0]),
+    "mask": "mask",
+    "bias": "bias",
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("q_len", [1, 3])
+@pytest.mark.parametrize("option", sorted(SPLIT_OPTIONS))
+def test_keys_split_across_tasks(rng, option, q_len, dtype):
+    kv_len = 3 * BLOCK_K + 5
+    assert choose_split_len(3 * 2, kv_len) < kv_len  # this shape does split
+    query, key, value = random_inputs(rng, (3, 2, q_len, 16), (3, 2, kv_len, 16), 8, dtype)
+    options, mask = SPLIT_OPTIONS[option], None
+    if option == "mask":  # random, one head's rows see nothing at all
+        mask = rng.random((3, 2, q_len, kv_len)) < 0.3  # (B, H, Lq, Lk)
+        mask[1, 0] = False
+        options = {}
+    elif option == "bias":  # finite, with whole spans hidden by -inf
+        bias = rng.standard_normal((3, 1, q_len, kv_len))  # (B, 1, Lq, Lk)
+        bias[0, :, :, :2 * BLOCK_K] = -np.inf
+        options = dict(bias=bias)
+    out, lse = assert_close_to_reference(query, key, value, mask, return_lse=True, **options)
+    assert not np.isnan(out).any() and not np.isnan(lse).any()
+
+
+def test_split_keys_agree_with_one_task_per_row(rng):
+    """Asking for the weights keeps each row in one task; the merged result agrees."""
+    query, key, value = random_inputs(rng, (1, 2, 1, 64), (1, 2, 4 * BLOCK_K, 64),
+                                      dtype=np.float32)
+    split_out, split_lse = fastattn.scaled_dot_product_attention(
+        query, key, value, return_lse=True)
+    whole_out, _, whole_lse = fastattn.scaled_dot_product_attention(
+        query, key, value, return_weights=True, return_lse=True)
+    np.testing.assert_allclose(split_out, whole_out, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(split_lse, whole_lse, rtol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

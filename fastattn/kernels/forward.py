@@ -85,7 +85,8 @@ def _attention_forward(query, key, value, query_index, key_index, value_index,
                        mask, mask_index, mask_row_step, mask_col_step, has_mask,
                        bias, bias_index, bias_row_step, bias_col_step, has_bias,
                        kv_lengths, has_kv_lengths, diag_offset, reach_left, reach_right,
-                       scale, block_q, block_k, out, lse, weights, return_weights):
+                       scale, block_q, block_k, split_len, out, lse, weights, return_weights,
+                       split_out, split_lse):
     """Compute attention for every batch entry ``b`` of the flattened batch.
 
     Entry ``b`` reads ``query[query_index[b]]`` ``(Lq, Dk)``, ``key[key_index[b]]``
@@ -96,17 +97,26 @@ def _attention_forward(query, key, value, query_index, key_index, value_index,
 
     Scores are kept in log2 units (``log2(e) * scale * q.k``) so the softmax uses
     ``exp2``; the query block is scaled once, before its products with the keys.
+
+    Split keys (for calls with too few query blocks to busy every thread, such as
+    decoding): with ``split_len < Lk`` each task covers one query block and one span
+    of ``split_len`` keys, writes that span's normalised output to
+    ``split_out[s, b]`` ``(Lq, Dv)`` and its log2-sum-exp to ``split_lse[s, b]``
+    ``(Lq,)``, and a second loop merges the spans weighted by ``exp2(split_lse)``.
+    Otherwise ``split_out`` and ``split_lse`` are unused placeholders.
     """
     n_batch, q_len, value_dim = out.shape
     head_dim = query.shape[2]
     log2_scale = scale * LOG2E
     n_q_blocks = (q_len + block_q - 1) // block_q
-    for task in prange(n_batch * n_q_blocks):
-        b = task // n_q_blocks
+    n_splits = max(1, (key.shape[1] + split_len - 1) // split_len)
+    for task in prange(n_batch * n_q_blocks * n_splits):
+        split = task % n_splits
+        b = task // (n_q_blocks * n_splits)
         # prange gives each thread an equal contiguous share of tasks, but a causal
         # block near the top sees few keys: visit blocks in zigzag order (first, last,
         # second, second to last, ...) so every share mixes cheap and costly blocks.
-        step = task - b * n_q_blocks
+        step = task // n_splits - b * n_q_blocks
         q_block_index = step // 2 if step % 2 == 0 else n_q_blocks - 1 - step // 2
         q_start = q_block_index * block_q
         q_stop = min(q_start + block_q, q_len)
@@ -124,9 +134,12 @@ def _attention_forward(query, key, value, query_index, key_index, value_index,
             for d in range(head_dim):
                 q_block[r, d] = query_rows[q_start + r, d] * log2_scale
 
-        # keys some row of the block may see, and keys every row of it sees
+        # keys of this task's span that some row of the block may see, and keys every
+        # row of the block sees
         first_key = visible_range(q_start, kv_stop, diag_offset, reach_left, reach_right)[0]
         last_key = visible_range(q_stop - 1, kv_stop, diag_offset, reach_left, reach_right)[1]
+        first_key = max(first_key, split * split_len)
+        last_key = min(last_key, (split + 1) * split_len)
         common_first = visible_range(q_stop - 1, kv_stop, diag_offset, reach_left, reach_right)[0]
         common_last = visible_range(q_start, kv_stop, diag_offset, reach_left, reach_right)[1]
 
@@ -152,6 +165,7 @@ def _attention_forward(query, key, value, query_index, key_index, value_index,
                 q_start + group_start, kv_stop, diag_offset, reach_left, reach_right)
             group_common_first, group_last = visible_range(
                 q_start + group_stop - 1, kv_stop, diag_offset, reach_left, reach_right)
+            group_first, group_last = max(group_first, first_key), min(group_last, last_key)
             if full_first < full_last:  # the strips left and right of part 1
                 strips = ((group_first, min(full_first, group_last)),
                           (max(full_last, group_first), group_last))
@@ -167,17 +181,25 @@ def _attention_forward(query, key, value, query_index, key_index, value_index,
                                  mask, mask_entry, mask_row_step, mask_col_step, has_mask,
                                  bias, bias_entry, bias_row_step, bias_col_step, has_bias)
 
+        if n_splits == 1:
+            out_rows = out[b]  # (Lq, Dv)
+            lse_rows = lse[b]  # (Lq,) natural log
+            lse_unit = LN2
+        else:
+            out_rows = split_out[split, b]  # (Lq, Dv) this span's share
+            lse_rows = split_lse[split, b]  # (Lq,) log2 units, merged below
+            lse_unit = 1.0
         for r in range(rows):
             row = q_start + r
             if row_sum[r] > 0.0:
                 inverse_sum = 1.0 / row_sum[r]
                 for d in range(value_dim):
-                    out[b, row, d] = acc[r, d] * inverse_sum
+                    out_rows[row, d] = acc[r, d] * inverse_sum
                 row_max[r] += math.log2(row_sum[r])  # now log2 of the row's sum of exp
-                lse[b, row] = row_max[r] * LN2
+                lse_rows[row] = row_max[r] * lse_unit
             else:  # no visible key: output 0, lse -inf
-                out[b, row, :] = 0.0
-                lse[b, row] = -np.inf
+                out_rows[row, :] = 0.0
+                lse_rows[row] = -np.inf
 
         if return_weights:
             for key_start in range(first_key, last_key, block_k):
@@ -192,13 +214,49 @@ def _attention_forward(query, key, value, query_index, key_index, value_index,
                         for c in range(key_stop - key_start):
                             weights[b, q_start + r, key_start + c] = exp2(scores[r, c] - row_max[r])
 
+    if n_splits > 1:
+        merge_key_spans(split_out, split_lse, out, lse)
+
+
+@jit_helper
+def merge_key_spans(split_out, split_lse, out, lse):
+    """Merge per-span results: ``out = sum_s w_s out_s / sum_s w_s`` with
+    ``w_s = exp2(lse_s - max_s lse_s)``, and ``lse = ln 2 * (max + log2 sum_s w_s)``.
+
+    ``split_out`` ``(splits, N, Lq, Dv)`` holds each span's normalised output and
+    ``split_lse`` ``(splits, N, Lq)`` its log2-sum-exp (``-inf`` for a span with no
+    visible key); a row with no visible key in any span gets output 0, lse ``-inf``.
+    """
+    n_splits, n_batch, q_len, value_dim = split_out.shape
+    for row_task in range(n_batch * q_len):
+        b = row_task // q_len
+        row = row_task - b * q_len
+        top = -np.inf
+        for split in range(n_splits):
+            top = max(top, split_lse[split, b, row])
+        out[b, row, :] = 0.0
+        if top == -np.inf:
+            lse[b, row] = -np.inf
+            continue
+        total = 0.0
+        for split in range(n_splits):
+            weight = exp2(split_lse[split, b, row] - top)  # 0 for an empty span
+            total += weight
+            for d in range(value_dim):
+                out[b, row, d] += weight * split_out[split, b, row, d]
+        inverse_total = 1.0 / total
+        for d in range(value_dim):
+            out[b, row, d] *= inverse_total
+        lse[b, row] = (top + math.log2(total)) * LN2
+
 
 def _forward_signature(dtype):
     return types.void(
         *problem_argument_types(dtype),
-        types.int64, types.int64,  # block_q, block_k
+        types.int64, types.int64, types.int64,  # block_q, block_k, split_len
         array_type(dtype, 3, readonly=False), array_type(dtype, 2, readonly=False),
         array_type(dtype, 3, readonly=False), types.boolean,  # out, lse, weights, flag
+        array_type(dtype, 4, readonly=False), array_type(dtype, 3, readonly=False),
     )
 
 
