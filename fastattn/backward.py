@@ -10,9 +10,12 @@ from fastattn.kernels.backward import backward_kernel
 from fastattn.kernels.config import single_threaded_blas
 from fastattn.layout import kernel_inputs
 
-# Rows and keys per block of the two backward passes.
+# Rows and keys per block of the backward pass.
 BLOCK_Q = 256
 BLOCK_K = 256
+# Fewest parallel tasks a call should offer; the keys are cut into up to this many
+# groups, each adding its share of dQ into a buffer of its own, to reach it.
+MIN_TASKS = 16
 
 
 def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse, mask=None, *,
@@ -67,15 +70,21 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
     out = np.asarray(out, dtype).reshape(n_batch, q_len, problem.value_dim)
     lse = np.ascontiguousarray(lse, dtype).reshape(n_batch, q_len)
     delta = np.einsum("nqd,nqd->nq", grad_out, out)  # (N, Lq) D_i = rowsum(dO * O)
-    grad_query = np.zeros((n_batch, q_len, problem.head_dim), dtype)  # (N, Lq, Dk)
+    n_groups = choose_key_groups(n_batch, kv_len)
+    query_grad_parts = np.zeros((n_groups, n_batch, q_len, problem.head_dim),
+                                dtype)  # (G, N, Lq, Dk) shares of dQ / scale
     grad_key = np.zeros((n_batch, kv_len, problem.head_dim), dtype)  # (N, Lk, Dk)
     grad_value = np.zeros((n_batch, kv_len, problem.value_dim), dtype)  # (N, Lk, Dv)
 
     if n_batch and q_len and kv_len:
         with single_threaded_blas():
             backward_kernel(dtype)(*kernel_inputs(problem), BLOCK_Q, BLOCK_K, grad_out, lse,
-                                   np.ascontiguousarray(delta), grad_query, grad_key,
+                                   np.ascontiguousarray(delta), query_grad_parts, grad_key,
                                    grad_value)
+    grad_query = query_grad_parts[0]  # (N, Lq, Dk)
+    for part in query_grad_parts[1:]:  # a fixed order, whatever the thread count
+        grad_query += part
+    grad_query *= problem.scale
 
     group, out_dtype = problem.gqa_group, problem.out_dtype
     grad_query = grad_query.reshape(batch + (q_len, problem.head_dim))  # (*batch, Lq, Dk)
@@ -84,3 +93,10 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
     return (sum_to_shape(grad_query, problem.query.shape).astype(out_dtype, copy=False),
             sum_to_shape(grad_key, problem.key.shape, group).astype(out_dtype, copy=False),
             sum_to_shape(grad_value, problem.value.shape, group).astype(out_dtype, copy=False))
+
+
+def choose_key_groups(n_batch, kv_len):
+    """Key groups per batch entry: enough for ``MIN_TASKS`` tasks, at most one per key
+    block. Depends on the shape only, never on the thread count."""
+    n_key_blocks = -(-kv_len // BLOCK_K)
+    return max(1, min(-(-MIN_TASKS // max(n_batch, 1)), n_key_blocks))

@@ -7,7 +7,7 @@ from conftest import TOLERANCE, random_inputs
 
 import fastattn
 import reference
-from fastattn.backward import BLOCK_K, BLOCK_Q
+from fastattn.backward import BLOCK_K, BLOCK_Q, MIN_TASKS, choose_key_groups
 
 
 def forward_and_backward(function_pair, query, key, value, mask, grad_out, **options):
@@ -47,6 +47,33 @@ def assert_gradients_match_reference(rng, query, key, value, mask=None, **option
 def test_lengths_around_block_sizes(rng, q_len, kv_len, dtype):
     query, key, value = random_inputs(rng, (2, q_len, 16), (2, kv_len, 16), 8, dtype)
     assert_gradients_match_reference(rng, query, key, value)
+
+
+# Several key blocks: the keys are dealt to groups (block g, g + G, ...) that add
+# their shares of dQ separately. Each option must reach every group's blocks.
+GROUP_OPTIONS = {
+    "plain": {},
+    "causal": dict(causal=True),
+    "causal-bottom-right": dict(causal=True, causal_alignment="bottom_right"),
+    "window-across-blocks": dict(window=(BLOCK_K + 7, 3)),
+    "kv-lengths": dict(kv_lengths=[3 * BLOCK_K + 2, BLOCK_K - 1]),
+}
+
+
+@pytest.mark.parametrize("q_len", [1, BLOCK_Q + 5])
+@pytest.mark.parametrize("options", list(GROUP_OPTIONS.values()), ids=list(GROUP_OPTIONS))
+def test_key_groups(rng, options, q_len):
+    kv_len = 3 * BLOCK_K + 5
+    assert choose_key_groups(2, kv_len) == 4
+    query, key, value = random_inputs(rng, (2, q_len, 16), (2, kv_len, 16), 8, np.float64)
+    assert_gradients_match_reference(rng, query, key, value, **options)
+
+
+@pytest.mark.parametrize("n_batch, kv_len, groups", [
+    (1, 0, 1), (1, BLOCK_K, 1), (1, BLOCK_K + 1, 2), (1, 100 * BLOCK_K, MIN_TASKS),
+    (3, 100 * BLOCK_K, -(-MIN_TASKS // 3)), (MIN_TASKS, 100 * BLOCK_K, 1)])
+def test_key_groups_fill_the_tasks(n_batch, kv_len, groups):
+    assert choose_key_groups(n_batch, kv_len) == groups
 
 
 @pytest.mark.parametrize("head_dim, value_dim", [(1, 1), (3, 5), (64, 64), (128, 32)])
@@ -160,10 +187,14 @@ def test_bad_forward_results_are_refused(rng, backward):
         backward(out, query, key, value, out.astype(complex), lse)
 
 
-def test_results_identical_for_every_thread_count(rng):
+@pytest.mark.parametrize("q_shape, kv_shape", [
+    ((4, 4, 300, 32), (4, 4, 400, 32)),  # one key group per entry
+    ((1, 2, 300, 32), (1, 2, 1100, 32)),  # several key groups per entry
+])
+def test_results_identical_for_every_thread_count(rng, q_shape, kv_shape):
     import numba
 
-    query, key, value = random_inputs(rng, (2, 4, 300, 32), (2, 4, 400, 32), dtype=np.float32)
+    query, key, value = random_inputs(rng, q_shape, kv_shape, dtype=np.float32)
     out, lse = fastattn.scaled_dot_product_attention(query, key, value, causal=True,
                                                      return_lse=True)
     default = fastattn.get_num_threads()

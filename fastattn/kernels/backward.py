@@ -7,15 +7,12 @@ block by block from the forward's log-sum-exp, ``P = exp(S - lse)``. With
     dV += P^T dO,   dP = dO V^T,   dS = P * (dP - D),
     dQ += scale * dS K,   dK += scale * dS^T Q.
 
-Two parallel passes keep every write private to one task, so there are no races
-and the result does not depend on the thread count:
-
-1. one task per (batch entry, key block): ``dK`` and ``dV`` of those keys, summed
-   over the query rows that can see them;
-2. one task per (batch entry, query block): ``dQ`` of those rows, summed over the
-   keys they can see.
-
-Both passes recompute ``P`` and ``dP``; the price of not sharing ``dQ`` between tasks.
+One parallel pass computes all five products once per block. Its tasks are
+(batch entry, key group): group ``g`` of ``G`` takes key blocks ``g, g + G, ...``,
+owns their ``dK`` and ``dV`` outright, and adds its share of ``dQ`` into a buffer of
+its own; the ``G`` shares are summed afterwards in a fixed order. No two tasks write
+the same memory, and ``G`` depends on the problem's shape only, so the result is the
+same for every thread count. Extra memory: ``G`` copies of ``dQ``, O(L*D).
 """
 
 import numpy as np
@@ -65,82 +62,64 @@ def _attention_backward(query, key, value, query_index, key_index, value_index,
                         bias, bias_index, bias_row_step, bias_col_step, has_bias,
                         kv_lengths, has_kv_lengths, diag_offset, reach_left, reach_right,
                         scale, block_q, block_k, grad_out, lse, delta,
-                        grad_query, grad_key, grad_value):
+                        query_grad_parts, grad_key, grad_value):
     """Gradients for every entry ``b`` of the flattened batch (see the module docstring).
 
-    ``grad_out`` ``(N, Lq, Dv)``, ``lse`` and ``delta`` ``(N, Lq)`` are per entry;
-    ``grad_query`` ``(N, Lq, Dk)``, ``grad_key`` ``(N, Lk, Dk)`` and ``grad_value``
-    ``(N, Lk, Dv)`` must be zeroed: keys no query sees, and rows that see no key,
-    are never written.
+    ``grad_out`` ``(N, Lq, Dv)``, ``lse`` and ``delta`` ``(N, Lq)`` are per entry.
+    Writes ``grad_key`` ``(N, Lk, Dk)``, ``grad_value`` ``(N, Lk, Dv)`` and, for each of
+    the ``G`` key groups, ``query_grad_parts[g]`` ``(N, Lq, Dk)``: that group's share of
+    ``dQ / scale``, which the caller sums over ``g`` and scales. All must be zeroed:
+    keys no query sees, and rows that see no key, are never written.
     """
-    n_batch, q_len, _ = grad_query.shape
+    n_groups, n_batch, q_len, _ = query_grad_parts.shape
     kv_len = grad_key.shape[1]
     log2_scale = scale * LOG2E
-
-    # Pass 1: dK, dV, one task per (entry, key block).
     n_k_blocks = (kv_len + block_k - 1) // block_k
-    for task in prange(n_batch * n_k_blocks):
-        b = task // n_k_blocks
+
+    for task in prange(n_batch * n_groups):
+        b = task // n_groups
+        group = task - b * n_groups
         kv_stop = kv_lengths[b] if has_kv_lengths else kv_len
-        key_start = (task - b * n_k_blocks) * block_k
-        key_stop = min(key_start + block_k, kv_stop)
-        if key_start >= key_stop:
-            continue
         mask_entry = mask_index[b] if has_mask else 0
         bias_entry = bias_index[b] if has_bias else 0
-        keys = key[key_index[b], key_start:key_stop]  # (cols, Dk)
-        values = value[value_index[b], key_start:key_stop]  # (cols, Dv)
         queries = query[query_index[b]]  # (Lq, Dk)
         grads = grad_out[b]  # (Lq, Dv)
-        # query rows that may see a key of [key_start, key_stop): lo(i) < key_stop, hi(i) > key_start
-        row_first = min(max(key_start - diag_offset - reach_right, 0), q_len)
-        row_last = max(min(key_stop - 1 - diag_offset + reach_left + 1, q_len), row_first)
-        key_grad = np.zeros((key_stop - key_start, key.shape[2]), dtype=grad_key.dtype)  # (cols, Dk)
-        value_grad = np.zeros((key_stop - key_start, value.shape[2]), dtype=grad_value.dtype)  # (cols, Dv)
-        for row_start in range(row_first, row_last, block_q):
-            row_stop = min(row_start + block_q, row_last)
-            q_rows = queries[row_start:row_stop]  # (rows, Dk)
-            grad_rows = grads[row_start:row_stop]  # (rows, Dv)
-            probs = np.dot(q_rows, keys.T)  # (rows, cols) raw scores, then P
-            score_grads = np.dot(grad_rows, values.T)  # (rows, cols) dP, then dS
-            probabilities_and_score_grads(
-                probs, score_grads, row_start, key_start, lse[b], delta[b], log2_scale,
-                kv_stop, diag_offset, reach_left, reach_right, mask, mask_entry,
-                mask_row_step, mask_col_step, has_mask, bias, bias_entry, bias_row_step,
-                bias_col_step, has_bias)
-            value_grad += np.dot(probs.T, grad_rows)  # (cols, Dv) P^T dO
-            key_grad += np.dot(score_grads.T, q_rows)  # (cols, Dk) dS^T Q
-        grad_key[b, key_start:key_stop] = key_grad * scale
-        grad_value[b, key_start:key_stop] = value_grad
-
-    # Pass 2: dQ, one task per (entry, query block).
-    n_q_blocks = (q_len + block_q - 1) // block_q
-    for task in prange(n_batch * n_q_blocks):
-        b = task // n_q_blocks
-        kv_stop = kv_lengths[b] if has_kv_lengths else kv_len
-        q_start = (task - b * n_q_blocks) * block_q
-        q_stop = min(q_start + block_q, q_len)
-        mask_entry = mask_index[b] if has_mask else 0
-        bias_entry = bias_index[b] if has_bias else 0
-        q_rows = query[query_index[b], q_start:q_stop]  # (rows, Dk)
-        grad_rows = grad_out[b, q_start:q_stop]  # (rows, Dv)
         keys_all = key[key_index[b]]  # (Lk, Dk)
         values_all = value[value_index[b]]  # (Lk, Dv)
-        first_key = visible_range(q_start, kv_stop, diag_offset, reach_left, reach_right)[0]
-        last_key = visible_range(q_stop - 1, kv_stop, diag_offset, reach_left, reach_right)[1]
-        query_grad = np.zeros((q_stop - q_start, query.shape[2]), dtype=grad_query.dtype)  # (rows, Dk)
-        for key_start in range(first_key, last_key, block_k):
-            key_stop = min(key_start + block_k, last_key)
+        query_grads = query_grad_parts[group, b]  # (Lq, Dk) this group's share of dQ / scale
+        # Key blocks group, group + G, group + 2G, ...: under a causal mask early key
+        # blocks are seen by more rows, so striding spreads the work evenly.
+        for k_block in range(group, n_k_blocks, n_groups):
+            key_start = k_block * block_k
+            key_stop = min(key_start + block_k, kv_stop)
+            if key_start >= key_stop:
+                break
             keys = keys_all[key_start:key_stop]  # (cols, Dk)
-            probs = np.dot(q_rows, keys.T)  # (rows, cols)
-            score_grads = np.dot(grad_rows, values_all[key_start:key_stop].T)  # (rows, cols)
-            probabilities_and_score_grads(
-                probs, score_grads, q_start, key_start, lse[b], delta[b], log2_scale,
-                kv_stop, diag_offset, reach_left, reach_right, mask, mask_entry,
-                mask_row_step, mask_col_step, has_mask, bias, bias_entry, bias_row_step,
-                bias_col_step, has_bias)
-            query_grad += np.dot(score_grads, keys)  # (rows, Dk) dS K
-        grad_query[b, q_start:q_stop] = query_grad * scale
+            values = values_all[key_start:key_stop]  # (cols, Dv)
+            # query rows that may see a key of [key_start, key_stop): lo(i) < key_stop,
+            # hi(i) > key_start
+            row_first = min(max(key_start - diag_offset - reach_right, 0), q_len)
+            row_last = max(min(key_stop - 1 - diag_offset + reach_left + 1, q_len), row_first)
+            key_grad = np.zeros((key_stop - key_start, key.shape[2]),
+                                dtype=grad_key.dtype)  # (cols, Dk) dK / scale
+            value_grad = np.zeros((key_stop - key_start, value.shape[2]),
+                                  dtype=grad_value.dtype)  # (cols, Dv)
+            for row_start in range(row_first, row_last, block_q):
+                row_stop = min(row_start + block_q, row_last)
+                q_rows = queries[row_start:row_stop]  # (rows, Dk)
+                grad_rows = grads[row_start:row_stop]  # (rows, Dv)
+                probs = np.dot(q_rows, keys.T)  # (rows, cols) raw scores, then P
+                score_grads = np.dot(grad_rows, values.T)  # (rows, cols) dP, then dS
+                probabilities_and_score_grads(
+                    probs, score_grads, row_start, key_start, lse[b], delta[b], log2_scale,
+                    kv_stop, diag_offset, reach_left, reach_right, mask, mask_entry,
+                    mask_row_step, mask_col_step, has_mask, bias, bias_entry, bias_row_step,
+                    bias_col_step, has_bias)
+                value_grad += np.dot(probs.T, grad_rows)  # (cols, Dv) P^T dO
+                key_grad += np.dot(score_grads.T, q_rows)  # (cols, Dk) dS^T Q
+                query_grads[row_start:row_stop] += np.dot(score_grads, keys)  # (rows, Dk) dS K
+            grad_key[b, key_start:key_stop] = key_grad * scale
+            grad_value[b, key_start:key_stop] = value_grad
 
 
 def _backward_signature(dtype):
@@ -149,7 +128,8 @@ def _backward_signature(dtype):
         *problem_argument_types(dtype),
         types.int64, types.int64,  # block_q, block_k
         array_type(dtype, 3), array_type(dtype, 2), array_type(dtype, 2),  # dO, lse, delta
-        writable3, writable3, writable3,  # grad_query, grad_key, grad_value
+        array_type(dtype, 4, readonly=False),  # query_grad_parts
+        writable3, writable3,  # grad_key, grad_value
     )
 
 
