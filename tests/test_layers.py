@@ -139,3 +139,24 @@ def test_word_order_needs_positional_encoding():
     encoded_first, encoded_second = layer(first + encoding), layer(second + encoding)
     difference = np.abs(encoded_second[0] - encoded_first[0][reversed_order]).max()
     assert difference > 0.05  # "lion" as subject and as object no longer coincide
+
+
+@pytest.mark.parametrize("kdim, vdim, named", [(5, 8, "kdim=5"), (8, 7, "vdim=7")])
+def test_self_attention_needs_embed_dim_wide_keys_and_values(rng, kdim, vdim, named):
+    """key=None uses the query as key and value: only a layer with kdim == vdim == embed_dim
+    can do that; any other must say which width does not fit, not fail inside a matmul."""
+    layer = fastattn.MultiHeadAttention(8, 2, kdim=kdim, vdim=vdim, seed=0)
+    with pytest.raises(ValueError, match=rf"self-attention.*{named}.*embed_dim=8"):
+        layer(rng.standard_normal((2, 3, 8)))
+
+
+def test_value_defaults_to_key_only_when_widths_agree(rng):
+    query = rng.standard_normal((2, 3, 8))
+    key = rng.standard_normal((2, 4, 5))
+    same = fastattn.MultiHeadAttention(8, 2, kdim=5, vdim=5, dtype=np.float64, seed=0)
+    np.testing.assert_array_equal(same(query, key), same(query, key, key))
+    differ = fastattn.MultiHeadAttention(8, 2, kdim=5, vdim=7, seed=0)
+    with pytest.raises(ValueError, match=r"value=None.*kdim=5.*vdim=7"):
+        differ(query, key)
+    with pytest.raises(ValueError, match="value.*without key"):
+        same(query, value=key)

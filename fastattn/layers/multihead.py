@@ -85,8 +85,12 @@ class MultiHeadAttention:
         ----------
         query : array_like, shape ``(batch, Lq, embed_dim)`` (or ``(Lq, embed_dim)``)
         key : array_like, shape ``(batch, Lk, kdim)``, optional
+            Omitted (None): self-attention, ``query`` is also key and value, which needs
+            ``kdim == vdim == embed_dim`` (else ``ValueError``).
         value : array_like, shape ``(batch, Lk, vdim)``, optional
-            Defaults to ``key``.
+            Omitted: ``key`` is also the value, which needs ``vdim == kdim`` (else
+            ``ValueError``). PyTorch's ``forward`` has no such default; giving
+            ``value`` without ``key`` is a ``ValueError``.
         mask : array_like of bool, optional
             True = may attend; broadcastable to ``(batch, num_heads, Lq, Lk)``, or
             ``(batch, Lq, Lk)`` (shared by the heads).
@@ -103,6 +107,7 @@ class MultiHeadAttention:
         """
         from fastattn.attention import scaled_dot_product_attention
 
+        key, value = self._default_key_value(key, value)
         query, unbatched = self._batched("query", query, self.embed_dim)
         key = query if key is None else self._batched("key", key, self.kdim)[0]
         value = key if value is None else self._batched("value", value, self.vdim)[0]
@@ -129,6 +134,23 @@ class MultiHeadAttention:
             out = out[0]
             weights = None if weights is None else weights[0]
         return (out, weights) if return_weights else out
+
+    def _default_key_value(self, key, value):
+        """Check that the omitted inputs can stand in for each other (None = omitted)."""
+        if key is None:
+            if value is not None:
+                raise ValueError("value was given without key; pass key as well (key=None "
+                                 "means self-attention, with query as key and value)")
+            for name, width in (("kdim", self.kdim), ("vdim", self.vdim)):
+                if width != self.embed_dim:
+                    raise ValueError(
+                        f"self-attention (key=None) uses query as key and value, which needs "
+                        f"kdim == vdim == embed_dim; this layer has {name}={width}, "
+                        f"embed_dim={self.embed_dim}: pass key and value")
+        elif value is None and self.vdim != self.kdim:
+            raise ValueError(f"value=None uses key as the value, which needs vdim == kdim; this "
+                             f"layer has kdim={self.kdim}, vdim={self.vdim}: pass value")
+        return key, value
 
     def _batched(self, name, array, width):
         array = np.asarray(array, self.dtype)
