@@ -160,3 +160,66 @@ def test_value_defaults_to_key_only_when_widths_agree(rng):
         differ(query, key)
     with pytest.raises(ValueError, match="value.*without key"):
         same(query, value=key)
+
+
+def weights_of(layer):
+    return {name: array.copy() for name, array in layer.state_dict().items()}
+
+
+def assert_unchanged(layer, before):
+    after = layer.state_dict()
+    assert after.keys() == before.keys()
+    for name, array in before.items():
+        np.testing.assert_array_equal(after[name], array, err_msg=name)
+
+
+def test_packed_state_needs_embed_dim_wide_keys_and_values():
+    """PyTorch packs q/k/v into in_proj_weight only when kdim == vdim == embed_dim; a
+    packed (3E, E) matrix loaded into a kdim/vdim layer would give keys of the wrong width."""
+    packed = fastattn.MultiHeadAttention(8, 2, seed=0).state_dict()
+    layer = fastattn.MultiHeadAttention(8, 2, kdim=5, vdim=7, seed=1)
+    before = weights_of(layer)
+    with pytest.raises(ValueError, match=r"in_proj_weight.*kdim=5, vdim=7.*q_proj_weight"):
+        layer.load_state_dict(packed)
+    assert_unchanged(layer, before)
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (lambda s: s.update(in_proj_bias=np.zeros(5)), ValueError, r"'in_proj_bias'.*\(24,\)"),
+    (lambda s: s.pop("out_proj.weight"), ValueError, r"missing \['out_proj.weight'\]"),
+    (lambda s: s.update(bias_k=np.zeros((1, 1, 8))), ValueError, r"unexpected \['bias_k'\]"),
+    (lambda s: s.update(q_proj_weight=np.zeros((8, 8))), ValueError, "unexpected.*q_proj_weight"),
+    (lambda s: s.update({"out_proj.weight": np.full((8, 8), 1j)}), TypeError,
+     r"'out_proj.weight'.*complex"),
+    (lambda s: s.update({"out_proj.bias": np.full(8, "a")}), TypeError, r"'out_proj.bias'"),
+])
+def test_load_state_dict_errors_name_the_key_and_change_nothing(change, error, message):
+    layer = fastattn.MultiHeadAttention(8, 2, seed=0)
+    state = fastattn.MultiHeadAttention(8, 2, seed=1).state_dict()
+    change(state)
+    before = weights_of(layer)
+    with pytest.raises(error, match=message):
+        layer.load_state_dict(state)
+    assert_unchanged(layer, before)
+
+
+@pytest.mark.parametrize("layer_type", ["encoder", "decoder"])
+def test_transformer_load_state_dict_is_all_or_nothing(layer_type):
+    """A bad entry in a late part (norm2) must leave the earlier parts (self_attn) as they
+    were, and the error names the full key."""
+    make = {"encoder": fastattn.TransformerEncoderLayer,
+            "decoder": fastattn.TransformerDecoderLayer}[layer_type]
+    layer, source = make(8, 2, 12, seed=0), make(8, 2, 12, seed=1)
+    state = source.state_dict()
+    state["norm2.bias"] = np.zeros(3)
+    before = weights_of(layer)
+    with pytest.raises(ValueError, match=r"'norm2.bias'.*\(8,\)"):
+        layer.load_state_dict(state)
+    assert_unchanged(layer, before)
+    del state["norm2.bias"]
+    with pytest.raises(ValueError, match=r"missing \['norm2.bias'\]"):
+        layer.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"unexpected.*'norm4.weight'"):
+        layer.load_state_dict({**source.state_dict(), "norm4.weight": np.ones(8)})
+    layer.load_state_dict(source.state_dict())
+    assert_unchanged(layer, source.state_dict())

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from fastattn.layers.norm import _check_state
+from fastattn.layers.common import check_state
 
 
 class MultiHeadAttention:
@@ -190,22 +190,50 @@ class MultiHeadAttention:
     def load_state_dict(self, state):
         """Load a PyTorch ``nn.MultiheadAttention`` state_dict given as NumPy arrays.
 
-        Takes the packed form (``in_proj_weight``) or the separate one
-        (``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight``, which PyTorch uses
-        when ``kdim`` or ``vdim`` differ from ``embed_dim``), plus ``out_proj.weight``
-        and, with biases, ``in_proj_bias`` and ``out_proj.bias``.
+        Takes the packed form (``in_proj_weight``, which PyTorch uses when
+        ``kdim == vdim == embed_dim``) or the separate one (``q_proj_weight``,
+        ``k_proj_weight``, ``v_proj_weight``, which PyTorch uses otherwise), plus
+        ``out_proj.weight`` and, with biases, ``in_proj_bias`` and ``out_proj.bias``.
+        Under grouped-query attention the key and value rows are ``num_kv_heads * d_h``.
+
+        Raises
+        ------
+        ValueError
+            For a missing or unexpected key, an array of the wrong shape, or the packed
+            form on a layer whose ``kdim`` or ``vdim`` differ from ``embed_dim``; the
+            message names the key.
+        TypeError
+            For an array that does not hold real numbers.
+
+        Notes
+        -----
+        Loading is all or nothing: every entry is checked before any is assigned, so
+        after an error the layer keeps its previous weights.
         """
+        self._assign(self._checked_state(state))
+
+    def _checked_state(self, state, owner="MultiHeadAttention", prefix=""):
+        """Validated weights of ``state`` cast to the layer's dtype, not yet assigned."""
         e, kv = self.embed_dim, self.kv_dim
         expected = {"out_proj.weight": (e, e)}
         if "in_proj_weight" in state:
+            if self.kdim != e or self.vdim != e:
+                raise ValueError(
+                    f"{owner}: state_dict[{prefix + 'in_proj_weight'!r}] is the packed "
+                    f"form, which holds keys and values of width embed_dim={e}; this layer "
+                    f"has kdim={self.kdim}, vdim={self.vdim}: give q_proj_weight, "
+                    f"k_proj_weight and v_proj_weight (as PyTorch does for such layers)")
             expected["in_proj_weight"] = (e + 2 * kv, e)
         else:
             expected.update({"q_proj_weight": (e, e), "k_proj_weight": (kv, self.kdim),
                              "v_proj_weight": (kv, self.vdim)})
         if self.has_bias:
             expected.update({"in_proj_bias": (e + 2 * kv,), "out_proj.bias": (e,)})
-        arrays = {name: array.astype(self.dtype)
-                  for name, array in _check_state("MultiHeadAttention", state, expected).items()}
+        arrays = check_state(owner, state, expected, prefix)
+        return {name: array.astype(self.dtype) for name, array in arrays.items()}
+
+    def _assign(self, arrays):
+        e, kv = self.embed_dim, self.kv_dim
         if "in_proj_weight" in arrays:
             self.w_query, self.w_key, self.w_value = np.split(arrays["in_proj_weight"],
                                                               [e, e + kv])

@@ -5,22 +5,7 @@ import math
 import numpy as np
 from scipy.special import erf
 
-
-def _check_state(owner, state, expected):
-    """``state`` must hold exactly ``expected`` (name -> shape); returns float arrays."""
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    if missing or extra:
-        raise ValueError(f"{owner}: state_dict keys do not match; missing {missing}, "
-                         f"unexpected {extra}")
-    arrays = {}
-    for name, shape in expected.items():
-        array = np.asarray(state[name])
-        if array.shape != shape:
-            raise ValueError(f"{owner}: state_dict[{name!r}] must have shape {shape}; "
-                             f"got {array.shape}")
-        arrays[name] = array
-    return arrays
+from fastattn.layers.common import check_state
 
 
 class LayerNorm:
@@ -48,10 +33,16 @@ class LayerNorm:
         return {"weight": self.weight.copy(), "bias": self.bias.copy()}
 
     def load_state_dict(self, state):
-        arrays = _check_state("LayerNorm", state, {"weight": (self.d_model,),
-                                                   "bias": (self.d_model,)})
-        self.weight = arrays["weight"].astype(self.dtype)
-        self.bias = arrays["bias"].astype(self.dtype)
+        """Load ``weight`` and ``bias`` (PyTorch ``nn.LayerNorm``); nothing changes on error."""
+        self._assign(self._checked_state(state))
+
+    def _checked_state(self, state, owner="LayerNorm", prefix=""):
+        shape = (self.d_model,)
+        arrays = check_state(owner, state, {"weight": shape, "bias": shape}, prefix)
+        return {name: array.astype(self.dtype) for name, array in arrays.items()}
+
+    def _assign(self, arrays):
+        self.weight, self.bias = arrays["weight"], arrays["bias"]
 
 
 ACTIVATIONS = {
@@ -91,9 +82,16 @@ class FeedForward:
                 "linear2.weight": self.w2.copy(), "linear2.bias": self.b2.copy()}
 
     def load_state_dict(self, state):
+        """Load ``linear1.*`` and ``linear2.*``; nothing changes on error."""
+        self._assign(self._checked_state(state))
+
+    def _checked_state(self, state, owner="FeedForward", prefix=""):
         d, f = self.d_model, self.dim_feedforward
-        arrays = _check_state("FeedForward", state, {
+        arrays = check_state(owner, state, {
             "linear1.weight": (f, d), "linear1.bias": (f,),
-            "linear2.weight": (d, f), "linear2.bias": (d,)})
-        self.w1, self.b1 = (arrays[k].astype(self.dtype) for k in ("linear1.weight", "linear1.bias"))
-        self.w2, self.b2 = (arrays[k].astype(self.dtype) for k in ("linear2.weight", "linear2.bias"))
+            "linear2.weight": (d, f), "linear2.bias": (d,)}, prefix)
+        return {name: array.astype(self.dtype) for name, array in arrays.items()}
+
+    def _assign(self, arrays):
+        self.w1, self.b1 = arrays["linear1.weight"], arrays["linear1.bias"]
+        self.w2, self.b2 = arrays["linear2.weight"], arrays["linear2.bias"]

@@ -24,15 +24,26 @@ class _LayerBase:
         return state
 
     def load_state_dict(self, state):
-        """Load the matching PyTorch layer's state_dict given as NumPy arrays."""
+        """Load the matching PyTorch layer's state_dict given as NumPy arrays.
+
+        Every part is checked before any is assigned, so after an error (which names
+        the full key) the layer keeps its previous weights.
+        """
+        owner = type(self).__name__
+        parts = [(prefix, getattr(self, attribute)) for prefix, attribute in self._parts]
+        parts += [("", self.feed_forward)]
         known = tuple(prefix for prefix, _ in self._parts) + ("linear1.", "linear2.")
         unexpected = sorted(name for name in state if not name.startswith(known))
         if unexpected:
-            raise ValueError(f"{type(self).__name__}: unexpected state_dict keys {unexpected}")
-        for prefix, attribute in self._parts:
-            getattr(self, attribute).load_state_dict(_prefixed(state, prefix))
-        self.feed_forward.load_state_dict(
-            {name: array for name, array in state.items() if name.startswith("linear")})
+            raise ValueError(f"{owner}: state_dict keys do not match; unexpected {unexpected}")
+        checked = []
+        for prefix, part in parts:
+            own = (_prefixed(state, prefix) if prefix else
+                   {name: array for name, array in state.items()
+                    if name.startswith(("linear1.", "linear2."))})
+            checked.append((part, part._checked_state(own, owner, prefix)))
+        for part, arrays in checked:
+            part._assign(arrays)
 
 
 class TransformerEncoderLayer(_LayerBase):
