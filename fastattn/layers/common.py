@@ -6,7 +6,9 @@ an array the same way the kernel does.
 
 import numbers
 
-from fastattn.checks.arguments import as_real_array
+import numpy as np
+
+from fastattn.checks.arguments import as_real_array, result_dtypes
 
 
 def check_state(owner, state, expected, prefix=""):
@@ -57,6 +59,36 @@ def check_state(owner, state, expected, prefix=""):
 def check_size(name, size, minimum=1):
     """Return ``size`` as an int, or raise if it is not an int ``>= minimum``."""
     if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < minimum:
-        kind = "positive" if minimum == 1 else f">= {minimum}"
-        raise ValueError(f"{name} must be an int {kind}; got {size!r}")
+        kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {kind}; got {size!r}")
     return int(size)
+
+
+def check_dtype(dtype):
+    """Return ``dtype`` as a NumPy dtype, float32 or float64, or raise ``TypeError``."""
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be float32 or float64; got {dtype}")
+    return dtype
+
+
+def layer_input(owner, name, array, width, weights_dtype):
+    """Return an input ``(..., width)`` as an ndarray in the layer's compute dtype.
+
+    The compute dtype follows the kernel's dtype rules with the weights as one more
+    operand: ``np.result_type`` of the weights and the input, so a float64 input to a
+    float32 layer is computed in float64, an integer one in float64 (its own dtype
+    with float32 weights), a float16 or bool one in the weights' dtype.
+
+    Raises
+    ------
+    TypeError
+        For an input that does not hold real numbers (complex, object, string).
+    ValueError
+        For an input whose last dim is not ``width``.
+    """
+    array = as_real_array(name, array)
+    if array.shape[-1:] != (width,):
+        raise ValueError(f"{owner} expects a last dim of {width}; got {name} of shape "
+                         f"{array.shape}")
+    return array.astype(result_dtypes(weights_dtype, array)[0], copy=False)

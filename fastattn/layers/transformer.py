@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from fastattn.layers.common import layer_input
 from fastattn.layers.multihead import MultiHeadAttention
 from fastattn.layers.norm import FeedForward, LayerNorm
 
@@ -81,7 +82,8 @@ class TransformerEncoderLayer(_LayerBase):
         def attend(h):
             return self.self_attn(h, mask=mask, causal=causal, kv_lengths=kv_lengths)
 
-        x = np.asarray(x, self.self_attn.dtype)
+        x = layer_input(type(self).__name__, "x", x, self.self_attn.embed_dim,
+                        self.self_attn.dtype)  # (batch, L, d_model)
         if self.norm_first:
             x = x + attend(self.norm1(x))  # (batch, L, d_model)
             return x + self.feed_forward(self.norm2(x))
@@ -127,8 +129,10 @@ class TransformerDecoderLayer(_LayerBase):
         def attend_memory(h):
             return self.cross_attn(h, memory, mask=memory_mask, kv_lengths=memory_kv_lengths)
 
-        x = np.asarray(target, self.self_attn.dtype)
-        memory = np.asarray(memory, self.self_attn.dtype)
+        d_model, dtype = self.self_attn.embed_dim, self.self_attn.dtype
+        x = layer_input(type(self).__name__, "target", target, d_model, dtype)  # (batch, Lt, d)
+        memory = layer_input(type(self).__name__, "memory", memory, d_model,
+                             dtype)  # (batch, Lm, d)
         if self.norm_first:
             x = x + attend_self(self.norm1(x))  # (batch, Lt, d)
             x = x + attend_memory(self.norm2(x))
