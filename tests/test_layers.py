@@ -45,17 +45,22 @@ def test_multi_head_cross_attention(rng, dtype, q_len, kv_len):
     assert_matches(got, want, dtype)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
-def test_multi_head_self_attention_and_grouped_heads(rng, num_kv_heads):
-    layer = fastattn.MultiHeadAttention(16, 4, num_kv_heads=num_kv_heads, dtype=np.float64,
-                                        seed=2)
-    x = rng.standard_normal((3, 11, 16))
-    out, weights = layer(x, causal=True, return_weights=True)
-    want = reference.multi_head_attention(x, x, x, layer.state_dict(), 4, num_kv_heads,
-                                          causal=True)
-    assert_matches(out, want, np.float64)
+def test_multi_head_self_attention_and_grouped_heads(rng, dtype, num_kv_heads):
+    layer = fastattn.MultiHeadAttention(16, 4, num_kv_heads=num_kv_heads, dtype=dtype, seed=2)
+    x = rng.standard_normal((3, 11, 16)).astype(dtype)
+    mask = rng.random((3, 4, 11, 11)) < 0.8  # per head
+    out, weights = layer(x, mask=mask, causal=True, kv_lengths=[11, 6, 1],
+                         return_weights=True)
+    want, want_weights = reference.multi_head_attention(
+        x, x, x, layer.state_dict(), 4, num_kv_heads, mask=mask, causal=True,
+        kv_lengths=[11, 6, 1], return_weights=True)
+    assert_matches(out, want, dtype)
+    assert_matches(weights, want_weights, dtype)  # every head's weights, like with like
     assert weights.shape == (3, 4, 11, 11)
-    np.testing.assert_allclose(weights.sum(-1), 1.0)
+    out, weights = layer(x, causal=True, return_weights=True)
+    np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=TOLERANCE[dtype])
     assert (np.triu(weights, k=1) == 0).all()
 
 
@@ -112,6 +117,11 @@ def test_decoder_layer(rng, dtype, norm_first):
     memory = rng.standard_normal((2, 11, 16)).astype(dtype)
     want = reference.decoder_layer(target, memory, layer.state_dict(), 2, norm_first)
     assert_matches(layer(target, memory), want, dtype)
+    masks = {"target_mask": rng.random((2, 6, 6)) < 0.8,
+             "memory_mask": rng.random((2, 2, 6, 11)) < 0.8,
+             "target_kv_lengths": [6, 3], "memory_kv_lengths": [11, 4]}
+    want = reference.decoder_layer(target, memory, layer.state_dict(), 2, norm_first, **masks)
+    assert_matches(layer(target, memory, **masks), want, dtype)
 
 
 def test_layer_norm(rng):
