@@ -77,8 +77,23 @@ class TransformerEncoderLayer(_LayerBase):
         self.norm2 = LayerNorm(d_model, layer_norm_eps, dtype=dtype)
 
     def __call__(self, x, *, mask=None, causal=False, kv_lengths=None):
-        """``x`` ``(batch, L, d_model)`` -> ``(batch, L, d_model)``; mask True = may attend,
-        ``kv_lengths`` the valid length of each padded sequence."""
+        """Encode ``x`` ``(batch, L, d_model)`` (or unbatched ``(L, d_model)``).
+
+        Parameters
+        ----------
+        x : array_like, shape ``(batch, L, d_model)``
+        mask : array_like of bool, optional
+            True = may attend; the shapes of :meth:`MultiHeadAttention.__call__`.
+        causal : bool, default False
+        kv_lengths : array_like of int, optional
+            Valid length of each padded sequence, shape ``(batch,)`` (PyTorch's
+            ``src_key_padding_mask``).
+
+        Returns
+        -------
+        ndarray, shape of ``x``
+            In ``np.result_type`` of the parameters and ``x`` (integers in float64).
+        """
         def attend(h):
             return self.self_attn(h, mask=mask, causal=causal, kv_lengths=kv_lengths)
 
@@ -120,8 +135,28 @@ class TransformerDecoderLayer(_LayerBase):
 
     def __call__(self, target, memory, *, causal=True, target_mask=None, memory_mask=None,
                  target_kv_lengths=None, memory_kv_lengths=None):
-        """``target`` ``(batch, Lt, d)`` attends to itself (causally by default) and to
-        ``memory`` ``(batch, Lm, d)``; returns ``(batch, Lt, d)``."""
+        """``target`` attends to itself (causally by default), then to ``memory``.
+
+        Parameters
+        ----------
+        target : array_like, shape ``(batch, Lt, d_model)``
+        memory : array_like, shape ``(batch, Lm, d_model)``
+            The encoder's output; same batch size as ``target``.
+        causal : bool, default True
+            Causal self-attention (PyTorch's ``tgt_is_causal`` with a square
+            subsequent mask).
+        target_mask, memory_mask : array_like of bool, optional
+            True = may attend; broadcastable to ``(batch, nhead, Lt, Lt)`` and
+            ``(batch, nhead, Lt, Lm)`` as in :meth:`MultiHeadAttention.__call__`.
+        target_kv_lengths, memory_kv_lengths : array_like of int, optional
+            Valid lengths ``(batch,)`` of the padded target and memory (PyTorch's
+            ``tgt_key_padding_mask`` and ``memory_key_padding_mask``).
+
+        Returns
+        -------
+        ndarray, shape ``(batch, Lt, d_model)``
+            In ``np.result_type`` of the parameters and the inputs.
+        """
         def attend_self(h):
             return self.self_attn(h, mask=target_mask, causal=causal,
                                   kv_lengths=target_kv_lengths)
