@@ -222,7 +222,6 @@ class MultiHeadAttention:
         except ValueError:
             fits = False
         if not fits:
-            batch, heads, q_len, kv_len = full_shape
             forms = (f"(Lq, Lk) or (num_heads, Lq, Lk) = {full_shape[1:]}" if unbatched else
                      f"(Lq, Lk), (batch, Lq, Lk) or (batch, num_heads, Lq, Lk) = {full_shape}")
             raise ValueError(f"mask of shape {given} does not fit the "
