@@ -362,3 +362,18 @@ def test_norm_and_feed_forward_checks():
         fastattn.layers.FeedForward(4, 8)(np.ones((2, 3)))
     with pytest.raises(TypeError, match="dtype must be float32 or float64"):
         fastattn.LayerNorm(4, dtype=np.float16)
+
+
+def test_query_that_sees_no_key_gives_the_output_bias(rng):
+    layer = fastattn.MultiHeadAttention(8, 2, dtype=np.float64, seed=0)
+    state = layer.state_dict()
+    state["out_proj.bias"] = rng.standard_normal(8)
+    layer.load_state_dict(state)
+    x = rng.standard_normal((2, 3, 8))
+    mask = np.ones((2, 3, 3), bool)
+    mask[0, 1] = False  # query 1 of entry 0 sees nothing
+    out = layer(x, mask=mask, kv_lengths=[3, 0])  # entry 1 has no keys at all
+    assert not np.isnan(out).any()
+    np.testing.assert_allclose(out[0, 1], state["out_proj.bias"], atol=1e-15)
+    np.testing.assert_allclose(out[1], np.broadcast_to(state["out_proj.bias"], (3, 8)),
+                               atol=1e-15)

@@ -54,6 +54,10 @@ class MultiHeadAttention:
 
     Inputs are ``(batch, L, width)`` or, all of them at once, unbatched ``(L, width)``;
     query, key and value must agree on the batch size (no broadcasting of it).
+
+    A query that can see no key (every key masked, ``kv_lengths`` 0) gets zero from
+    every head, as the kernel's rule says, so its output is the output bias
+    ``b_o``; PyTorch returns NaN for such rows.
     """
 
     def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, kdim=None, vdim=None,
