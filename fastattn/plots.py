@@ -27,33 +27,17 @@ def write_demo_plots(directory):
     """Write the demo's figures as PNG files into ``directory``; return their paths.
 
     - ``attention_weights.png``: heatmaps of the self-attention weights of
-      "Money Bank Grows" and "River Bank Flows" (identity projections, 1/sqrt(3)).
+      "Money Bank Grows" and "River Bank Flows" (identity projections, 1/sqrt(3)),
+      on one colour scale set by the weights (:func:`attention_weights_figure`).
     - ``score_variance.png``: histograms of ``q.k`` for standard-normal vectors at
       d_k = 3, 100 and 1000, raw and divided by sqrt(d_k).
     """
-    from fastattn.attention import scaled_dot_product_attention
-
     plt = _pyplot()
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
 
-    figure, axes = plt.subplots(1, len(SENTENCES), figsize=(9, 4), constrained_layout=True)
-    for axis, (sentence, rows) in zip(axes, SENTENCES.items()):
-        words = [MONEY_RIVER_WORDS[row] for row in rows]
-        embeddings = MONEY_RIVER_EMBEDDINGS[rows]  # (3, 3)
-        _, weights = scaled_dot_product_attention(embeddings, embeddings, embeddings,
-                                                  return_weights=True)  # (3, 3)
-        image = axis.imshow(weights, cmap="viridis", vmin=0.0, vmax=0.5)
-        axis.set_xticks(range(3), words)
-        axis.set_yticks(range(3), words)
-        axis.set_xlabel("key")
-        axis.set_ylabel("query")
-        axis.set_title(f"'{sentence}'")
-        for (row, col), weight in np.ndenumerate(weights):
-            axis.text(col, row, f"{weight:.2f}", ha="center", va="center", color="white")
-    figure.colorbar(image, ax=axes, shrink=0.8, label="attention weight")
-    figure.suptitle("Self-attention weights, softmax(E E^T / sqrt(3))")
+    figure = attention_weights_figure(plt)
     paths.append(directory / "attention_weights.png")
     figure.savefig(paths[-1], dpi=110)
     plt.close(figure)
@@ -74,3 +58,45 @@ def write_demo_plots(directory):
     figure.savefig(paths[-1], dpi=110)
     plt.close(figure)
     return paths
+
+
+def attention_weights_figure(plt):
+    """Heatmaps of the self-attention weights of each demo sentence, side by side.
+
+    The panels share one colour scale running from the smallest to the largest weight
+    shown (here about 0.2 to 0.48), so the one colourbar reads correctly for both and
+    the differences between weights use the whole colour map; a fixed 0..1 (or 0..0.5)
+    scale would squeeze them into a few shades. Each cell is also labelled with its
+    value, in black or white, whichever stands out from the cell's colour.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    from fastattn.attention import scaled_dot_product_attention
+
+    panels = []
+    for sentence, rows in SENTENCES.items():
+        embeddings = MONEY_RIVER_EMBEDDINGS[rows]  # (3, 3)
+        _, weights = scaled_dot_product_attention(embeddings, embeddings, embeddings,
+                                                  return_weights=True)  # (3, 3)
+        panels.append((sentence, [MONEY_RIVER_WORDS[row] for row in rows], weights))
+    low = min(weights.min() for _, _, weights in panels)
+    high = max(weights.max() for _, _, weights in panels)
+
+    figure, axes = plt.subplots(1, len(panels), figsize=(9, 4), constrained_layout=True)
+    for axis, (sentence, words, weights) in zip(np.atleast_1d(axes), panels):
+        image = axis.imshow(weights, cmap="viridis", vmin=low, vmax=high)
+        axis.set_xticks(range(len(words)), words)
+        axis.set_yticks(range(len(words)), words)
+        axis.set_xlabel("key")
+        axis.set_ylabel("query")
+        axis.set_title(f"'{sentence}'")
+        for (row, col), weight in np.ndenumerate(weights):
+            light_cell = image.norm(weight) > 0.6  # viridis turns light near its top
+            axis.text(col, row, f"{weight:.2f}", ha="center", va="center",
+                      color="black" if light_cell else "white")
+    figure.colorbar(image, ax=axes, shrink=0.8,
+                    label=f"attention weight (shared scale {low:.2f} to {high:.2f})")
+    figure.suptitle("Self-attention weights, softmax(E E^T / sqrt(3)); each row sums to 1")
+    return figure

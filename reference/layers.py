@@ -32,12 +32,14 @@ def layer_norm(x, weight, bias, eps=1e-5):
 
 
 def multi_head_attention(query, key, value, state, num_heads, num_kv_heads=None, mask=None,
-                         causal=False, kv_lengths=None):
+                         causal=False, kv_lengths=None, return_weights=False):
     """Multi-head attention of ``(batch, L, dim)`` arrays, one head at a time.
 
     ``state`` holds ``in_proj_weight`` (or ``q/k/v_proj_weight``), ``out_proj.weight``
     and optionally ``in_proj_bias``, ``out_proj.bias``. ``mask`` (True = may attend)
     broadcasts to ``(batch, num_heads, Lq, Lk)``; a 3-D mask is shared by the heads.
+    With ``return_weights`` also returns the weights of every head
+    ``(batch, num_heads, Lq, Lk)``, as ``fastattn.MultiHeadAttention`` does.
     """
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     query, key, value = (np.asarray(a, np.float64) for a in (query, key, value))
@@ -45,17 +47,19 @@ def multi_head_attention(query, key, value, state, num_heads, num_kv_heads=None,
     head_dim = embed_dim // num_heads
     kv_dim = head_dim * num_kv_heads
     if "in_proj_weight" in state:
-        w_query, w_key, w_value = np.split(state["in_proj_weight"], [embed_dim, embed_dim + kv_dim])
+        w_query, w_key, w_value = np.split(state["in_proj_weight"],
+                                           [embed_dim, embed_dim + kv_dim])
     else:
         w_query, w_key, w_value = (state[f"{p}_proj_weight"] for p in "qkv")
     zeros = np.zeros(embed_dim + 2 * kv_dim)
-    b_query, b_key, b_value = np.split(state.get("in_proj_bias", zeros), [embed_dim, embed_dim + kv_dim])
+    b_query, b_key, b_value = np.split(state.get("in_proj_bias", zeros),
+                                       [embed_dim, embed_dim + kv_dim])
     if mask is not None:
         mask = np.asarray(mask)
         mask = mask[:, None] if mask.ndim == 3 else mask  # (batch, 1, Lq, Lk)
         mask = np.broadcast_to(mask, (query.shape[0], num_heads) + mask.shape[-2:])
 
-    heads = []
+    heads, weights = [], []
     for head in range(num_heads):
         kv_head = head // (num_heads // num_kv_heads)  # grouped-query: shared kv head
         rows = slice(head * head_dim, (head + 1) * head_dim)
@@ -64,10 +68,14 @@ def multi_head_attention(query, key, value, state, num_heads, num_kv_heads=None,
         k = key @ w_key[kv_rows].T + b_key[kv_rows]  # (batch, Lk, head_dim)
         v = value @ w_value[kv_rows].T + b_value[kv_rows]  # (batch, Lk, head_dim)
         head_mask = None if mask is None else mask[:, head]  # (batch, Lq, Lk)
-        heads.append(scaled_dot_product_attention(q, k, v, head_mask, causal=causal,
-                                                  kv_lengths=kv_lengths))
+        out, head_weights = scaled_dot_product_attention(
+            q, k, v, head_mask, causal=causal, kv_lengths=kv_lengths,
+            return_weights=True)  # (batch, Lq, head_dim), (batch, Lq, Lk)
+        heads.append(out)
+        weights.append(head_weights)
     concatenated = np.concatenate(heads, axis=-1)  # (batch, Lq, embed_dim)
-    return concatenated @ state["out_proj.weight"].T + state.get("out_proj.bias", 0.0)
+    out = concatenated @ state["out_proj.weight"].T + state.get("out_proj.bias", 0.0)
+    return (out, np.stack(weights, axis=1)) if return_weights else out  # (batch, H, Lq, Lk)
 
 
 def feed_forward(x, state, activation="relu"):
@@ -105,17 +113,19 @@ def encoder_layer(x, state, num_heads, norm_first=False, activation="relu", eps=
 
 
 def decoder_layer(target, memory, state, num_heads, norm_first=False, activation="relu",
-                  eps=1e-5, causal=True):
+                  eps=1e-5, causal=True, target_mask=None, memory_mask=None,
+                  target_kv_lengths=None, memory_kv_lengths=None):
     """Masked self-attention + cross-attention + feed-forward, each with Add & Norm."""
     x, memory = np.asarray(target, np.float64), np.asarray(memory, np.float64)
 
     def attend_self(h):
         return multi_head_attention(h, h, h, _sub_state(state, "self_attn."), num_heads,
-                                    causal=causal)
+                                    mask=target_mask, causal=causal,
+                                    kv_lengths=target_kv_lengths)
 
     def attend_memory(h):
         return multi_head_attention(h, memory, memory, _sub_state(state, "multihead_attn."),
-                                    num_heads)
+                                    num_heads, mask=memory_mask, kv_lengths=memory_kv_lengths)
 
     if norm_first:
         x = x + attend_self(_norm(x, state, "norm1", eps))

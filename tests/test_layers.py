@@ -35,8 +35,9 @@ def test_positional_encoding_refuses_bad_sizes():
 @pytest.mark.parametrize("q_len, kv_len", [(1, 1), (5, 5), (9, 13)])
 def test_multi_head_cross_attention(rng, dtype, q_len, kv_len):
     layer = fastattn.MultiHeadAttention(12, 3, kdim=5, vdim=7, dtype=dtype, seed=1)
-    query = rng.standard_normal((2, q_len, 12))
-    key, value = rng.standard_normal((2, kv_len, 5)), rng.standard_normal((2, kv_len, 7))
+    query = rng.standard_normal((2, q_len, 12)).astype(dtype)
+    key = rng.standard_normal((2, kv_len, 5)).astype(dtype)
+    value = rng.standard_normal((2, kv_len, 7)).astype(dtype)
     mask = rng.random((2, q_len, kv_len)) < 0.8
     got = layer(query, key, value, mask=mask, kv_lengths=[kv_len, max(kv_len - 2, 0)])
     want = reference.multi_head_attention(query, key, value, layer.state_dict(), 3, mask=mask,
@@ -44,17 +45,22 @@ def test_multi_head_cross_attention(rng, dtype, q_len, kv_len):
     assert_matches(got, want, dtype)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
-def test_multi_head_self_attention_and_grouped_heads(rng, num_kv_heads):
-    layer = fastattn.MultiHeadAttention(16, 4, num_kv_heads=num_kv_heads, dtype=np.float64,
-                                        seed=2)
-    x = rng.standard_normal((3, 11, 16))
-    out, weights = layer(x, causal=True, return_weights=True)
-    want = reference.multi_head_attention(x, x, x, layer.state_dict(), 4, num_kv_heads,
-                                          causal=True)
-    assert_matches(out, want, np.float64)
+def test_multi_head_self_attention_and_grouped_heads(rng, dtype, num_kv_heads):
+    layer = fastattn.MultiHeadAttention(16, 4, num_kv_heads=num_kv_heads, dtype=dtype, seed=2)
+    x = rng.standard_normal((3, 11, 16)).astype(dtype)
+    mask = rng.random((3, 4, 11, 11)) < 0.8  # per head
+    out, weights = layer(x, mask=mask, causal=True, kv_lengths=[11, 6, 1],
+                         return_weights=True)
+    want, want_weights = reference.multi_head_attention(
+        x, x, x, layer.state_dict(), 4, num_kv_heads, mask=mask, causal=True,
+        kv_lengths=[11, 6, 1], return_weights=True)
+    assert_matches(out, want, dtype)
+    assert_matches(weights, want_weights, dtype)  # every head's weights, like with like
     assert weights.shape == (3, 4, 11, 11)
-    np.testing.assert_allclose(weights.sum(-1), 1.0)
+    out, weights = layer(x, causal=True, return_weights=True)
+    np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=TOLERANCE[dtype])
     assert (np.triu(weights, k=1) == 0).all()
 
 
@@ -95,7 +101,7 @@ def test_multi_head_validation():
 def test_encoder_layer(rng, dtype, norm_first, activation):
     layer = fastattn.TransformerEncoderLayer(16, 4, 24, norm_first=norm_first,
                                              activation=activation, dtype=dtype, seed=6)
-    x = rng.standard_normal((2, 9, 16))
+    x = rng.standard_normal((2, 9, 16)).astype(dtype)
     got = layer(x, causal=True, kv_lengths=[9, 4])
     want = reference.encoder_layer(x, layer.state_dict(), 4, norm_first, activation,
                                    causal=True, kv_lengths=[9, 4])
@@ -107,9 +113,15 @@ def test_encoder_layer(rng, dtype, norm_first, activation):
 def test_decoder_layer(rng, dtype, norm_first):
     layer = fastattn.TransformerDecoderLayer(16, 2, 20, norm_first=norm_first, dtype=dtype,
                                              seed=7)
-    target, memory = rng.standard_normal((2, 6, 16)), rng.standard_normal((2, 11, 16))
+    target = rng.standard_normal((2, 6, 16)).astype(dtype)
+    memory = rng.standard_normal((2, 11, 16)).astype(dtype)
     want = reference.decoder_layer(target, memory, layer.state_dict(), 2, norm_first)
     assert_matches(layer(target, memory), want, dtype)
+    masks = {"target_mask": rng.random((2, 6, 6)) < 0.8,
+             "memory_mask": rng.random((2, 2, 6, 11)) < 0.8,
+             "target_kv_lengths": [6, 3], "memory_kv_lengths": [11, 4]}
+    want = reference.decoder_layer(target, memory, layer.state_dict(), 2, norm_first, **masks)
+    assert_matches(layer(target, memory, **masks), want, dtype)
 
 
 def test_layer_norm(rng):
@@ -139,3 +151,229 @@ def test_word_order_needs_positional_encoding():
     encoded_first, encoded_second = layer(first + encoding), layer(second + encoding)
     difference = np.abs(encoded_second[0] - encoded_first[0][reversed_order]).max()
     assert difference > 0.05  # "lion" as subject and as object no longer coincide
+
+
+@pytest.mark.parametrize("kdim, vdim, named", [(5, 8, "kdim=5"), (8, 7, "vdim=7")])
+def test_self_attention_needs_embed_dim_wide_keys_and_values(rng, kdim, vdim, named):
+    """key=None uses the query as key and value: only a layer with kdim == vdim == embed_dim
+    can do that; any other must say which width does not fit, not fail inside a matmul."""
+    layer = fastattn.MultiHeadAttention(8, 2, kdim=kdim, vdim=vdim, seed=0)
+    with pytest.raises(ValueError, match=rf"self-attention.*{named}.*embed_dim=8"):
+        layer(rng.standard_normal((2, 3, 8)))
+
+
+def test_value_defaults_to_key_only_when_widths_agree(rng):
+    query = rng.standard_normal((2, 3, 8))
+    key = rng.standard_normal((2, 4, 5))
+    same = fastattn.MultiHeadAttention(8, 2, kdim=5, vdim=5, dtype=np.float64, seed=0)
+    np.testing.assert_array_equal(same(query, key), same(query, key, key))
+    differ = fastattn.MultiHeadAttention(8, 2, kdim=5, vdim=7, seed=0)
+    with pytest.raises(ValueError, match=r"value=None.*kdim=5.*vdim=7"):
+        differ(query, key)
+    with pytest.raises(ValueError, match="value.*without key"):
+        same(query, value=key)
+
+
+def weights_of(layer):
+    return {name: array.copy() for name, array in layer.state_dict().items()}
+
+
+def assert_unchanged(layer, before):
+    after = layer.state_dict()
+    assert after.keys() == before.keys()
+    for name, array in before.items():
+        np.testing.assert_array_equal(after[name], array, err_msg=name)
+
+
+def test_packed_state_needs_embed_dim_wide_keys_and_values():
+    """PyTorch packs q/k/v into in_proj_weight only when kdim == vdim == embed_dim; a
+    packed (3E, E) matrix loaded into a kdim/vdim layer would give keys of the wrong width."""
+    packed = fastattn.MultiHeadAttention(8, 2, seed=0).state_dict()
+    layer = fastattn.MultiHeadAttention(8, 2, kdim=5, vdim=7, seed=1)
+    before = weights_of(layer)
+    with pytest.raises(ValueError, match=r"in_proj_weight.*kdim=5, vdim=7.*q_proj_weight"):
+        layer.load_state_dict(packed)
+    assert_unchanged(layer, before)
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (lambda s: s.update(in_proj_bias=np.zeros(5)), ValueError, r"'in_proj_bias'.*\(24,\)"),
+    (lambda s: s.pop("out_proj.weight"), ValueError, r"missing \['out_proj.weight'\]"),
+    (lambda s: s.update(bias_k=np.zeros((1, 1, 8))), ValueError, r"unexpected \['bias_k'\]"),
+    (lambda s: s.update(q_proj_weight=np.zeros((8, 8))), ValueError, "unexpected.*q_proj_weight"),
+    (lambda s: s.update({"out_proj.weight": np.full((8, 8), 1j)}), TypeError,
+     r"'out_proj.weight'.*complex"),
+    (lambda s: s.update({"out_proj.bias": np.full(8, "a")}), TypeError, r"'out_proj.bias'"),
+])
+def test_load_state_dict_errors_name_the_key_and_change_nothing(change, error, message):
+    layer = fastattn.MultiHeadAttention(8, 2, seed=0)
+    state = fastattn.MultiHeadAttention(8, 2, seed=1).state_dict()
+    change(state)
+    before = weights_of(layer)
+    with pytest.raises(error, match=message):
+        layer.load_state_dict(state)
+    assert_unchanged(layer, before)
+
+
+@pytest.mark.parametrize("layer_type", ["encoder", "decoder"])
+def test_transformer_load_state_dict_is_all_or_nothing(layer_type):
+    """A bad entry in a late part (norm2) must leave the earlier parts (self_attn) as they
+    were, and the error names the full key."""
+    make = {"encoder": fastattn.TransformerEncoderLayer,
+            "decoder": fastattn.TransformerDecoderLayer}[layer_type]
+    layer, source = make(8, 2, 12, seed=0), make(8, 2, 12, seed=1)
+    state = source.state_dict()
+    state["norm2.bias"] = np.zeros(3)
+    before = weights_of(layer)
+    with pytest.raises(ValueError, match=r"'norm2.bias'.*\(8,\)"):
+        layer.load_state_dict(state)
+    assert_unchanged(layer, before)
+    del state["norm2.bias"]
+    with pytest.raises(ValueError, match=r"missing \['norm2.bias'\]"):
+        layer.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"unexpected.*'norm4.weight'"):
+        layer.load_state_dict({**source.state_dict(), "norm4.weight": np.ones(8)})
+    layer.load_state_dict(source.state_dict())
+    assert_unchanged(layer, source.state_dict())
+
+
+NOT_REAL = {"complex": np.full((2, 3, 8), 1 + 1j), "object": np.full((2, 3, 8), 1.0, object),
+            "str": np.full((2, 3, 8), "1")}
+
+
+@pytest.mark.parametrize("kind", sorted(NOT_REAL))
+def test_layers_refuse_inputs_that_are_not_real(rng, kind):
+    """Complex inputs used to lose their imaginary part with only a ComplexWarning."""
+    bad = NOT_REAL[kind]
+    good = rng.standard_normal((2, 3, 8))
+    layer = fastattn.MultiHeadAttention(8, 2, seed=0)
+    for name, call in (("query", lambda: layer(bad)), ("key", lambda: layer(good, bad, good)),
+                       ("value", lambda: layer(good, good, bad))):
+        with pytest.raises(TypeError, match=f"{name} must hold real numbers"):
+            call()
+    with pytest.raises(TypeError, match="real numbers"):
+        fastattn.LayerNorm(8)(bad)
+    with pytest.raises(TypeError, match="real numbers"):
+        fastattn.layers.FeedForward(8, 4)(bad)
+    with pytest.raises(TypeError, match="real numbers"):
+        fastattn.TransformerEncoderLayer(8, 2, 4, seed=0)(bad)
+    with pytest.raises(TypeError, match="memory must hold real numbers"):
+        fastattn.TransformerDecoderLayer(8, 2, 4, seed=0)(good, bad)
+
+
+@pytest.mark.parametrize("layer_dtype, input_dtype, result", [
+    (np.float32, np.float32, np.float32), (np.float32, np.float64, np.float64),
+    (np.float64, np.float32, np.float64), (np.float32, np.float16, np.float32),
+    (np.float32, np.int64, np.float64), (np.float32, np.bool_, np.float32),
+    (np.float64, np.int32, np.float64)])
+def test_layer_dtype_follows_result_type_of_weights_and_inputs(rng, layer_dtype, input_dtype,
+                                                              result):
+    """The kernel's rule, with the weights as one more operand: np.result_type of the
+    weights and the inputs, integer-only combinations in float64."""
+    x = (rng.standard_normal((2, 5, 8)) * 3).astype(input_dtype)
+    layers = [fastattn.MultiHeadAttention(8, 2, dtype=layer_dtype, seed=0),
+              fastattn.LayerNorm(8, dtype=layer_dtype),
+              fastattn.layers.FeedForward(8, 4, dtype=layer_dtype, rng=rng),
+              fastattn.TransformerEncoderLayer(8, 2, 4, dtype=layer_dtype, seed=0)]
+    for layer in layers:
+        got = layer(x)
+        assert got.dtype == result, type(layer).__name__
+        if result == np.float64:  # the weights in float64, exactly
+            np.testing.assert_allclose(got, layer(x.astype(np.float64)), rtol=1e-12, atol=1e-12)
+    out = fastattn.TransformerDecoderLayer(8, 2, 4, dtype=layer_dtype, seed=0)(x, x)
+    assert out.dtype == result
+
+
+def test_multi_head_input_shape_errors(rng):
+    layer = fastattn.MultiHeadAttention(8, 2, kdim=5, vdim=6, seed=0)
+    query = rng.standard_normal((2, 3, 8))
+    key, value = rng.standard_normal((2, 4, 5)), rng.standard_normal((2, 4, 6))
+    with pytest.raises(ValueError, match=r"key must have shape \(batch, L, 5\).*\(2, 4, 6\)"):
+        layer(query, value, value)
+    with pytest.raises(ValueError, match=r"batch.*query \(2, 3, 8\).*key \(3, 4, 5\)"):
+        layer(query, rng.standard_normal((3, 4, 5)), rng.standard_normal((3, 4, 6)))
+    with pytest.raises(ValueError, match=r"batch.*query \(2, 3, 8\).*key \(1, 4, 5\)"):
+        layer(query, key[:1], value[:1])  # no silent broadcasting of the batch
+    with pytest.raises(ValueError, match=r"all batched.*query \(2, 3, 8\).*key \(4, 5\)"):
+        layer(query, key[0], value[0])
+    with pytest.raises(ValueError, match=r"Lk.*key \(2, 4, 5\).*value \(2, 3, 6\)"):
+        layer(query, key, value[:, :3])
+    with pytest.raises(ValueError, match=r"batch.*key \(2, 4, 5\).*value \(1, 4, 6\)"):
+        layer(query, key, value[:1])
+
+
+def test_multi_head_mask_shapes(rng):
+    layer = fastattn.MultiHeadAttention(8, 2, dtype=np.float64, seed=0)
+    x = rng.standard_normal((3, 4, 8))
+    per_head = rng.random((3, 2, 4, 4)) < 0.7
+    shared = per_head[:, 0]  # (3, 4, 4)
+    np.testing.assert_array_equal(layer(x, mask=shared), layer(x, mask=shared[:, None]))
+    np.testing.assert_array_equal(layer(x, mask=shared[:1]),
+                                  layer(x, mask=np.broadcast_to(shared[:1], (3, 4, 4))))
+    with pytest.raises(ValueError, match=r"mask of shape \(5, 4, 4\).*\(3, 2, 4, 4\)"):
+        layer(x, mask=np.ones((5, 4, 4), bool))  # used to broadcast the output to batch 5
+    with pytest.raises(ValueError, match=r"mask of shape \(3, 3, 4, 4\)"):
+        layer(x, mask=np.ones((3, 3, 4, 4), bool))
+    with pytest.raises(ValueError, match=r"mask of shape \(1, 3, 2, 4, 4\)"):
+        layer(x, mask=np.ones((1, 3, 2, 4, 4), bool))
+    with pytest.raises(TypeError, match="mask must be boolean"):
+        layer(x, mask=np.ones((4, 4)))
+    # unbatched: (Lq, Lk) or (num_heads, Lq, Lk), as PyTorch's unbatched attn_mask
+    single = layer(x[0], mask=per_head[0])
+    np.testing.assert_array_equal(single, layer(x[:1], mask=per_head[:1])[0])
+    assert single.shape == (4, 8)
+    with pytest.raises(ValueError, match=r"mask of shape \(3, 4, 4\).*\(2, 4, 4\)"):
+        layer(x[0], mask=shared)  # used to return a result for batch entry 0 of 3
+
+
+def test_multi_head_kv_lengths_checks(rng):
+    layer = fastattn.MultiHeadAttention(8, 2, dtype=np.float64, seed=0)
+    x = rng.standard_normal((2, 4, 8))
+    with pytest.raises(ValueError, match=r"kv_lengths must have shape \(2,\).*\(3,\)"):
+        layer(x, kv_lengths=[4, 4, 4])
+    with pytest.raises(ValueError, match=r"kv_lengths must lie in \[0, Lk\] = \[0, 4\]"):
+        layer(x, kv_lengths=[4, 5])
+    with pytest.raises(TypeError, match="kv_lengths must hold integers"):
+        layer(x, kv_lengths=[4.0, 2.0])
+    np.testing.assert_array_equal(layer(x[0], kv_lengths=3), layer(x[:1], kv_lengths=[3])[0])
+    np.testing.assert_array_equal(layer(x[0], kv_lengths=[3]), layer(x[0], kv_lengths=3))
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ((0, 2), "embed_dim must be a positive int"), ((8, 2.0), "num_heads must be a positive int"),
+    ((8, 0), "num_heads must be a positive int"), ((8, 3), "multiple of num_heads=3"),
+    ((8, 2, {"kdim": 0}), "kdim"), ((8, 2, {"vdim": -1}), "vdim"),
+    ((8, 2, {"num_kv_heads": 0}), "num_kv_heads"),
+])
+def test_multi_head_constructor_checks(arguments, message):
+    *sizes, options = arguments if isinstance(arguments[-1], dict) else (*arguments, {})
+    with pytest.raises(ValueError, match=message):
+        fastattn.MultiHeadAttention(*sizes, **options)
+
+
+def test_norm_and_feed_forward_checks():
+    with pytest.raises(ValueError, match="d_model must be a positive int"):
+        fastattn.LayerNorm(0)
+    with pytest.raises(ValueError, match="eps must be a positive"):
+        fastattn.LayerNorm(4, eps=-1.0)
+    with pytest.raises(ValueError, match="dim_feedforward"):
+        fastattn.layers.FeedForward(4, 0)
+    with pytest.raises(ValueError, match=r"FeedForward expects a last dim of 4.*\(2, 3\)"):
+        fastattn.layers.FeedForward(4, 8)(np.ones((2, 3)))
+    with pytest.raises(TypeError, match="dtype must be float32 or float64"):
+        fastattn.LayerNorm(4, dtype=np.float16)
+
+
+def test_query_that_sees_no_key_gives_the_output_bias(rng):
+    layer = fastattn.MultiHeadAttention(8, 2, dtype=np.float64, seed=0)
+    state = layer.state_dict()
+    state["out_proj.bias"] = rng.standard_normal(8)
+    layer.load_state_dict(state)
+    x = rng.standard_normal((2, 3, 8))
+    mask = np.ones((2, 3, 3), bool)
+    mask[0, 1] = False  # query 1 of entry 0 sees nothing
+    out = layer(x, mask=mask, kv_lengths=[3, 0])  # entry 1 has no keys at all
+    assert not np.isnan(out).any()
+    np.testing.assert_allclose(out[0, 1], state["out_proj.bias"], atol=1e-15)
+    np.testing.assert_allclose(out[1], np.broadcast_to(state["out_proj.bias"], (3, 8)),
+                               atol=1e-15)

@@ -42,18 +42,24 @@ def as_mask_array(mask):
     return mask
 
 
-def result_dtypes(query, key, value):
+def result_dtypes(*operands):
     """Choose the compute dtype and the output dtype of an attention call.
 
     Rules of the contract: float32 and float64 are computed natively; float16 is
     computed in float32 and returned as float16; integer and bool inputs are
     promoted to float64; mixed inputs follow ``np.result_type``.
 
+    Parameters
+    ----------
+    *operands : ndarray or numpy.dtype
+        The arrays that meet in the computation (query, key and value; the layers
+        add their weights' dtype), or their dtypes.
+
     Returns
     -------
     compute_dtype, out_dtype : numpy.dtype
     """
-    common = np.result_type(query.dtype, key.dtype, value.dtype)
+    common = np.result_type(*(getattr(operand, "dtype", operand) for operand in operands))
     if common.kind in "biu":
         return np.dtype(np.float64), np.dtype(np.float64)
     if common == np.float16:
@@ -61,8 +67,8 @@ def result_dtypes(query, key, value):
     if common in (np.float32, np.float64):
         return common, common
     raise TypeError(
-        f"query, key and value combine to dtype {common}, which is not supported; "
-        "use float16, float32 or float64"
+        f"the inputs (query, key and value) combine to dtype {common}, which is not "
+        "supported; use float16, float32 or float64"
     )
 
 

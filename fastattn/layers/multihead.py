@@ -2,7 +2,9 @@
 
 import numpy as np
 
-from fastattn.layers.norm import _check_state
+from fastattn.checks.arguments import (as_mask_array, as_real_array, check_kv_lengths,
+                                       result_dtypes)
+from fastattn.layers.common import check_dtype, check_size, check_state
 
 
 class MultiHeadAttention:
@@ -31,7 +33,7 @@ class MultiHeadAttention:
     bias : bool, default True
         Whether the projections have biases.
     dtype : dtype, default float32
-        Of the parameters and the computation (float32 or float64).
+        Of the parameters (float32 or float64); see Notes for the computation's.
     seed : int, optional
         Seeds the initial weights (Xavier-uniform projections, zero biases, as PyTorch).
 
@@ -41,22 +43,39 @@ class MultiHeadAttention:
     :meth:`load_state_dict` takes a ``torch.nn.MultiheadAttention`` state_dict given
     as NumPy arrays. Masks keep fastattn's polarity, True = may attend (PyTorch's
     boolean MHA masks mean the opposite).
+
+    Dtypes follow the kernel's rules (``../shared/API.md``) with the weights as one
+    more operand: the computation and the output take ``np.result_type`` of the
+    parameters and the inputs. A float32 layer given float32 inputs computes in
+    float32; given float64 inputs (or int64 ones) it computes in float64 with its
+    weights cast up, as NumPy's ``x @ W`` would; float16 and bool inputs are computed
+    in the parameters' dtype. Complex, object and string inputs are a ``TypeError``.
+    PyTorch instead refuses inputs whose dtype differs from the parameters'.
+
+    Inputs are ``(batch, L, width)`` or, all of them at once, unbatched ``(L, width)``;
+    query, key and value must agree on the batch size (no broadcasting of it).
+
+    A query that can see no key (every key masked, ``kv_lengths`` 0) gets zero from
+    every head, as the kernel's rule says, so its output is the output bias
+    ``b_o``; PyTorch returns NaN for such rows.
     """
 
     def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, kdim=None, vdim=None,
                  bias=True, dtype=np.float32, seed=None):
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if num_heads < 1 or embed_dim % num_heads:
+        embed_dim = check_size("embed_dim", embed_dim)
+        num_heads = check_size("num_heads", num_heads)
+        num_kv_heads = num_heads if num_kv_heads is None else check_size("num_kv_heads",
+                                                                         num_kv_heads)
+        kdim = embed_dim if kdim is None else check_size("kdim", kdim)
+        vdim = embed_dim if vdim is None else check_size("vdim", vdim)
+        if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} must be a positive multiple of "
                              f"num_heads={num_heads}")
-        if num_kv_heads < 1 or num_heads % num_kv_heads:
+        if num_heads % num_kv_heads:
             raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
-        self.dtype = np.dtype(dtype)
-        if self.dtype not in (np.float32, np.float64):
-            raise TypeError(f"dtype must be float32 or float64; got {self.dtype}")
+        self.dtype = check_dtype(dtype)
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
-        self.kdim = embed_dim if kdim is None else kdim
-        self.vdim = embed_dim if vdim is None else vdim
+        self.kdim, self.vdim = kdim, vdim
         self.head_dim = embed_dim // num_heads
         self.kv_dim = self.head_dim * num_kv_heads
         self.has_bias = bias
@@ -85,57 +104,151 @@ class MultiHeadAttention:
         ----------
         query : array_like, shape ``(batch, Lq, embed_dim)`` (or ``(Lq, embed_dim)``)
         key : array_like, shape ``(batch, Lk, kdim)``, optional
+            Omitted (None): self-attention, ``query`` is also key and value, which needs
+            ``kdim == vdim == embed_dim`` (else ``ValueError``).
         value : array_like, shape ``(batch, Lk, vdim)``, optional
-            Defaults to ``key``.
+            Omitted: ``key`` is also the value, which needs ``vdim == kdim`` (else
+            ``ValueError``). PyTorch's ``forward`` has no such default; giving
+            ``value`` without ``key`` is a ``ValueError``.
         mask : array_like of bool, optional
-            True = may attend; broadcastable to ``(batch, num_heads, Lq, Lk)``, or
-            ``(batch, Lq, Lk)`` (shared by the heads).
+            True = may attend. ``(Lq, Lk)`` for every entry and head, ``(batch, Lq, Lk)``
+            shared by the heads, or ``(batch, num_heads, Lq, Lk)``; any axis may be 1.
+            For unbatched inputs ``(Lq, Lk)`` or ``(num_heads, Lq, Lk)`` (PyTorch's
+            unbatched ``attn_mask`` shapes). A mask that would broadcast the batch beyond
+            the inputs' is a ``ValueError``.
         causal : bool, default False
+            Key ``j`` visible to query ``i`` iff ``j <= i`` (top-left alignment).
         kv_lengths : array_like of int, optional
-            Valid key count of each batch entry (padded batches).
+            Valid key count of each batch entry, shape ``(batch,)`` (a scalar for
+            unbatched inputs); keys at and past it are padding, as PyTorch's
+            ``key_padding_mask``.
         return_weights : bool, default False
-            Also return the per-head weights ``(batch, num_heads, Lq, Lk)``.
+            Also return the per-head weights ``(batch, num_heads, Lq, Lk)``
+            (``(num_heads, Lq, Lk)`` unbatched). PyTorch averages them over the heads
+            unless ``average_attn_weights=False``; these are never averaged.
 
         Returns
         -------
-        out : ndarray, shape ``(batch, Lq, embed_dim)``
+        out : ndarray, shape ``(batch, Lq, embed_dim)`` (``(Lq, embed_dim)`` unbatched)
+            In ``np.result_type`` of the parameters and the inputs (see the class Notes).
         weights : ndarray, only if ``return_weights``
+
+        Raises
+        ------
+        TypeError
+            For inputs that are not real (complex, object, string), a non-boolean mask,
+            non-integer ``kv_lengths``.
+        ValueError
+            For an input of the wrong width or rank, batch sizes or key/value lengths
+            that differ, a mask that does not fit, ``kv_lengths`` of the wrong shape or
+            out of ``[0, Lk]``, or an omitted key/value that cannot stand in (above).
         """
         from fastattn.attention import scaled_dot_product_attention
 
-        query, unbatched = self._batched("query", query, self.embed_dim)
-        key = query if key is None else self._batched("key", key, self.kdim)[0]
-        value = key if value is None else self._batched("value", value, self.vdim)[0]
-        if key.shape[:2] != value.shape[:2]:
-            raise ValueError(f"key {key.shape} and value {value.shape} must share (batch, Lk)")
-        if mask is not None:
-            mask = np.asarray(mask)
-            if mask.ndim == 3:  # (batch, Lq, Lk): the same for every head
-                mask = mask[:, None]  # (batch, 1, Lq, Lk)
+        query, key, value, unbatched = self._inputs(query, key, value)
+        batch, q_len, kv_len = query.shape[0], query.shape[1], key.shape[1]
+        mask = self._mask(mask, unbatched, (batch, self.num_heads, q_len, kv_len))
+        if kv_lengths is not None:
+            if unbatched and np.ndim(kv_lengths) == 0:
+                kv_lengths = np.reshape(kv_lengths, (1,))  # (1,)
+            kv_lengths = check_kv_lengths(kv_lengths, () if unbatched else (batch,), kv_len)
 
-        q = self._heads(query @ self.w_query.T, self.b_query, self.num_heads)  # (B, H, Lq, d_h)
-        k = self._heads(key @ self.w_key.T, self.b_key, self.num_kv_heads)  # (B, Hkv, Lk, d_h)
-        v = self._heads(value @ self.w_value.T, self.b_value, self.num_kv_heads)  # (B, Hkv, Lk, d_h)
+        def cast(array):  # the weights in the compute dtype (no copy when it is theirs)
+            return None if array is None else array.astype(query.dtype, copy=False)
+
+        q = self._heads(query @ cast(self.w_query).T, cast(self.b_query),
+                        self.num_heads)  # (B, H, Lq, d_h)
+        k = self._heads(key @ cast(self.w_key).T, cast(self.b_key),
+                        self.num_kv_heads)  # (B, Hkv, Lk, d_h)
+        v = self._heads(value @ cast(self.w_value).T, cast(self.b_value),
+                        self.num_kv_heads)  # (B, Hkv, Lk, d_h)
         result = scaled_dot_product_attention(
             q, k, v, mask, causal=causal, kv_lengths=kv_lengths,
             enable_gqa=self.num_kv_heads != self.num_heads, return_weights=return_weights)
         heads, weights = result if return_weights else (result, None)  # (B, H, Lq, d_h)
-        batch, _, q_len, _ = heads.shape
         merged = heads.transpose(0, 2, 1, 3).reshape(batch, q_len, self.embed_dim)  # (B, Lq, E)
-        out = merged @ self.w_out.T  # (B, Lq, E)
+        out = merged @ cast(self.w_out).T  # (B, Lq, E)
         if self.b_out is not None:
-            out += self.b_out
+            out += cast(self.b_out)
         if unbatched:
-            out = out[0]
-            weights = None if weights is None else weights[0]
+            out = out[0]  # (Lq, E)
+            weights = None if weights is None else weights[0]  # (H, Lq, Lk)
         return (out, weights) if return_weights else out
 
-    def _batched(self, name, array, width):
-        array = np.asarray(array, self.dtype)
-        if array.ndim not in (2, 3) or array.shape[-1] != width:
-            raise ValueError(f"{name} must have shape (batch, L, {width}) or (L, {width}); "
-                             f"got {array.shape}")
-        return (array[None], True) if array.ndim == 2 else (array, False)
+    def _inputs(self, query, key, value):
+        """Validate the inputs; return them batched, in the compute dtype, and whether
+        they came unbatched."""
+        key, value = self._default_key_value(key, value)
+        arrays = {"query": (query, self.embed_dim)}
+        if key is not None:
+            arrays["key"] = (key, self.kdim)
+        if value is not None:
+            arrays["value"] = (value, self.vdim)
+        checked = {}
+        for name, (array, width) in arrays.items():
+            array = as_real_array(name, array)
+            if array.ndim not in (2, 3) or array.shape[-1] != width:
+                raise ValueError(f"{name} must have shape (batch, L, {width}) or (L, {width}); "
+                                 f"got {array.shape}")
+            checked[name] = array
+        shapes = ", ".join(f"{name} {array.shape}" for name, array in checked.items())
+        if len({array.ndim for array in checked.values()}) > 1:
+            raise ValueError(f"query, key and value must be all batched (3-D) or all "
+                             f"unbatched (2-D); got {shapes}")
+        if len({array.shape[:-2] for array in checked.values()}) > 1:
+            raise ValueError(f"query, key and value must have the same batch size (axis 0); "
+                             f"got {shapes}")
+        key = checked.get("key", checked["query"])
+        value = checked.get("value", key)
+        if key.shape[-2] != value.shape[-2]:
+            raise ValueError(f"key and value must have the same length Lk (axis -2); got key "
+                             f"{key.shape} and value {value.shape}")
+        dtype, _ = result_dtypes(self.dtype, *checked.values())
+        query, key, value = (np.asarray(array, dtype) for array in (checked["query"], key, value))
+        unbatched = query.ndim == 2
+        if unbatched:
+            query, key, value = query[None], key[None], value[None]  # (1, L, width) each
+        return query, key, value, unbatched
+
+    def _mask(self, mask, unbatched, full_shape):
+        """The mask with a head axis, checked to broadcast to ``full_shape`` without
+        enlarging it (a batch the inputs do not have would change the output's shape)."""
+        if mask is None:
+            return None
+        mask = as_mask_array(mask)
+        given = mask.shape
+        if mask.ndim == 3:  # (batch, Lq, Lk) shared by the heads; unbatched: (H, Lq, Lk)
+            mask = mask[None] if unbatched else mask[:, None]  # (B or 1, H or 1, Lq, Lk)
+        elif unbatched and mask.ndim == 4:
+            mask = mask[None]  # (1, B, H, Lq, Lk): refused below
+        try:
+            fits = np.broadcast_shapes(mask.shape, full_shape) == full_shape
+        except ValueError:
+            fits = False
+        if not fits:
+            forms = (f"(Lq, Lk) or (num_heads, Lq, Lk) = {full_shape[1:]}" if unbatched else
+                     f"(Lq, Lk), (batch, Lq, Lk) or (batch, num_heads, Lq, Lk) = {full_shape}")
+            raise ValueError(f"mask of shape {given} does not fit the "
+                             f"{'unbatched ' if unbatched else ''}inputs: it must broadcast "
+                             f"to {forms}")
+        return mask
+
+    def _default_key_value(self, key, value):
+        """Check that the omitted inputs can stand in for each other (None = omitted)."""
+        if key is None:
+            if value is not None:
+                raise ValueError("value was given without key; pass key as well (key=None "
+                                 "means self-attention, with query as key and value)")
+            for name, width in (("kdim", self.kdim), ("vdim", self.vdim)):
+                if width != self.embed_dim:
+                    raise ValueError(
+                        f"self-attention (key=None) uses query as key and value, which needs "
+                        f"kdim == vdim == embed_dim; this layer has {name}={width}, "
+                        f"embed_dim={self.embed_dim}: pass key and value")
+        elif value is None and self.vdim != self.kdim:
+            raise ValueError(f"value=None uses key as the value, which needs vdim == kdim; this "
+                             f"layer has kdim={self.kdim}, vdim={self.vdim}: pass value")
+        return key, value
 
     def _heads(self, projected, bias, heads):
         """``(B, L, heads * d_h)`` plus bias, as a ``(B, heads, L, d_h)`` view."""
@@ -168,22 +281,50 @@ class MultiHeadAttention:
     def load_state_dict(self, state):
         """Load a PyTorch ``nn.MultiheadAttention`` state_dict given as NumPy arrays.
 
-        Takes the packed form (``in_proj_weight``) or the separate one
-        (``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight``, which PyTorch uses
-        when ``kdim`` or ``vdim`` differ from ``embed_dim``), plus ``out_proj.weight``
-        and, with biases, ``in_proj_bias`` and ``out_proj.bias``.
+        Takes the packed form (``in_proj_weight``, which PyTorch uses when
+        ``kdim == vdim == embed_dim``) or the separate one (``q_proj_weight``,
+        ``k_proj_weight``, ``v_proj_weight``, which PyTorch uses otherwise), plus
+        ``out_proj.weight`` and, with biases, ``in_proj_bias`` and ``out_proj.bias``.
+        Under grouped-query attention the key and value rows are ``num_kv_heads * d_h``.
+
+        Raises
+        ------
+        ValueError
+            For a missing or unexpected key, an array of the wrong shape, or the packed
+            form on a layer whose ``kdim`` or ``vdim`` differ from ``embed_dim``; the
+            message names the key.
+        TypeError
+            For an array that does not hold real numbers.
+
+        Notes
+        -----
+        Loading is all or nothing: every entry is checked before any is assigned, so
+        after an error the layer keeps its previous weights.
         """
+        self._assign(self._checked_state(state))
+
+    def _checked_state(self, state, owner="MultiHeadAttention", prefix=""):
+        """Validated weights of ``state`` cast to the layer's dtype, not yet assigned."""
         e, kv = self.embed_dim, self.kv_dim
         expected = {"out_proj.weight": (e, e)}
         if "in_proj_weight" in state:
+            if self.kdim != e or self.vdim != e:
+                raise ValueError(
+                    f"{owner}: state_dict[{prefix + 'in_proj_weight'!r}] is the packed "
+                    f"form, which holds keys and values of width embed_dim={e}; this layer "
+                    f"has kdim={self.kdim}, vdim={self.vdim}: give q_proj_weight, "
+                    f"k_proj_weight and v_proj_weight (as PyTorch does for such layers)")
             expected["in_proj_weight"] = (e + 2 * kv, e)
         else:
             expected.update({"q_proj_weight": (e, e), "k_proj_weight": (kv, self.kdim),
                              "v_proj_weight": (kv, self.vdim)})
         if self.has_bias:
             expected.update({"in_proj_bias": (e + 2 * kv,), "out_proj.bias": (e,)})
-        arrays = {name: array.astype(self.dtype)
-                  for name, array in _check_state("MultiHeadAttention", state, expected).items()}
+        arrays = check_state(owner, state, expected, prefix)
+        return {name: array.astype(self.dtype) for name, array in arrays.items()}
+
+    def _assign(self, arrays):
+        e, kv = self.embed_dim, self.kv_dim
         if "in_proj_weight" in arrays:
             self.w_query, self.w_key, self.w_value = np.split(arrays["in_proj_weight"],
                                                               [e, e + kv])

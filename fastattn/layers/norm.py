@@ -5,22 +5,7 @@ import math
 import numpy as np
 from scipy.special import erf
 
-
-def _check_state(owner, state, expected):
-    """``state`` must hold exactly ``expected`` (name -> shape); returns float arrays."""
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    if missing or extra:
-        raise ValueError(f"{owner}: state_dict keys do not match; missing {missing}, "
-                         f"unexpected {extra}")
-    arrays = {}
-    for name, shape in expected.items():
-        array = np.asarray(state[name])
-        if array.shape != shape:
-            raise ValueError(f"{owner}: state_dict[{name!r}] must have shape {shape}; "
-                             f"got {array.shape}")
-        arrays[name] = array
-    return arrays
+from fastattn.layers.common import check_dtype, check_size, check_state, layer_input
 
 
 class LayerNorm:
@@ -32,14 +17,17 @@ class LayerNorm:
     """
 
     def __init__(self, d_model, eps=1e-5, *, dtype=np.float32):
-        self.d_model, self.eps, self.dtype = d_model, eps, np.dtype(dtype)
+        self.d_model, self.dtype = check_size("d_model", d_model), check_dtype(dtype)
+        if not (isinstance(eps, (int, float, np.floating)) and eps > 0):
+            raise ValueError(f"eps must be a positive number; got {eps!r}")
+        self.eps = float(eps)
         self.weight = np.ones(d_model, self.dtype)  # (d_model,)
         self.bias = np.zeros(d_model, self.dtype)  # (d_model,)
 
     def __call__(self, x):
-        x = np.asarray(x, self.dtype)
-        if x.shape[-1:] != (self.d_model,):
-            raise ValueError(f"LayerNorm expects a last dim of {self.d_model}; got shape {x.shape}")
+        """Normalise ``x`` ``(..., d_model)``; computed in ``np.result_type`` of the
+        weights and ``x`` (integers in float64), as the other layers."""
+        x = layer_input("LayerNorm", "x", x, self.d_model, self.dtype)  # (..., d)
         mean = x.mean(axis=-1, keepdims=True)  # (..., 1)
         variance = ((x - mean) ** 2).mean(axis=-1, keepdims=True)  # (..., 1)
         return (x - mean) / np.sqrt(variance + self.eps) * self.weight + self.bias  # (..., d)
@@ -48,10 +36,16 @@ class LayerNorm:
         return {"weight": self.weight.copy(), "bias": self.bias.copy()}
 
     def load_state_dict(self, state):
-        arrays = _check_state("LayerNorm", state, {"weight": (self.d_model,),
-                                                   "bias": (self.d_model,)})
-        self.weight = arrays["weight"].astype(self.dtype)
-        self.bias = arrays["bias"].astype(self.dtype)
+        """Load ``weight`` and ``bias`` (PyTorch ``nn.LayerNorm``); nothing changes on error."""
+        self._assign(self._checked_state(state))
+
+    def _checked_state(self, state, owner="LayerNorm", prefix=""):
+        shape = (self.d_model,)
+        arrays = check_state(owner, state, {"weight": shape, "bias": shape}, prefix)
+        return {name: array.astype(self.dtype) for name, array in arrays.items()}
+
+    def _assign(self, arrays):
+        self.weight, self.bias = arrays["weight"], arrays["bias"]
 
 
 ACTIVATIONS = {
@@ -73,8 +67,9 @@ class FeedForward:
                  rng=None):
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}; got {activation!r}")
-        self.d_model, self.dim_feedforward = d_model, dim_feedforward
-        self.activation, self.dtype = activation, np.dtype(dtype)
+        self.d_model = check_size("d_model", d_model)
+        self.dim_feedforward = check_size("dim_feedforward", dim_feedforward)
+        self.activation, self.dtype = activation, check_dtype(dtype)
         rng = np.random.default_rng() if rng is None else rng
         bound1, bound2 = 1 / np.sqrt(d_model), 1 / np.sqrt(dim_feedforward)
         self.w1 = rng.uniform(-bound1, bound1, (dim_feedforward, d_model)).astype(self.dtype)
@@ -83,6 +78,9 @@ class FeedForward:
         self.b2 = rng.uniform(-bound2, bound2, d_model).astype(self.dtype)
 
     def __call__(self, x):
+        """``x`` ``(..., d_model)`` -> ``(..., d_model)``, in ``np.result_type`` of the
+        weights and ``x`` (integers in float64)."""
+        x = layer_input("FeedForward", "x", x, self.d_model, self.dtype)  # (..., d_model)
         hidden = ACTIVATIONS[self.activation](x @ self.w1.T + self.b1)  # (..., dim_ff)
         return hidden @ self.w2.T + self.b2  # (..., d_model)
 
@@ -91,9 +89,16 @@ class FeedForward:
                 "linear2.weight": self.w2.copy(), "linear2.bias": self.b2.copy()}
 
     def load_state_dict(self, state):
+        """Load ``linear1.*`` and ``linear2.*``; nothing changes on error."""
+        self._assign(self._checked_state(state))
+
+    def _checked_state(self, state, owner="FeedForward", prefix=""):
         d, f = self.d_model, self.dim_feedforward
-        arrays = _check_state("FeedForward", state, {
+        arrays = check_state(owner, state, {
             "linear1.weight": (f, d), "linear1.bias": (f,),
-            "linear2.weight": (d, f), "linear2.bias": (d,)})
-        self.w1, self.b1 = (arrays[k].astype(self.dtype) for k in ("linear1.weight", "linear1.bias"))
-        self.w2, self.b2 = (arrays[k].astype(self.dtype) for k in ("linear2.weight", "linear2.bias"))
+            "linear2.weight": (d, f), "linear2.bias": (d,)}, prefix)
+        return {name: array.astype(self.dtype) for name, array in arrays.items()}
+
+    def _assign(self, arrays):
+        self.w1, self.b1 = arrays["linear1.weight"], arrays["linear1.bias"]
+        self.w2, self.b2 = arrays["linear2.weight"], arrays["linear2.bias"]

@@ -3,6 +3,8 @@
 
 import numpy as np
 
+from fastattn.layers.common import check_size
+
 
 def sinusoidal_positional_encoding(length, d_model, *, base=10000.0, dtype=np.float32):
     r"""Positional encodings ``(length, d_model)`` to add to token embeddings.
@@ -26,9 +28,7 @@ def sinusoidal_positional_encoding(length, d_model, *, base=10000.0, dtype=np.fl
     -------
     ndarray, shape ``(length, d_model)``
     """
-    for name, size in (("length", length), ("d_model", d_model)):
-        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 0:
-            raise ValueError(f"{name} must be a non-negative int; got {size!r}")
+    length, d_model = check_size("length", length, 0), check_size("d_model", d_model, 0)
     if not base > 0:
         raise ValueError(f"base must be positive; got {base!r}")
     positions = np.arange(length, dtype=np.float64)[:, None]  # (length, 1)

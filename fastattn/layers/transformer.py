@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from fastattn.layers.common import layer_input
 from fastattn.layers.multihead import MultiHeadAttention
 from fastattn.layers.norm import FeedForward, LayerNorm
 
@@ -24,15 +25,26 @@ class _LayerBase:
         return state
 
     def load_state_dict(self, state):
-        """Load the matching PyTorch layer's state_dict given as NumPy arrays."""
+        """Load the matching PyTorch layer's state_dict given as NumPy arrays.
+
+        Every part is checked before any is assigned, so after an error (which names
+        the full key) the layer keeps its previous weights.
+        """
+        owner = type(self).__name__
+        parts = [(prefix, getattr(self, attribute)) for prefix, attribute in self._parts]
+        parts += [("", self.feed_forward)]
         known = tuple(prefix for prefix, _ in self._parts) + ("linear1.", "linear2.")
         unexpected = sorted(name for name in state if not name.startswith(known))
         if unexpected:
-            raise ValueError(f"{type(self).__name__}: unexpected state_dict keys {unexpected}")
-        for prefix, attribute in self._parts:
-            getattr(self, attribute).load_state_dict(_prefixed(state, prefix))
-        self.feed_forward.load_state_dict(
-            {name: array for name, array in state.items() if name.startswith("linear")})
+            raise ValueError(f"{owner}: state_dict keys do not match; unexpected {unexpected}")
+        checked = []
+        for prefix, part in parts:
+            own = (_prefixed(state, prefix) if prefix else
+                   {name: array for name, array in state.items()
+                    if name.startswith(("linear1.", "linear2."))})
+            checked.append((part, part._checked_state(own, owner, prefix)))
+        for part, arrays in checked:
+            part._assign(arrays)
 
 
 class TransformerEncoderLayer(_LayerBase):
@@ -65,12 +77,28 @@ class TransformerEncoderLayer(_LayerBase):
         self.norm2 = LayerNorm(d_model, layer_norm_eps, dtype=dtype)
 
     def __call__(self, x, *, mask=None, causal=False, kv_lengths=None):
-        """``x`` ``(batch, L, d_model)`` -> ``(batch, L, d_model)``; mask True = may attend,
-        ``kv_lengths`` the valid length of each padded sequence."""
+        """Encode ``x`` ``(batch, L, d_model)`` (or unbatched ``(L, d_model)``).
+
+        Parameters
+        ----------
+        x : array_like, shape ``(batch, L, d_model)``
+        mask : array_like of bool, optional
+            True = may attend; the shapes of :meth:`MultiHeadAttention.__call__`.
+        causal : bool, default False
+        kv_lengths : array_like of int, optional
+            Valid length of each padded sequence, shape ``(batch,)`` (PyTorch's
+            ``src_key_padding_mask``).
+
+        Returns
+        -------
+        ndarray, shape of ``x``
+            In ``np.result_type`` of the parameters and ``x`` (integers in float64).
+        """
         def attend(h):
             return self.self_attn(h, mask=mask, causal=causal, kv_lengths=kv_lengths)
 
-        x = np.asarray(x, self.self_attn.dtype)
+        x = layer_input(type(self).__name__, "x", x, self.self_attn.embed_dim,
+                        self.self_attn.dtype)  # (batch, L, d_model)
         if self.norm_first:
             x = x + attend(self.norm1(x))  # (batch, L, d_model)
             return x + self.feed_forward(self.norm2(x))
@@ -107,8 +135,28 @@ class TransformerDecoderLayer(_LayerBase):
 
     def __call__(self, target, memory, *, causal=True, target_mask=None, memory_mask=None,
                  target_kv_lengths=None, memory_kv_lengths=None):
-        """``target`` ``(batch, Lt, d)`` attends to itself (causally by default) and to
-        ``memory`` ``(batch, Lm, d)``; returns ``(batch, Lt, d)``."""
+        """``target`` attends to itself (causally by default), then to ``memory``.
+
+        Parameters
+        ----------
+        target : array_like, shape ``(batch, Lt, d_model)``
+        memory : array_like, shape ``(batch, Lm, d_model)``
+            The encoder's output; same batch size as ``target``.
+        causal : bool, default True
+            Causal self-attention (PyTorch's ``tgt_is_causal`` with a square
+            subsequent mask).
+        target_mask, memory_mask : array_like of bool, optional
+            True = may attend; broadcastable to ``(batch, nhead, Lt, Lt)`` and
+            ``(batch, nhead, Lt, Lm)`` as in :meth:`MultiHeadAttention.__call__`.
+        target_kv_lengths, memory_kv_lengths : array_like of int, optional
+            Valid lengths ``(batch,)`` of the padded target and memory (PyTorch's
+            ``tgt_key_padding_mask`` and ``memory_key_padding_mask``).
+
+        Returns
+        -------
+        ndarray, shape ``(batch, Lt, d_model)``
+            In ``np.result_type`` of the parameters and the inputs.
+        """
         def attend_self(h):
             return self.self_attn(h, mask=target_mask, causal=causal,
                                   kv_lengths=target_kv_lengths)
@@ -116,8 +164,10 @@ class TransformerDecoderLayer(_LayerBase):
         def attend_memory(h):
             return self.cross_attn(h, memory, mask=memory_mask, kv_lengths=memory_kv_lengths)
 
-        x = np.asarray(target, self.self_attn.dtype)
-        memory = np.asarray(memory, self.self_attn.dtype)
+        d_model, dtype = self.self_attn.embed_dim, self.self_attn.dtype
+        x = layer_input(type(self).__name__, "target", target, d_model, dtype)  # (batch, Lt, d)
+        memory = layer_input(type(self).__name__, "memory", memory, d_model,
+                             dtype)  # (batch, Lm, d)
         if self.norm_first:
             x = x + attend_self(self.norm1(x))  # (batch, Lt, d)
             x = x + attend_memory(self.norm2(x))
