@@ -44,9 +44,9 @@ class MultiHeadAttention:
     as NumPy arrays. Masks keep fastattn's polarity, True = may attend (PyTorch's
     boolean MHA masks mean the opposite).
 
-    Dtypes follow the kernel's rules (``../shared/API.md``) with the weights as one
-    more operand: the computation and the output take ``np.result_type`` of the
-    parameters and the inputs. A float32 layer given float32 inputs computes in
+    Dtypes follow the kernel's rules (:func:`fastattn.scaled_dot_product_attention`)
+    with the weights as one more operand: the computation and the output take
+    ``np.result_type`` of the parameters and the inputs. A float32 layer given float32 inputs computes in
     float32; given float64 inputs (or int64 ones) it computes in float64 with its
     weights cast up, as NumPy's ``x @ W`` would; float16 and bool inputs are computed
     in the parameters' dtype. Complex, object and string inputs are a ``TypeError``.
