@@ -76,6 +76,7 @@ def _attention_backward(query, key, value, query_index, key_index, value_index,
     log2_scale = scale * LOG2E
     n_k_blocks = (kv_len + block_k - 1) // block_k
 
+    head_dim, value_dim = key.shape[2], value.shape[2]
     for task in prange(n_batch * n_groups):
         b = task // n_groups
         group = task - b * n_groups
@@ -87,6 +88,14 @@ def _attention_backward(query, key, value, query_index, key_index, value_index,
         keys_all = key[key_index[b]]  # (Lk, Dk)
         values_all = value[value_index[b]]  # (Lk, Dv)
         query_grads = query_grad_parts[group, b]  # (Lq, Dk) this group's share of dQ / scale
+        # Buffers for every block of this task: allocating per block would cost a
+        # page-faulting mmap for each large product.
+        probs_buffer = np.empty(block_q * block_k, dtype=grad_key.dtype)
+        score_grads_buffer = np.empty(block_q * block_k, dtype=grad_key.dtype)
+        product_buffer = np.empty(max(block_q, block_k) * max(head_dim, value_dim),
+                                  dtype=grad_key.dtype)
+        key_grad_buffer = np.empty(block_k * head_dim, dtype=grad_key.dtype)
+        value_grad_buffer = np.empty(block_k * value_dim, dtype=grad_key.dtype)
         # Key blocks group, group + G, group + 2G, ...: under a causal mask early key
         # blocks are seen by more rows, so striding spreads the work evenly.
         for k_block in range(group, n_k_blocks, n_groups):
@@ -94,32 +103,51 @@ def _attention_backward(query, key, value, query_index, key_index, value_index,
             key_stop = min(key_start + block_k, kv_stop)
             if key_start >= key_stop:
                 break
+            cols = key_stop - key_start
             keys = keys_all[key_start:key_stop]  # (cols, Dk)
             values = values_all[key_start:key_stop]  # (cols, Dv)
             # query rows that may see a key of [key_start, key_stop): lo(i) < key_stop,
             # hi(i) > key_start
             row_first = min(max(key_start - diag_offset - reach_right, 0), q_len)
             row_last = max(min(key_stop - 1 - diag_offset + reach_left + 1, q_len), row_first)
-            key_grad = np.zeros((key_stop - key_start, key.shape[2]),
-                                dtype=grad_key.dtype)  # (cols, Dk) dK / scale
-            value_grad = np.zeros((key_stop - key_start, value.shape[2]),
-                                  dtype=grad_value.dtype)  # (cols, Dv)
+            key_grad = block_view(key_grad_buffer, cols, head_dim)  # (cols, Dk) dK / scale
+            value_grad = block_view(value_grad_buffer, cols, value_dim)  # (cols, Dv)
+            key_grad[:] = 0.0
+            value_grad[:] = 0.0
             for row_start in range(row_first, row_last, block_q):
                 row_stop = min(row_start + block_q, row_last)
+                rows = row_stop - row_start
                 q_rows = queries[row_start:row_stop]  # (rows, Dk)
                 grad_rows = grads[row_start:row_stop]  # (rows, Dv)
-                probs = np.dot(q_rows, keys.T)  # (rows, cols) raw scores, then P
-                score_grads = np.dot(grad_rows, values.T)  # (rows, cols) dP, then dS
+                probs = block_view(probs_buffer, rows, cols)  # (rows, cols)
+                score_grads = block_view(score_grads_buffer, rows, cols)  # (rows, cols)
+                np.dot(q_rows, keys.T, probs)  # raw scores, then P
+                np.dot(grad_rows, values.T, score_grads)  # dP, then dS
                 probabilities_and_score_grads(
                     probs, score_grads, row_start, key_start, lse[b], delta[b], log2_scale,
                     kv_stop, diag_offset, reach_left, reach_right, mask, mask_entry,
                     mask_row_step, mask_col_step, has_mask, bias, bias_entry, bias_row_step,
                     bias_col_step, has_bias)
-                value_grad += np.dot(probs.T, grad_rows)  # (cols, Dv) P^T dO
-                key_grad += np.dot(score_grads.T, q_rows)  # (cols, Dk) dS^T Q
-                query_grads[row_start:row_stop] += np.dot(score_grads, keys)  # (rows, Dk) dS K
-            grad_key[b, key_start:key_stop] = key_grad * scale
+                product = block_view(product_buffer, cols, value_dim)  # (cols, Dv)
+                np.dot(probs.T, grad_rows, product)  # P^T dO
+                value_grad += product
+                product = block_view(product_buffer, cols, head_dim)  # (cols, Dk)
+                np.dot(score_grads.T, q_rows, product)  # dS^T Q
+                key_grad += product
+                product = block_view(product_buffer, rows, head_dim)  # (rows, Dk)
+                np.dot(score_grads, keys, product)  # dS K
+                query_grads[row_start:row_stop] += product
+            for c in range(cols):
+                for d in range(head_dim):
+                    grad_key[b, key_start + c, d] = key_grad[c, d] * scale
             grad_value[b, key_start:key_stop] = value_grad
+
+
+@jit_helper
+def block_view(buffer, rows, cols):
+    """The first ``rows * cols`` entries of a flat buffer as a C-contiguous
+    ``(rows, cols)`` array (a slice of a 2-D buffer would not be contiguous)."""
+    return buffer[:rows * cols].reshape((rows, cols))
 
 
 def _backward_signature(dtype):
