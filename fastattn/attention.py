@@ -7,7 +7,7 @@ import numpy as np
 from fastattn.checks import check_attention
 from fastattn.kernels.config import single_threaded_blas
 from fastattn.kernels.forward import forward_kernel
-from fastattn.layout import kernel_inputs
+from fastattn.layout import kernel_inputs, placeholder
 
 # Keys per inner block, and the most query rows per prange task. Large blocks keep
 # the two BLAS products per block efficient; see choose_block_q for smaller ones.
@@ -105,7 +105,7 @@ def _run_forward(problem, return_weights):
     if return_weights:
         weights = np.zeros((n_batch, problem.q_len, problem.kv_len), dtype)  # (N, Lq, Lk)
     else:
-        weights = np.empty((1, 1, 1), dtype)  # placeholder, never written
+        weights = placeholder(dtype, 3, writeable=True)  # never written
 
     block_q = choose_block_q(n_batch, problem.q_len)
     split_len = problem.kv_len
@@ -117,8 +117,8 @@ def _run_forward(problem, return_weights):
                              dtype)  # (splits, N, Lq, Dv)
         split_lse = np.empty((n_splits, n_batch, problem.q_len), dtype)  # (splits, N, Lq)
     else:
-        split_out = np.empty((1, 1, 1, 1), dtype)  # placeholders, never written
-        split_lse = np.empty((1, 1, 1), dtype)
+        split_out = placeholder(dtype, 4, writeable=True)  # never written
+        split_lse = placeholder(dtype, 3, writeable=True)
     if n_batch and problem.q_len:
         with single_threaded_blas(needs_blas_threads(problem, block_q, BLOCK_K)):
             forward_kernel(dtype)(*kernel_inputs(problem), block_q, BLOCK_K,

@@ -66,9 +66,8 @@ def score_operand(array, batch_shape, dtype):
     col_step)`` the kernel multiplies positions by (0 along a broadcast axis). A
     missing operand becomes a ``(1, 1, 1)`` placeholder that the kernel never reads.
     """
-    if array is None:
-        placeholder = np.zeros((1, 1, 1), dtype)
-        return placeholder, np.zeros(max(math.prod(batch_shape), 1), np.int64), (0, 0)
+    if array is None:  # the kernel reads neither stack nor index when the flag is off
+        return placeholder(dtype), identity_index(1), (0, 0)
     stack, index = stack_operand(array, batch_shape, dtype)
     steps = (int(array.shape[-2] != 1), int(array.shape[-1] != 1))
     return stack, index, steps
@@ -95,8 +94,11 @@ def identity_index(size):
 
 
 @functools.cache
-def placeholder(dtype):
-    """Read-only ``(1, 1, 1)`` zeros standing in for a missing mask or bias."""
-    array = np.zeros((1, 1, 1), dtype)
-    array.flags.writeable = False
+def placeholder(dtype, ndim=3, writeable=False):
+    """``(1,) * ndim`` zeros standing in for an operand the kernel will not touch
+    (a missing mask or bias; an output that was not asked for), shared between
+    calls. Read-only unless the kernel's signature wants a writable array, which it
+    then never writes."""
+    array = np.zeros((1,) * ndim, np.dtype(dtype))
+    array.flags.writeable = writeable
     return array
