@@ -8,6 +8,8 @@ combination in a process of its own, so Numba's and PyTorch's thread pools never
 share a process. Modules are imported in ``setup``, never at import time.
 """
 
+import ctypes
+import gc
 import os
 import threading
 import time
@@ -82,7 +84,12 @@ def extra_memory_bytes(call):
 
     A thread samples the resident set every half millisecond while the call runs, so
     the figure is the call's own peak, not the process's lifetime high-water mark.
+    Garbage is collected and glibc's free memory handed back to the system first:
+    otherwise the call could reuse pages that are resident but free (its output
+    among them) without raising the resident set, and the figure would undercount.
     """
+    gc.collect()
+    _release_free_heap()
     before = resident_bytes()
     peak = [before]
     done = threading.Event()
@@ -101,3 +108,11 @@ def extra_memory_bytes(call):
         sampler.join()
     result_bytes = result.numel() * result.element_size() if hasattr(result, "numel") else result.nbytes
     return max(peak[0], resident_bytes()) - before - result_bytes
+
+
+def _release_free_heap():
+    """glibc's ``malloc_trim(0)``: return free heap pages to the system (no-op elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
