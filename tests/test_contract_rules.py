@@ -30,6 +30,14 @@ def test_promoted_dtypes_match_reference(rng, dtype):
     assert_close_to_reference(query, key, value, causal=True, **ALL_OUTPUTS)
 
 
+@pytest.mark.parametrize("dtype", [">f2", ">f4", ">f8"])
+def test_big_endian_inputs_give_native_results(rng, dtype):
+    query, key, value = (array.astype(dtype) for array in random_inputs(rng, (2, 5, 4), (2, 6, 4)))
+    out, weights, lse = assert_close_to_reference(query, key, value, **ALL_OUTPUTS)
+    for result in (out, weights, lse):
+        assert result.dtype == np.dtype(dtype).newbyteorder("=")
+
+
 def test_mixed_dtypes_follow_result_type(attention, rng):
     query, key, value = random_inputs(rng, (5, 4), (6, 4))
     out = attention(query.astype(np.float32), key.astype(np.float16), value.astype(np.float32))

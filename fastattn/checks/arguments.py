@@ -15,6 +15,7 @@ CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
 
 # dtype kinds: b bool, i signed int, u unsigned int, f float.
 _REAL_KINDS = "biuf"
+_FLOAT32, _FLOAT64 = np.dtype(np.float32), np.dtype(np.float64)
 
 
 def as_real_array(name, array):
@@ -59,12 +60,17 @@ def result_dtypes(*operands):
     -------
     compute_dtype, out_dtype : numpy.dtype
     """
-    common = np.result_type(*(getattr(operand, "dtype", operand) for operand in operands))
+    dtypes = [np.dtype(getattr(operand, "dtype", operand)) for operand in operands]
+    common = dtypes[0]
+    if any(dtype != common for dtype in dtypes[1:]):
+        common = np.result_type(*dtypes)
     if common.kind in "biu":
-        return np.dtype(np.float64), np.dtype(np.float64)
-    if common == np.float16:
-        return np.dtype(np.float32), np.dtype(np.float16)
-    if common in (np.float32, np.float64):
+        return _FLOAT64, _FLOAT64
+    if not common.isnative:  # big-endian data: computed and returned in native order
+        common = common.newbyteorder("=")
+    if common.kind == "f" and common.itemsize == 2:
+        return _FLOAT32, common
+    if common.kind == "f" and common.itemsize in (4, 8):
         return common, common
     raise TypeError(
         f"the inputs (query, key and value) combine to dtype {common}, which is not "
