@@ -7,7 +7,7 @@ import numpy as np
 from fastattn.checks import check_attention
 from fastattn.kernels.config import single_threaded_blas
 from fastattn.kernels.forward import forward_kernel
-from fastattn.layout import kernel_inputs, placeholder
+from fastattn.layout import fold_query_groups, kernel_inputs, placeholder
 
 # Keys per inner block, and the most query rows per prange task. Large blocks keep
 # the two BLAS products per block efficient; see choose_block_q for smaller ones.
@@ -98,6 +98,12 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, cau
 
 def _run_forward(problem, return_weights):
     """Lay the problem out for the kernel, run it, and shape the results."""
+    folded = fold_query_groups(problem)
+    if folded is not None:  # GQA decoding: one pass over each kv head
+        out, weights, lse = _run_forward(folded, return_weights)
+        if return_weights:
+            weights = weights.reshape(problem.weights_shape)  # (*batch, Hq, 1, Lk)
+        return out.reshape(problem.out_shape), weights, lse.reshape(problem.lse_shape)
     dtype = problem.compute_dtype
     n_batch = math.prod(problem.batch_shape)
     out = np.empty((n_batch, problem.q_len, problem.value_dim), dtype)  # (N, Lq, Dv)

@@ -6,6 +6,7 @@ its own batch entries plus an int64 index ``(N,)`` over the flattened broadcast 
 never materialised, and grouped-query heads are an index, not a copy.
 """
 
+import dataclasses
 import functools
 import math
 
@@ -102,3 +103,31 @@ def placeholder(dtype, ndim=3, writeable=False):
     array = np.zeros((1,) * ndim, np.dtype(dtype))
     array.flags.writeable = writeable
     return array
+
+
+def fold_query_groups(problem):
+    """Decoding under grouped-query attention: the query heads of each kv group as
+    the rows of one query block, so each kv head's keys and values are read once,
+    not once per query head. Returns the folded problem, or None where folding
+    would change the result.
+
+    With one query per head (``Lq == 1``) every head of a group has the same
+    position, so the rows may share a block as long as visibility does not depend on
+    the row: no mask or bias (they may differ per head), no window, no top-left
+    causal rule (row ``r`` would see ``r + 1`` keys), and ``kv_lengths`` indexed by a
+    batch axis other than the heads. ``(*batch, Hq, 1, D)`` queries become
+    ``(*batch, Hkv, group, D)``; the results reshape back, since query head
+    ``h = kv * group + g``.
+    """
+    group = problem.gqa_group
+    if (group == 1 or problem.q_len != 1 or problem.mask is not None
+            or problem.bias is not None or problem.window is not None
+            or (problem.causal and problem.diag_offset < problem.kv_len - 1)
+            or (problem.kv_lengths is not None and len(problem.batch_shape) < 2)):
+        return None
+    query = problem.query
+    kv_heads = query.shape[-3] // group
+    query = query.reshape(query.shape[:-3] + (kv_heads, group, problem.head_dim))
+    return dataclasses.replace(
+        problem, query=query, gqa_group=1, q_len=group,
+        batch_shape=problem.batch_shape[:-1] + (kv_heads,))

@@ -184,6 +184,55 @@ def test_grouped_query_attention(rng, q_heads, kv_heads, dtype):
                               **ALL_OUTPUTS)
 
 
+# Decoding under GQA folds each group's query heads into the rows of one block
+# where visibility cannot depend on the row; elsewhere it must not fold.
+GQA_DECODE_OPTIONS = {
+    "plain": ({}, True),
+    "causal-bottom-right": (dict(causal=True, causal_alignment="bottom_right"), True),
+    "kv-lengths": (dict(kv_lengths=[BLOCK_K + 20, 3, 0]), True),
+    "causal-top-left": (dict(causal=True), False),
+    "window": (dict(window=(40, 0), causal_alignment="bottom_right"), False),
+    "mask": ("mask", False),
+    "bias": ("bias", False),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("option", sorted(GQA_DECODE_OPTIONS))
+def test_grouped_query_decoding(rng, option, dtype):
+    from fastattn.checks import check_attention
+    from fastattn.layout import fold_query_groups
+
+    query, key, value = random_inputs(rng, (3, 8, 1, 16), (3, 2, 2 * BLOCK_K + 9, 16), 8, dtype)
+    options, folds = GQA_DECODE_OPTIONS[option]
+    mask = None
+    if options == "mask":  # differs per head: head 5 sees nothing
+        mask = rng.random((3, 8, 1, key.shape[2])) < 0.5  # (B, Hq, 1, Lk)
+        mask[:, 5] = False
+        options = {}
+    elif options == "bias":
+        options = dict(bias=rng.standard_normal((1, 8, 1, key.shape[2])))  # (1, Hq, 1, Lk)
+    problem = check_attention(query, key, value, mask, enable_gqa=True, **options)
+    assert (fold_query_groups(problem) is not None) == folds
+    assert_close_to_reference(query, key, value, mask, enable_gqa=True, **options,
+                              **ALL_OUTPUTS)
+    assert_close_to_reference(query, key, value, mask, enable_gqa=True, return_lse=True,
+                              **options)
+
+
+def test_grouped_query_decoding_with_heads_first(rng):
+    """kv_lengths index the first batch axis; when that is the head axis, no folding."""
+    from fastattn.checks import check_attention
+    from fastattn.layout import fold_query_groups
+
+    query, key, value = random_inputs(rng, (6, 1, 8), (2, 50, 8))
+    lengths = np.array([50, 10, 0, 3, 49, 1])
+    problem = check_attention(query, key, value, enable_gqa=True, kv_lengths=lengths)
+    assert fold_query_groups(problem) is None
+    assert_close_to_reference(query, key, value, enable_gqa=True, kv_lengths=lengths,
+                              **ALL_OUTPUTS)
+
+
 def test_grouped_query_heads_read_their_group(rng):
     """Query head h must meet kv head h // group: compare with an explicit repeat."""
     query, key, value = random_inputs(rng, (1, 6, 9, 4), (1, 2, 9, 4))
