@@ -9,6 +9,8 @@ problem, never by the number of threads.
 
 import numba
 
+import fastattn.kernels.config  # noqa: F401  (OpenMP settings, before Numba's threads start)
+
 
 def set_num_threads(count):
     """Use ``count`` threads in later fastattn calls made from this Python thread.

@@ -200,3 +200,19 @@ def test_results_identical_for_every_thread_count(rng, dtype, q_shape, kv_shape)
 def test_set_num_threads_refuses_bad_counts(count):
     with pytest.raises(ValueError, match="NUMBA_NUM_THREADS"):
         fastattn.set_num_threads(count)
+
+
+@pytest.mark.parametrize("user_value, expected", [(None, "10000"), ("5", "5")])
+def test_openmp_spin_count_default_keeps_the_users(user_value, expected):
+    """fastattn shortens OpenMP's idle spinning unless the user chose a value."""
+    import os
+    import subprocess
+    import sys
+
+    env = {name: value for name, value in os.environ.items() if name != "GOMP_SPINCOUNT"}
+    if user_value is not None:
+        env["GOMP_SPINCOUNT"] = user_value
+    code = "import os, fastattn.threads; print(os.environ['GOMP_SPINCOUNT'])"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, check=True)
+    assert result.stdout.strip() == expected
