@@ -216,3 +216,32 @@ def test_openmp_spin_count_default_keeps_the_users(user_value, expected):
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                             text=True, check=True)
     assert result.stdout.strip() == expected
+
+
+def test_concurrent_calls_from_python_threads(rng):
+    """The kernels release the GIL; calls from several Python threads at once must
+    each give the single-threaded caller's result (forward and backward)."""
+    import threading
+
+    query, key, value = random_inputs(rng, (2, 4, 300, 32), (2, 4, 600, 32), dtype=np.float32)
+    out, lse = fastattn.scaled_dot_product_attention(query, key, value, causal=True,
+                                                     return_lse=True)
+    grads = fastattn.scaled_dot_product_attention_backward(out, query, key, value, out, lse,
+                                                           causal=True)
+    mismatches = []
+
+    def work():
+        for _ in range(5):
+            again = fastattn.scaled_dot_product_attention(query, key, value, causal=True)
+            grads_again = fastattn.scaled_dot_product_attention_backward(
+                out, query, key, value, out, lse, causal=True)
+            if not (np.array_equal(again, out)
+                    and all(np.array_equal(g, h) for g, h in zip(grads, grads_again))):
+                mismatches.append(True)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not mismatches
