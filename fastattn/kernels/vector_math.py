@@ -10,8 +10,10 @@ Method: round ``x`` to the nearest integer ``n``, so ``f = x - n`` lies in
 ``[-1/2, 1/2]``; ``2**f = exp(f ln 2)`` is its Taylor series (``|f ln 2| <= 0.35``),
 and ``2**n`` is built directly in the float's exponent bits. Degree 6 in float32
 (truncation error 1.2e-7, about one float32 rounding step) and degree 12 in
-float64 (1.6e-16). Inputs below the smallest normal exponent give exactly 0, which
-is what a hidden key (``-inf``) must contribute.
+float64 (1.6e-16). Inputs are clipped to ``[-127, 127]`` (float64 ``[-1023, 1023]``);
+``n = -127`` (``-1023``) has exponent bits 0, so inputs below about the smallest
+normal exponent give exactly 0, which is what a hidden key (``-inf``) must
+contribute. The softmax only ever passes inputs ``<= 0``.
 """
 
 import math
@@ -91,25 +93,26 @@ def _exp2_overload(x):
         c6, c5, c4, c3, c2, c1, c0 = (np.float32(c) for c in _FLOAT32_COEFFICIENTS)
 
         def exp2_float32(x):
-            clipped = min(max(x, np.float32(-126.0)), np.float32(127.0))
+            # n = -127 gives exponent bits 0, so 2**n = 0: everything below 2**-126.5
+            # (a hidden key's -inf included) comes out as exactly 0
+            clipped = min(max(x, np.float32(-127.0)), np.float32(127.0))
             whole = _floor(clipped + np.float32(0.5))  # nearest integer n
             f = clipped - whole  # [-1/2, 1/2)
             poly = c0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * c6)))))
-            scale = _float32_from_bits((np.int32(whole) + np.int32(127)) << np.int32(23))  # 2**n
-            return poly * scale * np.float32(x >= np.float32(-126.0))  # 0 below 2**-126
+            return poly * _float32_from_bits(
+                (np.int32(whole) + np.int32(127)) << np.int32(23))  # poly * 2**n
         return exp2_float32
 
     if x == types.float64:
         (c12, c11, c10, c9, c8, c7, c6, c5, c4, c3, c2, c1, c0) = _FLOAT64_COEFFICIENTS
 
         def exp2_float64(x):
-            clipped = min(max(x, -1022.0), 1023.0)
+            clipped = min(max(x, -1023.0), 1023.0)  # n = -1023: 2**n = 0, as above
             whole = _floor(clipped + 0.5)
             f = clipped - whole
             poly = c0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * (c6 + f * (
                 c7 + f * (c8 + f * (c9 + f * (c10 + f * (c11 + f * c12)))))))))))
-            scale = _float64_from_bits((np.int64(whole) + np.int64(1023)) << np.int64(52))
-            return poly * scale * np.float64(x >= -1022.0)
+            return poly * _float64_from_bits((np.int64(whole) + np.int64(1023)) << np.int64(52))
         return exp2_float64
 
 
