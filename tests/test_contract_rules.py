@@ -245,3 +245,28 @@ def test_concurrent_calls_from_python_threads(rng):
     for thread in threads:
         thread.join()
     assert not mismatches
+
+
+def test_overlapping_calls_share_one_blas_thread_switch():
+    """The BLAS thread count is process-wide: it stays at 1 until the last of several
+    overlapping kernel calls has left, then returns to what it was."""
+    from fastattn.kernels.config import _kernel_blas_thread_functions, single_threaded_blas
+
+    functions = _kernel_blas_thread_functions()
+    before = [get() for get, _ in functions]
+    try:
+        for _, set_ in functions:
+            set_(3)
+        threaded = [get() for get, _ in functions]  # 3, or the BLAS's own limit
+        if threaded == [1] * len(functions):
+            pytest.skip("this BLAS runs one thread only")
+        first, second = single_threaded_blas(), single_threaded_blas()
+        first.__enter__()
+        second.__enter__()
+        first.__exit__(None, None, None)
+        assert [get() for get, _ in functions] == [1] * len(functions)
+        second.__exit__(None, None, None)
+        assert [get() for get, _ in functions] == threaded
+    finally:
+        for (_, set_), count in zip(functions, before):
+            set_(count)

@@ -17,6 +17,7 @@
 import ctypes
 import functools
 import os
+import threading
 import warnings
 
 import numba
@@ -199,25 +200,42 @@ class single_threaded_blas:
     BLAS would start threads of its own for every block and oversubscribe the cores.
     ``single_threaded_blas(False)`` does nothing, for calls whose products are too
     small for any BLAS to thread.
+
+    The BLAS thread count is process-wide, so calls running at once from several
+    Python threads share one switch: the first to enter sets one thread, the last to
+    leave restores the counts it found.
     """
 
-    __slots__ = ("active", "saved")
+    __slots__ = ("active",)
+    _lock = threading.Lock()
+    _users = 0  # active contexts, over every Python thread
+    _saved = []  # (set function, count) to restore when the last one leaves
 
     def __init__(self, active=True):
         self.active = active
-        self.saved = []
 
     def __enter__(self):
         if not self.active:
             return self
-        for get, set_ in _kernel_blas_thread_functions():
-            count = get()
-            if count != 1:
-                set_(1)
-                self.saved.append((set_, count))
+        shared = single_threaded_blas
+        with shared._lock:
+            if shared._users == 0:
+                for get, set_ in _kernel_blas_thread_functions():
+                    count = get()
+                    if count != 1:
+                        set_(1)
+                        shared._saved.append((set_, count))
+            shared._users += 1
         return self
 
     def __exit__(self, *exc_info):
-        for set_, count in self.saved:
-            set_(count)
+        if not self.active:
+            return False
+        shared = single_threaded_blas
+        with shared._lock:
+            shared._users -= 1
+            if shared._users == 0:
+                for set_, count in shared._saved:
+                    set_(count)
+                shared._saved.clear()
         return False
