@@ -26,20 +26,18 @@ from fastattn.kernels.vector_math import LOG2E, exp2
 
 @jit_helper
 def probabilities_and_score_grads(scores, grad_probs, row_start, key_start, row_lse,
-                                  row_delta, log2_scale, kv_stop, diag_offset, reach_left,
+                                  row_delta, kv_stop, diag_offset, reach_left,
                                   reach_right, mask, mask_entry, mask_row_step, mask_col_step,
                                   has_mask, bias, bias_entry, bias_row_step, bias_col_step,
                                   has_bias):
-    """In place: ``scores`` (raw ``q.k``) becomes ``P``, ``grad_probs`` (``dP``) becomes ``dS``.
+    """In place: ``scores`` (``log2(e) * scale * q.k``) becomes ``P``, ``grad_probs``
+    (``dP``) becomes ``dS``.
 
     ``P = exp(scale * q.k + bias - lse)``, 0 where a key is hidden or a row sees no
     key (``lse = -inf``); ``dS = P * (dP - D)``. ``row_lse`` and ``row_delta`` are
     indexed by absolute query position.
     """
     rows, cols = scores.shape
-    for r in range(rows):
-        for c in range(cols):
-            scores[r, c] *= log2_scale
     mask_scores(scores, row_start, key_start, kv_stop, diag_offset, reach_left, reach_right,
                 mask, mask_entry, mask_row_step, mask_col_step, has_mask, bias, bias_entry,
                 bias_row_step, bias_col_step, has_bias, LOG2E)
@@ -90,6 +88,7 @@ def _attention_backward(query, key, value, query_index, key_index, value_index,
         query_grads = query_grad_parts[group, b]  # (Lq, Dk) this group's share of dQ / scale
         # Buffers for every block of this task: allocating per block would cost a
         # page-faulting mmap for each large product.
+        scaled_rows_buffer = np.empty(block_q * head_dim, dtype=grad_key.dtype)
         probs_buffer = np.empty(block_q * block_k, dtype=grad_key.dtype)
         score_grads_buffer = np.empty(block_q * block_k, dtype=grad_key.dtype)
         product_buffer = np.empty(max(block_q, block_k) * max(head_dim, value_dim),
@@ -119,12 +118,16 @@ def _attention_backward(query, key, value, query_index, key_index, value_index,
                 rows = row_stop - row_start
                 q_rows = queries[row_start:row_stop]  # (rows, Dk)
                 grad_rows = grads[row_start:row_stop]  # (rows, Dv)
+                scaled_rows = block_view(scaled_rows_buffer, rows, head_dim)  # (rows, Dk)
+                for r in range(rows):
+                    for d in range(head_dim):
+                        scaled_rows[r, d] = q_rows[r, d] * log2_scale
                 probs = block_view(probs_buffer, rows, cols)  # (rows, cols)
                 score_grads = block_view(score_grads_buffer, rows, cols)  # (rows, cols)
-                np.dot(q_rows, keys.T, probs)  # raw scores, then P
+                np.dot(scaled_rows, keys.T, probs)  # scores in log2 units, then P
                 np.dot(grad_rows, values.T, score_grads)  # dP, then dS
                 probabilities_and_score_grads(
-                    probs, score_grads, row_start, key_start, lse[b], delta[b], log2_scale,
+                    probs, score_grads, row_start, key_start, lse[b], delta[b],
                     kv_stop, diag_offset, reach_left, reach_right, mask, mask_entry,
                     mask_row_step, mask_col_step, has_mask, bias, bias_entry, bias_row_step,
                     bias_col_step, has_bias)
