@@ -14,7 +14,7 @@ never visited.
 import math
 
 import numpy as np
-from numba import prange, types
+from numba import njit, prange, types
 
 from fastattn.kernels.config import (array_type, jit_helper, kernel_per_dtype,
                                      problem_argument_types)
@@ -23,6 +23,10 @@ from fastattn.kernels.vector_math import LN2, LOG2E, exp2, maximum
 
 # Query rows per group on the partly visible strips (causal diagonal, window edges).
 EDGE_ROWS = 64
+# Key counts of the partly visible strips, and of the fully visible range before them,
+# are kept to multiples of this, so the block products and the softmax loops see whole
+# SIMD widths; the extra keys are masked.
+ALIGN = 16
 
 
 @jit_helper
@@ -150,6 +154,10 @@ def _attention_forward(query, key, value, query_index, key_index, value_index,
         # 1. Keys every row of the block sees: full-size blocks, masked only for a
         #    user mask or bias.
         full_first, full_last = max(common_first, first_key), min(common_last, last_key)
+        if full_last > full_first:  # whole multiples of ALIGN keys; the rest is a strip
+            full_last = full_first + (full_last - full_first) // ALIGN * ALIGN
+        span_first = split * split_len  # keys this task may read: [span_first, span_last)
+        span_last = min(key.shape[1], span_first + split_len)
         attend_key_range(q_block, q_start, full_first, full_last, keys, values, row_max,
                          row_sum, acc, block_k, has_mask or has_bias, full_first, full_last,
                          kv_stop, diag_offset,
@@ -166,11 +174,17 @@ def _attention_forward(query, key, value, query_index, key_index, value_index,
             group_common_first, group_last = visible_range(
                 q_start + group_stop - 1, kv_stop, diag_offset, reach_left, reach_right)
             group_first, group_last = max(group_first, first_key), min(group_last, last_key)
-            if full_first < full_last:  # the strips left and right of part 1
-                strips = ((group_first, min(full_first, group_last)),
-                          (max(full_last, group_first), group_last))
+            # The strips left and right of part 1, widened outwards (away from part 1)
+            # to whole multiples of ALIGN keys; masking hides the keys added.
+            if full_first < full_last:
+                left_last = min(full_first, group_last)
+                left_first = max(left_last - aligned_count(left_last - group_first), span_first)
+                right_first = max(full_last, group_first)
             else:
-                strips = ((group_first, group_last), (group_last, group_last))
+                left_first = left_last = group_first
+                right_first = group_first
+            right_last = min(right_first + aligned_count(group_last - right_first), span_last)
+            strips = ((left_first, left_last), (right_first, right_last))
             for strip_first, strip_last in strips:
                 attend_key_range(q_block[group_start:group_stop], q_start + group_start,
                                  strip_first, strip_last, keys, values,
@@ -216,6 +230,12 @@ def _attention_forward(query, key, value, query_index, key_index, value_index,
 
     if n_splits > 1:
         merge_key_spans(split_out, split_lse, out, lse)
+
+
+@njit(inline="always")
+def aligned_count(count):
+    """``count`` rounded up to a multiple of ``ALIGN`` (0 for ``count <= 0``)."""
+    return -(-max(count, 0) // ALIGN) * ALIGN
 
 
 @jit_helper
