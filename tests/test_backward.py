@@ -3,42 +3,14 @@ reference against central finite differences of the forward."""
 
 import numpy as np
 import pytest
-from conftest import TOLERANCE, random_inputs
+from conftest import (FASTATTN, REFERENCE, assert_gradients_match_reference,
+                      forward_and_backward, random_inputs)
 
 import fastattn
 import reference
 from fastattn.backward import BLOCK_K, BLOCK_Q, MIN_TASKS, choose_key_groups
 
 
-def forward_and_backward(function_pair, query, key, value, mask, grad_out, **options):
-    forward, backward = function_pair
-    out, lse = forward(query, key, value, mask, return_lse=True, **options)
-    return backward(grad_out, query, key, value, out, lse, mask, **options)
-
-
-FASTATTN = (fastattn.scaled_dot_product_attention, fastattn.scaled_dot_product_attention_backward)
-REFERENCE = (reference.scaled_dot_product_attention,
-             reference.scaled_dot_product_attention_backward)
-
-
-def assert_gradients_match_reference(rng, query, key, value, mask=None, **options):
-    """fastattn's gradients against the float64 reference on float64 copies.
-
-    The float32 tolerance is relative to the largest gradient entry, since a
-    gradient is a sum of many terms of either sign.
-    """
-    out_shape = fastattn.scaled_dot_product_attention(query, key, value, mask, **options).shape
-    grad_out = rng.standard_normal(out_shape).astype(query.dtype)
-    got = forward_and_backward(FASTATTN, query, key, value, mask, grad_out, **options)
-    as64 = [np.asarray(array, np.float64) for array in (query, key, value, grad_out)]
-    want = forward_and_backward(REFERENCE, *as64[:3], mask, as64[3], **options)
-    for name, g, w, source in zip(("query", "key", "value"), got, want, (query, key, value)):
-        assert g.shape == source.shape, name
-        assert g.dtype == query.dtype, name
-        assert not np.isnan(g).any(), name
-        tolerance = TOLERANCE[g.dtype] * max(1.0, np.abs(w).max())
-        np.testing.assert_allclose(g, w, rtol=0, atol=tolerance, err_msg=name)
-    return got
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -1,7 +1,7 @@
 """Hypothesis: random combinations of shapes and options, fastattn against the reference."""
 
 import numpy as np
-from conftest import assert_close_to_reference
+from conftest import assert_close_to_reference, assert_gradients_match_reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -50,3 +50,13 @@ def attention_problems(draw):
 def test_random_problems_match_reference(problem):
     query, key, value, mask, options = problem
     assert_close_to_reference(query, key, value, mask, **options)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(attention_problems())
+def test_random_problems_gradients_match_reference(problem):
+    query, key, value, mask, options = problem
+    options = {name: option for name, option in options.items()
+               if name not in ("return_weights", "return_lse")}
+    rng = np.random.default_rng(0)
+    assert_gradients_match_reference(rng, query, key, value, mask, **options)

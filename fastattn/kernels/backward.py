@@ -20,7 +20,7 @@ from numba import prange, types
 
 from fastattn.kernels.config import (array_type, jit_helper, kernel_per_dtype,
                                      problem_argument_types)
-from fastattn.kernels.masking import mask_scores, visible_range
+from fastattn.kernels.masking import mask_scores
 from fastattn.kernels.vector_math import LOG2E, exp2
 
 
