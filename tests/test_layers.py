@@ -377,3 +377,23 @@ def test_query_that_sees_no_key_gives_the_output_bias(rng):
     np.testing.assert_allclose(out[0, 1], state["out_proj.bias"], atol=1e-15)
     np.testing.assert_allclose(out[1], np.broadcast_to(state["out_proj.bias"], (3, 8)),
                                atol=1e-15)
+
+
+# ---------------------------------------------------------------- linear
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(0, 64), (3, 64), (1000, 300), (2, 517, 256), (4, 8, 130, 64)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_matches_numpy(shape, with_bias, dtype):
+    """Small products go to NumPy, large ones to the row-block kernel; both agree."""
+    from fastattn.layers.linear import linear
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(shape).astype(dtype)  # (..., in)
+    weight = rng.standard_normal((96, shape[-1]))  # (out, in), float64: cast to x's dtype
+    bias = rng.standard_normal(96) if with_bias else None  # (out,)
+    expected = x.astype(np.float64) @ weight.T + (bias if with_bias else 0.0)  # (..., out)
+    got = linear(x, weight, bias)
+    assert got.shape == shape[:-1] + (96,) and got.dtype == dtype
+    tolerance = 1e-4 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(got, expected, rtol=tolerance, atol=tolerance * shape[-1])

@@ -5,6 +5,7 @@ import numpy as np
 from fastattn.checks.arguments import (as_mask_array, as_real_array, check_kv_lengths,
                                        result_dtypes)
 from fastattn.layers.common import check_dtype, check_size, check_state
+from fastattn.layers.linear import linear
 
 
 class MultiHeadAttention:
@@ -153,23 +154,19 @@ class MultiHeadAttention:
                 kv_lengths = np.reshape(kv_lengths, (1,))  # (1,)
             kv_lengths = check_kv_lengths(kv_lengths, () if unbatched else (batch,), kv_len)
 
-        def cast(array):  # the weights in the compute dtype (no copy when it is theirs)
-            return None if array is None else array.astype(query.dtype, copy=False)
-
-        q = self._heads(query @ cast(self.w_query).T, cast(self.b_query),
+        # projections in the inputs' compute dtype (linear casts the weights)
+        q = self._heads(linear(query, self.w_query, self.b_query),
                         self.num_heads)  # (B, H, Lq, d_h)
-        k = self._heads(key @ cast(self.w_key).T, cast(self.b_key),
+        k = self._heads(linear(key, self.w_key, self.b_key),
                         self.num_kv_heads)  # (B, Hkv, Lk, d_h)
-        v = self._heads(value @ cast(self.w_value).T, cast(self.b_value),
+        v = self._heads(linear(value, self.w_value, self.b_value),
                         self.num_kv_heads)  # (B, Hkv, Lk, d_h)
         result = scaled_dot_product_attention(
             q, k, v, mask, causal=causal, kv_lengths=kv_lengths,
             enable_gqa=self.num_kv_heads != self.num_heads, return_weights=return_weights)
         heads, weights = result if return_weights else (result, None)  # (B, H, Lq, d_h)
         merged = heads.transpose(0, 2, 1, 3).reshape(batch, q_len, self.embed_dim)  # (B, Lq, E)
-        out = merged @ cast(self.w_out).T  # (B, Lq, E)
-        if self.b_out is not None:
-            out += cast(self.b_out)
+        out = linear(merged, self.w_out, self.b_out)  # (B, Lq, E)
         if unbatched:
             out = out[0]  # (Lq, E)
             weights = None if weights is None else weights[0]  # (H, Lq, Lk)
@@ -250,10 +247,8 @@ class MultiHeadAttention:
                              f"layer has kdim={self.kdim}, vdim={self.vdim}: pass value")
         return key, value
 
-    def _heads(self, projected, bias, heads):
-        """``(B, L, heads * d_h)`` plus bias, as a ``(B, heads, L, d_h)`` view."""
-        if bias is not None:
-            projected += bias
+    def _heads(self, projected, heads):
+        """``(B, L, heads * d_h)`` as a ``(B, heads, L, d_h)`` view."""
         batch, length, _ = projected.shape
         return projected.reshape(batch, length, heads, self.head_dim).transpose(0, 2, 1, 3)
 

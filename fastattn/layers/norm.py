@@ -6,6 +6,7 @@ import numpy as np
 from scipy.special import erf
 
 from fastattn.layers.common import check_dtype, check_size, check_state, layer_input
+from fastattn.layers.linear import linear
 
 
 class LayerNorm:
@@ -81,8 +82,8 @@ class FeedForward:
         """``x`` ``(..., d_model)`` -> ``(..., d_model)``, in ``np.result_type`` of the
         weights and ``x`` (integers in float64)."""
         x = layer_input("FeedForward", "x", x, self.d_model, self.dtype)  # (..., d_model)
-        hidden = ACTIVATIONS[self.activation](x @ self.w1.T + self.b1)  # (..., dim_ff)
-        return hidden @ self.w2.T + self.b2  # (..., d_model)
+        hidden = ACTIVATIONS[self.activation](linear(x, self.w1, self.b1))  # (..., dim_ff)
+        return linear(hidden, self.w2, self.b2)  # (..., d_model)
 
     def state_dict(self):
         return {"linear1.weight": self.w1.copy(), "linear1.bias": self.b1.copy(),
