@@ -270,3 +270,38 @@ def test_overlapping_calls_share_one_blas_thread_switch():
     finally:
         for (_, set_), count in zip(functions, before):
             set_(count)
+
+
+def test_read_only_install_compiles_in_memory_and_warns_once(monkeypatch):
+    """Where Numba finds no writable cache location, kernels compile in memory with
+    one warning per process, however many kernels are built."""
+    import warnings
+
+    import numba
+    from numba import types
+
+    from fastattn.kernels import config
+
+    real_njit = numba.njit
+
+    def njit_without_cache(*args, **kwargs):
+        if kwargs.get("cache"):
+            raise RuntimeError("cannot cache function 'f': no locator available for file")
+        return real_njit(*args, **kwargs)
+
+    monkeypatch.setattr(config.numba, "njit", njit_without_cache)
+    config._warn_no_cache.cache_clear()
+
+    def double(x):
+        return 2.0 * x
+
+    def triple(x):
+        return 3.0 * x
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kernels = [config.jit_kernel(types.float64(types.float64))(f) for f in (double, triple)]
+    assert [k(2.0) for k in kernels] == [4.0, 6.0]
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "NUMBA_CACHE_DIR" in messages[0]
+    config._warn_no_cache.cache_clear()

@@ -148,12 +148,18 @@ def jit_kernel(signature):
         except RuntimeError as error:  # "cannot cache function ...: no locator available"
             if "cache" not in str(error):
                 raise
-            warnings.warn(
-                "fastattn: no writable Numba cache location (set NUMBA_CACHE_DIR to one); "
-                "kernels are compiled in memory for this process only",
-                RuntimeWarning, stacklevel=2)
+            _warn_no_cache()
             return numba.njit(signature, cache=False, **_KERNEL_OPTIONS)(func)
     return decorate
+
+
+@functools.cache
+def _warn_no_cache():
+    """Say once per process that the kernels cannot be cached."""
+    warnings.warn(
+        "fastattn: no writable Numba cache location (set NUMBA_CACHE_DIR to one); "
+        "kernels are compiled in memory for this process only",
+        RuntimeWarning, stacklevel=4)
 
 
 def _openblas_thread_functions(controller):
