@@ -1,8 +1,8 @@
 """Layers on top of the kernel: one multi-head attention layer and one Transformer
 encoder layer, float32, batch 4, d_model 512, 8 heads (feed-forward 2048).
 
-A layer mixes NumPy matrix products (the projections, the feed-forward) with the
-fused kernel, so these also track how the two thread pools share the cores.
+A layer's dense products (projections, feed-forward) and its attention run on
+fastattn's threads; these track the whole layer, as a user calls it.
 PyTorch's ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` (eval mode,
 no grad, ``batch_first=True``) are the peers, skipped when PyTorch is absent.
 """

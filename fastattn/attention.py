@@ -117,7 +117,8 @@ def _run_forward(problem, return_weights):
     split_len = problem.kv_len
     if not return_weights:  # the weights need each row's whole softmax in one task
         split_len = choose_split_len(n_batch * -(-problem.q_len // block_q), problem.kv_len)
-    n_splits = -(-problem.kv_len // split_len) if split_len < problem.kv_len else 1
+    split_len = max(split_len, 1)  # keys per span; the kernel derives the count the same way
+    n_splits = max(1, -(-problem.kv_len // split_len))
     if n_splits > 1:
         split_out = np.empty((n_splits, n_batch, problem.q_len, problem.value_dim),
                              dtype)  # (splits, N, Lq, Dv)
@@ -127,9 +128,8 @@ def _run_forward(problem, return_weights):
         split_lse = placeholder(dtype, 3, writeable=True)
     if n_batch and problem.q_len:
         with single_threaded_blas(needs_blas_threads(problem, block_q, BLOCK_K)):
-            forward_kernel(dtype)(*kernel_inputs(problem), block_q, BLOCK_K,
-                                  max(split_len, 1), out, lse, weights, bool(return_weights),
-                                  split_out, split_lse)
+            forward_kernel(dtype)(*kernel_inputs(problem), block_q, BLOCK_K, split_len, out,
+                                  lse, weights, bool(return_weights), split_out, split_lse)
 
     out_dtype = problem.out_dtype
     out = out.reshape(problem.out_shape).astype(out_dtype, copy=False)

@@ -138,12 +138,13 @@ def _attention_forward(query, key, value, query_index, key_index, value_index,
             for d in range(head_dim):
                 q_block[r, d] = query_rows[q_start + r, d] * log2_scale
 
-        # keys of this task's span that some row of the block may see, and keys every
-        # row of the block sees
+        # keys this task may read, keys of them that some row of the block may see,
+        # and keys every row of the block sees
+        span_first = split * split_len
+        span_last = min(key.shape[1], span_first + split_len)
         first_key = visible_range(q_start, kv_stop, diag_offset, reach_left, reach_right)[0]
         last_key = visible_range(q_stop - 1, kv_stop, diag_offset, reach_left, reach_right)[1]
-        first_key = max(first_key, split * split_len)
-        last_key = min(last_key, (split + 1) * split_len)
+        first_key, last_key = max(first_key, span_first), min(last_key, span_last)
         common_first = visible_range(q_stop - 1, kv_stop, diag_offset, reach_left, reach_right)[0]
         common_last = visible_range(q_start, kv_stop, diag_offset, reach_left, reach_right)[1]
 
@@ -156,8 +157,6 @@ def _attention_forward(query, key, value, query_index, key_index, value_index,
         full_first, full_last = max(common_first, first_key), min(common_last, last_key)
         if full_last > full_first:  # whole multiples of ALIGN keys; the rest is a strip
             full_last = full_first + (full_last - full_first) // ALIGN * ALIGN
-        span_first = split * split_len  # keys this task may read: [span_first, span_last)
-        span_last = min(key.shape[1], span_first + split_len)
         attend_key_range(q_block, q_start, full_first, full_last, keys, values, row_max,
                          row_sum, acc, block_k, has_mask or has_bias, full_first, full_last,
                          kv_stop, diag_offset,

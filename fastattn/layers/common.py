@@ -11,8 +11,9 @@ import numpy as np
 from fastattn.checks.arguments import as_real_array, result_dtypes
 
 
-def check_state(owner, state, expected, prefix=""):
-    """Validate the state_dict ``state`` against ``expected`` (name -> shape).
+def check_state(owner, state, expected, dtype, prefix=""):
+    """Validate the state_dict ``state`` against ``expected`` (name -> shape) and
+    return its arrays cast to the layer's ``dtype``.
 
     ``state`` must hold exactly the names of ``expected``, each a real array of that
     shape. Nothing is assigned here, so a layer that loads only after every check
@@ -24,6 +25,8 @@ def check_state(owner, state, expected, prefix=""):
         The layer's name, first in every message.
     state : mapping of str to array_like
     expected : dict of str to tuple of int
+    dtype : numpy.dtype
+        The layer's parameter dtype.
     prefix : str, optional
         Prepended to the names in messages (the part's prefix in an enclosing layer's
         state_dict, e.g. ``"self_attn."``).
@@ -31,7 +34,7 @@ def check_state(owner, state, expected, prefix=""):
     Returns
     -------
     dict of str to ndarray
-        The arrays as given (``np.asarray``), not yet cast.
+        New arrays of ``dtype``, not yet assigned to the layer.
 
     Raises
     ------
@@ -52,7 +55,7 @@ def check_state(owner, state, expected, prefix=""):
         if array.shape != shape:
             raise ValueError(f"{owner}: state_dict[{prefix + name!r}] must have shape {shape}; "
                              f"got {array.shape}")
-        arrays[name] = array
+        arrays[name] = array.astype(dtype)  # always a copy: the layer owns its weights
     return arrays
 
 

@@ -47,10 +47,10 @@ class MultiHeadAttention:
 
     Dtypes follow the kernel's rules (:func:`fastattn.scaled_dot_product_attention`)
     with the weights as one more operand: the computation and the output take
-    ``np.result_type`` of the parameters and the inputs. A float32 layer given float32 inputs computes in
-    float32; given float64 inputs (or int64 ones) it computes in float64 with its
-    weights cast up, as NumPy's ``x @ W`` would; float16 and bool inputs are computed
-    in the parameters' dtype. Complex, object and string inputs are a ``TypeError``.
+    ``np.result_type`` of the parameters and the inputs. A float32 layer given float32
+    inputs computes in float32; given float64 inputs (or int64 ones) it computes in
+    float64 with its weights cast up, as NumPy's ``x @ W`` would; float16 and bool
+    inputs are computed in the parameters' dtype. Complex, object and string inputs are a ``TypeError``.
     PyTorch instead refuses inputs whose dtype differs from the parameters'.
 
     Inputs are ``(batch, L, width)`` or, all of them at once, unbatched ``(L, width)``;
@@ -315,8 +315,7 @@ class MultiHeadAttention:
                              "v_proj_weight": (kv, self.vdim)})
         if self.has_bias:
             expected.update({"in_proj_bias": (e + 2 * kv,), "out_proj.bias": (e,)})
-        arrays = check_state(owner, state, expected, prefix)
-        return {name: array.astype(self.dtype) for name, array in arrays.items()}
+        return check_state(owner, state, expected, self.dtype, prefix)
 
     def _assign(self, arrays):
         e, kv = self.embed_dim, self.kv_dim

@@ -42,8 +42,7 @@ class LayerNorm:
 
     def _checked_state(self, state, owner="LayerNorm", prefix=""):
         shape = (self.d_model,)
-        arrays = check_state(owner, state, {"weight": shape, "bias": shape}, prefix)
-        return {name: array.astype(self.dtype) for name, array in arrays.items()}
+        return check_state(owner, state, {"weight": shape, "bias": shape}, self.dtype, prefix)
 
     def _assign(self, arrays):
         self.weight, self.bias = arrays["weight"], arrays["bias"]
@@ -95,10 +94,9 @@ class FeedForward:
 
     def _checked_state(self, state, owner="FeedForward", prefix=""):
         d, f = self.d_model, self.dim_feedforward
-        arrays = check_state(owner, state, {
+        return check_state(owner, state, {
             "linear1.weight": (f, d), "linear1.bias": (f,),
-            "linear2.weight": (d, f), "linear2.bias": (d,)}, prefix)
-        return {name: array.astype(self.dtype) for name, array in arrays.items()}
+            "linear2.weight": (d, f), "linear2.bias": (d,)}, self.dtype, prefix)
 
     def _assign(self, arrays):
         self.w1, self.b1 = arrays["linear1.weight"], arrays["linear1.bias"]
