@@ -4,10 +4,11 @@ import math
 
 import numpy as np
 
-from fastattn.checks import check_attention
-from fastattn.kernels.config import single_threaded_blas
+from fastattn.problem import check_attention
+from fastattn.threads import single_threaded_blas
 from fastattn.kernels.forward import forward_kernel
-from fastattn.layout import fold_query_groups, kernel_inputs, placeholder
+from fastattn.layout import (ForwardOutputs, KeySpans, Tiling, fold_query_groups, placeholder,
+                             problem_arguments)
 
 # Keys per inner block, and the most query rows per prange task. Large blocks keep
 # the two BLAS products per block efficient; see choose_block_q for smaller ones.
@@ -128,8 +129,9 @@ def _run_forward(problem, return_weights):
         split_lse = placeholder(dtype, 3, writeable=True)
     if n_batch and problem.q_len:
         with single_threaded_blas(needs_blas_threads(problem, block_q, BLOCK_K)):
-            forward_kernel(dtype)(*kernel_inputs(problem), block_q, BLOCK_K, split_len, out,
-                                  lse, weights, bool(return_weights), split_out, split_lse)
+            forward_kernel(dtype)(*problem_arguments(problem), Tiling(block_q, BLOCK_K),
+                                  ForwardOutputs(out, lse, weights, bool(return_weights)),
+                                  KeySpans(split_len, split_out, split_lse))
 
     out_dtype = problem.out_dtype
     out = out.reshape(problem.out_shape).astype(out_dtype, copy=False)

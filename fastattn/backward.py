@@ -4,11 +4,11 @@ import math
 
 import numpy as np
 
-from fastattn.checks import check_attention, check_backward_arrays
-from fastattn.checks.shapes import sum_to_shape
+from fastattn.problem import check_attention, check_backward_arrays
+from fastattn.layout import sum_to_shape
 from fastattn.kernels.backward import backward_kernel
-from fastattn.kernels.config import single_threaded_blas
-from fastattn.layout import kernel_inputs
+from fastattn.threads import single_threaded_blas
+from fastattn.layout import BackwardInputs, Gradients, Tiling, problem_arguments, read_only
 
 # Rows and keys per block of the backward pass.
 BLOCK_Q = 256
@@ -80,10 +80,11 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
     grad_value = np.zeros((n_batch, kv_len, problem.value_dim), dtype)  # (N, Lk, Dv)
 
     if n_batch and q_len and kv_len:
+        extra = BackwardInputs(read_only(grad_out), read_only(lse),
+                               read_only(np.ascontiguousarray(delta)))
         with single_threaded_blas():
-            backward_kernel(dtype)(*kernel_inputs(problem), BLOCK_Q, BLOCK_K, grad_out, lse,
-                                   np.ascontiguousarray(delta), query_grad_parts, grad_key,
-                                   grad_value)
+            backward_kernel(dtype)(*problem_arguments(problem), Tiling(BLOCK_Q, BLOCK_K), extra,
+                                   Gradients(query_grad_parts, grad_key, grad_value))
     grad_query = query_grad_parts[0]  # (N, Lq, Dk)
     for part in query_grad_parts[1:]:  # a fixed order, whatever the thread count
         grad_query += part

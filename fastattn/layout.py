@@ -1,38 +1,150 @@
-"""Lay a validated :class:`~fastattn.checks.AttentionProblem` out for the kernels.
+"""Lay a validated :class:`~fastattn.problem.AttentionProblem` out for the kernels,
+and fold the kernels' gradients back to the inputs' shapes.
 
 The kernels see every operand as a C-contiguous stack ``(n_own, rows, cols)`` of
 its own batch entries plus an int64 index ``(N,)`` over the flattened broadcast batch
 ``N = prod(batch)``: entry ``b`` reads ``stack[index[b]]``. Broadcast batch dims are
 never materialised, and grouped-query heads are an index, not a copy.
+
+The kernels take their operands in a few named groups, built here by
+:func:`problem_arguments` and typed in :mod:`fastattn.kernels.operands`:
+
+- :class:`Inputs`: the query, key and value stacks and their indices;
+- :class:`ScoreOptions` (the scale) and one :class:`ScoreOperand` each for the mask
+  and the bias: everything that shapes a score. A new score option is one more
+  field of :class:`ScoreOptions` (or one more operand) and one more step in
+  :func:`fastattn.kernels.scores.block_scores`;
+- :class:`Visibility`: the structural rule (``kv_lengths``, diagonal offset, reach);
+- :class:`Tiling`: the block sizes;
+- the results (:class:`ForwardOutputs`, :class:`KeySpans`, :class:`Gradients`) and
+  the backward's extra inputs (:class:`BackwardInputs`).
+
+Arrays in the groups are read-only views: the kernels' signatures use read-only
+array types, and Numba does not convert a writeable array inside a tuple. Groups
+are not nested: Numba's parallel loops cannot take a tuple holding a tuple of arrays.
+
+This module imports NumPy only, never Numba, so the reference can use
+:func:`sum_to_shape`.
 """
 
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import numpy as np
 
 
-def kernel_inputs(problem):
-    """The leading arguments every kernel takes, in this order:
+class Inputs(NamedTuple):
+    """Query, key and value stacks ``(n_own, L, D)`` and their int64 ``(N,)`` indices."""
 
-    ``query, key, value`` stacks and their ``query_index, key_index, value_index``;
-    ``mask, mask_index, mask_row_step, mask_col_step, has_mask``;
-    ``bias, bias_index, bias_row_step, bias_col_step, has_bias``;
-    ``kv_lengths, has_kv_lengths, diag_offset, reach_left, reach_right, scale``.
-    See :data:`fastattn.kernels.config.problem_argument_types` for their types.
-    """
+    query: np.ndarray
+    key: np.ndarray
+    value: np.ndarray
+    query_index: np.ndarray
+    key_index: np.ndarray
+    value_index: np.ndarray
+
+
+class ScoreOperand(NamedTuple):
+    """A mask or bias: its stack ``(n_own, 1 or Lq, 1 or Lk)`` and index ``(N,)``; the
+    ``row_step`` and ``col_step`` positions are multiplied by (0 along a broadcast
+    axis); ``present`` is False for a placeholder the kernels never read."""
+
+    stack: np.ndarray
+    index: np.ndarray
+    row_step: int
+    col_step: int
+    present: bool
+
+
+class ScoreOptions(NamedTuple):
+    """The options that turn ``q.k`` into a score, besides the mask and bias operands:
+    the ``scale`` (new options such as a softcap join it here)."""
+
+    scale: float
+
+
+class Visibility(NamedTuple):
+    """The structural visibility rule (see :mod:`fastattn.kernels.masking`):
+    ``kv_lengths`` ``(N,)`` when ``has_kv_lengths``, the diagonal offset and how far
+    left and right of the diagonal a query reaches."""
+
+    kv_lengths: np.ndarray
+    has_kv_lengths: bool
+    diag_offset: int
+    reach_left: int
+    reach_right: int
+
+
+class Tiling(NamedTuple):
+    """Query rows and keys per block of a kernel's loops."""
+
+    block_q: int
+    block_k: int
+
+
+class ForwardOutputs(NamedTuple):
+    """The forward's results: ``out (N, Lq, Dv)``, ``lse (N, Lq)`` and, when
+    ``return_weights``, ``weights (N, Lq, Lk)`` (zeroed; else a placeholder)."""
+
+    out: np.ndarray
+    lse: np.ndarray
+    weights: np.ndarray
+    return_weights: bool
+
+
+class KeySpans(NamedTuple):
+    """Split keys: spans of ``span_len`` keys, each span's normalised output
+    ``out (spans, N, Lq, Dv)`` and log2-sum-exp ``lse (spans, N, Lq)`` (placeholders
+    when ``span_len >= Lk``)."""
+
+    span_len: int
+    out: np.ndarray
+    lse: np.ndarray
+
+
+class BackwardInputs(NamedTuple):
+    """What the backward needs besides the problem: ``grad_out (N, Lq, Dv)``, the
+    forward's ``lse (N, Lq)`` and ``delta = rowsum(grad_out * out)`` ``(N, Lq)``."""
+
+    grad_out: np.ndarray
+    lse: np.ndarray
+    delta: np.ndarray
+
+
+class Gradients(NamedTuple):
+    """The backward's results: ``query_parts (G, N, Lq, Dk)``, one share of
+    ``dQ / scale`` per key group, and ``key (N, Lk, Dk)``, ``value (N, Lk, Dv)``."""
+
+    query_parts: np.ndarray
+    key: np.ndarray
+    value: np.ndarray
+
+
+def problem_arguments(problem):
+    """The kernels' leading argument groups for ``problem``:
+    ``(Inputs, ScoreOptions, mask ScoreOperand, bias ScoreOperand, Visibility)``."""
     dtype, batch, group = problem.compute_dtype, problem.batch_shape, problem.gqa_group
     query, query_index = stack_operand(problem.query, batch, dtype)
     key, key_index = stack_operand(problem.key, batch, dtype, group)
     value, value_index = stack_operand(problem.value, batch, dtype, group)
-    mask, mask_index, mask_steps = score_operand(problem.mask, batch, np.bool_)
-    bias, bias_index, bias_steps = score_operand(problem.bias, batch, dtype)
-    return (query, key, value, query_index, key_index, value_index,
-            mask, mask_index, *mask_steps, problem.mask is not None,
-            bias, bias_index, *bias_steps, problem.bias is not None,
-            flat_kv_lengths(problem), problem.kv_lengths is not None, problem.diag_offset,
-            *problem.key_reach(), problem.scale)
+    inputs = Inputs(query, key, value, query_index, key_index, value_index)
+    options = ScoreOptions(float(problem.scale))
+    mask = score_operand(problem.mask, batch, np.bool_)
+    bias = score_operand(problem.bias, batch, dtype)
+    visibility = Visibility(flat_kv_lengths(problem), problem.kv_lengths is not None,
+                            problem.diag_offset, *problem.key_reach())
+    return inputs, options, mask, bias, visibility
+
+
+def read_only(array):
+    """``array`` itself if already read-only, else a read-only view of it."""
+    if not array.flags.writeable:
+        return array
+    view = array.view()
+    view.flags.writeable = False
+    return view
 
 
 def stack_operand(array, batch_shape, dtype, group=1):
@@ -41,8 +153,8 @@ def stack_operand(array, batch_shape, dtype, group=1):
     Returns
     -------
     stack : ndarray, shape ``(n_own, *array.shape[-2:])``, C-contiguous, ``dtype``
-        The operand without copies of broadcast dims (a copy only to change dtype or
-        layout).
+        A read-only view of the operand without copies of broadcast dims (a copy
+        only to change dtype or layout).
     index : ndarray of int64, shape ``(prod(batch_shape),)``
         Entry ``b`` of the flattened broadcast batch reads ``stack[index[b]]``. Under
         grouped-query attention (``group > 1``) the last batch axis is the head axis
@@ -50,28 +162,27 @@ def stack_operand(array, batch_shape, dtype, group=1):
     """
     own_batch = array.shape[:-2]
     stack = np.ascontiguousarray(array, dtype=dtype)
-    stack = stack.reshape((math.prod(own_batch),) + array.shape[-2:])  # (n_own, rows, cols)
+    stack = read_only(stack.reshape((math.prod(own_batch),) + array.shape[-2:]))  # (n_own, rows, cols)
     if own_batch == batch_shape and group == 1:  # nothing broadcast: entry b is stack[b]
         return stack, identity_index(stack.shape[0])
     own_index = np.arange(stack.shape[0]).reshape(own_batch)  # (*own_batch)
     if group > 1:
         own_index = np.repeat(own_index, group, axis=-1)  # (..., Hkv * group)
-    index = np.broadcast_to(own_index, batch_shape).ravel()  # (N,)
-    return stack, np.ascontiguousarray(index, dtype=np.int64)
+    index = np.ascontiguousarray(np.broadcast_to(own_index, batch_shape).ravel(),
+                                 dtype=np.int64)  # (N,)
+    index.flags.writeable = False
+    return stack, index
 
 
 def score_operand(array, batch_shape, dtype):
-    """Lay out a mask or bias ``(..., 1 or Lq, 1 or Lk)`` for the kernel.
-
-    Returns the stack and index of :func:`stack_operand` and the ``(row_step,
-    col_step)`` the kernel multiplies positions by (0 along a broadcast axis). A
-    missing operand becomes a ``(1, 1, 1)`` placeholder that the kernel never reads.
-    """
-    if array is None:  # the kernel reads neither stack nor index when the flag is off
-        return placeholder(dtype), identity_index(1), (0, 0)
+    """A mask or bias ``(..., 1 or Lq, 1 or Lk)`` as a :class:`ScoreOperand`: the stack
+    and index of :func:`stack_operand` and the steps along rows and columns (0 along
+    a broadcast axis). A missing operand becomes a ``(1, 1, 1)`` placeholder that the
+    kernel never reads."""
+    if array is None:
+        return ScoreOperand(placeholder(dtype), identity_index(1), 0, 0, False)
     stack, index = stack_operand(array, batch_shape, dtype)
-    steps = (int(array.shape[-2] != 1), int(array.shape[-1] != 1))
-    return stack, index, steps
+    return ScoreOperand(stack, index, int(array.shape[-2] != 1), int(array.shape[-1] != 1), True)
 
 
 def flat_kv_lengths(problem):
@@ -83,7 +194,8 @@ def flat_kv_lengths(problem):
     if problem.kv_lengths is None:
         return identity_index(1)
     per_first_axis = problem.kv_lengths.reshape(batch[:1] + (1,) * (len(batch) - 1))
-    return np.ascontiguousarray(np.broadcast_to(per_first_axis, batch).ravel(), np.int64)
+    lengths = np.ascontiguousarray(np.broadcast_to(per_first_axis, batch).ravel(), np.int64)
+    return read_only(lengths)
 
 
 @functools.lru_cache(maxsize=16)
@@ -103,6 +215,25 @@ def placeholder(dtype, ndim=3, writeable=False):
     array = np.zeros((1,) * ndim, np.dtype(dtype))
     array.flags.writeable = writeable
     return array
+
+
+def sum_to_shape(grad, shape, group=1):
+    """Sum a gradient of the broadcast shape back to an input's own ``shape``: the
+    reverse of :func:`stack_operand`'s broadcasting.
+
+    ``grad`` is ``(*batch, L, D)``. Under grouped-query attention (``group > 1``) the
+    head axis (-3) holds ``Hkv * group`` query heads, and each kv head's group is
+    summed first; then every batch axis the input broadcast along (missing or of
+    size 1 in ``shape``) is summed.
+    """
+    if group > 1:
+        heads = grad.shape[-3] // group
+        grad = grad.reshape(grad.shape[:-3] + (heads, group) + grad.shape[-2:])  # (..., Hkv, g, L, D)
+        grad = grad.sum(axis=-3)  # (..., Hkv, L, D)
+    extra = grad.ndim - len(shape)
+    grad = grad.sum(axis=tuple(range(extra))) if extra else grad  # drop leading batch axes
+    ones = tuple(axis for axis, size in enumerate(shape) if size == 1 and grad.shape[axis] != 1)
+    return grad.sum(axis=ones, keepdims=True) if ones else grad  # (*shape)
 
 
 def fold_query_groups(problem):

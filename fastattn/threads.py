@@ -1,15 +1,26 @@
-"""How many threads fastattn's kernels use.
+"""Threads: how many fastattn's kernels use, and the BLAS they call kept at one.
 
 The kernels run on Numba's thread pool. Its size is fixed when Numba starts, from
 the environment variable ``NUMBA_NUM_THREADS`` (default: the number of cores);
 :func:`set_num_threads` chooses how many of those a call may use. Results are
 bitwise identical for every thread count: work is split by the shape of the
 problem, never by the number of threads.
+
+The kernels call BLAS (``np.dot``) from inside their parallel loops; each of those
+calls must use one thread, or the BLAS thread pool and Numba's threads
+oversubscribe the cores: :class:`single_threaded_blas` sees to that.
 """
+
+import ctypes
+import functools
+import os
+import threading
 
 import numba
 
-import fastattn.kernels.config  # noqa: F401  (OpenMP settings, before Numba's threads start)
+from fastattn import process_settings
+
+process_settings.apply()  # the OpenMP spin count, before Numba's threads start
 
 
 def set_num_threads(count):
@@ -37,3 +48,88 @@ def set_num_threads(count):
 def get_num_threads():
     """Number of threads the next fastattn call from this Python thread will use."""
     return numba.get_num_threads()
+
+
+def _openblas_thread_functions(controller):
+    """ctypes ``(get, set)`` thread-count functions of an OpenBLAS, or None."""
+    if controller.internal_api != "openblas":
+        return None
+    for prefix in ("", "scipy_"):  # SciPy's wheels rename OpenBLAS's symbols
+        for suffix in ("", "64_"):
+            get = getattr(controller.dynlib, f"{prefix}openblas_get_num_threads{suffix}", None)
+            set_ = getattr(controller.dynlib, f"{prefix}openblas_set_num_threads{suffix}", None)
+            if get is not None and set_ is not None:
+                get.restype, set_.argtypes = ctypes.c_int, [ctypes.c_int]
+                return get, set_
+    return None
+
+
+@functools.cache
+def _kernel_blas_thread_functions():
+    """``(get, set)`` thread-count functions of the BLAS that the kernels call.
+
+    Numba's ``np.dot`` calls ``scipy.linalg.cython_blas``; importing it loads that
+    BLAS, which threadpoolctl can only see once it is loaded. SciPy's own copy is
+    picked out by its folder (``scipy.libs``); if none is recognised, every BLAS in
+    the process is handled. OpenBLAS is driven through ctypes directly (about a
+    microsecond), other libraries through threadpoolctl.
+    """
+    import scipy.linalg.cython_blas  # noqa: F401
+    from threadpoolctl import ThreadpoolController
+
+    controllers = ThreadpoolController().select(user_api="blas").lib_controllers
+    scipy_owned = [controller for controller in controllers
+                   if os.path.basename(os.path.dirname(controller.filepath)).startswith("scipy")]
+    functions = []
+    for controller in scipy_owned or controllers:
+        functions.append(_openblas_thread_functions(controller) or (
+            lambda controller=controller: controller.num_threads, controller.set_num_threads))
+    return tuple(functions)
+
+
+class single_threaded_blas:
+    """Context manager: the kernels' BLAS at one thread inside, as it was after.
+
+    The kernels call BLAS (``np.dot``) from their own threads; a multi-threaded
+    BLAS would start threads of its own for every block and oversubscribe the cores.
+    ``single_threaded_blas(False)`` does nothing, for calls whose products are too
+    small for any BLAS to thread.
+
+    The BLAS thread count is process-wide, so calls running at once from several
+    Python threads share one switch: the first to enter sets one thread, the last to
+    leave restores the counts it found.
+    """
+
+    __slots__ = ("active",)
+    _lock = threading.Lock()
+    _users = 0  # active contexts, over every Python thread
+    _saved = []  # (set function, count) to restore when the last one leaves
+
+    def __init__(self, active=True):
+        self.active = active
+
+    def __enter__(self):
+        if not self.active:
+            return self
+        shared = single_threaded_blas
+        with shared._lock:
+            if shared._users == 0:
+                for get, set_ in _kernel_blas_thread_functions():
+                    count = get()
+                    if count != 1:
+                        set_(1)
+                        shared._saved.append((set_, count))
+            shared._users += 1
+        return self
+
+    def __exit__(self, *exc_info):
+        if not self.active:
+            return False
+        shared = single_threaded_blas
+        with shared._lock:
+            shared._users -= 1
+            if shared._users == 0:
+                for set_, count in shared._saved:
+                    set_(count)
+                shared._saved.clear()
+        return False

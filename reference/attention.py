@@ -6,7 +6,7 @@ computes in float64 and casts back to the contract's output dtype.
 
 import numpy as np
 
-from fastattn.checks import check_attention
+from fastattn.problem import check_attention
 
 
 def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, causal=False,

@@ -3,8 +3,8 @@
 
 import numpy as np
 
-from fastattn.checks import check_attention, check_backward_arrays
-from fastattn.checks.shapes import sum_to_shape
+from fastattn.problem import check_attention, check_backward_arrays
+from fastattn.layout import sum_to_shape
 from reference.attention import broadcast_inputs, masked_softmax, visible_keys
 
 

@@ -202,20 +202,60 @@ def test_set_num_threads_refuses_bad_counts(count):
         fastattn.set_num_threads(count)
 
 
-@pytest.mark.parametrize("user_value, expected", [(None, "10000"), ("5", "5")])
-def test_openmp_spin_count_default_keeps_the_users(user_value, expected):
-    """fastattn shortens OpenMP's idle spinning unless the user chose a value."""
+@pytest.mark.parametrize("user_value, opt_out, expected",
+                         [(None, None, "10000"), ("5", None, "5"), (None, "0", "unset")])
+@pytest.mark.parametrize("module", ["fastattn.threads", "fastattn.kernels.config"])
+def test_openmp_spin_count_default_keeps_the_users(module, user_value, opt_out, expected):
+    """fastattn shortens OpenMP's idle spinning unless the user chose a value or
+    opted out of the process settings; importing fastattn alone changes nothing."""
     import os
     import subprocess
     import sys
 
-    env = {name: value for name, value in os.environ.items() if name != "GOMP_SPINCOUNT"}
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("GOMP_SPINCOUNT", "FASTATTN_PROCESS_SETTINGS")}
     if user_value is not None:
         env["GOMP_SPINCOUNT"] = user_value
-    code = "import os, fastattn.threads; print(os.environ['GOMP_SPINCOUNT'])"
+    if opt_out is not None:
+        env["FASTATTN_PROCESS_SETTINGS"] = opt_out
+    code = ("import os, fastattn; before = os.environ.get('GOMP_SPINCOUNT', 'unset'); "
+            f"import {module}; print(before, os.environ.get('GOMP_SPINCOUNT', 'unset'))")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                             text=True, check=True)
-    assert result.stdout.strip() == expected
+    assert result.stdout.split() == [user_value or "unset", expected]
+
+
+def test_cache_keys_fall_back_when_numba_changes(monkeypatch):
+    """If Numba's private cache classes are missing or raise, the cache-key patch is
+    skipped (with a warning for an error) and Numba's defaults stay."""
+    import warnings
+
+    from numba.core import caching
+
+    from fastattn import process_settings
+
+    locators = list(caching.CacheImpl._locator_classes)
+    for name in ("UserProvidedCacheLocator", "_UserProvidedCacheLocator"):
+        monkeypatch.delattr(caching, name, raising=False)
+    assert process_settings.key_kernel_caches_on_package_sources() is False
+    assert caching.CacheImpl._locator_classes == locators
+
+    def broken():
+        raise AttributeError("Numba changed")
+
+    monkeypatch.setattr(process_settings, "key_kernel_caches_on_package_sources", broken)
+    process_settings.apply.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            applied = process_settings.apply()
+        assert "numba cache keys" not in applied
+        assert any("default cache keys" in str(w.message) for w in caught)
+    finally:
+        process_settings.apply.cache_clear()
+        monkeypatch.undo()
+        process_settings.apply()  # memoised again; the locators are patched only once
+    assert caching.CacheImpl._locator_classes == locators
 
 
 def test_concurrent_calls_from_python_threads(rng):
@@ -250,7 +290,7 @@ def test_concurrent_calls_from_python_threads(rng):
 def test_overlapping_calls_share_one_blas_thread_switch():
     """The BLAS thread count is process-wide: it stays at 1 until the last of several
     overlapping kernel calls has left, then returns to what it was."""
-    from fastattn.kernels.config import _kernel_blas_thread_functions, single_threaded_blas
+    from fastattn.threads import _kernel_blas_thread_functions, single_threaded_blas
 
     functions = _kernel_blas_thread_functions()
     before = [get() for get, _ in functions]

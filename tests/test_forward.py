@@ -200,7 +200,7 @@ GQA_DECODE_OPTIONS = {
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("option", sorted(GQA_DECODE_OPTIONS))
 def test_grouped_query_decoding(rng, option, dtype):
-    from fastattn.checks import check_attention
+    from fastattn.problem import check_attention
     from fastattn.layout import fold_query_groups
 
     query, key, value = random_inputs(rng, (3, 8, 1, 16), (3, 2, 2 * BLOCK_K + 9, 16), 8, dtype)
@@ -222,7 +222,7 @@ def test_grouped_query_decoding(rng, option, dtype):
 
 def test_grouped_query_decoding_with_heads_first(rng):
     """kv_lengths index the first batch axis; when that is the head axis, no folding."""
-    from fastattn.checks import check_attention
+    from fastattn.problem import check_attention
     from fastattn.layout import fold_query_groups
 
     query, key, value = random_inputs(rng, (6, 1, 8), (2, 50, 8))

@@ -6,9 +6,13 @@ maximum, a running row sum and a rescaled output accumulator, so no ``(Lq, Lk)``
 matrix is ever built; extra memory is one ``(block_q, block_k)`` score block and one
 ``(block_q, Dv)`` accumulator per task.
 
-Visibility (causal, window, kv_lengths, mask) is applied block by block by
-:mod:`fastattn.kernels.masking`; key blocks that no query of a block can see are
-never visited.
+Scores come from :func:`fastattn.kernels.scores.block_scores`; key blocks that no
+query of a block can see (:mod:`fastattn.kernels.masking`) are never visited.
+
+NaN: a row whose running sum or output came out NaN is computed again by
+:func:`exact_row`, which sums over visible keys only, so a NaN value behind a hidden
+key (which the block product multiplies by an exact 0) cannot reach it, while a NaN
+score or value the row does see makes it NaN.
 """
 
 import math
@@ -16,10 +20,11 @@ import math
 import numpy as np
 from numba import njit, prange, types
 
-from fastattn.kernels.config import (array_type, jit_helper, kernel_per_dtype,
-                                     problem_argument_types)
-from fastattn.kernels.masking import mask_scores, visible_range
-from fastattn.kernels.vector_math import LN2, LOG2E, exp2, maximum
+from fastattn.kernels.config import jit_helper, kernel_per_dtype
+from fastattn.kernels.masking import entry_rule, row_block_keys
+from fastattn.kernels.operands import TILING_TYPE, forward_result_types, problem_types
+from fastattn.kernels.scores import block_scores
+from fastattn.kernels.vector_math import LN2, LOG2E, block_view, exp2, has_nan, maximum
 
 # Query rows per group on the partly visible strips (causal diagonal, window edges).
 EDGE_ROWS = 64
@@ -37,16 +42,21 @@ def online_softmax_block(scores, row_max, row_sum, acc):
     overwritten with ``exp2(score - new_row_max)``, ready to multiply the values.
     ``row_max``, ``row_sum`` ``(rows,)`` and ``acc`` ``(rows, Dv)`` are rescaled by
     ``exp2(old_max - new_max)`` so every row stays relative to its latest maximum.
+    A NaN score makes the row's sum NaN (``exp2`` keeps NaN; a block of NaN and
+    ``-inf`` only is caught below, since ``maximum`` skips NaN).
     """
     rows, cols = scores.shape
     for r in range(rows):
         block_max = row_max[r]
         for c in range(cols):
             block_max = maximum(block_max, scores[r, c])
-        if block_max == -np.inf:  # nothing visible to this row yet
+        if block_max == -np.inf:  # nothing visible to this row yet, unless a NaN
+            for c in range(cols):
+                if scores[r, c] != scores[r, c]:
+                    row_sum[r] = np.nan
             scores[r, :] = 0.0
             continue
-        block_sum = row_sum[r] - row_sum[r]  # a zero of the compute dtype
+        block_sum = row_sum[r] - row_sum[r]  # a zero of the compute dtype (or NaN)
         for c in range(cols):
             p = exp2(scores[r, c] - block_max)
             scores[r, c] = p
@@ -60,60 +70,107 @@ def online_softmax_block(scores, row_max, row_sum, acc):
 
 
 @jit_helper
-def attend_key_range(q_rows, row_start, key_first, key_last, keys, values, row_max, row_sum,
-                     acc, block_k, must_mask, common_first, common_last, kv_stop,
-                     diag_offset, reach_left, reach_right,
-                     mask, mask_entry, mask_row_step, mask_col_step, has_mask,
-                     bias, bias_entry, bias_row_step, bias_col_step, has_bias):
+def attend_key_range(q_rows, row_start, key_first, key_last, keys, values, entry, rule,
+                     options, mask, bias, block_k, score_buffer, row_max, row_sum, acc):
     """Fold keys ``[key_first, key_last)`` into the running softmax of some query rows.
 
     ``q_rows`` ``(rows, Dk)`` are queries ``row_start + r`` in log2 units; ``row_max``,
     ``row_sum`` ``(rows,)`` and ``acc`` ``(rows, Dv)`` are their running state, updated
-    in place, one block of at most ``block_k`` keys at a time. Every row sees keys
-    ``[common_first, common_last)`` structurally: blocks inside that range skip the
-    visibility pass unless ``must_mask`` (a user mask or bias) asks for it.
+    in place, one block of at most ``block_k`` keys at a time, scored into
+    ``score_buffer``.
     """
+    rows = q_rows.shape[0]
     for key_start in range(key_first, key_last, block_k):
         key_stop = min(key_start + block_k, key_last)
-        scores = np.dot(q_rows, keys[key_start:key_stop].T)  # (rows, cols)
-        if must_mask or key_start < common_first or key_stop > common_last:
-            mask_scores(scores, row_start, key_start, kv_stop, diag_offset, reach_left,
-                        reach_right, mask, mask_entry, mask_row_step, mask_col_step,
-                        has_mask, bias, bias_entry, bias_row_step, bias_col_step,
-                        has_bias, LOG2E)
+        scores = block_view(score_buffer, rows, key_stop - key_start)  # (rows, cols)
+        block_scores(scores, q_rows, keys[key_start:key_stop], row_start, key_start, entry,
+                     rule, options, mask, bias)
         online_softmax_block(scores, row_max, row_sum, acc)  # scores -> probabilities
         acc += np.dot(scores, values[key_start:key_stop])  # (rows, Dv)
 
 
-def _attention_forward(query, key, value, query_index, key_index, value_index,
-                       mask, mask_index, mask_row_step, mask_col_step, has_mask,
-                       bias, bias_index, bias_row_step, bias_col_step, has_bias,
-                       kv_lengths, has_kv_lengths, diag_offset, reach_left, reach_right,
-                       scale, block_q, block_k, split_len, out, lse, weights, return_weights,
-                       split_out, split_lse):
+@jit_helper
+def exact_row(q_row, row, key_first, key_last, keys, values, entry, rule, options, mask, bias,
+              block_k, score_buffer, out_row, weights_row, return_weights):
+    """One query row over keys ``[key_first, key_last)``, summing visible keys only.
+
+    The slow path for rows the block products made NaN. Writes the row's
+    normalised output to ``out_row`` ``(Dv,)`` and, if ``return_weights``, its weights
+    into ``weights_row`` ``(Lk,)`` (zeroed); returns its log2-sum-exp. A NaN score
+    of a visible key makes the output, the visible weights and the lse NaN; a NaN
+    value makes the output columns it meets NaN; hidden keys are never read.
+    ``q_row`` ``(1, Dk)`` is the query in log2 units.
+    """
+    top = -np.inf
+    nan_score = False
+    for key_start in range(key_first, key_last, block_k):
+        key_stop = min(key_start + block_k, key_last)
+        scores = block_view(score_buffer, 1, key_stop - key_start)  # (1, cols)
+        block_scores(scores, q_row, keys[key_start:key_stop], row, key_start, entry, rule,
+                     options, mask, bias)
+        for c in range(key_stop - key_start):
+            score = scores[0, c]
+            if score != score:
+                nan_score = True
+            elif score > top:
+                top = score
+    out_row[:] = 0.0
+    if top == -np.inf and not nan_score:  # no visible key
+        return -np.inf
+    total = 0.0
+    for key_start in range(key_first, key_last, block_k):
+        key_stop = min(key_start + block_k, key_last)
+        scores = block_view(score_buffer, 1, key_stop - key_start)  # (1, cols)
+        block_scores(scores, q_row, keys[key_start:key_stop], row, key_start, entry, rule,
+                     options, mask, bias)
+        for c in range(key_stop - key_start):
+            score = scores[0, c]
+            if score == -np.inf:  # hidden: neither its weight nor its value counts
+                continue
+            p = np.nan if nan_score else exp2(score - top)
+            total += p
+            for d in range(out_row.shape[0]):
+                out_row[d] += p * values[key_start + c, d]
+            if return_weights:
+                weights_row[key_start + c] = p
+    inverse_total = 1.0 / total
+    for d in range(out_row.shape[0]):
+        out_row[d] *= inverse_total
+    if return_weights:
+        for key in range(key_first, key_last):
+            if weights_row[key] != 0.0:
+                weights_row[key] *= inverse_total
+    return top + math.log2(total)  # NaN after a NaN score
+
+
+def _attention_forward(inputs, options, mask, bias, visibility, tiling, outputs, spans):
     """Compute attention for every batch entry ``b`` of the flattened batch.
 
-    Entry ``b`` reads ``query[query_index[b]]`` ``(Lq, Dk)``, ``key[key_index[b]]``
-    ``(Lk, Dk)``, ``value[value_index[b]]`` ``(Lk, Dv)``, and when their flags are set
-    ``mask[mask_index[b]]``, ``bias[bias_index[b]]`` and ``kv_lengths[b]``; it writes
-    ``out[b]`` ``(Lq, Dv)``, ``lse[b]`` ``(Lq,)`` and, if ``return_weights``,
-    ``weights[b]`` ``(Lq, Lk)`` (which must be zeroed).
+    Entry ``b`` reads ``inputs.query[inputs.query_index[b]]`` ``(Lq, Dk)``, the key
+    ``(Lk, Dk)`` and value ``(Lk, Dv)`` likewise, and ``mask`` and ``bias``
+    (:class:`fastattn.layout.ScoreOperand`) under the rule of ``visibility``; it writes
+    ``outputs.out[b]`` ``(Lq, Dv)``, ``outputs.lse[b]`` ``(Lq,)`` and, if
+    ``outputs.return_weights``, ``outputs.weights[b]`` ``(Lq, Lk)`` (which must be
+    zeroed).
 
     Scores are kept in log2 units (``log2(e) * scale * q.k``) so the softmax uses
     ``exp2``; the query block is scaled once, before its products with the keys.
 
     Split keys (for calls with too few query blocks to busy every thread, such as
-    decoding): with ``split_len < Lk`` each task covers one query block and one span
-    of ``split_len`` keys, writes that span's normalised output to
-    ``split_out[s, b]`` ``(Lq, Dv)`` and its log2-sum-exp to ``split_lse[s, b]``
-    ``(Lq,)``, and a second loop merges the spans weighted by ``exp2(split_lse)``.
-    Otherwise ``split_out`` and ``split_lse`` are unused placeholders.
+    decoding): with ``spans.span_len < Lk`` each task covers one query block and one
+    span of keys, writes that span's normalised output to ``spans.out[s, b]``
+    ``(Lq, Dv)`` and its log2-sum-exp to ``spans.lse[s, b]`` ``(Lq,)``, and
+    :func:`merge_key_spans` combines the spans weighted by ``exp2(lse)``.
     """
+    out, lse, weights, return_weights = outputs
+    query, key, value = inputs.query, inputs.key, inputs.value
     n_batch, q_len, value_dim = out.shape
-    head_dim = query.shape[2]
-    log2_scale = scale * LOG2E
+    head_dim, kv_len = query.shape[2], key.shape[1]
+    block_q, block_k = tiling
+    log2_scale = options.scale * LOG2E
     n_q_blocks = (q_len + block_q - 1) // block_q
-    n_splits = max(1, (key.shape[1] + split_len - 1) // split_len)
+    split_len = spans.span_len
+    n_splits = max(1, (kv_len + split_len - 1) // split_len)
     for task in prange(n_batch * n_q_blocks * n_splits):
         split = task % n_splits
         b = task // (n_q_blocks * n_splits)
@@ -125,28 +182,24 @@ def _attention_forward(query, key, value, query_index, key_index, value_index,
         q_start = q_block_index * block_q
         q_stop = min(q_start + block_q, q_len)
         rows = q_stop - q_start
-        kv_stop = kv_lengths[b] if has_kv_lengths else key.shape[1]
-        mask_entry = mask_index[b] if has_mask else 0
-        bias_entry = bias_index[b] if has_bias else 0
-        query_rows = query[query_index[b]]  # (Lq, Dk)
+        rule = entry_rule(visibility, b, kv_len)
+        query_rows = query[inputs.query_index[b]]  # (Lq, Dk)
         # Slicing with [i] or [i, a:b] (no trailing ':') keeps Numba's 'C' layout, so
         # np.dot reads the blocks in place instead of copying them.
-        keys = key[key_index[b]]  # (Lk, Dk)
-        values = value[value_index[b]]  # (Lk, Dv)
+        keys = key[inputs.key_index[b]]  # (Lk, Dk)
+        values = value[inputs.value_index[b]]  # (Lk, Dv)
         q_block = np.empty((rows, head_dim), dtype=out.dtype)  # (rows, Dk) in log2 units
         for r in range(rows):
             for d in range(head_dim):
                 q_block[r, d] = query_rows[q_start + r, d] * log2_scale
+        score_buffer = np.empty(rows * min(block_k, kv_len), dtype=out.dtype)
 
-        # keys this task may read, keys of them that some row of the block may see,
+        # keys this task may read; keys of them that some row of the block may see,
         # and keys every row of the block sees
         span_first = split * split_len
-        span_last = min(key.shape[1], span_first + split_len)
-        first_key = visible_range(q_start, kv_stop, diag_offset, reach_left, reach_right)[0]
-        last_key = visible_range(q_stop - 1, kv_stop, diag_offset, reach_left, reach_right)[1]
+        span_last = min(kv_len, span_first + split_len)
+        first_key, last_key, common_first, common_last = row_block_keys(q_start, q_stop, rule)
         first_key, last_key = max(first_key, span_first), min(last_key, span_last)
-        common_first = visible_range(q_stop - 1, kv_stop, diag_offset, reach_left, reach_right)[0]
-        common_last = visible_range(q_start, kv_stop, diag_offset, reach_left, reach_right)[1]
 
         row_max = np.full(rows, -np.inf, dtype=out.dtype)  # (rows,) running max, log2 units
         row_sum = np.zeros(rows, dtype=out.dtype)  # (rows,) running sum of exp2(s - row_max)
@@ -157,21 +210,15 @@ def _attention_forward(query, key, value, query_index, key_index, value_index,
         full_first, full_last = max(common_first, first_key), min(common_last, last_key)
         if full_last > full_first:  # whole multiples of ALIGN keys; the rest is a strip
             full_last = full_first + (full_last - full_first) // ALIGN * ALIGN
-        attend_key_range(q_block, q_start, full_first, full_last, keys, values, row_max,
-                         row_sum, acc, block_k, has_mask or has_bias, full_first, full_last,
-                         kv_stop, diag_offset,
-                         reach_left, reach_right, mask, mask_entry, mask_row_step,
-                         mask_col_step, has_mask, bias, bias_entry, bias_row_step,
-                         bias_col_step, has_bias)
+        attend_key_range(q_block, q_start, full_first, full_last, keys, values, b, rule,
+                         options, mask, bias, block_k, score_buffer, row_max, row_sum, acc)
         # 2. Keys only some rows see (the causal diagonal, window edges): groups of
         #    EDGE_ROWS rows, each over its own visible range, so little is computed
         #    only to be masked.
         for group_start in range(0, rows, EDGE_ROWS):
             group_stop = min(group_start + EDGE_ROWS, rows)
-            group_first, group_common_last = visible_range(
-                q_start + group_start, kv_stop, diag_offset, reach_left, reach_right)
-            group_common_first, group_last = visible_range(
-                q_start + group_stop - 1, kv_stop, diag_offset, reach_left, reach_right)
+            group_first, group_last = row_block_keys(q_start + group_start,
+                                                     q_start + group_stop, rule)[:2]
             group_first, group_last = max(group_first, first_key), min(group_last, last_key)
             # The strips left and right of part 1, widened outwards (away from part 1)
             # to whole multiples of ALIGN keys; masking hides the keys added.
@@ -183,28 +230,30 @@ def _attention_forward(query, key, value, query_index, key_index, value_index,
                 left_first = left_last = group_first
                 right_first = group_first
             right_last = min(right_first + aligned_count(group_last - right_first), span_last)
-            strips = ((left_first, left_last), (right_first, right_last))
-            for strip_first, strip_last in strips:
+            for strip_first, strip_last in ((left_first, left_last), (right_first, right_last)):
                 attend_key_range(q_block[group_start:group_stop], q_start + group_start,
-                                 strip_first, strip_last, keys, values,
-                                 row_max[group_start:group_stop],
-                                 row_sum[group_start:group_stop], acc[group_start:group_stop],
-                                 block_k, has_mask or has_bias, group_common_first,
-                                 group_common_last, kv_stop, diag_offset, reach_left, reach_right,
-                                 mask, mask_entry, mask_row_step, mask_col_step, has_mask,
-                                 bias, bias_entry, bias_row_step, bias_col_step, has_bias)
+                                 strip_first, strip_last, keys, values, b, rule, options, mask, bias,
+                                 block_k, score_buffer, row_max[group_start:group_stop],
+                                 row_sum[group_start:group_stop], acc[group_start:group_stop])
 
         if n_splits == 1:
             out_rows = out[b]  # (Lq, Dv)
             lse_rows = lse[b]  # (Lq,) natural log
             lse_unit = LN2
         else:
-            out_rows = split_out[split, b]  # (Lq, Dv) this span's share
-            lse_rows = split_lse[split, b]  # (Lq,) log2 units, merged below
+            out_rows = spans.out[split, b]  # (Lq, Dv) this span's share
+            lse_rows = spans.lse[split, b]  # (Lq,) log2 units, merged below
             lse_unit = 1.0
         for r in range(rows):
             row = q_start + r
-            if row_sum[r] > 0.0:
+            if row_sum[r] != row_sum[r] or has_nan(acc[r:r + 1]):  # NaN met: exact sums
+                weights_row = weights[b, row] if return_weights else weights[0, 0]  # (Lk,)
+                lse_rows[row] = lse_unit * exact_row(
+                    q_block[r:r + 1], row, first_key, last_key, keys, values, b, rule,
+                    options, mask, bias, block_k, score_buffer, out_rows[row], weights_row,
+                    return_weights)
+                row_sum[r] = 0.0  # its weights are written: the pass below skips it
+            elif row_sum[r] > 0.0:
                 inverse_sum = 1.0 / row_sum[r]
                 for d in range(value_dim):
                     out_rows[row, d] = acc[r, d] * inverse_sum
@@ -217,18 +266,16 @@ def _attention_forward(query, key, value, query_index, key_index, value_index,
         if return_weights:
             for key_start in range(first_key, last_key, block_k):
                 key_stop = min(key_start + block_k, last_key)
-                scores = np.dot(q_block, keys[key_start:key_stop].T)  # (rows, cols)
-                mask_scores(scores, q_start, key_start, kv_stop, diag_offset, reach_left,
-                            reach_right, mask, mask_entry, mask_row_step, mask_col_step,
-                            has_mask, bias, bias_entry, bias_row_step, bias_col_step,
-                            has_bias, LOG2E)
+                scores = block_view(score_buffer, rows, key_stop - key_start)  # (rows, cols)
+                block_scores(scores, q_block, keys[key_start:key_stop], q_start, key_start, b,
+                             rule, options, mask, bias)
                 for r in range(rows):
                     if row_sum[r] > 0.0:
                         for c in range(key_stop - key_start):
                             weights[b, q_start + r, key_start + c] = exp2(scores[r, c] - row_max[r])
 
     if n_splits > 1:
-        merge_key_spans(split_out, split_lse, out, lse)
+        merge_key_spans(spans.out, spans.lse, out, lse)
 
 
 @njit(inline="always")
@@ -244,16 +291,26 @@ def merge_key_spans(split_out, split_lse, out, lse):
 
     ``split_out`` ``(splits, N, Lq, Dv)`` holds each span's normalised output and
     ``split_lse`` ``(splits, N, Lq)`` its log2-sum-exp (``-inf`` for a span with no
-    visible key); a row with no visible key in any span gets output 0, lse ``-inf``.
+    visible key); a row with no visible key in any span gets output 0, lse ``-inf``;
+    a NaN lse in any span makes the row NaN.
     """
     n_splits, n_batch, q_len, value_dim = split_out.shape
     for row_task in range(n_batch * q_len):
         b = row_task // q_len
         row = row_task - b * q_len
         top = -np.inf
+        nan_lse = False
         for split in range(n_splits):
-            top = max(top, split_lse[split, b, row])
+            span_lse = split_lse[split, b, row]
+            if span_lse != span_lse:
+                nan_lse = True
+            elif span_lse > top:
+                top = span_lse
         out[b, row, :] = 0.0
+        if nan_lse:
+            out[b, row, :] = np.nan
+            lse[b, row] = np.nan
+            continue
         if top == -np.inf:
             lse[b, row] = -np.inf
             continue
@@ -270,13 +327,7 @@ def merge_key_spans(split_out, split_lse, out, lse):
 
 
 def _forward_signature(dtype):
-    return types.void(
-        *problem_argument_types(dtype),
-        types.int64, types.int64, types.int64,  # block_q, block_k, split_len
-        array_type(dtype, 3, readonly=False), array_type(dtype, 2, readonly=False),
-        array_type(dtype, 3, readonly=False), types.boolean,  # out, lse, weights, flag
-        array_type(dtype, 4, readonly=False), array_type(dtype, 3, readonly=False),
-    )
+    return types.void(*problem_types(dtype), TILING_TYPE, *forward_result_types(dtype))
 
 
 forward_kernel = kernel_per_dtype(_attention_forward, _forward_signature)

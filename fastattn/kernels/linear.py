@@ -10,7 +10,8 @@ one pool of threads does all of a layer's work.
 import numpy as np
 from numba import prange, types
 
-from fastattn.kernels.config import array_type, kernel_per_dtype
+from fastattn.kernels.config import kernel_per_dtype
+from fastattn.kernels.operands import array_type
 
 
 def _linear_rows(x, weight, bias, has_bias, block_rows, out):

@@ -123,3 +123,21 @@ def exp2_check(x):
     for index in range(x.size):
         out[index] = exp2(x[index])
     return out
+
+
+@njit(inline="always")
+def has_nan(block):
+    """Whether a 2-D array holds a NaN (``x != x``; kept, since ``nnan`` is off)."""
+    found = False
+    rows, cols = block.shape
+    for r in range(rows):
+        for c in range(cols):
+            found |= block[r, c] != block[r, c]
+    return found
+
+
+@njit(inline="always")
+def block_view(buffer, rows, cols):
+    """The first ``rows * cols`` entries of a flat buffer as a C-contiguous
+    ``(rows, cols)`` array (a slice of a 2-D buffer would not be contiguous)."""
+    return buffer[:rows * cols].reshape((rows, cols))

@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from fastattn.kernels.config import single_threaded_blas
+from fastattn.threads import single_threaded_blas
 from fastattn.kernels.linear import linear_kernel
 from fastattn.layout import placeholder
 

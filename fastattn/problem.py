@@ -1,0 +1,185 @@
+"""The attention problem: what one call computes, validated, before any layout.
+
+:func:`check_attention` turns the arguments of ``scaled_dot_product_attention`` into
+an :class:`AttentionProblem`: validated arrays, shapes, dtypes and the scalar rules
+(scale, diagonal offset, window, kv_lengths). The fused kernels
+(:mod:`fastattn.attention`) and the NumPy oracle (:mod:`reference`) both start
+from it, so the two can only differ in arithmetic, never in what they accept.
+
+This module imports NumPy only, never Numba.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fastattn.checks.arguments import (
+    as_mask_array,
+    as_real_array,
+    check_causal_alignment,
+    check_kv_lengths,
+    check_scale,
+    check_window,
+    result_dtypes,
+)
+from fastattn.checks.shapes import (
+    broadcast_batch,
+    check_score_operand,
+    gqa_group_size,
+    matrix_dims,
+)
+
+__all__ = ["AttentionProblem", "check_attention", "check_backward_arrays"]
+
+
+@dataclass(slots=True)
+class AttentionProblem:
+    """A validated attention call: what to compute, not how.
+
+    Attributes
+    ----------
+    query, key, value : ndarray
+        The inputs as given (converted with ``np.asarray``, dtype unchanged).
+    mask : ndarray of bool or None
+        At least 2-D, trailing dims 1 or ``(Lq, Lk)``; True = may attend.
+    bias : ndarray or None
+        At least 2-D, trailing dims 1 or ``(Lq, Lk)``; not yet cast.
+    kv_lengths : ndarray of int64 or None
+        One entry per index of the first batch axis (one entry for 2-D inputs).
+    batch_shape : tuple of int
+        Broadcast batch shape of every operand; the output is ``(*batch_shape, Lq, Dv)``.
+    q_len, kv_len, head_dim, value_dim : int
+        ``Lq``, ``Lk``, ``Dk``, ``Dv``.
+    gqa_group : int
+        Query heads per kv head (1 without grouped-query attention).
+    compute_dtype, out_dtype : numpy.dtype
+        Precision of the arithmetic (float32 or float64) and of the results.
+    scale : float
+        Multiplier of ``query @ key^T``.
+    causal : bool
+        Whether key ``j`` must satisfy ``j <= i + diag_offset``.
+    diag_offset : int
+        ``off`` of the causal and window rules (0 top-left, ``Lk - Lq`` bottom-right).
+    window : tuple of int or None
+        ``(left, right)``: key ``j`` visible iff ``i + off - left <= j <= i + off + right``.
+    """
+
+    query: np.ndarray
+    key: np.ndarray
+    value: np.ndarray
+    mask: object
+    bias: object
+    kv_lengths: object
+    batch_shape: tuple
+    q_len: int
+    kv_len: int
+    head_dim: int
+    value_dim: int
+    gqa_group: int
+    compute_dtype: np.dtype
+    out_dtype: np.dtype
+    scale: float
+    causal: bool
+    diag_offset: int
+    window: object
+
+    @property
+    def out_shape(self):
+        """Shape of the attention output ``(*batch, Lq, Dv)``."""
+        return self.batch_shape + (self.q_len, self.value_dim)
+
+    @property
+    def lse_shape(self):
+        """Shape of the log-sum-exp output ``(*batch, Lq)``."""
+        return self.batch_shape + (self.q_len,)
+
+    @property
+    def weights_shape(self):
+        """Shape of the attention weights ``(*batch, Lq, Lk)``."""
+        return self.batch_shape + (self.q_len, self.kv_len)
+
+    def key_reach(self):
+        """Return ``(left, right)``: how far from the diagonal a query may look.
+
+        Key ``j`` is visible to query ``i`` (before mask, bias and kv_lengths) iff
+        ``i + off - left <= j <= i + off + right``. Causal sets ``right`` to at most
+        0; an unbounded side is returned as ``Lq + Lk``, which reaches every key.
+        """
+        unbounded = self.q_len + self.kv_len
+        left, right = self.window if self.window is not None else (unbounded, unbounded)
+        if self.causal:
+            right = min(right, 0)
+        return min(left, unbounded), min(right, unbounded)
+
+
+def check_attention(query, key, value, mask=None, *, bias=None, causal=False,
+                    causal_alignment="top_left", window=None, kv_lengths=None,
+                    scale=None, enable_gqa=False):
+    """Validate the arguments of ``scaled_dot_product_attention``.
+
+    Parameters are those of :func:`fastattn.scaled_dot_product_attention`.
+
+    Returns
+    -------
+    AttentionProblem
+
+    Raises
+    ------
+    TypeError
+        For inputs of a non-real dtype, a non-boolean mask, non-integer kv_lengths
+        or window entries, or a scale that is not a real number.
+    ValueError
+        For shapes that do not fit together, a bias holding ``+inf``, a negative
+        window, kv_lengths of the wrong length or out of range, a non-finite scale or
+        an unknown ``causal_alignment``; the message names the argument and shapes.
+    """
+    query = as_real_array("query", query)
+    key = as_real_array("key", key)
+    value = as_real_array("value", value)
+    compute_dtype, out_dtype = result_dtypes(query, key, value)
+    q_len, kv_len, head_dim, value_dim = matrix_dims(query, key, value)
+
+    if mask is not None:
+        mask = check_score_operand("mask", as_mask_array(mask), q_len, kv_len)
+    if bias is not None:
+        bias = check_score_operand("bias", as_real_array("bias", bias), q_len, kv_len)
+        if bias.dtype.kind == "f" and np.isposinf(bias).any():
+            raise ValueError("bias must not hold +inf (it would make the softmax NaN); "
+                             "-inf is allowed and hides a key")
+
+    group = gqa_group_size(query, key, value, enable_gqa)
+    batch_shape = broadcast_batch(query, key, value, mask, bias, group)
+    diag_offset = check_causal_alignment(causal_alignment, q_len, kv_len)
+
+    return AttentionProblem(
+        query=query, key=key, value=value, mask=mask, bias=bias,
+        kv_lengths=check_kv_lengths(kv_lengths, batch_shape, kv_len),
+        batch_shape=batch_shape, q_len=q_len, kv_len=kv_len,
+        head_dim=head_dim, value_dim=value_dim, gqa_group=group,
+        compute_dtype=compute_dtype, out_dtype=out_dtype,
+        scale=check_scale(scale, head_dim), causal=bool(causal),
+        diag_offset=diag_offset, window=check_window(window),
+    )
+
+
+def check_backward_arrays(problem, grad_out, out, lse):
+    """Validate the extra arrays of the backward against the forward's problem.
+
+    ``grad_out`` and ``out`` must have the forward output's shape ``(*batch, Lq, Dv)``
+    and ``lse`` the shape ``(*batch, Lq)``; all must be real.
+
+    Returns
+    -------
+    grad_out, out, lse : ndarray
+    """
+    checked = []
+    for name, array, shape, meaning in (
+            ("grad_out", grad_out, problem.out_shape, "(*batch, Lq, Dv)"),
+            ("out", out, problem.out_shape, "(*batch, Lq, Dv)"),
+            ("lse", lse, problem.lse_shape, "(*batch, Lq)")):
+        array = as_real_array(name, array)
+        if array.shape != shape:
+            raise ValueError(f"{name} must have the forward's shape {meaning} = {shape}; "
+                             f"got {array.shape}")
+        checked.append(array)
+    return tuple(checked)
