@@ -6,9 +6,9 @@ import numpy as np
 
 from fastattn.problem import check_attention
 from fastattn.threads import single_threaded_blas
-from fastattn.kernels.forward import forward_kernel
+from fastattn.kernels.forward import exact_rows_kernel, forward_kernel
 from fastattn.layout import (ForwardOutputs, KeySpans, Tiling, fold_query_groups, placeholder,
-                             problem_arguments)
+                             problem_arguments, read_only)
 
 # Keys per inner block, and the most query rows per prange task. Large blocks keep
 # the two BLAS products per block efficient; see choose_block_q for smaller ones.
@@ -128,10 +128,16 @@ def _run_forward(problem, return_weights):
         split_out = placeholder(dtype, 4, writeable=True)  # never written
         split_lse = placeholder(dtype, 3, writeable=True)
     if n_batch and problem.q_len:
+        arguments = problem_arguments(problem)
+        tiling = Tiling(block_q, BLOCK_K)
+        outputs = ForwardOutputs(out, lse, weights, bool(return_weights))
         with single_threaded_blas(needs_blas_threads(problem, block_q, BLOCK_K)):
-            forward_kernel(dtype)(*problem_arguments(problem), Tiling(block_q, BLOCK_K),
-                                  ForwardOutputs(out, lse, weights, bool(return_weights)),
+            forward_kernel(dtype)(*arguments, tiling, outputs,
                                   KeySpans(split_len, split_out, split_lse))
+            marked = np.isnan(lse)  # (N, Lq) rows where a NaN met the block products
+            if marked.any():  # sum their visible keys only, so a hidden NaN stays out
+                exact_rows_kernel(dtype)(*arguments, tiling, outputs,
+                                         read_only(np.ascontiguousarray(np.argwhere(marked), np.int64)))
 
     out_dtype = problem.out_dtype
     out = out.reshape(problem.out_shape).astype(out_dtype, copy=False)

@@ -1,5 +1,6 @@
 """Public attention backward: validates and lays out, then calls the fused kernel."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -73,18 +74,13 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
     out = np.asarray(out, dtype).reshape(n_batch, q_len, problem.value_dim)
     lse = np.ascontiguousarray(lse, dtype).reshape(n_batch, q_len)
     delta = np.einsum("nqd,nqd->nq", grad_out, out)  # (N, Lq) D_i = rowsum(dO * O)
-    n_groups = choose_key_groups(n_batch, kv_len)
-    query_grad_parts = np.zeros((n_groups, n_batch, q_len, problem.head_dim),
-                                dtype)  # (G, N, Lq, Dk) shares of dQ / scale
-    grad_key = np.zeros((n_batch, kv_len, problem.head_dim), dtype)  # (N, Lk, Dk)
-    grad_value = np.zeros((n_batch, kv_len, problem.value_dim), dtype)  # (N, Lk, Dv)
-
-    if n_batch and q_len and kv_len:
-        extra = BackwardInputs(read_only(grad_out), read_only(lse),
-                               read_only(np.ascontiguousarray(delta)))
-        with single_threaded_blas():
-            backward_kernel(dtype)(*problem_arguments(problem), Tiling(BLOCK_Q, BLOCK_K), extra,
-                                   Gradients(query_grad_parts, grad_key, grad_value))
+    extra = BackwardInputs(read_only(grad_out), read_only(lse),
+                           read_only(np.ascontiguousarray(delta)))
+    query_grad_parts, grad_key, grad_value, nan_met = _run_backward(problem, extra)
+    if nan_met.any():  # a NaN query or key: again, with those NaNs entering as 0
+        query_grad_parts, grad_key, grad_value, _ = _run_backward(
+            dataclasses.replace(problem, query=without_nan(problem.query),
+                                key=without_nan(problem.key)), extra)
     grad_query = query_grad_parts[0]  # (N, Lq, Dk)
     for part in query_grad_parts[1:]:  # a fixed order, whatever the thread count
         grad_query += part
@@ -97,6 +93,29 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
     return (sum_to_shape(grad_query, problem.query.shape).astype(out_dtype, copy=False),
             sum_to_shape(grad_key, problem.key.shape, group).astype(out_dtype, copy=False),
             sum_to_shape(grad_value, problem.value.shape, group).astype(out_dtype, copy=False))
+
+
+def _run_backward(problem, extra):
+    """Run the backward kernel on ``problem``; returns its :class:`Gradients`."""
+    dtype = problem.compute_dtype
+    n_batch, q_len, kv_len = math.prod(problem.batch_shape), problem.q_len, problem.kv_len
+    n_groups = choose_key_groups(n_batch, kv_len)
+    gradients = Gradients(
+        np.zeros((n_groups, n_batch, q_len, problem.head_dim),
+                 dtype),  # (G, N, Lq, Dk) shares of dQ / scale
+        np.zeros((n_batch, kv_len, problem.head_dim), dtype),  # (N, Lk, Dk)
+        np.zeros((n_batch, kv_len, problem.value_dim), dtype),  # (N, Lk, Dv)
+        np.zeros(n_batch * n_groups, np.bool_))  # (N * G,)
+    if n_batch and q_len and kv_len:
+        with single_threaded_blas():
+            backward_kernel(dtype)(*problem_arguments(problem), Tiling(BLOCK_Q, BLOCK_K), extra,
+                                   gradients)
+    return gradients
+
+
+def without_nan(array):
+    """``array`` with NaN replaced by 0 (a copy)."""
+    return np.where(np.isnan(array), 0, array).astype(array.dtype, copy=False)
 
 
 def choose_key_groups(n_batch, kv_len):

@@ -115,11 +115,13 @@ class BackwardInputs(NamedTuple):
 
 class Gradients(NamedTuple):
     """The backward's results: ``query_parts (G, N, Lq, Dk)``, one share of
-    ``dQ / scale`` per key group, and ``key (N, Lk, Dk)``, ``value (N, Lk, Dv)``."""
+    ``dQ / scale`` per key group, ``key (N, Lk, Dk)``, ``value (N, Lk, Dv)``, and
+    ``nan_met (N * G,)``: which tasks met a NaN query or key."""
 
     query_parts: np.ndarray
     key: np.ndarray
     value: np.ndarray
+    nan_met: np.ndarray
 
 
 def problem_arguments(problem):

@@ -34,13 +34,9 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, cau
                               kv_lengths=kv_lengths, scale=scale, enable_gqa=enable_gqa)
     q, k, v = broadcast_inputs(problem)  # (*batch, Lq, Dk), (*batch, Lk, Dk), (*batch, Lk, Dv)
 
-    scores = q @ k.swapaxes(-1, -2) * problem.scale  # (*batch, Lq, Lk)
-    if problem.bias is not None:
-        scores = scores + problem.bias.astype(np.float64)  # (*batch, Lq, Lk)
-    scores = np.where(visible_keys(problem), scores, -np.inf)  # (*batch, Lq, Lk)
-
+    scores = masked_scores(problem, q, k)  # (*batch, Lq, Lk), -inf where hidden
     weights, lse = masked_softmax(scores)  # (*batch, Lq, Lk), (*batch, Lq)
-    out = weights @ v  # (*batch, Lq, Dv)
+    out = visible_sum(weights, scores != -np.inf, v)  # (*batch, Lq, Dv)
 
     results = (out.astype(problem.out_dtype),)
     if return_weights:
@@ -65,6 +61,34 @@ def broadcast_inputs(problem):
     k = np.broadcast_to(key.astype(np.float64), batch + key.shape[-2:])
     v = np.broadcast_to(value.astype(np.float64), batch + value.shape[-2:])
     return q, k, v
+
+
+def masked_scores(problem, q, k):
+    """Scores ``scale * q.k + bias`` ``(*batch, Lq, Lk)``, ``-inf`` where a key is hidden.
+
+    A hidden key (by the visibility rules, the mask, or a ``-inf`` bias) is ``-inf``
+    whatever its score was, so a NaN score is never taken for a hidden key.
+    """
+    scores = q @ k.swapaxes(-1, -2) * problem.scale  # (*batch, Lq, Lk)
+    hidden = ~visible_keys(problem)  # (*batch, Lq, Lk)
+    if problem.bias is not None:
+        bias = problem.bias.astype(np.float64)  # (..., Lq or 1, Lk or 1)
+        scores = scores + bias  # (*batch, Lq, Lk)
+        hidden = hidden | (bias == -np.inf)  # (*batch, Lq, Lk)
+    return np.where(hidden, -np.inf, scores)  # (*batch, Lq, Lk)
+
+
+def visible_sum(weights, visible, values):
+    """``weights @ values`` summed over visible keys only: ``(*batch, Lq, Dv)``.
+
+    Equal to the product where every value is a number. A NaN value reaches exactly
+    the output entries whose row sees its key (a hidden key's weight is an exact 0,
+    and 0 * NaN would spread it to every row).
+    """
+    nan_values = np.isnan(values)  # (*batch, Lk, Dv)
+    out = weights @ np.where(nan_values, 0.0, values)  # (*batch, Lq, Dv)
+    reached = visible.astype(np.float64) @ nan_values  # (*batch, Lq, Dv) visible NaN count
+    return np.where(reached > 0, np.nan, out)  # (*batch, Lq, Dv)
 
 
 def visible_keys(problem):
@@ -98,19 +122,23 @@ def masked_softmax(scores):
 
     The row maximum is subtracted before ``exp`` so large scores cannot overflow.
     A row whose scores are all ``-inf`` (no visible key) gets weights 0 and
-    log-sum-exp ``-inf``, never NaN.
+    log-sum-exp ``-inf``, never NaN. A row with a NaN score gets NaN weights on its
+    visible keys (0 on hidden ones) and a NaN log-sum-exp.
 
     Returns
     -------
     weights : ndarray, shape ``(..., Lq, Lk)``
     lse : ndarray, shape ``(..., Lq)``, the natural log of ``sum(exp(scores))``
     """
-    row_max = np.max(scores, axis=-1, keepdims=True, initial=-np.inf)  # (..., Lq, 1)
+    nan_rows = np.isnan(scores).any(axis=-1, keepdims=True)  # (..., Lq, 1)
+    row_max = np.max(np.where(nan_rows, -np.inf, scores), axis=-1, keepdims=True,
+                     initial=-np.inf)  # (..., Lq, 1) NaN rows set aside
     shift = np.where(row_max == -np.inf, 0.0, row_max)  # (..., Lq, 1) 0 for empty rows
     exp_scores = np.exp(scores - shift)  # (..., Lq, Lk) 0 where hidden
     row_sum = exp_scores.sum(axis=-1, keepdims=True)  # (..., Lq, 1)
     weights = np.divide(exp_scores, row_sum, out=np.zeros_like(exp_scores),
                         where=row_sum > 0)  # (..., Lq, Lk)
+    weights = np.where(nan_rows & (scores != -np.inf), np.nan, weights)  # (..., Lq, Lk)
     with np.errstate(divide="ignore"):
         lse = (shift + np.log(row_sum))[..., 0]  # (..., Lq) -inf for empty rows
-    return weights, lse
+    return weights, np.where(nan_rows[..., 0], np.nan, lse)

@@ -5,7 +5,7 @@ import numpy as np
 
 from fastattn.problem import check_attention, check_backward_arrays
 from fastattn.layout import sum_to_shape
-from reference.attention import broadcast_inputs, masked_softmax, visible_keys
+from reference.attention import broadcast_inputs, masked_scores, masked_softmax
 
 
 def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse, mask=None,
@@ -48,19 +48,22 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
     q, k, v = broadcast_inputs(problem)  # (*batch, Lq, Dk), (*batch, Lk, Dk), (*batch, Lk, Dv)
     grad_out = np.broadcast_to(grad_out.astype(np.float64), problem.out_shape)  # (*batch, Lq, Dv)
 
-    scores = q @ k.swapaxes(-1, -2) * problem.scale  # (*batch, Lq, Lk)
-    if problem.bias is not None:
-        scores = scores + problem.bias.astype(np.float64)  # (*batch, Lq, Lk)
-    scores = np.where(visible_keys(problem), scores, -np.inf)  # (*batch, Lq, Lk)
+    scores = masked_scores(problem, q, k)  # (*batch, Lq, Lk), -inf where hidden
+    visible = scores != -np.inf  # (*batch, Lq, Lk)
     weights, _ = masked_softmax(scores)  # (*batch, Lq, Lk) P, zero rows where nothing is visible
 
     grad_value = weights.swapaxes(-1, -2) @ grad_out  # (*batch, Lk, Dv) P^T dO
-    grad_weights = grad_out @ v.swapaxes(-1, -2)  # (*batch, Lq, Lk) dP = dO V^T
+    # dP = dO V^T, kept only where a key is visible: a NaN value must not reach the
+    # rows that cannot see it through a hidden key's exact 0
+    grad_weights = np.where(visible, grad_out @ v.swapaxes(-1, -2), 0.0)  # (*batch, Lq, Lk)
     # softmax Jacobian applied row by row: dS = P * (dP - sum_j P_j dP_j)
     row_dot = (weights * grad_weights).sum(axis=-1, keepdims=True)  # (*batch, Lq, 1)
-    grad_scores = weights * (grad_weights - row_dot)  # (*batch, Lq, Lk)
-    grad_query = problem.scale * grad_scores @ k  # (*batch, Lq, Dk)
-    grad_key = problem.scale * grad_scores.swapaxes(-1, -2) @ q  # (*batch, Lk, Dk)
+    grad_scores = np.where(visible, weights * (grad_weights - row_dot), 0.0)  # (*batch, Lq, Lk)
+    # dQ = scale dS K and dK = scale dS^T Q; a NaN in Q or K already made dS NaN
+    # wherever it is seen, so it enters these products as 0 (else 0 * NaN spreads it)
+    grad_query = problem.scale * grad_scores @ np.where(np.isnan(k), 0.0, k)  # (*batch, Lq, Dk)
+    grad_key = (problem.scale * grad_scores.swapaxes(-1, -2)
+                @ np.where(np.isnan(q), 0.0, q))  # (*batch, Lk, Dk)
 
     group, dtype = problem.gqa_group, problem.out_dtype
     return (sum_to_shape(grad_query, problem.query.shape).astype(dtype),

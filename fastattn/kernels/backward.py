@@ -15,9 +15,12 @@ its own; the ``G`` shares are summed afterwards in a fixed order. No two tasks w
 the same memory, and ``G`` depends on the problem's shape only, so the result is the
 same for every thread count. Extra memory: ``G`` copies of ``dQ``, O(L*D).
 
-NaN: ``P`` and ``dS`` are exactly 0 at hidden keys, and a query or key block holding
-a NaN enters the ``dK`` and ``dQ`` products with its NaNs as 0, so a NaN reaches
-exactly the gradients that depend on it (through ``P``, ``dS``, ``lse`` or ``D``).
+NaN: ``P`` and ``dS`` are exactly 0 at hidden keys, so a NaN value (through ``dP``)
+reaches exactly the gradients that depend on it. A NaN query or key would still
+spread through the ``dK`` and ``dQ`` products (0 * NaN), so the kernel reports the
+tasks that met one in ``gradients.nan_met``; the caller then runs it again with
+those NaNs as 0, since they already reach ``P`` and ``dS`` through the forward's
+NaN ``lse`` wherever they are seen.
 """
 
 import numpy as np
@@ -67,17 +70,6 @@ def probabilities_and_score_grads(scores, grad_probs, row_start, row_lse, row_de
             grad_probs[r, c] = p * (grad_probs[r, c] - delta)
 
 
-@jit_helper
-def without_nan(block, buffer):
-    """``block`` ``(rows, cols)`` with NaN replaced by 0, written into ``buffer``."""
-    rows, cols = block.shape
-    clean = block_view(buffer, rows, cols)  # (rows, cols)
-    for r in range(rows):
-        for c in range(cols):
-            clean[r, c] = 0.0 if block[r, c] != block[r, c] else block[r, c]
-    return clean
-
-
 def _attention_backward(inputs, options, mask, bias, visibility, tiling, extra, gradients):
     """Gradients for every entry ``b`` of the flattened batch (see the module docstring).
 
@@ -87,8 +79,10 @@ def _attention_backward(inputs, options, mask, bias, visibility, tiling, extra, 
     each of the ``G`` key groups, ``gradients.query_parts[g]`` ``(N, Lq, Dk)``: that
     group's share of ``dQ / scale``, which the caller sums over ``g`` and scales. All
     must be zeroed: keys no query sees, and rows that see no key, are never written.
+    Sets ``gradients.nan_met[task]`` ``(N * G,)`` when a query or key block holding a
+    NaN entered the task's products.
     """
-    query_grad_parts, grad_key, grad_value = gradients
+    query_grad_parts, grad_key, grad_value, nan_met = gradients
     grad_out, lse, delta = extra
     n_groups, n_batch, q_len, _ = query_grad_parts.shape
     kv_len = grad_key.shape[1]
@@ -96,7 +90,6 @@ def _attention_backward(inputs, options, mask, bias, visibility, tiling, extra, 
     scale = options.scale
     log2_scale = scale * LOG2E
     n_k_blocks = (kv_len + block_k - 1) // block_k
-
     head_dim, value_dim = inputs.key.shape[2], inputs.value.shape[2]
     for task in prange(n_batch * n_groups):
         b = task // n_groups
@@ -116,7 +109,6 @@ def _attention_backward(inputs, options, mask, bias, visibility, tiling, extra, 
                                   dtype=grad_key.dtype)
         key_grad_buffer = np.empty(block_k * head_dim, dtype=grad_key.dtype)
         value_grad_buffer = np.empty(block_k * value_dim, dtype=grad_key.dtype)
-        clean_buffer = np.empty(max(block_q, block_k) * head_dim, dtype=grad_key.dtype)
         # Key blocks group, group + G, group + 2G, ...: under a causal mask early key
         # blocks are seen by more rows, so striding spreads the work evenly.
         for k_block in range(group, n_k_blocks, n_groups):
@@ -127,7 +119,8 @@ def _attention_backward(inputs, options, mask, bias, visibility, tiling, extra, 
             cols = key_stop - key_start
             keys = keys_all[key_start:key_stop]  # (cols, Dk)
             values = values_all[key_start:key_stop]  # (cols, Dv)
-            keys_have_nan, values_have_nan = has_nan(keys), has_nan(values)
+            values_have_nan = has_nan(values)
+            nan_met[task] |= has_nan(keys)
             row_first, row_last = key_block_rows(key_start, key_stop, rule, q_len)
             key_grad = block_view(key_grad_buffer, cols, head_dim)  # (cols, Dk) dK / scale
             value_grad = block_view(value_grad_buffer, cols, value_dim)  # (cols, Dv)
@@ -139,9 +132,12 @@ def _attention_backward(inputs, options, mask, bias, visibility, tiling, extra, 
                 q_rows = queries[row_start:row_stop]  # (rows, Dk)
                 grad_rows = grads[row_start:row_stop]  # (rows, Dv)
                 scaled_rows = block_view(scaled_rows_buffer, rows, head_dim)  # (rows, Dk)
+                query_nan = False
                 for r in range(rows):
                     for d in range(head_dim):
                         scaled_rows[r, d] = q_rows[r, d] * log2_scale
+                        query_nan |= q_rows[r, d] != q_rows[r, d]
+                nan_met[task] |= query_nan
                 probs = block_view(probs_buffer, rows, cols)  # (rows, cols)
                 score_grads = block_view(score_grads_buffer, rows, cols)  # (rows, cols)
                 block_scores(probs, scaled_rows, keys, row_start, key_start, b, rule, options,
@@ -153,16 +149,10 @@ def _attention_backward(inputs, options, mask, bias, visibility, tiling, extra, 
                 np.dot(probs.T, grad_rows, product)  # P^T dO
                 value_grad += product
                 product = block_view(product_buffer, cols, head_dim)  # (cols, Dk)
-                if has_nan(scaled_rows):  # dS^T Q with Q's NaNs as 0 (dS holds them)
-                    np.dot(score_grads.T, without_nan(q_rows, clean_buffer), product)
-                else:
-                    np.dot(score_grads.T, q_rows, product)  # dS^T Q
+                np.dot(score_grads.T, q_rows, product)  # dS^T Q
                 key_grad += product
                 product = block_view(product_buffer, rows, head_dim)  # (rows, Dk)
-                if keys_have_nan:  # dS K with K's NaNs as 0
-                    np.dot(score_grads, without_nan(keys, clean_buffer), product)
-                else:
-                    np.dot(score_grads, keys, product)  # dS K
+                np.dot(score_grads, keys, product)  # dS K
                 query_grads[row_start:row_stop] += product
             for c in range(cols):
                 for d in range(head_dim):

@@ -9,10 +9,10 @@ matrix is ever built; extra memory is one ``(block_q, block_k)`` score block and
 Scores come from :func:`fastattn.kernels.scores.block_scores`; key blocks that no
 query of a block can see (:mod:`fastattn.kernels.masking`) are never visited.
 
-NaN: a row whose running sum or output came out NaN is computed again by
-:func:`exact_row`, which sums over visible keys only, so a NaN value behind a hidden
-key (which the block product multiplies by an exact 0) cannot reach it, while a NaN
-score or value the row does see makes it NaN.
+NaN: a row whose running sum or output came out NaN is marked with a NaN lse and
+computed again by :func:`exact_rows_kernel`, which sums over visible keys only, so a
+NaN value behind a hidden key (which the block product multiplies by an exact 0)
+cannot reach it, while a NaN score or value the row does see makes it NaN.
 """
 
 import math
@@ -22,7 +22,8 @@ from numba import njit, prange, types
 
 from fastattn.kernels.config import jit_helper, kernel_per_dtype
 from fastattn.kernels.masking import entry_rule, row_block_keys
-from fastattn.kernels.operands import TILING_TYPE, forward_result_types, problem_types
+from fastattn.kernels.operands import (TILING_TYPE, array_type, forward_result_types,
+                                      problem_types)
 from fastattn.kernels.scores import block_scores
 from fastattn.kernels.vector_math import LN2, LOG2E, block_view, exp2, has_nan, maximum
 
@@ -103,36 +104,30 @@ def exact_row(q_row, row, key_first, key_last, keys, values, entry, rule, option
     """
     top = -np.inf
     nan_score = False
-    for key_start in range(key_first, key_last, block_k):
-        key_stop = min(key_start + block_k, key_last)
-        scores = block_view(score_buffer, 1, key_stop - key_start)  # (1, cols)
-        block_scores(scores, q_row, keys[key_start:key_stop], row, key_start, entry, rule,
-                     options, mask, bias)
-        for c in range(key_stop - key_start):
-            score = scores[0, c]
-            if score != score:
-                nan_score = True
-            elif score > top:
-                top = score
-    out_row[:] = 0.0
-    if top == -np.inf and not nan_score:  # no visible key
-        return -np.inf
     total = 0.0
-    for key_start in range(key_first, key_last, block_k):
-        key_stop = min(key_start + block_k, key_last)
-        scores = block_view(score_buffer, 1, key_stop - key_start)  # (1, cols)
-        block_scores(scores, q_row, keys[key_start:key_stop], row, key_start, entry, rule,
-                     options, mask, bias)
-        for c in range(key_stop - key_start):
-            score = scores[0, c]
-            if score == -np.inf:  # hidden: neither its weight nor its value counts
-                continue
-            p = np.nan if nan_score else exp2(score - top)
-            total += p
-            for d in range(out_row.shape[0]):
-                out_row[d] += p * values[key_start + c, d]
-            if return_weights:
-                weights_row[key_start + c] = p
+    out_row[:] = 0.0
+    for summing in (False, True):  # first the largest score, then the sums
+        if summing and top == -np.inf and not nan_score:  # no visible key
+            return -np.inf
+        for key_start in range(key_first, key_last, block_k):
+            key_stop = min(key_start + block_k, key_last)
+            scores = block_view(score_buffer, 1, key_stop - key_start)  # (1, cols)
+            block_scores(scores, q_row, keys[key_start:key_stop], row, key_start, entry, rule,
+                         options, mask, bias)
+            for c in range(key_stop - key_start):
+                score = scores[0, c]
+                if not summing:
+                    if score != score:
+                        nan_score = True
+                    elif score > top:
+                        top = score
+                elif score != -np.inf:  # hidden keys count neither weight nor value
+                    p = np.nan if nan_score else exp2(score - top)
+                    total += p
+                    for d in range(out_row.shape[0]):
+                        out_row[d] += p * values[key_start + c, d]
+                    if return_weights:
+                        weights_row[key_start + c] = p
     inverse_total = 1.0 / total
     for d in range(out_row.shape[0]):
         out_row[d] *= inverse_total
@@ -162,15 +157,10 @@ def _attention_forward(inputs, options, mask, bias, visibility, tiling, outputs,
     ``(Lq, Dv)`` and its log2-sum-exp to ``spans.lse[s, b]`` ``(Lq,)``, and
     :func:`merge_key_spans` combines the spans weighted by ``exp2(lse)``.
     """
-    out, lse, weights, return_weights = outputs
-    query, key, value = inputs.query, inputs.key, inputs.value
-    n_batch, q_len, value_dim = out.shape
-    head_dim, kv_len = query.shape[2], key.shape[1]
-    block_q, block_k = tiling
-    log2_scale = options.scale * LOG2E
+    n_batch, q_len = outputs.out.shape[:2]
+    block_q = tiling.block_q
     n_q_blocks = (q_len + block_q - 1) // block_q
-    split_len = spans.span_len
-    n_splits = max(1, (kv_len + split_len - 1) // split_len)
+    n_splits = max(1, (inputs.key.shape[1] + spans.span_len - 1) // spans.span_len)
     for task in prange(n_batch * n_q_blocks * n_splits):
         split = task % n_splits
         b = task // (n_q_blocks * n_splits)
@@ -180,102 +170,141 @@ def _attention_forward(inputs, options, mask, bias, visibility, tiling, outputs,
         step = task // n_splits - b * n_q_blocks
         q_block_index = step // 2 if step % 2 == 0 else n_q_blocks - 1 - step // 2
         q_start = q_block_index * block_q
-        q_stop = min(q_start + block_q, q_len)
-        rows = q_stop - q_start
-        rule = entry_rule(visibility, b, kv_len)
-        query_rows = query[inputs.query_index[b]]  # (Lq, Dk)
-        # Slicing with [i] or [i, a:b] (no trailing ':') keeps Numba's 'C' layout, so
-        # np.dot reads the blocks in place instead of copying them.
-        keys = key[inputs.key_index[b]]  # (Lk, Dk)
-        values = value[inputs.value_index[b]]  # (Lk, Dv)
-        q_block = np.empty((rows, head_dim), dtype=out.dtype)  # (rows, Dk) in log2 units
-        for r in range(rows):
-            for d in range(head_dim):
-                q_block[r, d] = query_rows[q_start + r, d] * log2_scale
-        score_buffer = np.empty(rows * min(block_k, kv_len), dtype=out.dtype)
-
-        # keys this task may read; keys of them that some row of the block may see,
-        # and keys every row of the block sees
-        span_first = split * split_len
-        span_last = min(kv_len, span_first + split_len)
-        first_key, last_key, common_first, common_last = row_block_keys(q_start, q_stop, rule)
-        first_key, last_key = max(first_key, span_first), min(last_key, span_last)
-
-        row_max = np.full(rows, -np.inf, dtype=out.dtype)  # (rows,) running max, log2 units
-        row_sum = np.zeros(rows, dtype=out.dtype)  # (rows,) running sum of exp2(s - row_max)
-        acc = np.zeros((rows, value_dim), dtype=out.dtype)  # (rows, Dv) unnormalised output
-
-        # 1. Keys every row of the block sees: full-size blocks, masked only for a
-        #    user mask or bias.
-        full_first, full_last = max(common_first, first_key), min(common_last, last_key)
-        if full_last > full_first:  # whole multiples of ALIGN keys; the rest is a strip
-            full_last = full_first + (full_last - full_first) // ALIGN * ALIGN
-        attend_key_range(q_block, q_start, full_first, full_last, keys, values, b, rule,
-                         options, mask, bias, block_k, score_buffer, row_max, row_sum, acc)
-        # 2. Keys only some rows see (the causal diagonal, window edges): groups of
-        #    EDGE_ROWS rows, each over its own visible range, so little is computed
-        #    only to be masked.
-        for group_start in range(0, rows, EDGE_ROWS):
-            group_stop = min(group_start + EDGE_ROWS, rows)
-            group_first, group_last = row_block_keys(q_start + group_start,
-                                                     q_start + group_stop, rule)[:2]
-            group_first, group_last = max(group_first, first_key), min(group_last, last_key)
-            # The strips left and right of part 1, widened outwards (away from part 1)
-            # to whole multiples of ALIGN keys; masking hides the keys added.
-            if full_first < full_last:
-                left_last = min(full_first, group_last)
-                left_first = max(left_last - aligned_count(left_last - group_first), span_first)
-                right_first = max(full_last, group_first)
-            else:
-                left_first = left_last = group_first
-                right_first = group_first
-            right_last = min(right_first + aligned_count(group_last - right_first), span_last)
-            for strip_first, strip_last in ((left_first, left_last), (right_first, right_last)):
-                attend_key_range(q_block[group_start:group_stop], q_start + group_start,
-                                 strip_first, strip_last, keys, values, b, rule, options, mask, bias,
-                                 block_k, score_buffer, row_max[group_start:group_stop],
-                                 row_sum[group_start:group_stop], acc[group_start:group_stop])
-
-        if n_splits == 1:
-            out_rows = out[b]  # (Lq, Dv)
-            lse_rows = lse[b]  # (Lq,) natural log
-            lse_unit = LN2
-        else:
-            out_rows = spans.out[split, b]  # (Lq, Dv) this span's share
-            lse_rows = spans.lse[split, b]  # (Lq,) log2 units, merged below
-            lse_unit = 1.0
-        for r in range(rows):
-            row = q_start + r
-            if row_sum[r] != row_sum[r] or has_nan(acc[r:r + 1]):  # NaN met: exact sums
-                weights_row = weights[b, row] if return_weights else weights[0, 0]  # (Lk,)
-                lse_rows[row] = lse_unit * exact_row(
-                    q_block[r:r + 1], row, first_key, last_key, keys, values, b, rule,
-                    options, mask, bias, block_k, score_buffer, out_rows[row], weights_row,
-                    return_weights)
-                row_sum[r] = 0.0  # its weights are written: the pass below skips it
-            elif row_sum[r] > 0.0:
-                inverse_sum = 1.0 / row_sum[r]
-                for d in range(value_dim):
-                    out_rows[row, d] = acc[r, d] * inverse_sum
-                row_max[r] += math.log2(row_sum[r])  # now log2 of the row's sum of exp
-                lse_rows[row] = row_max[r] * lse_unit
-            else:  # no visible key: output 0, lse -inf
-                out_rows[row, :] = 0.0
-                lse_rows[row] = -np.inf
-
-        if return_weights:
-            for key_start in range(first_key, last_key, block_k):
-                key_stop = min(key_start + block_k, last_key)
-                scores = block_view(score_buffer, rows, key_stop - key_start)  # (rows, cols)
-                block_scores(scores, q_block, keys[key_start:key_stop], q_start, key_start, b,
-                             rule, options, mask, bias)
-                for r in range(rows):
-                    if row_sum[r] > 0.0:
-                        for c in range(key_stop - key_start):
-                            weights[b, q_start + r, key_start + c] = exp2(scores[r, c] - row_max[r])
-
+        forward_task(b, q_start, min(q_start + block_q, q_len), split, n_splits, inputs,
+                     options, mask, bias, visibility, tiling, outputs, spans)
     if n_splits > 1:
-        merge_key_spans(spans.out, spans.lse, out, lse)
+        merge_key_spans(spans.out, spans.lse, outputs.out, outputs.lse)
+
+
+@jit_helper
+def forward_task(b, q_start, q_stop, split, n_splits, inputs, options, mask, bias, visibility,
+                 tiling, outputs, spans):
+    """One task of :func:`_attention_forward`: query rows ``[q_start, q_stop)`` of batch
+    entry ``b`` over key span ``split`` of ``n_splits`` (the whole key range when 1)."""
+    out, lse, weights, return_weights = outputs
+    query, key, value = inputs.query, inputs.key, inputs.value
+    value_dim = out.shape[2]
+    head_dim, kv_len = query.shape[2], key.shape[1]
+    block_k = tiling.block_k
+    split_len = spans.span_len
+    log2_scale = options.scale * LOG2E
+    rows = q_stop - q_start
+    rule = entry_rule(visibility, b, kv_len)
+    query_rows = query[inputs.query_index[b]]  # (Lq, Dk)
+    # Slicing with [i] or [i, a:b] (no trailing ':') keeps Numba's 'C' layout, so
+    # np.dot reads the blocks in place instead of copying them.
+    keys = key[inputs.key_index[b]]  # (Lk, Dk)
+    values = value[inputs.value_index[b]]  # (Lk, Dv)
+    q_block = np.empty((rows, head_dim), dtype=out.dtype)  # (rows, Dk) in log2 units
+    for r in range(rows):
+        for d in range(head_dim):
+            q_block[r, d] = query_rows[q_start + r, d] * log2_scale
+    score_buffer = np.empty(rows * min(block_k, kv_len), dtype=out.dtype)
+
+    # keys this task may read; keys of them that some row of the block may see,
+    # and keys every row of the block sees
+    span_first = split * split_len
+    span_last = min(kv_len, span_first + split_len)
+    first_key, last_key, common_first, common_last = row_block_keys(q_start, q_stop, rule)
+    first_key, last_key = max(first_key, span_first), min(last_key, span_last)
+
+    row_max = np.full(rows, -np.inf, dtype=out.dtype)  # (rows,) running max, log2 units
+    row_sum = np.zeros(rows, dtype=out.dtype)  # (rows,) running sum of exp2(s - row_max)
+    acc = np.zeros((rows, value_dim), dtype=out.dtype)  # (rows, Dv) unnormalised output
+
+    # 1. Keys every row of the block sees: full-size blocks, masked only for a
+    #    user mask or bias.
+    full_first, full_last = max(common_first, first_key), min(common_last, last_key)
+    if full_last > full_first:  # whole multiples of ALIGN keys; the rest is a strip
+        full_last = full_first + (full_last - full_first) // ALIGN * ALIGN
+    attend_key_range(q_block, q_start, full_first, full_last, keys, values, b, rule,
+                     options, mask, bias, block_k, score_buffer, row_max, row_sum, acc)
+    # 2. Keys only some rows see (the causal diagonal, window edges): groups of
+    #    EDGE_ROWS rows, each over its own visible range, so little is computed
+    #    only to be masked.
+    for group_start in range(0, rows, EDGE_ROWS):
+        group_stop = min(group_start + EDGE_ROWS, rows)
+        group_first, group_last = row_block_keys(q_start + group_start,
+                                                 q_start + group_stop, rule)[:2]
+        group_first, group_last = max(group_first, first_key), min(group_last, last_key)
+        # The strips left and right of part 1, widened outwards (away from part 1)
+        # to whole multiples of ALIGN keys; masking hides the keys added.
+        if full_first < full_last:
+            left_last = min(full_first, group_last)
+            left_first = max(left_last - aligned_count(left_last - group_first), span_first)
+            right_first = max(full_last, group_first)
+        else:
+            left_first = left_last = group_first
+            right_first = group_first
+        right_last = min(right_first + aligned_count(group_last - right_first), span_last)
+        for strip_first, strip_last in ((left_first, left_last), (right_first, right_last)):
+            attend_key_range(q_block[group_start:group_stop], q_start + group_start,
+                             strip_first, strip_last, keys, values, b, rule, options, mask, bias,
+                             block_k, score_buffer, row_max[group_start:group_stop],
+                             row_sum[group_start:group_stop], acc[group_start:group_stop])
+
+    if n_splits == 1:
+        out_rows = out[b]  # (Lq, Dv)
+        lse_rows = lse[b]  # (Lq,) natural log
+        lse_unit = LN2
+    else:
+        out_rows = spans.out[split, b]  # (Lq, Dv) this span's share
+        lse_rows = spans.lse[split, b]  # (Lq,) log2 units, merged below
+        lse_unit = 1.0
+    for r in range(rows):
+        row = q_start + r
+        if row_sum[r] != row_sum[r] or has_nan(acc[r:r + 1]):  # NaN met
+            out_rows[row, :] = np.nan  # lse NaN marks the row for exact_rows_kernel
+            lse_rows[row] = np.nan
+            row_sum[r] = 0.0  # no weights from the pass below
+        elif row_sum[r] > 0.0:
+            inverse_sum = 1.0 / row_sum[r]
+            for d in range(value_dim):
+                out_rows[row, d] = acc[r, d] * inverse_sum
+            row_max[r] += math.log2(row_sum[r])  # now log2 of the row's sum of exp
+            lse_rows[row] = row_max[r] * lse_unit
+        else:  # no visible key: output 0, lse -inf
+            out_rows[row, :] = 0.0
+            lse_rows[row] = -np.inf
+
+    if return_weights:
+        for key_start in range(first_key, last_key, block_k):
+            key_stop = min(key_start + block_k, last_key)
+            scores = block_view(score_buffer, rows, key_stop - key_start)  # (rows, cols)
+            block_scores(scores, q_block, keys[key_start:key_stop], q_start, key_start, b,
+                         rule, options, mask, bias)
+            for r in range(rows):
+                if row_sum[r] > 0.0:
+                    for c in range(key_stop - key_start):
+                        weights[b, q_start + r, key_start + c] = exp2(scores[r, c] - row_max[r])
+
+
+def _exact_rows(inputs, options, mask, bias, visibility, tiling, outputs, rows):
+    """Compute the rows ``rows`` ``(K, 2)`` of ``(entry, query)`` again with
+    :func:`exact_row` over every key, writing ``outputs`` (out, natural-log lse and,
+    if asked, weights) for those rows only.
+
+    The forward kernel marks the rows where a NaN met its block products with a NaN
+    lse; this separate kernel is compiled only when such a row first occurs.
+    """
+    out, lse, weights, return_weights = outputs
+    query, key, value = inputs.query, inputs.key, inputs.value
+    head_dim, kv_len = query.shape[2], key.shape[1]
+    block_k = tiling.block_k
+    log2_scale = options.scale * LOG2E
+    for task in prange(rows.shape[0]):
+        b, row = rows[task, 0], rows[task, 1]
+        rule = entry_rule(visibility, b, kv_len)
+        q_row = np.empty((1, head_dim), dtype=out.dtype)  # (1, Dk) in log2 units
+        for d in range(head_dim):
+            q_row[0, d] = query[inputs.query_index[b], row, d] * log2_scale
+        score_buffer = np.empty(min(block_k, kv_len), dtype=out.dtype)
+        first_key, last_key = row_block_keys(row, row + 1, rule)[:2]
+        weights_row = weights[b, row] if return_weights else weights[0, 0]  # (Lk,)
+        lse[b, row] = LN2 * exact_row(
+            q_row, row, first_key, last_key, key[inputs.key_index[b]],
+            value[inputs.value_index[b]], b, rule, options, mask, bias, block_k, score_buffer,
+            out[b, row], weights_row, return_weights)
 
 
 @njit(inline="always")
@@ -330,4 +359,10 @@ def _forward_signature(dtype):
     return types.void(*problem_types(dtype), TILING_TYPE, *forward_result_types(dtype))
 
 
+def _exact_rows_signature(dtype):
+    return types.void(*problem_types(dtype), TILING_TYPE, forward_result_types(dtype)[0],
+                      array_type(np.int64, 2))
+
+
 forward_kernel = kernel_per_dtype(_attention_forward, _forward_signature)
+exact_rows_kernel = kernel_per_dtype(_exact_rows, _exact_rows_signature)

@@ -17,7 +17,7 @@ A :class:`KeyRule` is that rule for one batch entry,
 
 from typing import NamedTuple
 
-from numba import njit
+from fastattn.kernels.config import jit_helper
 
 
 class KeyRule(NamedTuple):
@@ -29,7 +29,7 @@ class KeyRule(NamedTuple):
     reach_right: int
 
 
-@njit(inline="always")
+@jit_helper
 def entry_rule(visibility, entry, kv_len):
     """The :class:`KeyRule` of batch entry ``entry`` (``kv_len`` keys in all)."""
     kv_stop = visibility.kv_lengths[entry] if visibility.has_kv_lengths else kv_len
@@ -37,7 +37,7 @@ def entry_rule(visibility, entry, kv_len):
                    visibility.reach_right)
 
 
-@njit(inline="always")
+@jit_helper
 def visible_range(row, rule):
     """Half-open interval ``[lo, hi)`` of keys that query ``row`` may see structurally."""
     lo = max(row + rule.diag_offset - rule.reach_left, 0)
@@ -45,7 +45,7 @@ def visible_range(row, rule):
     return lo, hi
 
 
-@njit(inline="always")
+@jit_helper
 def row_block_keys(row_start, row_stop, rule):
     """Keys of the query rows ``[row_start, row_stop)``: ``(first, last)``, the
     interval some row may see, and ``(common_first, common_last)``, the interval
@@ -55,7 +55,7 @@ def row_block_keys(row_start, row_stop, rule):
     return first, last, common_first, common_last
 
 
-@njit(inline="always")
+@jit_helper
 def key_block_rows(key_start, key_stop, rule, q_len):
     """Half-open interval of query rows that may see a key of ``[key_start,
     key_stop)``: those with ``lo(i) < key_stop`` and ``hi(i) > key_start``."""
@@ -65,7 +65,7 @@ def key_block_rows(key_start, key_stop, rule, q_len):
     return row_first, row_last
 
 
-@njit(inline="always")
+@jit_helper
 def block_fully_visible(row_start, row_stop, key_start, key_stop, rule):
     """Whether every query of ``[row_start, row_stop)`` sees every key of
     ``[key_start, key_stop)`` structurally."""
@@ -74,7 +74,7 @@ def block_fully_visible(row_start, row_stop, key_start, key_stop, rule):
     return common_first <= key_start and key_stop <= common_last
 
 
-@njit(inline="always")
+@jit_helper
 def visible_columns(row, key_start, cols, rule):
     """Columns ``[first, stop)`` of a block of ``cols`` keys from ``key_start`` that
     query ``row`` may see structurally (``first == stop`` when none)."""

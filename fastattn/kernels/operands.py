@@ -62,5 +62,6 @@ def backward_types(dtype):
                                         array_type(dtype, 2)))
     gradients = group_type(Gradients, (array_type(dtype, 4, readonly=False),
                                        array_type(dtype, 3, readonly=False),
-                                       array_type(dtype, 3, readonly=False)))
+                                       array_type(dtype, 3, readonly=False),
+                                       array_type(np.bool_, 1, readonly=False)))
     return extra, gradients

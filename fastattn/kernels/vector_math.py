@@ -125,7 +125,7 @@ def exp2_check(x):
     return out
 
 
-@njit(inline="always")
+@njit(error_model="numpy", boundscheck=False)
 def has_nan(block):
     """Whether a 2-D array holds a NaN (``x != x``; kept, since ``nnan`` is off)."""
     found = False
