@@ -88,7 +88,7 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, cau
     problem = check_attention(query, key, value, mask, bias=bias, causal=causal,
                               causal_alignment=causal_alignment, window=window,
                               kv_lengths=kv_lengths, scale=scale, enable_gqa=enable_gqa)
-    out, weights, lse = _run_forward(problem, return_weights)
+    out, weights, lse = run_forward(problem, return_weights)
     results = (out,)
     if return_weights:
         results += (weights,)
@@ -97,11 +97,13 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, cau
     return results[0] if len(results) == 1 else results
 
 
-def _run_forward(problem, return_weights):
-    """Lay the problem out for the kernel, run it, and shape the results."""
+def run_forward(problem, return_weights):
+    """Lay a validated :class:`~fastattn.problem.AttentionProblem` out for the kernel,
+    run it, and shape the results: ``(out, weights, lse)`` (``weights`` a placeholder
+    unless ``return_weights``)."""
     folded = fold_query_groups(problem)
     if folded is not None:  # GQA decoding: one pass over each kv head
-        out, weights, lse = _run_forward(folded, return_weights)
+        out, weights, lse = run_forward(folded, return_weights)
         if return_weights:
             weights = weights.reshape(problem.weights_shape)  # (*batch, Hq, 1, Lk)
         return out.reshape(problem.out_shape), weights, lse.reshape(problem.lse_shape)

@@ -29,7 +29,7 @@ from fastattn.checks.shapes import (
     matrix_dims,
 )
 
-__all__ = ["AttentionProblem", "check_attention", "check_backward_arrays"]
+__all__ = ["AttentionProblem", "check_attention", "check_backward_arrays", "checked_problem"]
 
 
 @dataclass(slots=True)
@@ -160,6 +160,26 @@ def check_attention(query, key, value, mask=None, *, bias=None, causal=False,
         scale=check_scale(scale, head_dim), causal=bool(causal),
         diag_offset=diag_offset, window=check_window(window),
     )
+
+
+def checked_problem(query, key, value, *, mask=None, kv_lengths=None, causal=False,
+                    gqa_group=1):
+    """An :class:`AttentionProblem` from operands a caller has already checked.
+
+    For the layers, which check their inputs, mask and ``kv_lengths`` (with messages
+    in their own terms) before the projections: the problem is built once, with no
+    second pass over the same checks. ``query`` ``(B, H, Lq, d)``, ``key`` and
+    ``value`` ``(B, Hkv, Lk, d)`` share one float dtype; ``mask`` broadcasts to
+    ``(B, H, Lq, Lk)``; ``kv_lengths`` is int64 ``(B,)``; the scale is the default
+    and the causal rule top-left.
+    """
+    dtype = query.dtype
+    q_len, kv_len, head_dim, value_dim = matrix_dims(query, key, value)
+    return AttentionProblem(
+        query=query, key=key, value=value, mask=mask, bias=None, kv_lengths=kv_lengths,
+        batch_shape=query.shape[:-2], q_len=q_len, kv_len=kv_len, head_dim=head_dim,
+        value_dim=value_dim, gqa_group=gqa_group, compute_dtype=dtype, out_dtype=dtype,
+        scale=check_scale(None, head_dim), causal=bool(causal), diag_offset=0, window=None)
 
 
 def check_backward_arrays(problem, grad_out, out, lse):

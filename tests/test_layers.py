@@ -397,3 +397,35 @@ def test_linear_matches_numpy(shape, with_bias, dtype):
     assert got.shape == shape[:-1] + (96,) and got.dtype == dtype
     tolerance = 1e-4 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(got, expected, rtol=tolerance, atol=tolerance * shape[-1])
+
+
+def test_multihead_checks_its_mask_once(monkeypatch, rng):
+    """The layer checks the mask and builds its attention problem once: the kernel's
+    argument checks do not run a second time."""
+    import fastattn.checks.arguments as arguments
+    import fastattn.layers.multihead as multihead
+    import fastattn.problem as problem
+
+    calls = {"mask": 0, "check_attention": 0}
+    real_mask, real_check = arguments.as_mask_array, problem.check_attention
+
+    def counting_mask(mask):
+        calls["mask"] += 1
+        return real_mask(mask)
+
+    def counting_check(*args, **kwargs):
+        calls["check_attention"] += 1
+        return real_check(*args, **kwargs)
+
+    monkeypatch.setattr(multihead, "as_mask_array", counting_mask)
+    monkeypatch.setattr(arguments, "as_mask_array", counting_mask)
+    monkeypatch.setattr(problem, "as_mask_array", counting_mask)
+    monkeypatch.setattr(problem, "check_attention", counting_check)
+    layer = fastattn.MultiHeadAttention(16, 4, seed=0)
+    x = rng.standard_normal((2, 5, 16)).astype(np.float32)
+    mask = rng.random((2, 5, 5)) < 0.8
+    mask[..., 0] = True
+    out = layer(x, mask=mask)
+    assert calls == {"mask": 1, "check_attention": 0}
+    expected = reference.multi_head_attention(x, x, x, layer.state_dict(), 4, mask=mask)
+    np.testing.assert_allclose(out, expected, rtol=2e-5, atol=2e-5)

@@ -6,6 +6,7 @@ from fastattn.checks.arguments import (as_mask_array, as_real_array, check_kv_le
                                        result_dtypes)
 from fastattn.layers.common import check_dtype, check_size, check_state
 from fastattn.layers.linear import linear
+from fastattn.problem import checked_problem
 
 
 class MultiHeadAttention:
@@ -144,7 +145,7 @@ class MultiHeadAttention:
             that differ, a mask that does not fit, ``kv_lengths`` of the wrong shape or
             out of ``[0, Lk]``, or an omitted key/value that cannot stand in (above).
         """
-        from fastattn.attention import scaled_dot_product_attention
+        from fastattn.attention import run_forward
 
         query, key, value, unbatched = self._inputs(query, key, value)
         batch, q_len, kv_len = query.shape[0], query.shape[1], key.shape[1]
@@ -161,10 +162,11 @@ class MultiHeadAttention:
                         self.num_kv_heads)  # (B, Hkv, Lk, d_h)
         v = self._heads(linear(value, self.w_value, self.b_value),
                         self.num_kv_heads)  # (B, Hkv, Lk, d_h)
-        result = scaled_dot_product_attention(
-            q, k, v, mask, causal=causal, kv_lengths=kv_lengths,
-            enable_gqa=self.num_kv_heads != self.num_heads, return_weights=return_weights)
-        heads, weights = result if return_weights else (result, None)  # (B, H, Lq, d_h)
+        # the mask and kv_lengths are checked above: the problem is built, not re-checked
+        problem = checked_problem(q, k, v, mask=mask, kv_lengths=kv_lengths, causal=causal,
+                                  gqa_group=self.num_heads // self.num_kv_heads)
+        heads, weights, _ = run_forward(problem, return_weights)  # (B, H, Lq, d_h)
+        weights = weights if return_weights else None
         merged = heads.transpose(0, 2, 1, 3).reshape(batch, q_len, self.embed_dim)  # (B, Lq, E)
         out = linear(merged, self.w_out, self.b_out)  # (B, Lq, E)
         if unbatched:
