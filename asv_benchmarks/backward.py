@@ -7,21 +7,18 @@ over a retained graph, so only the backward is timed). 4-D ``(1, 8, L, D)`` floa
 
 import numpy as np
 
-from .common import IMPLEMENTATIONS, REFERENCE_MAX_LENGTH, random_qkv
+from .common import IMPLEMENTATIONS, random_qkv, skip_unsupported
 
 
 def backward_call(impl, query, key, value, causal):
     """A no-argument callable computing the three gradients, warmed up once."""
-    if impl == "reference" and query.shape[-2] > REFERENCE_MAX_LENGTH:
-        raise NotImplementedError("the reference is too slow and large beyond L=2048")
+    skip_unsupported(impl, query.shape[-2], key.shape[-2])
     grad_out = np.random.default_rng(1).standard_normal(query.shape[:-1] + value.shape[-1:],
                                                         dtype=np.float32).astype(query.dtype)
     if impl == "torch":
-        try:
-            import torch
-            import torch.nn.functional as F
-        except ImportError:
-            raise NotImplementedError("PyTorch is not installed") from None
+        import torch
+        import torch.nn.functional as F
+
         inputs = [torch.from_numpy(array.copy()).requires_grad_() for array in (query, key, value)]
         out = F.scaled_dot_product_attention(*inputs, is_causal=causal)
         grad = torch.from_numpy(grad_out)

@@ -40,6 +40,19 @@ def random_qkv(q_shape, kv_shape, dtype, kv_heads=None):
     return query, key, value
 
 
+def skip_unsupported(impl, *lengths):
+    """Raise ``NotImplementedError`` (asv's signal to skip, when raised in ``setup``)
+    if ``impl`` is ``"reference"`` and a length exceeds ``REFERENCE_MAX_LENGTH``, or
+    ``"torch"`` and PyTorch is not installed."""
+    if impl == "reference" and max(lengths, default=0) > REFERENCE_MAX_LENGTH:
+        raise NotImplementedError("the reference is too slow and large beyond L=2048")
+    if impl == "torch":
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise NotImplementedError("PyTorch is not installed") from None
+
+
 def attention_call(impl, query, key, value, warm_up=True, **options):
     """A no-argument callable running ``impl`` on these inputs, warmed up once
     (``warm_up=True``) to compile or load the kernels for exactly this dtype and layout.
@@ -48,14 +61,11 @@ def attention_call(impl, query, key, value, warm_up=True, **options):
     ``"torch"`` and PyTorch is not installed, or when the reference would build
     score matrices longer than ``REFERENCE_MAX_LENGTH``.
     """
-    if impl == "reference" and max(query.shape[-2], key.shape[-2]) > REFERENCE_MAX_LENGTH:
-        raise NotImplementedError("the reference is too slow and large beyond L=2048")
+    skip_unsupported(impl, query.shape[-2], key.shape[-2])
     if impl == "torch":
-        try:
-            import torch
-            import torch.nn.functional as F
-        except ImportError:
-            raise NotImplementedError("PyTorch is not installed") from None
+        import torch
+        import torch.nn.functional as F
+
         tensors = [torch.from_numpy(np.ascontiguousarray(array)) for array in (query, key, value)]
         torch_options = {"is_causal": options.pop("causal", False), **options}
 

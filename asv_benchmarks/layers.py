@@ -9,6 +9,8 @@ no grad, ``batch_first=True``) are the peers, skipped when PyTorch is absent.
 
 import numpy as np
 
+from .common import skip_unsupported
+
 BATCH, D_MODEL, HEADS, FEED_FORWARD = 4, 512, 8, 2048
 LAYER_IMPLEMENTATIONS = ["fastattn", "torch"]
 
@@ -16,11 +18,10 @@ LAYER_IMPLEMENTATIONS = ["fastattn", "torch"]
 def _layer_call(impl, kind, length, causal):
     """A no-argument callable running one layer on ``(BATCH, length, D_MODEL)``."""
     x = np.random.default_rng(0).standard_normal((BATCH, length, D_MODEL), dtype=np.float32)
+    skip_unsupported(impl)
     if impl == "torch":
-        try:
-            import torch
-        except ImportError:
-            raise NotImplementedError("PyTorch is not installed") from None
+        import torch
+
         if kind == "attention":
             layer = torch.nn.MultiheadAttention(D_MODEL, HEADS, batch_first=True)
         else:

@@ -5,7 +5,8 @@ The public functions validate and lay out their arguments, then call Numba kerne
 one tiled pass. :mod:`reference` holds the plain NumPy oracle of the same contract.
 
 Numba and the kernels load on first use of a public function, so importing
-:mod:`fastattn` (and :mod:`fastattn.checks`, which :mod:`reference` uses) stays cheap.
+:mod:`fastattn` (and :mod:`fastattn.problem` and :mod:`fastattn.layout`, which :mod:`reference`
+uses) stays cheap.
 """
 
 import importlib

@@ -120,7 +120,7 @@ def run_forward(problem, return_weights):
     split_len = problem.kv_len
     if not return_weights:  # the weights need each row's whole softmax in one task
         split_len = choose_split_len(n_batch * -(-problem.q_len // block_q), problem.kv_len)
-    split_len = max(split_len, 1)  # keys per span; the kernel derives the count the same way
+    split_len = max(split_len, 1)  # keys per span; the kernel reads the count off split_out
     n_splits = max(1, -(-problem.kv_len // split_len))
     if n_splits > 1:
         split_out = np.empty((n_splits, n_batch, problem.q_len, problem.value_dim),

@@ -96,8 +96,8 @@ class ForwardOutputs(NamedTuple):
 
 class KeySpans(NamedTuple):
     """Split keys: spans of ``span_len`` keys, each span's normalised output
-    ``out (spans, N, Lq, Dv)`` and log2-sum-exp ``lse (spans, N, Lq)`` (placeholders
-    when ``span_len >= Lk``)."""
+    ``out (spans, N, Lq, Dv)`` and log2-sum-exp ``lse (spans, N, Lq)``. The span
+    count is ``out.shape[0]``: 1 (a placeholder, never written) when not split."""
 
     span_len: int
     out: np.ndarray
