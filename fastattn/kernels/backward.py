@@ -30,7 +30,7 @@ from fastattn.kernels.config import jit_helper, kernel_per_dtype
 from fastattn.kernels.masking import entry_rule, key_block_rows
 from fastattn.kernels.operands import TILING_TYPE, backward_types, problem_types
 from fastattn.kernels.scores import block_scores
-from fastattn.kernels.vector_math import LOG2E, block_view, exp2, has_nan
+from fastattn.kernels.vector_math import LOG2E, add_into, block_view, exp2, has_nan
 
 
 @jit_helper
@@ -82,82 +82,93 @@ def _attention_backward(inputs, options, mask, bias, visibility, tiling, extra, 
     Sets ``gradients.nan_met[task]`` ``(N * G,)`` when a query or key block holding a
     NaN entered the task's products.
     """
+    n_groups, n_batch = gradients.query_parts.shape[:2]
+    for task in prange(n_batch * n_groups):
+        b = task // n_groups
+        backward_task(task, b, task - b * n_groups, inputs, options, mask, bias, visibility,
+                      tiling, extra, gradients)
+
+
+@jit_helper
+def backward_task(task, b, group, inputs, options, mask, bias, visibility, tiling, extra,
+                  gradients):
+    """Task ``task`` of :func:`_attention_backward`: key group ``group`` of batch entry
+    ``b``."""
     query_grad_parts, grad_key, grad_value, nan_met = gradients
     grad_out, lse, delta = extra
-    n_groups, n_batch, q_len, _ = query_grad_parts.shape
+    n_groups, _, q_len, _ = query_grad_parts.shape
     kv_len = grad_key.shape[1]
     block_q, block_k = tiling
     scale = options.scale
     log2_scale = scale * LOG2E
     n_k_blocks = (kv_len + block_k - 1) // block_k
     head_dim, value_dim = inputs.key.shape[2], inputs.value.shape[2]
-    for task in prange(n_batch * n_groups):
-        b = task // n_groups
-        group = task - b * n_groups
-        rule = entry_rule(visibility, b, kv_len)
-        queries = inputs.query[inputs.query_index[b]]  # (Lq, Dk)
-        grads = grad_out[b]  # (Lq, Dv)
-        keys_all = inputs.key[inputs.key_index[b]]  # (Lk, Dk)
-        values_all = inputs.value[inputs.value_index[b]]  # (Lk, Dv)
-        query_grads = query_grad_parts[group, b]  # (Lq, Dk) this group's share of dQ / scale
-        # Buffers for every block of this task: allocating per block would cost a
-        # page-faulting mmap for each large product.
-        scaled_rows_buffer = np.empty(block_q * head_dim, dtype=grad_key.dtype)
-        probs_buffer = np.empty(block_q * block_k, dtype=grad_key.dtype)
-        score_grads_buffer = np.empty(block_q * block_k, dtype=grad_key.dtype)
-        product_buffer = np.empty(max(block_q, block_k) * max(head_dim, value_dim),
-                                  dtype=grad_key.dtype)
-        key_grad_buffer = np.empty(block_k * head_dim, dtype=grad_key.dtype)
-        value_grad_buffer = np.empty(block_k * value_dim, dtype=grad_key.dtype)
-        # Key blocks group, group + G, group + 2G, ...: under a causal mask early key
-        # blocks are seen by more rows, so striding spreads the work evenly.
-        for k_block in range(group, n_k_blocks, n_groups):
-            key_start = k_block * block_k
-            key_stop = min(key_start + block_k, rule.kv_stop)
-            if key_start >= key_stop:
-                break
-            cols = key_stop - key_start
-            keys = keys_all[key_start:key_stop]  # (cols, Dk)
-            values = values_all[key_start:key_stop]  # (cols, Dv)
-            values_have_nan = has_nan(values)
-            nan_met[task] |= has_nan(keys)
-            row_first, row_last = key_block_rows(key_start, key_stop, rule, q_len)
-            key_grad = block_view(key_grad_buffer, cols, head_dim)  # (cols, Dk) dK / scale
-            value_grad = block_view(value_grad_buffer, cols, value_dim)  # (cols, Dv)
-            key_grad[:] = 0.0
-            value_grad[:] = 0.0
-            for row_start in range(row_first, row_last, block_q):
-                row_stop = min(row_start + block_q, row_last)
-                rows = row_stop - row_start
-                q_rows = queries[row_start:row_stop]  # (rows, Dk)
-                grad_rows = grads[row_start:row_stop]  # (rows, Dv)
-                scaled_rows = block_view(scaled_rows_buffer, rows, head_dim)  # (rows, Dk)
-                query_nan = False
-                for r in range(rows):
-                    for d in range(head_dim):
-                        scaled_rows[r, d] = q_rows[r, d] * log2_scale
-                        query_nan |= q_rows[r, d] != q_rows[r, d]
-                nan_met[task] |= query_nan
-                probs = block_view(probs_buffer, rows, cols)  # (rows, cols)
-                score_grads = block_view(score_grads_buffer, rows, cols)  # (rows, cols)
-                block_scores(probs, scaled_rows, keys, row_start, key_start, b, rule, options,
-                             mask, bias)
-                np.dot(grad_rows, values.T, score_grads)  # dP, then dS
-                probabilities_and_score_grads(probs, score_grads, row_start, lse[b], delta[b],
-                                              values_have_nan)
-                product = block_view(product_buffer, cols, value_dim)  # (cols, Dv)
-                np.dot(probs.T, grad_rows, product)  # P^T dO
-                value_grad += product
-                product = block_view(product_buffer, cols, head_dim)  # (cols, Dk)
-                np.dot(score_grads.T, q_rows, product)  # dS^T Q
-                key_grad += product
-                product = block_view(product_buffer, rows, head_dim)  # (rows, Dk)
-                np.dot(score_grads, keys, product)  # dS K
-                query_grads[row_start:row_stop] += product
-            for c in range(cols):
+    rule = entry_rule(visibility, b, kv_len)
+    queries = inputs.query[inputs.query_index[b]]  # (Lq, Dk)
+    grads = grad_out[b]  # (Lq, Dv)
+    keys_all = inputs.key[inputs.key_index[b]]  # (Lk, Dk)
+    values_all = inputs.value[inputs.value_index[b]]  # (Lk, Dv)
+    query_grads = query_grad_parts[group, b]  # (Lq, Dk) this group's share of dQ / scale
+    # Buffers for every block of this task: allocating per block would cost a
+    # page-faulting mmap for each large product.
+    scaled_rows_buffer = np.empty(block_q * head_dim, dtype=grad_key.dtype)
+    probs_buffer = np.empty(block_q * block_k, dtype=grad_key.dtype)
+    score_grads_buffer = np.empty(block_q * block_k, dtype=grad_key.dtype)
+    product_buffer = np.empty(max(block_q, block_k) * max(head_dim, value_dim),
+                              dtype=grad_key.dtype)
+    key_grad_buffer = np.empty(block_k * head_dim, dtype=grad_key.dtype)
+    value_grad_buffer = np.empty(block_k * value_dim, dtype=grad_key.dtype)
+    # Key blocks group, group + G, group + 2G, ...: under a causal mask early key
+    # blocks are seen by more rows, so striding spreads the work evenly.
+    for k_block in range(group, n_k_blocks, n_groups):
+        key_start = k_block * block_k
+        key_stop = min(key_start + block_k, rule.kv_stop)
+        if key_start >= key_stop:
+            break
+        cols = key_stop - key_start
+        keys = keys_all[key_start:key_stop]  # (cols, Dk)
+        values = values_all[key_start:key_stop]  # (cols, Dv)
+        values_have_nan = has_nan(values)
+        nan_met[task] |= has_nan(keys)
+        row_first, row_last = key_block_rows(key_start, key_stop, rule, q_len)
+        key_grad = block_view(key_grad_buffer, cols, head_dim)  # (cols, Dk) dK / scale
+        value_grad = block_view(value_grad_buffer, cols, value_dim)  # (cols, Dv)
+        key_grad[:, :] = 0.0
+        value_grad[:, :] = 0.0
+        for row_start in range(row_first, row_last, block_q):
+            row_stop = min(row_start + block_q, row_last)
+            rows = row_stop - row_start
+            q_rows = queries[row_start:row_stop]  # (rows, Dk)
+            grad_rows = grads[row_start:row_stop]  # (rows, Dv)
+            scaled_rows = block_view(scaled_rows_buffer, rows, head_dim)  # (rows, Dk)
+            query_nan = False
+            for r in range(rows):
                 for d in range(head_dim):
-                    grad_key[b, key_start + c, d] = key_grad[c, d] * scale
-            grad_value[b, key_start:key_stop] = value_grad
+                    scaled_rows[r, d] = q_rows[r, d] * log2_scale
+                    query_nan |= q_rows[r, d] != q_rows[r, d]
+            nan_met[task] |= query_nan
+            probs = block_view(probs_buffer, rows, cols)  # (rows, cols)
+            score_grads = block_view(score_grads_buffer, rows, cols)  # (rows, cols)
+            block_scores(probs, scaled_rows, keys, row_start, key_start, b, rule, options,
+                         mask, bias)
+            np.dot(grad_rows, values.T, score_grads)  # dP, then dS
+            probabilities_and_score_grads(probs, score_grads, row_start, lse[b], delta[b],
+                                          values_have_nan)
+            product = block_view(product_buffer, cols, value_dim)  # (cols, Dv)
+            np.dot(probs.T, grad_rows, product)  # P^T dO
+            add_into(value_grad, product)
+            product = block_view(product_buffer, cols, head_dim)  # (cols, Dk)
+            np.dot(score_grads.T, q_rows, product)  # dS^T Q
+            add_into(key_grad, product)
+            product = block_view(product_buffer, rows, head_dim)  # (rows, Dk)
+            np.dot(score_grads, keys, product)  # dS K
+            add_into(query_grads[row_start:row_stop], product)
+        for c in range(cols):
+            for d in range(head_dim):
+                grad_key[b, key_start + c, d] = key_grad[c, d] * scale
+        for c in range(cols):
+            for d in range(value_dim):
+                grad_value[b, key_start + c, d] = value_grad[c, d]
 
 
 def _backward_signature(dtype):

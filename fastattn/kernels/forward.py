@@ -25,7 +25,7 @@ from fastattn.kernels.masking import entry_rule, row_block_keys
 from fastattn.kernels.operands import (TILING_TYPE, array_type, forward_result_types,
                                       problem_types)
 from fastattn.kernels.scores import block_scores
-from fastattn.kernels.vector_math import LN2, LOG2E, block_view, exp2, has_nan, maximum
+from fastattn.kernels.vector_math import LN2, LOG2E, add_into, block_view, exp2, has_nan, maximum
 
 # Query rows per group on the partly visible strips (causal diagonal, window edges).
 EDGE_ROWS = 64
@@ -72,13 +72,14 @@ def online_softmax_block(scores, row_max, row_sum, acc):
 
 @jit_helper
 def attend_key_range(q_rows, row_start, key_first, key_last, keys, values, entry, rule,
-                     options, mask, bias, block_k, score_buffer, row_max, row_sum, acc):
+                     options, mask, bias, block_k, score_buffer, product_buffer, row_max,
+                     row_sum, acc):
     """Fold keys ``[key_first, key_last)`` into the running softmax of some query rows.
 
     ``q_rows`` ``(rows, Dk)`` are queries ``row_start + r`` in log2 units; ``row_max``,
     ``row_sum`` ``(rows,)`` and ``acc`` ``(rows, Dv)`` are their running state, updated
     in place, one block of at most ``block_k`` keys at a time, scored into
-    ``score_buffer``.
+    ``score_buffer``, its product with the values written into ``product_buffer``.
     """
     rows = q_rows.shape[0]
     for key_start in range(key_first, key_last, block_k):
@@ -87,7 +88,9 @@ def attend_key_range(q_rows, row_start, key_first, key_last, keys, values, entry
         block_scores(scores, q_rows, keys[key_start:key_stop], row_start, key_start, entry,
                      rule, options, mask, bias)
         online_softmax_block(scores, row_max, row_sum, acc)  # scores -> probabilities
-        acc += np.dot(scores, values[key_start:key_stop])  # (rows, Dv)
+        product = block_view(product_buffer, rows, acc.shape[1])  # (rows, Dv)
+        np.dot(scores, values[key_start:key_stop], product)
+        add_into(acc, product)
 
 
 @jit_helper
@@ -200,6 +203,7 @@ def forward_task(b, q_start, q_stop, split, n_splits, inputs, options, mask, bia
         for d in range(head_dim):
             q_block[r, d] = query_rows[q_start + r, d] * log2_scale
     score_buffer = np.empty(rows * min(block_k, kv_len), dtype=out.dtype)
+    product_buffer = np.empty(rows * value_dim, dtype=out.dtype)
 
     # keys this task may read; keys of them that some row of the block may see,
     # and keys every row of the block sees
@@ -218,7 +222,8 @@ def forward_task(b, q_start, q_stop, split, n_splits, inputs, options, mask, bia
     if full_last > full_first:  # whole multiples of ALIGN keys; the rest is a strip
         full_last = full_first + (full_last - full_first) // ALIGN * ALIGN
     attend_key_range(q_block, q_start, full_first, full_last, keys, values, b, rule,
-                     options, mask, bias, block_k, score_buffer, row_max, row_sum, acc)
+                     options, mask, bias, block_k, score_buffer, product_buffer, row_max,
+                     row_sum, acc)
     # 2. Keys only some rows see (the causal diagonal, window edges): groups of
     #    EDGE_ROWS rows, each over its own visible range, so little is computed
     #    only to be masked.
@@ -240,8 +245,9 @@ def forward_task(b, q_start, q_stop, split, n_splits, inputs, options, mask, bia
         for strip_first, strip_last in ((left_first, left_last), (right_first, right_last)):
             attend_key_range(q_block[group_start:group_stop], q_start + group_start,
                              strip_first, strip_last, keys, values, b, rule, options, mask, bias,
-                             block_k, score_buffer, row_max[group_start:group_stop],
-                             row_sum[group_start:group_stop], acc[group_start:group_stop])
+                             block_k, score_buffer, product_buffer,
+                             row_max[group_start:group_stop], row_sum[group_start:group_stop],
+                             acc[group_start:group_stop])
 
     if n_splits == 1:
         out_rows = out[b]  # (Lq, Dv)

@@ -23,6 +23,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
+from fastattn.kernels.config import jit_helper
+
 LN2 = math.log(2.0)
 LOG2E = 1.0 / LN2
 
@@ -141,3 +143,13 @@ def block_view(buffer, rows, cols):
     """The first ``rows * cols`` entries of a flat buffer as a C-contiguous
     ``(rows, cols)`` array (a slice of a 2-D buffer would not be contiguous)."""
     return buffer[:rows * cols].reshape((rows, cols))
+
+
+@jit_helper
+def add_into(target, block):
+    """``target += block`` for 2-D arrays of one shape, as a plain loop (an array
+    expression would compile NumPy's broadcasting machinery at every use)."""
+    rows, cols = block.shape
+    for r in range(rows):
+        for c in range(cols):
+            target[r, c] += block[r, c]
