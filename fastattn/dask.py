@@ -743,7 +743,121 @@ def _unseen_rows(shape, value_dim, out_dtype):
 # ------------------------------------------------------------------ backward graph
 
 def _backward_graph(plan, grad_out, out, lse, split_every):
-    raise NotImplementedError
+    grad_out, out, lse = _check_backward_arrays(plan, grad_out, out, lse)
+    token = dask.base.tokenize(plan.token, grad_out, out, lse)
+    pair_name = f"fastattn-attention-grad-pair-{token}"
+    share_name = f"fastattn-attention-grad-share-{token}"
+    sum_name = f"fastattn-attention-grad-sum-{token}"
+    names = [f"fastattn-attention-grad-{operand}-{token}" for operand in ("query", "key",
+                                                                             "value")]
+    n_batch = len(plan.batch)
+    pair_tasks, share_tasks, sum_tasks = {}, {}, {}
+    targets = [plan.query, plan.key, plan.value]
+    shares = [{}, {}, {}]  # target block key -> keys of its shares
+    for batch_index, batch_shape, qi, kj, span, local_lengths in _chunk_pairs(plan):
+        if span is None:
+            continue
+        pair_key = (pair_name,) + batch_index + (qi, kj)
+        task_function = functools.partial(
+            _backward_pair, span=span[:4], options=_local_options(plan, span, local_lengths),
+            compute_dtype=plan.compute_dtype, has_mask=plan.mask is not None,
+            has_bias=plan.bias is not None)
+        arguments = [_block_key(grad_out, batch_index, n_batch, qi, 0),
+                     _block_key(plan.query, batch_index, n_batch, qi, 0),
+                     _block_key(plan.key, batch_index, n_batch, kj, 0),
+                     _block_key(plan.value, batch_index, n_batch, kj, 0),
+                     _block_key(out, batch_index, n_batch, qi, 0),
+                     _block_key(lse, batch_index, n_batch, qi)]
+        arguments += [key_ for key_ in (_score_key(plan.mask, batch_index, n_batch, qi, kj),
+                                        _score_key(plan.bias, batch_index, n_batch, qi, kj))
+                      if key_ is not None]
+        pair_tasks[pair_key] = (task_function,) + tuple(arguments)
+        for which, (target, length_index) in enumerate(((plan.query, qi), (plan.key, kj),
+                                                        (plan.value, kj))):
+            share_key = (share_name,) + batch_index + (qi, kj, which)
+            share_tasks[share_key] = (operator.getitem, pair_key, which)
+            target_key = _block_key(target, batch_index, n_batch, length_index, 0)
+            shares[which].setdefault(target_key, []).append(share_key)
+
+    grad_tasks = [{}, {}, {}]
+    for which, (target, name) in enumerate(zip(targets, names)):
+        for block_index in np.ndindex(*target.numblocks):
+            target_key = (target.name,) + block_index
+            keys = shares[which].get(target_key, [])
+            finish = functools.partial(_sum_shares, out_dtype=plan.out_dtype)
+            if keys:
+                task = _tree(sum_tasks, (sum_name, which) + block_index, keys, split_every,
+                             _sum_shares, finish)
+            else:  # no query sees these keys, or these queries see no key
+                shape = tuple(target.chunks[axis][i] for axis, i in enumerate(block_index))
+                task = (functools.partial(np.zeros, shape, plan.out_dtype),)
+            grad_tasks[which][(name,) + block_index] = task
+
+    inputs = [grad_out, plan.query, plan.key, plan.value, out, lse, plan.mask, plan.bias]
+    layers = [(pair_name, pair_tasks), (share_name, share_tasks), (sum_name, sum_tasks)]
+    grads = []
+    for target, name, tasks in zip(targets, names, grad_tasks):
+        graph = _graph(layers + [(name, tasks)], inputs)
+        grads.append(da.Array(graph, name, target.chunks,
+                              meta=np.empty((0,) * target.ndim, plan.out_dtype)))
+    return tuple(grads)
+
+
+def _check_backward_arrays(plan, grad_out, out, lse):
+    """``grad_out``, ``out``, ``lse`` checked like the local call's and chunked like
+    the forward's output."""
+    arrays = [_as_lazy_or_array(array) for array in (grad_out, out, lse)]
+    fastattn.scaled_dot_product_attention_backward(  # the local dtype checks, nothing computed
+        np.zeros((0, 1), arrays[0].dtype), np.zeros((0, 1)), np.zeros((1, 1)),
+        np.zeros((1, 1)), np.zeros((0, 1), arrays[1].dtype), np.zeros((0,), arrays[2].dtype))
+    out_shape = plan.batch + (plan.q_len, plan.value_dim)
+    checked = []
+    for name, array, shape, meaning, chunks in (
+            ("grad_out", arrays[0], out_shape, "(*batch, Lq, Dv)", plan.out_chunks),
+            ("out", arrays[1], out_shape, "(*batch, Lq, Dv)", plan.out_chunks),
+            ("lse", arrays[2], out_shape[:-1], "(*batch, Lq)", plan.lse_chunks)):
+        if tuple(array.shape) != shape:
+            raise ValueError(f"{name} must have the forward's shape {meaning} = {shape}; "
+                             f"got {tuple(array.shape)}")
+        checked.append(_align(name, array, chunks, strict=False))
+    return tuple(checked)
+
+
+def _backward_pair(grad_out, query, key, value, out, lse, *scores, span, options,
+                   compute_dtype, has_mask, has_bias):
+    """One chunk pair's shares of the gradients, shaped like the whole input blocks."""
+    row_lo, row_hi, key_lo, key_hi = span
+    mask = _score_block(scores[0] if has_mask else None, row_lo, row_hi, key_lo, key_hi)
+    bias = _score_block(scores[-1] if has_bias else None, row_lo, row_hi, key_lo, key_hi)
+    rows, keys = slice(row_lo, row_hi), slice(key_lo, key_hi)
+    with _task_threads():
+        grad_query, grad_key, grad_value = fastattn.scaled_dot_product_attention_backward(
+            grad_out[..., rows, :].astype(compute_dtype, copy=False),  # (*b, m, Dv)
+            query[..., rows, :].astype(compute_dtype, copy=False),  # (*b, m, Dk)
+            key[..., keys, :].astype(compute_dtype, copy=False),  # (*b, n, Dk)
+            value[..., keys, :].astype(compute_dtype, copy=False),  # (*b, n, Dv)
+            out[..., rows, :].astype(compute_dtype, copy=False),  # (*b, m, Dv) global out
+            lse[..., rows].astype(compute_dtype, copy=False),  # (*b, m) global lse
+            mask, bias=bias, **options)
+    return (_pad_axis(grad_query, query.shape[-2], row_lo, row_hi),  # like the query block
+            _pad_axis(grad_key, key.shape[-2], key_lo, key_hi),  # like the key block
+            _pad_axis(grad_value, value.shape[-2], key_lo, key_hi))  # like the value block
+
+
+def _pad_axis(grad, length, lo, hi):
+    """Zeros around ``grad`` along axis -2, from rows ``[lo, hi)`` to ``[0, length)``."""
+    if lo == 0 and hi == length:
+        return grad
+    width = [(0, 0)] * (grad.ndim - 2) + [(lo, length - hi), (0, 0)]
+    return np.pad(grad, width)
+
+
+def _sum_shares(*shares, out_dtype=None):
+    """Sum gradient shares of one block, cast to ``out_dtype`` when given."""
+    total = shares[0].copy() if len(shares) > 1 else shares[0]
+    for share in shares[1:]:
+        total += share
+    return total if out_dtype is None else total.astype(out_dtype, copy=False)
 
 
 # ------------------------------------------------------------------ threads
