@@ -44,7 +44,6 @@ import math
 import multiprocessing
 import operator
 import threading
-import uuid
 
 import numpy as np
 
@@ -318,22 +317,17 @@ def _check_options_locally(query, key, value, mask, bias, causal, causal_alignme
     dtype) reach the user with the local API's own messages. Returns the result
     dtype.
     """
-    head_dim = query.shape[-1] if query.ndim >= 1 else 1
+    head_dim = query.shape[-1] if query.ndim >= 1 else 1  # the default scale needs it
     tiny_query = np.zeros((0, head_dim), query.dtype)  # (Lq=0, Dk)
     tiny_key = np.zeros((1, head_dim), key.dtype)  # (1, Dk)
     tiny_value = np.zeros((1, 1), value.dtype)  # (1, 1)
-    tiny_mask = None if mask is None else np.ones((1, 1), mask.dtype)
-    tiny_bias = None if bias is None else np.zeros((1, 1), bias.dtype)
-    tiny_lengths = None
-    if kv_lengths is not None:
-        tiny_lengths = np.ones(1, np.asarray(kv_lengths).dtype)
-    if head_dim != key.shape[-1] or query.ndim < 2 or key.ndim < 2:  # shapes checked later
-        tiny_key = np.zeros((1, head_dim), key.dtype)
-    scale_dim = head_dim if scale is None else None
+    tiny_mask = None if mask is None else np.ones((1, 1), mask.dtype)  # (1, 1)
+    tiny_bias = None if bias is None else np.zeros((1, 1), bias.dtype)  # (1, 1)
+    tiny_lengths = None if kv_lengths is None else np.ones(1, np.asarray(kv_lengths).dtype)
     out = fastattn.scaled_dot_product_attention(
         tiny_query, tiny_key, tiny_value, tiny_mask, bias=tiny_bias, causal=causal,
         causal_alignment=causal_alignment, window=window, kv_lengths=tiny_lengths,
-        scale=scale if scale_dim is None else 1.0)
+        scale=scale)  # (0, 1)
     return out.dtype
 
 
