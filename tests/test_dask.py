@@ -99,6 +99,16 @@ def make_case(name, rng):
         bias_np[rng.random(bias_np.shape) < 0.3] = -np.inf
         bias = (bias_np, bias_np)
         options = {"window": (20, 2)}
+    elif name == "padding-mask":  # a Dask key-padding mask (rows broadcast), a Dask bias
+        mask_np = rng.random((2, 1, 1, 53)) < 0.8
+        mask = (mask_np, da.from_array(mask_np, chunks=(1, 1, 1, 16)))
+        bias_np = rng.standard_normal((2, 3, 37, 53))
+        bias_np[:, :, :, 7] = -np.inf
+        bias = (bias_np, da.from_array(bias_np, chunks=(1, 3, 10, 16)))
+    elif name == "one-row-chunks":
+        q_shape, kv_shape, q_chunks, kv_chunks = (1, 2, 5, 8), (1, 2, 7, 8), (1, 2, 1, 8), \
+            (1, 2, 1, 8)
+        options = {"causal": True, "causal_alignment": "bottom_right", "window": (2, 0)}
     elif name == "gqa":
         q_shape, q_chunks = (2, 4, 37, 16), (1, 2, 10, 16)
         kv_shape, kv_chunks = (2, 2, 53, 16), (2, 2, 16, 16)
@@ -131,7 +141,8 @@ def make_case(name, rng):
 
 
 CASES = ["plain", "causal-top_left", "causal-bottom_right", "window-bottom_right",
-         "window-causal", "kv_lengths", "mask", "bias", "gqa", "gqa-decode",
+         "window-causal", "kv_lengths", "mask", "bias", "padding-mask", "one-row-chunks",
+         "gqa", "gqa-decode",
          "broadcast-batch", "2-D", "float32", "float32-long"]
 
 
@@ -186,6 +197,58 @@ def test_forward_and_backward_match_the_reference(compute, case, rng):
     local_out = fastattn.scaled_dot_product_attention(*arrays, **local_options)
     np.testing.assert_allclose(got_out, local_out, rtol=TOLERANCE[np.dtype(dtype)],
                                atol=TOLERANCE[np.dtype(dtype)])
+
+
+def random_chunks(rng, length):
+    """Random chunk sizes summing to ``length`` (ones, uneven, or a single chunk)."""
+    if length == 0:
+        return (0,)
+    sizes = []
+    while sum(sizes) < length:
+        sizes.append(int(min(rng.integers(1, max(2, length // 2 + 2)), length - sum(sizes))))
+    return tuple(sizes)
+
+
+def test_random_chunkings_and_options_match_the_local_call(rng):
+    """Random lengths, chunkings and structural options (the threaded scheduler):
+    forward and backward equal the local call, which the local tests hold to the
+    reference."""
+    for _ in range(40):
+        q_len, kv_len = (int(n) for n in rng.integers(1, 40, size=2))
+        batch, heads = int(rng.integers(1, 3)), int(rng.integers(1, 3))
+        options = {"causal": bool(rng.integers(2)),
+                   "causal_alignment": str(rng.choice(["top_left", "bottom_right"]))}
+        if rng.integers(2):
+            options["window"] = tuple(int(n) for n in rng.integers(0, 12, size=2))
+        if rng.integers(2):
+            options["kv_lengths"] = rng.integers(0, kv_len + 1, size=batch)
+        query = normal(rng, (batch, heads, q_len, 8))
+        key, value = normal(rng, (batch, heads, kv_len, 8)), normal(rng, (batch, heads, kv_len, 3))
+        mask = rng.random((batch, 1, q_len, kv_len)) < 0.8 if rng.integers(2) else None
+        q_chunks, kv_chunks = random_chunks(rng, q_len), random_chunks(rng, kv_len)
+        lazy_query = da.from_array(query, chunks=(1, heads, q_chunks, 8))
+        lazy_key = da.from_array(key, chunks=(1, heads, kv_chunks, 8))
+        lazy_mask = None if mask is None else da.from_array(mask, chunks=(1, 1, q_chunks,
+                                                                          kv_chunks))
+        want_out, want_lse = fastattn.scaled_dot_product_attention(
+            query, key, value, mask, return_lse=True, **options)
+        grad_out = normal(rng, want_out.shape)
+        want_grads = fastattn.scaled_dot_product_attention_backward(
+            grad_out, query, key, value, want_out, want_lse, mask, **options)
+        out, lse = fdask.scaled_dot_product_attention(
+            lazy_query, lazy_key, value, lazy_mask, return_lse=True,
+            split_every=int(rng.integers(2, 4)), **options)
+        grads = fdask.scaled_dot_product_attention_backward(
+            grad_out, lazy_query, lazy_key, value, out, lse, lazy_mask, **options)
+        got_out, got_lse, *got_grads = dask.compute(out, lse, *grads, scheduler="threads")
+        where = f"Lq={q_len} Lk={kv_len} chunks {q_chunks} x {kv_chunks} {options}"
+        np.testing.assert_allclose(got_out, want_out, rtol=1e-10, atol=1e-10, err_msg=where)
+        np.testing.assert_array_equal(np.isneginf(got_lse), np.isneginf(want_lse), err_msg=where)
+        finite = np.isfinite(want_lse)
+        np.testing.assert_allclose(got_lse[finite], want_lse[finite], rtol=1e-10, atol=1e-10,
+                                   err_msg=where)
+        for got, want in zip(got_grads, want_grads):
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10, err_msg=where)
 
 
 def test_results_keep_the_query_chunks(rng):
