@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 
+import dask
 import dask.array as da
 import distributed
 
@@ -110,6 +111,8 @@ def main(argv=None):
                         help="key chunks in the slice checked against a local call")
     parser.add_argument("--scheduler", help="address of a running scheduler (default: a "
                         "LocalCluster of --workers processes)")
+    parser.add_argument("--malloc-top-pad", type=int, default=0, metavar="MIB",
+                        help="MALLOC_TOP_PAD_ of the LocalCluster's workers (see README)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -118,6 +121,9 @@ def main(argv=None):
     if args.scheduler:
         cluster, client = None, distributed.Client(args.scheduler)
     else:
+        if args.malloc_top_pad:
+            dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TOP_PAD_":
+                             str(args.malloc_top_pad * MIB)})
         cluster = distributed.LocalCluster(n_workers=args.workers,
                                            threads_per_worker=args.threads_per_worker,
                                            processes=True, dashboard_address=None)
@@ -145,8 +151,9 @@ def main(argv=None):
         seconds = time.perf_counter() - started
         between_workers = sum(client.run(_bytes_sent).values()) - sent_before
         peaks = client.run(_peak_memory)
-        print(f"\nattention of {args.queries} queries per head over {n_keys} keys: "
-              f"{seconds:.2f} s, out {out_value.shape}, lse {lse_value.shape}")
+        print(f"\nbank made on the workers and {args.queries} queries per head attended to "
+              f"its {n_keys} keys: {seconds:.2f} s, out {out_value.shape}, lse "
+              f"{lse_value.shape}")
         print(f"bytes moved: {between_workers / MIB:.2f} MiB between workers, "
               f"{(out_value.nbytes + lse_value.nbytes) / MIB:.3f} MiB of results to the "
               f"client, {query.nbytes / MIB:.3f} MiB of queries from it "

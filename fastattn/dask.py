@@ -39,6 +39,7 @@ Under the synchronous scheduler the tasks run on the calling thread with its own
 setting.
 """
 
+import contextlib
 import functools
 import math
 import multiprocessing
@@ -531,7 +532,9 @@ def _visible_span(plan, q_start, q_size, k_start, k_size, key_stop):
 
 def _chunk_pairs(plan):
     """Yield ``(batch_index, batch_shape, qi, kj, span, local_kv_lengths)`` for every
-    chunk pair that has a visible key, and record per (batch, query chunk) which exist."""
+    (output batch block, query chunk, key chunk); ``span`` (see :func:`_visible_span`)
+    is None for a pair in which no query sees a key, and ``local_kv_lengths`` holds the
+    batch block's kv_lengths shifted to the sub-block (None when they cut nothing)."""
     q_starts, kv_starts = _starts(plan.q_chunks), _starts(plan.kv_chunks)
     for batch_index, batch_shape, (first_lo, first_hi) in _batch_blocks(plan):
         lengths = None
@@ -856,26 +859,24 @@ def _sum_shares(*shares, out_dtype=None):
 
 # ------------------------------------------------------------------ threads
 
-class _task_threads:
-    """Run the kernels on one thread when the task runs on a Dask worker.
+@contextlib.contextmanager
+def _task_threads():
+    """Run the kernels on one thread while a task runs on a Dask worker.
 
     A task runs on a worker when it is not on the main thread of the main process
     (threaded scheduler, processes scheduler, ``dask.distributed`` worker threads);
-    there Dask runs one task per worker thread or process, so one kernel thread per
-    task keeps the kernels within the threads the user gave Dask. The synchronous
+    Dask runs one task per worker thread or process, so one kernel thread per task
+    keeps the kernels within the threads the user gave Dask. The synchronous
     scheduler runs tasks on the calling thread, which keeps its own setting.
     """
-
-    def __enter__(self):
-        self.previous = None
-        on_worker = (threading.current_thread() is not threading.main_thread()
-                     or multiprocessing.parent_process() is not None)
-        if on_worker:
-            self.previous = fastattn.get_num_threads()
-            fastattn.set_num_threads(1)
-        return self
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            fastattn.set_num_threads(self.previous)
-        return False
+    on_worker = (threading.current_thread() is not threading.main_thread()
+                 or multiprocessing.parent_process() is not None)
+    if not on_worker:
+        yield
+        return
+    previous = fastattn.get_num_threads()
+    fastattn.set_num_threads(1)
+    try:
+        yield
+    finally:
+        fastattn.set_num_threads(previous)
