@@ -624,7 +624,7 @@ def _tree(tasks, prefix, parts, split_every, combine, final):
 # ------------------------------------------------------------------ forward graph
 
 def _forward_graph(plan, split_every):
-    token = plan.token
+    token = dask.base.tokenize(plan.token, split_every)
     pair_name = f"fastattn-attention-pair-{token}"
     merge_name = f"fastattn-attention-merge-{token}"
     out_name = f"fastattn-attention-out-{token}"
@@ -741,7 +741,7 @@ def _unseen_rows(shape, value_dim, out_dtype):
 
 def _backward_graph(plan, grad_out, out, lse, split_every):
     grad_out, out, lse = _check_backward_arrays(plan, grad_out, out, lse)
-    token = dask.base.tokenize(plan.token, grad_out, out, lse)
+    token = dask.base.tokenize(plan.token, grad_out, out, lse, split_every)
     pair_name = f"fastattn-attention-grad-pair-{token}"
     share_name = f"fastattn-attention-grad-share-{token}"
     sum_name = f"fastattn-attention-grad-sum-{token}"
