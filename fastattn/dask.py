@@ -600,11 +600,12 @@ def _graph(name_layers, inputs):
 
 
 def _tree(tasks, prefix, parts, split_every, combine, final):
-    """Combine ``parts`` (keys) in a tree of ``split_every``; return the final task.
+    """Combine ``parts`` (keys) in a tree of ``split_every`` per task.
 
-    Intermediate tasks are added to ``tasks`` under keys ``(prefix, level, index,
-    *...)``; the returned task (a tuple to place under the caller's key) applies
-    ``final`` to the last group.
+    While more than ``split_every`` parts remain, groups of them are combined by
+    ``combine`` in tasks added to ``tasks`` under the keys ``prefix + (level, index)``.
+    Returns the last task, ``final`` over the remaining parts, for the caller to place
+    under its own key.
     """
     level = 0
     while len(parts) > split_every:
