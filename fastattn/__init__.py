@@ -22,6 +22,7 @@ _PUBLIC = {
     "sinusoidal_positional_encoding": "fastattn.layers",
     "TransformerEncoderLayer": "fastattn.layers",
     "TransformerDecoderLayer": "fastattn.layers",
+    "merge_attention": "fastattn.merge",
     "set_num_threads": "fastattn.threads",
     "get_num_threads": "fastattn.threads",
 }
