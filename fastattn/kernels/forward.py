@@ -257,9 +257,10 @@ def forward_task(b, q_start, q_stop, split, n_splits, inputs, options, mask, bia
         out_rows = spans.out[split, b]  # (Lq, Dv) this span's share
         lse_rows = spans.lse[split, b]  # (Lq,) log2 units, merged below
         lse_unit = 1.0
+    acc_has_nan = has_nan(acc)  # one pass; rows are looked at only if it finds one
     for r in range(rows):
         row = q_start + r
-        if row_sum[r] != row_sum[r] or has_nan(acc[r:r + 1]):  # NaN met
+        if row_sum[r] != row_sum[r] or (acc_has_nan and has_nan(acc[r:r + 1])):  # NaN met
             out_rows[row, :] = np.nan  # lse NaN marks the row for exact_rows_kernel
             lse_rows[row] = np.nan
             row_sum[r] = 0.0  # no weights from the pass below
