@@ -24,13 +24,18 @@ SERIAL_BLAS_WORK = 65536
 def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, causal=False,
                                  causal_alignment="top_left", window=None, kv_lengths=None,
                                  scale=None, enable_gqa=False, return_weights=False,
-                                 return_lse=False):
+                                 return_lse=False, softcap=None, alibi_slopes=None):
     r"""Scaled dot-product attention computed by a fused Numba kernel.
 
     .. math::
 
         \mathrm{out} = \mathrm{softmax}\!\left(\mathrm{scale}\cdot QK^\top + B,
         \text{masked}\right) V, \qquad \mathrm{scale} = 1/\sqrt{d_k}\ \text{by default}
+
+    A score is built in this order: ``s = scale * q.k``; with ``softcap``,
+    ``s = softcap * tanh(s / softcap)``; with ``alibi_slopes``,
+    ``s -= slope * |i + off - j|``; then the bias is added and hidden keys become
+    ``-inf``.
 
     This function checks and broadcasts the arguments, then calls a kernel that
     computes the masked softmax and the weighted sum in one tiled pass (online
@@ -67,6 +72,13 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, cau
         Also return the attention weights ``(*batch, Lq, Lk)`` (O(Lq*Lk) memory).
     return_lse : bool, default False
         Also return the natural log-sum-exp of each row's scores ``(*batch, Lq)``.
+    softcap : float, optional
+        Positive and finite: caps the scores smoothly, ``s = softcap * tanh(s /
+        softcap)`` (Gemma 2, Grok; FlashAttention's ``softcap``).
+    alibi_slopes : array_like, optional
+        Real and finite, broadcastable to the batch shape (``(H,)`` for
+        ``(B, H, L, D)`` inputs): ``s -= slope * |i + off - j|``, ``off`` as in
+        ``causal_alignment`` (ALiBi; FlashAttention's ``alibi_slopes``).
 
     Returns
     -------
@@ -87,7 +99,8 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, cau
     """
     problem = check_attention(query, key, value, mask, bias=bias, causal=causal,
                               causal_alignment=causal_alignment, window=window,
-                              kv_lengths=kv_lengths, scale=scale, enable_gqa=enable_gqa)
+                              kv_lengths=kv_lengths, scale=scale, enable_gqa=enable_gqa,
+                              softcap=softcap, alibi_slopes=alibi_slopes)
     out, weights, lse = run_forward(problem, return_weights)
     results = (out,)
     if return_weights:

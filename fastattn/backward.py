@@ -25,7 +25,7 @@ MIN_TASKS = 8
 def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse, mask=None, *,
                                           bias=None, causal=False, causal_alignment="top_left",
                                           window=None, kv_lengths=None, scale=None,
-                                          enable_gqa=False):
+                                          enable_gqa=False, softcap=None, alibi_slopes=None):
     r"""Gradients of :func:`fastattn.scaled_dot_product_attention`, by a fused kernel.
 
     The vector-Jacobian product of the forward under the same options, given the
@@ -38,6 +38,10 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
         dV = P^\top dO, \quad dS = P \odot (dO\, V^\top - D), \quad
         dQ = \mathrm{scale}\; dS\, K, \quad dK = \mathrm{scale}\; dS^\top Q.
 
+    With a ``softcap`` :math:`c`, :math:`dS` is multiplied by the cap's derivative
+    :math:`1 - \tanh^2(s / c)` at the score :math:`s` before the cap;
+    ``alibi_slopes`` get no gradient.
+
     Parameters
     ----------
     grad_out : array_like, shape ``(*batch, Lq, Dv)``
@@ -47,7 +51,7 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
     out : array_like, shape ``(*batch, Lq, Dv)``
     lse : array_like, shape ``(*batch, Lq)``
         The forward's results.
-    bias, causal, causal_alignment, window, kv_lengths, scale, enable_gqa
+    bias, causal, causal_alignment, window, kv_lengths, scale, enable_gqa, softcap, alibi_slopes
         Exactly as given to the forward.
 
     Returns
@@ -65,7 +69,8 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
     """
     problem = check_attention(query, key, value, mask, bias=bias, causal=causal,
                               causal_alignment=causal_alignment, window=window,
-                              kv_lengths=kv_lengths, scale=scale, enable_gqa=enable_gqa)
+                              kv_lengths=kv_lengths, scale=scale, enable_gqa=enable_gqa,
+                              softcap=softcap, alibi_slopes=alibi_slopes)
     grad_out, out, lse = check_backward_arrays(problem, grad_out, out, lse)
     dtype, batch = problem.compute_dtype, problem.batch_shape
     n_batch, q_len, kv_len = math.prod(batch), problem.q_len, problem.kv_len

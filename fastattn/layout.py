@@ -10,7 +10,7 @@ The kernels take their operands in a few named groups, built here by
 :func:`problem_arguments` and typed in :mod:`fastattn.kernels.operands`:
 
 - :class:`Inputs`: the query, key and value stacks and their indices;
-- :class:`ScoreOptions` (the scale) and one :class:`ScoreOperand` each for the mask
+- :class:`ScoreOptions` (scale, softcap, ALiBi slopes) and one :class:`ScoreOperand` each for the mask
   and the bias: everything that shapes a score. A new score option is one more
   field of :class:`ScoreOptions` (or one more operand) and one more step in
   :func:`fastattn.kernels.scores.block_scores`;
@@ -60,9 +60,15 @@ class ScoreOperand(NamedTuple):
 
 class ScoreOptions(NamedTuple):
     """The options that turn ``q.k`` into a score, besides the mask and bias operands:
-    the ``scale`` (new options such as a softcap join it here)."""
+    the ``scale``; the ``softcap`` (read only when ``has_softcap``); the ALiBi slope
+    of every entry of the flattened batch, float64 ``alibi_slopes (N,)`` (a ``(1,)``
+    placeholder unless ``has_alibi``)."""
 
     scale: float
+    softcap: float
+    has_softcap: bool
+    alibi_slopes: np.ndarray
+    has_alibi: bool
 
 
 class Visibility(NamedTuple):
@@ -132,12 +138,23 @@ def problem_arguments(problem):
     key, key_index = stack_operand(problem.key, batch, dtype, group)
     value, value_index = stack_operand(problem.value, batch, dtype, group)
     inputs = Inputs(query, key, value, query_index, key_index, value_index)
-    options = ScoreOptions(float(problem.scale))
+    options = score_options(problem)
     mask = score_operand(problem.mask, batch, np.bool_)
     bias = score_operand(problem.bias, batch, dtype)
     visibility = Visibility(flat_kv_lengths(problem), problem.kv_lengths is not None,
                             problem.diag_offset, *problem.key_reach())
     return inputs, options, mask, bias, visibility
+
+
+def score_options(problem):
+    """The :class:`ScoreOptions` of ``problem``."""
+    has_softcap, has_alibi = problem.softcap is not None, problem.alibi_slopes is not None
+    if has_alibi:
+        slopes = read_only(np.ascontiguousarray(problem.alibi_slopes.ravel(), np.float64))  # (N,)
+    else:
+        slopes = placeholder(np.float64, 1)
+    return ScoreOptions(float(problem.scale), float(problem.softcap) if has_softcap else 0.0,
+                        has_softcap, slopes, has_alibi)
 
 
 def read_only(array):
@@ -245,16 +262,19 @@ def fold_query_groups(problem):
     would change the result.
 
     With one query per head (``Lq == 1``) every head of a group has the same
-    position, so the rows may share a block as long as visibility does not depend on
-    the row: no mask or bias (they may differ per head), no window, no top-left
-    causal rule (row ``r`` would see ``r + 1`` keys), and ``kv_lengths`` indexed by a
-    batch axis other than the heads. ``(*batch, Hq, 1, D)`` queries become
+    position, so the rows may share a block as long as neither visibility nor the
+    scores depend on the row: no mask or bias (they may differ per head), no ALiBi
+    slopes (per head, and the bias they give depends on the row position), no
+    window, no top-left causal rule (row ``r`` would see ``r + 1`` keys), and
+    ``kv_lengths`` indexed by a batch axis other than the heads. A softcap depends on
+    the score alone and folds. ``(*batch, Hq, 1, D)`` queries become
     ``(*batch, Hkv, group, D)``; the results reshape back, since query head
     ``h = kv * group + g``.
     """
     group = problem.gqa_group
     if (group == 1 or problem.q_len != 1 or problem.mask is not None
-            or problem.bias is not None or problem.window is not None
+            or problem.bias is not None or problem.alibi_slopes is not None
+            or problem.window is not None
             or (problem.causal and problem.diag_offset < problem.kv_len - 1)
             or (problem.kv_lengths is not None and len(problem.batch_shape) < 2)):
         return None

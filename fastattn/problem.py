@@ -16,9 +16,11 @@ import numpy as np
 from fastattn.checks.arguments import (
     as_mask_array,
     as_real_array,
+    check_alibi_slopes,
     check_causal_alignment,
     check_kv_lengths,
     check_scale,
+    check_softcap,
     check_window,
     result_dtypes,
 )
@@ -62,6 +64,11 @@ class AttentionProblem:
         ``off`` of the causal and window rules (0 top-left, ``Lk - Lq`` bottom-right).
     window : tuple of int or None
         ``(left, right)``: key ``j`` visible iff ``i + off - left <= j <= i + off + right``.
+    softcap : float or None
+        Positive cap: scores become ``softcap * tanh(s / softcap)``.
+    alibi_slopes : ndarray of float64 or None
+        ``batch_shape``, a (possibly broadcast, read-only) view: entry ``b``'s scores
+        lose ``slope[b] * |i + off - j|``.
     """
 
     query: np.ndarray
@@ -82,6 +89,8 @@ class AttentionProblem:
     causal: bool
     diag_offset: int
     window: object
+    softcap: object = None
+    alibi_slopes: object = None
 
     @property
     def out_shape(self):
@@ -114,7 +123,7 @@ class AttentionProblem:
 
 def check_attention(query, key, value, mask=None, *, bias=None, causal=False,
                     causal_alignment="top_left", window=None, kv_lengths=None,
-                    scale=None, enable_gqa=False):
+                    scale=None, enable_gqa=False, softcap=None, alibi_slopes=None):
     """Validate the arguments of ``scaled_dot_product_attention``.
 
     Parameters are those of :func:`fastattn.scaled_dot_product_attention`.
@@ -127,11 +136,14 @@ def check_attention(query, key, value, mask=None, *, bias=None, causal=False,
     ------
     TypeError
         For inputs of a non-real dtype, a non-boolean mask, non-integer kv_lengths
-        or window entries, or a scale that is not a real number.
+        or window entries, a scale or softcap that is not a real number, or
+        alibi_slopes that are not real.
     ValueError
         For shapes that do not fit together, a bias holding ``+inf``, a negative
-        window, kv_lengths of the wrong length or out of range, a non-finite scale or
-        an unknown ``causal_alignment``; the message names the argument and shapes.
+        window, kv_lengths of the wrong length or out of range, a non-finite scale,
+        a softcap not positive and finite, alibi_slopes not finite or not
+        broadcastable to the batch shape, or an unknown ``causal_alignment``; the
+        message names the argument and shapes.
     """
     query = as_real_array("query", query)
     key = as_real_array("key", key)
@@ -159,6 +171,8 @@ def check_attention(query, key, value, mask=None, *, bias=None, causal=False,
         compute_dtype=compute_dtype, out_dtype=out_dtype,
         scale=check_scale(scale, head_dim), causal=bool(causal),
         diag_offset=diag_offset, window=check_window(window),
+        softcap=check_softcap(softcap),
+        alibi_slopes=check_alibi_slopes(alibi_slopes, batch_shape),
     )
 
 

@@ -12,7 +12,7 @@ from fastattn.problem import check_attention
 def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, causal=False,
                                  causal_alignment="top_left", window=None, kv_lengths=None,
                                  scale=None, enable_gqa=False, return_weights=False,
-                                 return_lse=False):
+                                 return_lse=False, softcap=None, alibi_slopes=None):
     r"""Attention by the textbook formula, in float64.
 
     .. math::
@@ -31,7 +31,8 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, cau
     """
     problem = check_attention(query, key, value, mask, bias=bias, causal=causal,
                               causal_alignment=causal_alignment, window=window,
-                              kv_lengths=kv_lengths, scale=scale, enable_gqa=enable_gqa)
+                              kv_lengths=kv_lengths, scale=scale, enable_gqa=enable_gqa,
+                              softcap=softcap, alibi_slopes=alibi_slopes)
     q, k, v = broadcast_inputs(problem)  # (*batch, Lq, Dk), (*batch, Lk, Dk), (*batch, Lk, Dv)
 
     scores = masked_scores(problem, q, k)  # (*batch, Lq, Lk), -inf where hidden
@@ -64,12 +65,26 @@ def broadcast_inputs(problem):
 
 
 def masked_scores(problem, q, k):
-    """Scores ``scale * q.k + bias`` ``(*batch, Lq, Lk)``, ``-inf`` where a key is hidden.
+    """Scores ``(*batch, Lq, Lk)``, ``-inf`` where a key is hidden, built in the
+    contract's order:
+
+    1. ``s = scale * q.k``;
+    2. softcap: ``s = softcap * tanh(s / softcap)``;
+    3. ALiBi: ``s -= slope[b] * |i + off - j|``;
+    4. ``s += bias``.
 
     A hidden key (by the visibility rules, the mask, or a ``-inf`` bias) is ``-inf``
     whatever its score was, so a NaN score is never taken for a hidden key.
     """
     scores = q @ k.swapaxes(-1, -2) * problem.scale  # (*batch, Lq, Lk)
+    if problem.softcap is not None:
+        scores = problem.softcap * np.tanh(scores / problem.softcap)  # (*batch, Lq, Lk)
+    if problem.alibi_slopes is not None:
+        i = np.arange(problem.q_len)[:, None]  # (Lq, 1) query positions
+        j = np.arange(problem.kv_len)[None, :]  # (1, Lk) key positions
+        distance = np.abs(i + problem.diag_offset - j)  # (Lq, Lk)
+        slopes = problem.alibi_slopes[..., None, None]  # (*batch, 1, 1)
+        scores = scores - slopes * distance  # (*batch, Lq, Lk)
     hidden = ~visible_keys(problem)  # (*batch, Lq, Lk)
     if problem.bias is not None:
         bias = problem.bias.astype(np.float64)  # (..., Lq or 1, Lk or 1)
@@ -142,3 +157,12 @@ def masked_softmax(scores):
     with np.errstate(divide="ignore"):
         lse = (shift + np.log(row_sum))[..., 0]  # (..., Lq) -inf for empty rows
     return weights, np.where(nan_rows[..., 0], np.nan, lse)
+
+
+def softcap_derivative(problem, q, k):
+    """``d capped / d s = 1 - tanh(s / softcap)**2`` at ``s = scale * q.k``,
+    ``(*batch, Lq, Lk)``; all ones without a softcap."""
+    scores = q @ k.swapaxes(-1, -2) * problem.scale  # (*batch, Lq, Lk)
+    if problem.softcap is None:
+        return np.ones_like(scores)
+    return 1.0 - np.tanh(scores / problem.softcap) ** 2  # (*batch, Lq, Lk)

@@ -5,14 +5,16 @@ import numpy as np
 
 from fastattn.problem import check_attention, check_backward_arrays
 from fastattn.layout import sum_to_shape
-from reference.attention import broadcast_inputs, masked_scores, masked_softmax
+from reference.attention import (broadcast_inputs, masked_scores, masked_softmax,
+                                 softcap_derivative)
 
 
 def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse, mask=None,
                                           **options):
     r"""Vector-Jacobian product of attention, in float64, written to be read.
 
-    With :math:`S = \mathrm{scale}\, QK^\top + B` (hidden keys at :math:`-\infty`),
+    With :math:`S = \mathrm{cap}(\mathrm{scale}\, QK^\top) - A + B` (hidden keys at
+    :math:`-\infty`; :math:`\mathrm{cap}` the softcap, :math:`A` the ALiBi term),
     :math:`P = \mathrm{softmax}(S)` row by row and :math:`O = PV`, the gradients of a
     loss with :math:`\partial L / \partial O = dO` are
 
@@ -23,7 +25,9 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
         dQ = \mathrm{scale}\; dS\, K, \quad dK = \mathrm{scale}\; dS^\top Q,
 
     where :math:`J_i = \mathrm{diag}(P_i) - P_i P_i^\top` is the softmax Jacobian of
-    row :math:`i`. This version recomputes :math:`P` from the inputs; ``out`` and
+    row :math:`i`; with a softcap :math:`c`, :math:`dS` is then multiplied by
+    :math:`\mathrm{cap}' = 1 - \tanh^2(\mathrm{scale}\, q.k / c)` (the ALiBi term and
+    the bias get no gradient). This version recomputes :math:`P` from the inputs; ``out`` and
     ``lse`` are only checked for shape (the fused kernel uses them).
 
     Parameters
@@ -32,7 +36,8 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
         Gradient of the loss with respect to the forward's output.
     query, key, value, mask, **options
         Exactly as given to the forward (``bias``, ``causal``, ``causal_alignment``,
-        ``window``, ``kv_lengths``, ``scale``, ``enable_gqa``).
+        ``window``, ``kv_lengths``, ``scale``, ``enable_gqa``, ``softcap``,
+        ``alibi_slopes``).
     out : array_like, shape ``(*batch, Lq, Dv)``
     lse : array_like, shape ``(*batch, Lq)``
         The forward's output and log-sum-exp.
@@ -59,6 +64,9 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
     # softmax Jacobian applied row by row: dS = P * (dP - sum_j P_j dP_j)
     row_dot = (weights * grad_weights).sum(axis=-1, keepdims=True)  # (*batch, Lq, 1)
     grad_scores = np.where(visible, weights * (grad_weights - row_dot), 0.0)  # (*batch, Lq, Lk)
+    if problem.softcap is not None:  # chain rule through s = c * tanh(raw / c)
+        grad_scores = np.where(visible, grad_scores * softcap_derivative(problem, q, k),
+                               0.0)  # (*batch, Lq, Lk)
     # dQ = scale dS K and dK = scale dS^T Q; a NaN in Q or K already made dS NaN
     # wherever it is seen, so it enters these products as 0 (else 0 * NaN spreads it)
     grad_query = problem.scale * grad_scores @ np.where(np.isnan(k), 0.0, k)  # (*batch, Lq, Dk)

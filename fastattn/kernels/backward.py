@@ -8,6 +8,9 @@ the forward's score function (:func:`fastattn.kernels.scores.block_scores`). Wit
     dV += P^T dO,   dP = dO V^T,   dS = P * (dP - D),
     dQ += scale * dS K,   dK += scale * dS^T Q.
 
+With a softcap, ``dS`` is multiplied by the cap's derivative
+``1 - tanh(s / softcap)**2``, which the score function writes alongside the scores.
+
 One parallel pass computes all five products once per block. Its tasks are
 (batch entry, key group): group ``g`` of ``G`` takes key blocks ``g, g + G, ...``,
 owns their ``dK`` and ``dV`` outright, and adds its share of ``dQ`` into a buffer of
@@ -114,6 +117,9 @@ def backward_task(task, b, group, inputs, options, mask, bias, visibility, tilin
     scaled_rows_buffer = np.empty(block_q * head_dim, dtype=grad_key.dtype)
     probs_buffer = np.empty(block_q * block_k, dtype=grad_key.dtype)
     score_grads_buffer = np.empty(block_q * block_k, dtype=grad_key.dtype)
+    # the softcap's derivative, written only with a softcap
+    cap_grads_buffer = np.empty(block_q * block_k if options.has_softcap else 0,
+                                dtype=grad_key.dtype)
     product_buffer = np.empty(max(block_q, block_k) * max(head_dim, value_dim),
                               dtype=grad_key.dtype)
     key_grad_buffer = np.empty(block_k * head_dim, dtype=grad_key.dtype)
@@ -149,11 +155,17 @@ def backward_task(task, b, group, inputs, options, mask, bias, visibility, tilin
             nan_met[task] |= query_nan
             probs = block_view(probs_buffer, rows, cols)  # (rows, cols)
             score_grads = block_view(score_grads_buffer, rows, cols)  # (rows, cols)
+            cap_grads = block_view(cap_grads_buffer, rows if options.has_softcap else 0,
+                                   cols)  # (rows, cols) d softcap / d s
             block_scores(probs, scaled_rows, keys, row_start, key_start, b, rule, options,
-                         mask, bias)
+                         mask, bias, cap_grads, options.has_softcap)
             np.dot(grad_rows, values.T, score_grads)  # dP, then dS
             probabilities_and_score_grads(probs, score_grads, row_start, lse[b], delta[b],
                                           values_have_nan)
+            if options.has_softcap:  # dS with respect to the score before the cap
+                for r in range(rows):
+                    for c in range(cols):
+                        score_grads[r, c] *= cap_grads[r, c]
             product = block_view(product_buffer, cols, value_dim)  # (cols, Dv)
             np.dot(probs.T, grad_rows, product)  # P^T dO
             add_into(value_grad, product)

@@ -86,7 +86,7 @@ def attend_key_range(q_rows, row_start, key_first, key_last, keys, values, entry
         key_stop = min(key_start + block_k, key_last)
         scores = block_view(score_buffer, rows, key_stop - key_start)  # (rows, cols)
         block_scores(scores, q_rows, keys[key_start:key_stop], row_start, key_start, entry,
-                     rule, options, mask, bias)
+                     rule, options, mask, bias, scores, False)
         online_softmax_block(scores, row_max, row_sum, acc)  # scores -> probabilities
         product = block_view(product_buffer, rows, acc.shape[1])  # (rows, Dv)
         np.dot(scores, values[key_start:key_stop], product)
@@ -116,7 +116,7 @@ def exact_row(q_row, row, key_first, key_last, keys, values, entry, rule, option
             key_stop = min(key_start + block_k, key_last)
             scores = block_view(score_buffer, 1, key_stop - key_start)  # (1, cols)
             block_scores(scores, q_row, keys[key_start:key_stop], row, key_start, entry, rule,
-                         options, mask, bias)
+                         options, mask, bias, scores, False)
             for c in range(key_stop - key_start):
                 score = scores[0, c]
                 if not summing:
@@ -279,7 +279,7 @@ def forward_task(b, q_start, q_stop, split, n_splits, inputs, options, mask, bia
             key_stop = min(key_start + block_k, last_key)
             scores = block_view(score_buffer, rows, key_stop - key_start)  # (rows, cols)
             block_scores(scores, q_block, keys[key_start:key_stop], q_start, key_start, b,
-                         rule, options, mask, bias)
+                         rule, options, mask, bias, scores, False)
             for r in range(rows):
                 if row_sum[r] > 0.0:
                     for c in range(key_stop - key_start):

@@ -36,7 +36,8 @@ def problem_types(dtype):
     ``(Inputs, ScoreOptions, mask, bias, Visibility)`` for data of ``dtype``."""
     data3, index = array_type(dtype, 3), array_type(np.int64, 1)
     inputs = group_type(Inputs, (data3, data3, data3, index, index, index))
-    options = group_type(ScoreOptions, (types.float64,))
+    options = group_type(ScoreOptions, (types.float64, types.float64, types.boolean,
+                                        array_type(np.float64, 1), types.boolean))
     visibility = group_type(Visibility, (index, types.boolean, types.int64, types.int64,
                                          types.int64))
     return (inputs, options, score_operand_type(np.bool_), score_operand_type(dtype),

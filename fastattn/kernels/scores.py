@@ -5,9 +5,13 @@ For query ``i`` and key ``j`` of batch entry ``b`` the score is built in this or
 
 1. ``s = scale * q_i . k_j``: the caller passes query rows already multiplied by
    ``log2(e) * scale``, so the product is the score in log2 units;
-2. ``s += log2(e) * bias[b, i, j]`` (a ``-inf`` bias hides the key, even where
+2. softcap: ``s = softcap * tanh(s / softcap)``; in log2 units the cap is
+   ``c = log2(e) * softcap`` and the step is ``s = c * tanh(s / c)``;
+3. ALiBi: ``s -= log2(e) * slope[b] * |i + off - j|`` (``off`` the diagonal offset
+   of ``causal_alignment``);
+4. ``s += log2(e) * bias[b, i, j]`` (a ``-inf`` bias hides the key, even where
    ``s`` is NaN);
-3. keys hidden by the visibility rule (:mod:`fastattn.kernels.masking`) or by the
+5. keys hidden by the visibility rule (:mod:`fastattn.kernels.masking`) or by the
    mask become ``-inf``, whatever ``s`` was, so a NaN is never taken for a hidden key.
 
 A new score option is one more step here and one more field of
@@ -18,12 +22,16 @@ import numpy as np
 
 from fastattn.kernels.config import jit_helper
 from fastattn.kernels.masking import block_fully_visible, visible_columns
-from fastattn.kernels.vector_math import LOG2E
+from fastattn.kernels.vector_math import LOG2E, cast_like, tanh
 
 
 @jit_helper
-def block_scores(scores, q_rows, keys, row_start, key_start, entry, rule, options, mask, bias):
+def block_scores(scores, q_rows, keys, row_start, key_start, entry, rule, options, mask, bias,
+                 cap_grads, want_cap_grads):
     """Write the scores of ``q_rows`` against ``keys`` into ``scores``.
+
+    Steps 2 and 3 (softcap, ALiBi) run over the whole block when their option is
+    set, and cost nothing otherwise.
 
     Parameters
     ----------
@@ -41,9 +49,23 @@ def block_scores(scores, q_rows, keys, row_start, key_start, entry, rule, option
         The scalar score options (the scale is already in ``q_rows``).
     mask, bias : ScoreOperand
         The mask and bias operands (read only when ``present``).
+    cap_grads : array, shape ``(rows, cols)``, C-contiguous
+        With ``want_cap_grads`` and a softcap: overwritten with the softcap's
+        derivative ``d capped / d s = 1 - tanh(s / softcap)**2`` (the backward's
+        chain rule factor); else never touched.
     """
     np.dot(q_rows, keys.T, scores)  # (rows, cols) log2(e) * scale * q.k
     rows, cols = scores.shape
+    if options.has_softcap:
+        apply_softcap(scores, cast_like(options.softcap * LOG2E, scores), cap_grads,
+                      want_cap_grads)
+    if options.has_alibi:
+        slope = cast_like(options.alibi_slopes[entry] * LOG2E, scores)
+        for r in range(rows):
+            # distance |i + off - j| = |base - c| for key j = key_start + c
+            base = row_start + r + rule.diag_offset - key_start
+            for c in range(cols):
+                scores[r, c] -= slope * cast_like(abs(base - c), scores)
     if not (mask.present or bias.present) and block_fully_visible(
             row_start, row_start + rows, key_start, key_start + cols, rule):
         return
@@ -62,3 +84,21 @@ def block_scores(scores, q_rows, keys, row_start, key_start, entry, rule, option
                     scores[r, c] = -np.inf
         scores[r, :first] = -np.inf
         scores[r, stop:] = -np.inf
+
+
+@jit_helper
+def apply_softcap(scores, cap, cap_grads, want_cap_grads):
+    """In place: ``scores = cap * tanh(scores / cap)`` ``(rows, cols)``; with
+    ``want_cap_grads`` also ``cap_grads = 1 - tanh(scores / cap)**2``."""
+    rows, cols = scores.shape
+    inverse_cap = cast_like(1.0, scores) / cap
+    one = cast_like(1.0, scores)
+    for r in range(rows):
+        if want_cap_grads:
+            for c in range(cols):
+                t = tanh(scores[r, c] * inverse_cap)
+                scores[r, c] = cap * t
+                cap_grads[r, c] = one - t * t
+        else:
+            for c in range(cols):
+                scores[r, c] = cap * tanh(scores[r, c] * inverse_cap)

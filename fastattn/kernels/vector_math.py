@@ -1,4 +1,4 @@
-"""Vectorisable scalar math for the softmax loops: ``exp2`` and ``maximum``.
+"""Vectorisable scalar math for the softmax loops: ``exp2``, ``tanh`` and ``maximum``.
 
 ``maximum`` is LLVM's ``maxnum``, which (unlike a compare-and-select) vectorises as
 a reduction without the ``nnan`` fast-math flag; a NaN operand yields the other one.
@@ -14,6 +14,15 @@ float64 (1.6e-16). Inputs are clipped to ``[-127, 127]`` (float64 ``[-1023, 1023
 ``n = -127`` (``-1023``) has exponent bits 0, so inputs below about the smallest
 normal exponent give exactly 0, which is what a hidden key (``-inf``) must
 contribute. The softmax only ever passes inputs ``<= 0``.
+
+``tanh`` (for the softcap) is built on ``exp2`` the same way, about 5x cheaper than
+the ``libm`` call of ``math.tanh``: for ``|x| >= 1/8``,
+``tanh |x| = (1 - e) / (1 + e)`` with ``e = exp(-2 |x|)`` (``e <= 0.78``, so the
+subtraction loses at most a factor 4.5 of precision; ``e`` is 0 far out, giving
+exactly 1); below, the odd Taylor series (through ``x**9`` in float32, ``x**17`` in
+float64; each term is below ``(x / (pi / 2))**2 <= 0.0064`` times the previous one).
+Both branches are computed and one is selected, so loops over it stay SIMD. NaN
+stays NaN.
 """
 
 import math
@@ -70,6 +79,14 @@ def _unary_float_intrinsic(name):
 _floor = _unary_float_intrinsic("llvm.floor")
 
 
+# Taylor coefficients of tanh(x) / x in powers of x**2: 1, -1/3, 2/15, ...
+_TANH_COEFFICIENTS = (1.0, -1.0 / 3.0, 2.0 / 15.0, -17.0 / 315.0, 62.0 / 2835.0,
+                      -1382.0 / 155925.0, 21844.0 / 6081075.0, -929569.0 / 638512875.0,
+                      6404582.0 / 10854718875.0)
+# Below this |x| tanh uses its Taylor series, above it exp.
+_TANH_SERIES_LIMIT = 0.125
+
+
 @intrinsic
 def maximum(typingctx, a, b):
     """The larger of two floats of one type, as LLVM's ``maxnum`` intrinsic."""
@@ -82,6 +99,18 @@ def maximum(typingctx, a, b):
             "llvm.maxnum", [value_type], ir.FunctionType(value_type, [value_type, value_type]))
         return builder.call(function, args)
     return a(a, a), codegen
+
+
+@intrinsic
+def select(typingctx, condition, a, b):
+    """``a if condition else b`` for floats of one type, as one LLVM ``select`` (a
+    conditional expression inlined by Numba would become a branch)."""
+    if not (isinstance(condition, types.Boolean) and isinstance(a, types.Float) and a == b):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.select(args[0], args[1], args[2])
+    return a(condition, a, a), codegen
 
 
 def exp2(x):
@@ -116,6 +145,64 @@ def _exp2_overload(x):
                 c7 + f * (c8 + f * (c9 + f * (c10 + f * (c11 + f * c12)))))))))))
             return poly * _float64_from_bits((np.int64(whole) + np.int64(1023)) << np.int64(52))
         return exp2_float64
+
+
+def tanh(x):
+    """``tanh(x)`` (pure-Python fallback when the JIT is disabled)."""
+    return math.tanh(x)
+
+
+@overload(tanh, inline="always")
+def _tanh_overload(x):
+    if x == types.float32:
+        t1, t3, t5, t7, t9 = (np.float32(c) for c in _TANH_COEFFICIENTS[:5])
+        limit, minus_two_log2e = np.float32(_TANH_SERIES_LIMIT), np.float32(-2.0 * LOG2E)
+        one = np.float32(1.0)
+
+        def tanh_float32(x):
+            x2 = x * x
+            series = x * (t1 + x2 * (t3 + x2 * (t5 + x2 * (t7 + x2 * t9))))
+            e = exp2(abs(x) * minus_two_log2e)  # exp(-2|x|), 0 far out
+            magnitude = (one - e) / (one + e)
+            result = select(abs(x) < limit, series, select(x > 0, magnitude, -magnitude))
+            return select(x == x, result, x)  # NaN stays NaN
+        return tanh_float32
+
+    if x == types.float64:
+        t1, t3, t5, t7, t9, t11, t13, t15, t17 = _TANH_COEFFICIENTS
+        limit, minus_two_log2e = _TANH_SERIES_LIMIT, -2.0 * LOG2E
+
+        def tanh_float64(x):
+            x2 = x * x
+            series = x * (t1 + x2 * (t3 + x2 * (t5 + x2 * (t7 + x2 * (t9 + x2 * (
+                t11 + x2 * (t13 + x2 * (t15 + x2 * t17))))))))
+            e = exp2(abs(x) * minus_two_log2e)
+            magnitude = (1.0 - e) / (1.0 + e)
+            result = select(abs(x) < limit, series, select(x > 0, magnitude, -magnitude))
+            return select(x == x, result, x)  # NaN stays NaN
+        return tanh_float64
+
+
+def cast_like(value, array):
+    """``value`` as a scalar of ``array``'s dtype (pure-Python fallback)."""
+    return array.dtype.type(value)
+
+
+@overload(cast_like, inline="always")
+def _cast_like_overload(value, array):
+    if array.dtype == types.float32:
+        return lambda value, array: np.float32(value)
+    if array.dtype == types.float64:
+        return lambda value, array: np.float64(value)
+
+
+@njit
+def tanh_check(x):
+    """``tanh`` applied to an array (for tests of the compiled function)."""
+    out = np.empty_like(x)
+    for index in range(x.size):
+        out[index] = tanh(x[index])
+    return out
 
 
 @njit
