@@ -33,7 +33,7 @@ from fastattn.kernels.config import jit_helper, kernel_per_dtype
 from fastattn.kernels.masking import entry_rule, key_block_rows
 from fastattn.kernels.operands import TILING_TYPE, backward_types, problem_types
 from fastattn.kernels.scores import block_scores
-from fastattn.kernels.vector_math import LOG2E, add_into, block_view, exp2, has_nan
+from fastattn.kernels.vector_math import LOG2E, add_into, block_view, has_nan, probability_exp2
 
 
 @jit_helper
@@ -63,12 +63,12 @@ def probabilities_and_score_grads(scores, grad_probs, row_start, row_lse, row_de
                     scores[r, c] = 0.0
                     grad_probs[r, c] = 0.0
                 else:
-                    p = exp2(scores[r, c] - lse2)
+                    p = probability_exp2(scores[r, c] - lse2)
                     scores[r, c] = p
                     grad_probs[r, c] = p * (grad_probs[r, c] - delta)
             continue
         for c in range(cols):
-            p = exp2(scores[r, c] - lse2)
+            p = probability_exp2(scores[r, c] - lse2)
             scores[r, c] = p
             grad_probs[r, c] = p * (grad_probs[r, c] - delta)
 

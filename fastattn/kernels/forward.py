@@ -25,7 +25,8 @@ from fastattn.kernels.masking import entry_rule, row_block_keys
 from fastattn.kernels.operands import (TILING_TYPE, array_type, forward_result_types,
                                       problem_types)
 from fastattn.kernels.scores import block_scores
-from fastattn.kernels.vector_math import LN2, LOG2E, add_into, block_view, exp2, has_nan, maximum
+from fastattn.kernels.vector_math import (LN2, LOG2E, add_into, block_view, exp2, has_nan,
+                                          maximum, probability_exp2)
 
 # Query rows per group on the partly visible strips (causal diagonal, window edges).
 EDGE_ROWS = 64
@@ -59,7 +60,7 @@ def online_softmax_block(scores, row_max, row_sum, acc):
             continue
         block_sum = row_sum[r] - row_sum[r]  # a zero of the compute dtype (or NaN)
         for c in range(cols):
-            p = exp2(scores[r, c] - block_max)
+            p = probability_exp2(scores[r, c] - block_max)  # 0 far below the max
             scores[r, c] = p
             block_sum += p
         correction = exp2(row_max[r] - block_max)  # 0 when row_max was -inf

@@ -61,11 +61,14 @@ def block_scores(scores, q_rows, keys, row_start, key_start, entry, rule, option
                       want_cap_grads)
     if options.has_alibi:
         slope = cast_like(options.alibi_slopes[entry] * LOG2E, scores)
+        one = cast_like(1.0, scores)
         for r in range(rows):
-            # distance |i + off - j| = |base - c| for key j = key_start + c
-            base = row_start + r + rule.diag_offset - key_start
+            # i + off - j for key j = key_start + c, counted down in floats (exact up
+            # to 2**24 in float32) so the loop needs no integer conversion
+            offset = cast_like(row_start + r + rule.diag_offset - key_start, scores)
             for c in range(cols):
-                scores[r, c] -= slope * cast_like(abs(base - c), scores)
+                scores[r, c] -= slope * abs(offset)
+                offset -= one
     if not (mask.present or bias.present) and block_fully_visible(
             row_start, row_start + rows, key_start, key_start + cols, rule):
         return
