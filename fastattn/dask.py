@@ -69,7 +69,8 @@ SPLIT_EVERY = 8
 def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, causal=False,
                                  causal_alignment="top_left", window=None, kv_lengths=None,
                                  scale=None, enable_gqa=False, return_weights=False,
-                                 return_lse=False, split_every=None):
+                                 return_lse=False, split_every=None, softcap=None,
+                                 alibi_slopes=None):
     r"""Scaled dot-product attention of Dask arrays, one task per (query, key) chunk pair.
 
     .. math::
@@ -113,6 +114,8 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, cau
         Also return the log-sum-exp of each row, ``(*batch, Lq)``.
     split_every : int, optional
         Parts merged per task of the merge tree (at least 2; default 8).
+    softcap, alibi_slopes
+        Not supported yet: anything but None raises ``NotImplementedError``.
 
     Returns
     -------
@@ -141,6 +144,7 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, cau
     fastattn.merge_attention : how key chunks are combined.
     scaled_dot_product_attention_backward : the gradients, on Dask arrays.
     """
+    _refuse_score_options(softcap, alibi_slopes)
     if return_weights:
         raise ValueError(
             "return_weights=True is not supported by fastattn.dask: the weights "
@@ -158,7 +162,7 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
                                           bias=None, causal=False,
                                           causal_alignment="top_left", window=None,
                                           kv_lengths=None, scale=None, enable_gqa=False,
-                                          split_every=None):
+                                          split_every=None, softcap=None, alibi_slopes=None):
     r"""Gradients of :func:`scaled_dot_product_attention` on Dask arrays.
 
     With the forward's global ``out`` and ``lse``, each (query chunk, key chunk) task
@@ -188,6 +192,8 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
         Exactly as given to the forward.
     split_every : int, optional
         Shares summed per task (at least 2; default 8).
+    softcap, alibi_slopes
+        Not supported yet: anything but None raises ``NotImplementedError``.
 
     Returns
     -------
@@ -199,12 +205,24 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
     --------
     fastattn.scaled_dot_product_attention_backward : the local call each task makes.
     """
+    _refuse_score_options(softcap, alibi_slopes)
     split_every = _check_split_every(split_every)
     plan = _plan(query, key, value, mask, bias=bias, causal=causal,
                  causal_alignment=causal_alignment, window=window, kv_lengths=kv_lengths,
                  scale=scale, enable_gqa=enable_gqa)
     grads = _backward_graph(plan, grad_out, out, lse, split_every)
     return grads
+
+
+def _refuse_score_options(softcap, alibi_slopes):
+    """The built-in score options are not carried to the chunks yet: ALiBi needs each
+    chunk's slopes and its positions shifted to the chunk (the local call sees
+    chunk-local ``i`` and ``j``)."""
+    for name, value in (("softcap", softcap), ("alibi_slopes", alibi_slopes)):
+        if value is not None:
+            raise NotImplementedError(
+                f"fastattn.dask does not support {name} yet; call "
+                f"fastattn.scaled_dot_product_attention on NumPy arrays for it")
 
 
 # ------------------------------------------------------------------ planning

@@ -269,3 +269,17 @@ def test_backward_checks_the_options_too(backward):
         backward(out, query, key, value, out, lse, softcap=-1.0)
     with pytest.raises(ValueError, match="alibi_slopes"):
         backward(out, query, key, value, out, lse, alibi_slopes=np.ones(5))
+
+
+@pytest.mark.parametrize("kwargs", [dict(softcap=30.0), dict(alibi_slopes=SLOPES)],
+                         ids=["softcap", "alibi"])
+def test_dask_refuses_score_options(kwargs):
+    """fastattn.dask does not carry the score options to its chunks yet, and says so."""
+    fastattn_dask = pytest.importorskip("fastattn.dask")
+    query, key, value = random_inputs(np.random.default_rng(0), (2, 3, 4, 8), (2, 3, 5, 8))
+    with pytest.raises(NotImplementedError, match=next(iter(kwargs))):
+        fastattn_dask.scaled_dot_product_attention(query, key, value, **kwargs)
+    out, lse = fastattn.scaled_dot_product_attention(query, key, value, return_lse=True)
+    with pytest.raises(NotImplementedError, match=next(iter(kwargs))):
+        fastattn_dask.scaled_dot_product_attention_backward(out, query, key, value, out, lse,
+                                                            **kwargs)
