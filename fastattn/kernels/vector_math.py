@@ -212,13 +212,33 @@ def probability_exp2(x):
 
 @overload(probability_exp2, inline="always")
 def _probability_exp2_overload(x):
-    if x in _PROBABILITY_CUTOFF:
-        cutoff = _PROBABILITY_CUTOFF[x]
-        zero = cutoff - cutoff
+    # exp2 with its lower clip replaced by a select: below the cutoff the input becomes
+    # the exponent giving exactly 0, at the cost of exp2's own clip (one compare and
+    # blend), so the softmax loop pays nothing for the cutoff.
+    if x == types.float32:
+        c6, c5, c4, c3, c2, c1, c0 = (np.float32(c) for c in _FLOAT32_COEFFICIENTS)
+        cutoff, lowest = _PROBABILITY_CUTOFF[x], np.float32(-127.0)
 
-        def probability_exp2_impl(x):
-            return select(x < cutoff, zero, exp2(x))  # NaN is not below: stays NaN
-        return probability_exp2_impl
+        def probability_exp2_float32(x):
+            clipped = min(select(x < cutoff, lowest, x), np.float32(127.0))  # NaN stays
+            whole = _floor(clipped + np.float32(0.5))
+            f = clipped - whole
+            poly = c0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * c6)))))
+            return poly * _float32_from_bits((np.int32(whole) + np.int32(127)) << np.int32(23))
+        return probability_exp2_float32
+
+    if x == types.float64:
+        (c12, c11, c10, c9, c8, c7, c6, c5, c4, c3, c2, c1, c0) = _FLOAT64_COEFFICIENTS
+        cutoff, lowest = _PROBABILITY_CUTOFF[x], -1023.0
+
+        def probability_exp2_float64(x):
+            clipped = min(select(x < cutoff, lowest, x), 1023.0)
+            whole = _floor(clipped + 0.5)
+            f = clipped - whole
+            poly = c0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * (c6 + f * (
+                c7 + f * (c8 + f * (c9 + f * (c10 + f * (c11 + f * c12)))))))))))
+            return poly * _float64_from_bits((np.int64(whole) + np.int64(1023)) << np.int64(52))
+        return probability_exp2_float64
 
 
 @njit
