@@ -92,16 +92,16 @@ def block_scores(scores, q_rows, keys, row_start, key_start, entry, rule, option
 @jit_helper
 def apply_softcap(scores, cap, cap_grads, want_cap_grads):
     """In place: ``scores = cap * tanh(scores / cap)`` ``(rows, cols)``; with
-    ``want_cap_grads`` also ``cap_grads = 1 - tanh(scores / cap)**2``."""
+    ``want_cap_grads`` also ``cap_grads = 1 - tanh(scores / cap)**2``, from the capped
+    scores (one tanh loop only: a second would double its compile time)."""
     rows, cols = scores.shape
-    inverse_cap = cast_like(1.0, scores) / cap
     one = cast_like(1.0, scores)
+    inverse_cap = one / cap
     for r in range(rows):
-        if want_cap_grads:
+        for c in range(cols):
+            scores[r, c] = cap * tanh(scores[r, c] * inverse_cap)
+    if want_cap_grads:
+        for r in range(rows):
             for c in range(cols):
-                t = tanh(scores[r, c] * inverse_cap)
-                scores[r, c] = cap * t
+                t = scores[r, c] * inverse_cap  # tanh(s / cap), within a rounding step
                 cap_grads[r, c] = one - t * t
-        else:
-            for c in range(cols):
-                scores[r, c] = cap * tanh(scores[r, c] * inverse_cap)
