@@ -198,3 +198,11 @@ def test_import_without_torch_names_the_extra():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
     assert 'pip install "fastattn[torch]"' in result.stdout
+
+
+def test_huggingface_import_without_transformers_names_the_extra():
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "try:\n    import fastattn.huggingface\nexcept ImportError as error:\n    print(error)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert 'pip install "fastattn[huggingface]"' in result.stdout
