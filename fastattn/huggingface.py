@@ -215,8 +215,10 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     if position_bias is not None:
         bias = position_bias if bias is None else bias + position_bias
 
+    # (B, Hq, Lq, D) arrives as a transposed view of (B, Lq, Hq, D); PyTorch's
+    # threaded copy is cheaper than the one the kernels' layout step would make.
     results = fastattn.torch.scaled_dot_product_attention(
-        query, key, value, mask, bias=bias, scale=scaling,
+        query.contiguous(), key, value, mask, bias=bias, scale=scaling,
         enable_gqa=key.shape[-3] != query.shape[-3], return_weights=bool(output_attentions),
         **options)
     out, weights = results if output_attentions else (results, None)  # out (B, Hq, Lq, D)

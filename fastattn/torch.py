@@ -105,8 +105,8 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, kv_
         arrays = [_compute_array(tensor) for tensor in inputs]
         results = fastattn.scaled_dot_product_attention(*arrays, mask, return_weights=return_weights,
                                                         return_lse=True, **options)
-        out, weights, lse = _unpack(results, return_weights)
-        out, weights, lse = (_as_tensor(array, dtype) for array in (out, weights, lse))
+        out, weights, lse = (_as_tensor(array, dtype)
+                             for array in _unpack(results, return_weights))
 
     results = (out,)
     if return_weights:
@@ -207,7 +207,8 @@ def _as_tensor(array, dtype):
     """A NumPy result as a tensor of ``dtype`` (shares memory unless a cast is needed)."""
     if array is None:
         return None
-    return torch.from_numpy(array).to(dtype)
+    tensor = torch.from_numpy(array)
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def _unpack(results, return_weights):
