@@ -52,6 +52,37 @@ fastattn.set_num_threads(threads)
 fastattn.huggingface.register()
 transformers.logging.set_verbosity_error()
 
+# Where the time goes: seconds spent in the attention function the model calls, in
+# its mask function, and (fastattn) in fastattn's NumPy-level call inside the former.
+spent = {"attention": 0.0, "mask": 0.0, "kernel": 0.0}
+
+
+def timed(function, part):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            spent[part] += time.perf_counter() - start
+    return wrapper
+
+
+from transformers import masking_utils
+from transformers.modeling_utils import AttentionInterface
+if implementation in AttentionInterface._global_mapping:
+    AttentionInterface._global_mapping[implementation] = timed(
+        AttentionInterface._global_mapping[implementation], "attention")
+else:  # eager: the model's own eager_attention_forward is its default, not registered
+    import transformers.models.llama.modeling_llama as llama
+    llama.eager_attention_forward = timed(llama.eager_attention_forward, "attention")
+masks = masking_utils.AttentionMaskInterface._global_mapping
+masks[implementation] = timed(masks[implementation], "mask")
+fastattn.torch.fastattn = type(sys)("fastattn_timed")
+fastattn.torch.fastattn.scaled_dot_product_attention = timed(
+    fastattn.scaled_dot_product_attention, "kernel")
+fastattn.torch.fastattn.scaled_dot_product_attention_backward = (
+    fastattn.scaled_dot_product_attention_backward)
+
 SMALL = dict(vocab_size=1024, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
              num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=8192 + 256)
 
@@ -116,12 +147,15 @@ for line in sys.stdin:
         calls[case] = make(case)
         with torch.no_grad():
             calls[case]()
+    for part in spent:
+        spent[part] = 0.0
     with torch.no_grad():
         start = time.perf_counter()
         reported = calls[case]()
         elapsed = time.perf_counter() - start
-    print(json.dumps(elapsed if reported is None or not isinstance(reported, float)
-                     else reported), flush=True)
+    seconds = reported if isinstance(reported, float) else elapsed
+    print(json.dumps([seconds, spent["attention"] / elapsed, spent["mask"] / elapsed,
+                      spent["kernel"] / elapsed]), flush=True)
 '''
 
 
@@ -151,27 +185,37 @@ def main():
         line = worker.stdout.readline()
         if not line:
             raise SystemExit(f"the {implementation} worker died on {case}")
-        return json.loads(line)
+        return json.loads(line)  # [seconds, attention share, mask share, kernel share]
 
     def median(values):
         return sorted(values)[len(values) // 2]
 
     print(f"threads={arguments.threads}, rounds={arguments.rounds}, float32, eval mode")
     print(f"{'case':<22}{'fastattn ms':>13}{'peer ms':>11}  peer   ratio med [min max]   goal")
+    shares = []
     for case in arguments.cases:
         peer, goal = CASES[case]
-        times = {"fastattn": [], peer: []}
+        samples = {"fastattn": [], peer: []}
         ratios = []
         for round_index in range(arguments.rounds):
             order = ["fastattn", peer] if round_index % 2 == 0 else [peer, "fastattn"]
             got = {name: sample(name, case) for name in order}
-            for name in times:
-                times[name].append(got[name])
-            ratios.append(got["fastattn"] / got[peer])
+            for name in samples:
+                samples[name].append(got[name])
+            ratios.append(got["fastattn"][0] / got[peer][0])
         verdict = "met" if median(ratios) <= goal else "MISSED"
+        times = {name: [values[0] for values in samples[name]] for name in samples}
         print(f"{case:<22}{1e3 * median(times['fastattn']):13.2f}{1e3 * median(times[peer]):11.2f}"
               f"  {peer:<6} {median(ratios):.3f} [{min(ratios):.3f} {max(ratios):.3f}]"
               f"   <= {goal} {verdict}", flush=True)
+        for name in samples:
+            parts = [median([values[index] for values in samples[name]]) for index in (1, 2, 3)]
+            shares.append(f"  {case:<22}{name:<10}{100 * parts[0]:9.1f}%{100 * parts[1]:9.1f}%"
+                          + (f"{100 * parts[2]:9.1f}%" if name == "fastattn" else ""))
+    print("\nshare of the wall time (median) in the model's attention function, in its mask "
+          "function,\nand (fastattn) in fastattn's NumPy-level call inside the attention function:")
+    print(f"  {'case':<22}{'impl':<10}{'attention':>10}{'mask':>10}{'kernel':>10}")
+    print("\n".join(shares))
     for worker in workers.values():
         worker.stdin.close()
         worker.wait()

@@ -6,7 +6,9 @@ Three persistent worker processes time one loop each in turn (A B C A B C ...):
 
 - ``torch``: a loop of one PyTorch matrix product (what a model's projections do),
 - ``fastattn``: a loop of one ``fastattn.torch`` attention call,
-- ``both``: a loop of the product followed by the attention call.
+- ``both``: a loop of the product followed by the attention call,
+- ``gap``: a loop of a 5 ms busy wait on the main thread followed by the attention
+  call: what a pause alone, without PyTorch's threads, does to the next call.
 
 Without interference ``both`` takes ``torch + fastattn``; the script prints the
 per-round ratio ``both / (torch + fastattn)`` (median, min and max), and, inside the
@@ -37,7 +39,13 @@ def product():
 def attention():
     fastattn.torch.scaled_dot_product_attention(query, key, value, causal=True)
 
-steps = {"torch": [product], "fastattn": [attention], "both": [product, attention]}[variant]
+def busy_wait():  # a gap as long as the product, on the main thread alone, no PyTorch
+    start = time.perf_counter()
+    while time.perf_counter() - start < 0.005:
+        pass
+
+steps = {"torch": [product], "fastattn": [attention], "both": [product, attention],
+         "gap": [busy_wait, attention]}[variant]
 for _ in range(3):
     for step in steps:
         step()
@@ -62,7 +70,7 @@ def main():
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="PyTorch's threads (default: --threads)")
     arguments = parser.parse_args()
-    variants = ("torch", "fastattn", "both")
+    variants = ("torch", "fastattn", "both", "gap")
     workers = {variant: subprocess.Popen(
         [sys.executable, "-c", WORKER, variant, str(arguments.threads),
          str(arguments.torch_threads or arguments.threads)],
@@ -74,7 +82,8 @@ def main():
         worker.stdin.flush()
         return json.loads(worker.stdout.readline())
 
-    ratios, product_ratios, attention_ratios, times = [], [], [], {v: [] for v in variants}
+    ratios, product_ratios, attention_ratios, gap_ratios = [], [], [], []
+    times = {v: [] for v in variants}
     for round_index in range(arguments.rounds):
         order = variants if round_index % 2 == 0 else variants[::-1]
         got = {variant: sample(variant) for variant in order}
@@ -83,6 +92,7 @@ def main():
         ratios.append(got["both"][0] / (got["torch"][0] + got["fastattn"][0]))
         product_ratios.append(got["both"][1] / got["torch"][0])
         attention_ratios.append(got["both"][2] / got["fastattn"][0])
+        gap_ratios.append(got["gap"][2] / got["fastattn"][0])
     for worker in workers.values():
         worker.stdin.close()
         worker.wait()
@@ -99,6 +109,8 @@ def main():
     print(f"both / (torch + fastattn): {spread(ratios)}")
     print(f"  matmul inside both / torch alone:       {spread(product_ratios)}")
     print(f"  attention inside both / fastattn alone: {spread(attention_ratios)}")
+    print(f"  attention after a 5 ms busy wait (no PyTorch work) / fastattn alone: "
+          f"{spread(gap_ratios)}")
 
 
 if __name__ == "__main__":
