@@ -104,8 +104,9 @@ def main():
         return f"{median(values):.3f} [{min(values):.3f} {max(values):.3f}]"
 
     print(f"threads={arguments.threads}, torch threads="
-          f"{arguments.torch_threads or arguments.threads}, rounds={arguments.rounds}; ms per loop iteration "
-          f"(median): " + ", ".join(f"{v} {1e3 * median(times[v]):.3f}" for v in variants))
+          f"{arguments.torch_threads or arguments.threads}, rounds={arguments.rounds}; "
+          "ms per loop iteration (median): "
+          + ", ".join(f"{v} {1e3 * median(times[v]):.3f}" for v in variants))
     print(f"both / (torch + fastattn): {spread(ratios)}")
     print(f"  matmul inside both / torch alone:       {spread(product_ratios)}")
     print(f"  attention inside both / fastattn alone: {spread(attention_ratios)}")

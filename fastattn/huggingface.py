@@ -51,6 +51,7 @@ except ImportError as error:  # pragma: no cover - exercised in an environment w
 
 import dataclasses
 import inspect
+import warnings
 
 import numpy as np
 
@@ -59,8 +60,9 @@ import fastattn.torch
 
 __all__ = ["register", "attention_forward", "attention_mask", "StructuralMask"]
 
-# The transformers releases this module is tested with (pyproject's "huggingface" extra).
-TESTED_TRANSFORMERS = ">=5.24,<5.25"
+# The transformers releases this module is tested with (pyproject's "huggingface" extra):
+# from the first to before the second.
+TESTED_TRANSFORMERS = ((5, 24), (5, 25))
 
 # Config fields that hold a model's attention dropout, for the error message.
 DROPOUT_FIELDS = ("attention_dropout", "attention_probs_dropout_prob", "attn_pdrop", "dropout")
@@ -82,7 +84,20 @@ def register(name="fastattn"):
     -------
     str
         ``name``.
+
+    Warns
+    -----
+    UserWarning
+        When the installed transformers is outside the tested releases.
     """
+    version = tuple(int(part) for part in transformers.__version__.split(".")[:2])
+    oldest, too_new = TESTED_TRANSFORMERS
+    if not oldest <= version < too_new:
+        warnings.warn(
+            f"fastattn.huggingface is tested with transformers >={oldest[0]}.{oldest[1]},"
+            f"<{too_new[0]}.{too_new[1]}; found {transformers.__version__}: masks it does not "
+            "recognise fall back to dense boolean masks, and other changes may break it",
+            stacklevel=2)
     AttentionInterface.register(name, attention_forward)
     masking_utils.AttentionMaskInterface.register(name, attention_mask)
     return name
@@ -227,7 +242,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
 
 # ---------------------------------------------------------------- score options
 
-# Keywords fastattn's kernels take, beyond the core ones.
+# Every keyword fastattn's attention takes: a model's score options map onto them.
 _KERNEL_KEYWORDS = frozenset(inspect.signature(fastattn.scaled_dot_product_attention).parameters)
 
 

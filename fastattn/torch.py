@@ -19,8 +19,6 @@ except ImportError as error:  # pragma: no cover - exercised in an environment w
     raise ImportError(
         'fastattn.torch needs PyTorch; install it with pip install "fastattn[torch]"') from error
 
-import numpy as np
-
 import fastattn
 
 __all__ = ["scaled_dot_product_attention"]
@@ -103,8 +101,8 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, kv_
                                                   bool(return_weights))
     else:
         arrays = [_compute_array(tensor) for tensor in inputs]
-        results = fastattn.scaled_dot_product_attention(*arrays, mask, return_weights=return_weights,
-                                                        return_lse=True, **options)
+        results = fastattn.scaled_dot_product_attention(
+            *arrays, mask, return_weights=return_weights, return_lse=True, **options)
         out, weights, lse = (_as_tensor(array, dtype)
                              for array in _unpack(results, return_weights))
 
@@ -128,8 +126,8 @@ class _FusedAttention(torch.autograd.Function):
     def forward(ctx, query, key, value, mask, options, return_weights):
         dtype = query.dtype
         arrays = [_compute_array(tensor) for tensor in (query, key, value)]
-        results = fastattn.scaled_dot_product_attention(*arrays, mask, return_weights=return_weights,
-                                                        return_lse=True, **options)
+        results = fastattn.scaled_dot_product_attention(
+            *arrays, mask, return_weights=return_weights, return_lse=True, **options)
         out, weights, lse = _unpack(results, return_weights)
         out_compute = torch.from_numpy(out)  # (*batch, Lq, Dv) in the compute dtype
         lse_compute = torch.from_numpy(lse)  # (*batch, Lq)

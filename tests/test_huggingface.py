@@ -143,7 +143,8 @@ def test_training_step_gradients_match_eager(name):
     # A left-padded row's last padding position predicts its first token; that
     # position sees no key (eager gives it the mean value row, fastattn and SDPA zeros),
     # so its label is left out as well.
-    predicted_from_padding = torch.cat([torch.ones_like(ids[:, :1]), attention_mask[:, :-1]], 1) == 0
+    previous_is_token = torch.cat([torch.ones_like(ids[:, :1]), attention_mask[:, :-1]], 1)
+    predicted_from_padding = previous_is_token == 0
     labels = ids.masked_fill((attention_mask == 0) | predicted_from_padding, -100)
     gradients = {}
     for key, model in models.items():

@@ -96,7 +96,8 @@ def test_gradcheck_gqa_mask_bias():
 
 
 def test_gradients_match_torch_float32_gqa():
-    query, _, _ = random_tensors((2, 4, 33, 16), (2, 4, 40, 16), torch.float32, requires_grad=True)
+    query, _, _ = random_tensors((2, 4, 33, 16), (2, 4, 40, 16), torch.float32,
+                                 requires_grad=True)
     _, key, value = random_tensors((2, 2, 33, 16), (2, 2, 40, 16), torch.float32, seed=1,
                                    requires_grad=True)
     grad_out = torch.randn(2, 4, 33, 16, generator=torch.Generator().manual_seed(3))
@@ -202,7 +203,8 @@ def test_import_without_torch_names_the_extra():
 
 def test_huggingface_import_without_transformers_names_the_extra():
     code = ("import sys; sys.modules['transformers'] = None\n"
-            "try:\n    import fastattn.huggingface\nexcept ImportError as error:\n    print(error)\n")
+            "try:\n    import fastattn.huggingface\n"
+            "except ImportError as error:\n    print(error)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
     assert 'pip install "fastattn[huggingface]"' in result.stdout
