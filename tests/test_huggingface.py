@@ -15,6 +15,7 @@ Skipped when PyTorch or transformers is not installed.
 
 import copy
 import os
+import warnings
 
 import pytest
 
@@ -270,3 +271,30 @@ def test_sentence_embeddings_match_sdpa():
         embeddings[implementation] = model.encode(sentences, batch_size=16, convert_to_tensor=True)
     assert embeddings["fastattn"].shape == (len(sentences), 384)
     record("all-MiniLM-L6-v2 embeddings vs sdpa", embeddings["fastattn"], embeddings["sdpa"])
+
+
+@pytest.mark.parametrize("kind", ["boolean", "float"])
+def test_prepared_4d_masks(kind):
+    """A caller's own 4-D mask reaches fastattn as ``mask`` (boolean) or ``bias``
+    (additive float), and matches eager given the additive version."""
+    models = make_models("llama")
+    ids, attention_mask = batch("left")
+    positions = torch.arange(SEQ_LEN)
+    visible = (positions[None, :] <= positions[:, None]) & attention_mask.bool()[:, None, :]
+    visible = visible[:, None]  # (B, 1, L, L)
+    visible |= torch.eye(SEQ_LEN, dtype=torch.bool)  # every row sees a key: no empty rows
+    additive = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)
+    given = visible if kind == "boolean" else additive
+    with torch.no_grad():
+        got = models["fastattn"](ids, attention_mask=given).logits
+        expected = models["eager"](ids, attention_mask=additive).logits
+    record(f"llama logits, prepared {kind} 4-D mask", got, expected)
+
+
+def test_register_warns_outside_the_tested_transformers(monkeypatch):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fastattn_huggingface.register() == "fastattn"  # the installed release: silent
+    monkeypatch.setattr(transformers, "__version__", "99.0.0")
+    with pytest.warns(UserWarning, match="tested with transformers >=5.24,<5.25; found 99.0.0"):
+        fastattn_huggingface.register()
