@@ -124,10 +124,6 @@ class StructuralMask:
     mask: np.ndarray | None
     shape: tuple
 
-    @property
-    def ndim(self):
-        return len(self.shape)
-
 
 def attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0,
                    mask_function=masking_utils.causal_mask_function, attention_mask=None,
