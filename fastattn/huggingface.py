@@ -124,6 +124,12 @@ class StructuralMask:
     mask: np.ndarray | None
     shape: tuple
 
+    @property
+    def ndim(self):
+        """4, as for the dense mask: transformers reads it when a mask built once (for
+        a static cache, by ``generate``) comes back into the model."""
+        return len(self.shape)
+
 
 def attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0,
                    mask_function=masking_utils.causal_mask_function, attention_mask=None,
@@ -141,8 +147,12 @@ def attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0,
     StructuralMask
         fastattn options for transformers' own causal, sliding-window and
         bidirectional mask functions; a dense boolean mask, built by ``sdpa_mask``,
-        for any other ``mask_function``.
+        for any other ``mask_function``. A ``StructuralMask`` given as
+        ``attention_mask`` (one ``generate`` built ahead for a static cache) is
+        returned as it is, as transformers returns a 4-D tensor mask.
     """
+    if isinstance(attention_mask, StructuralMask):  # built already (generate, static cache)
+        return attention_mask
     q_offset, kv_offset = int(q_offset), int(kv_offset)
     shape = (batch_size, 1, q_length, kv_length)
     bounds = _recognise(mask_function)

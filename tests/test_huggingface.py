@@ -124,14 +124,19 @@ def test_output_attentions_match_eager(name):
 
 
 @pytest.mark.parametrize("name", DECODERS)
-@pytest.mark.parametrize("padding_side", ["none", "left"])
-def test_greedy_generation_matches_eager(name, padding_side):
+@pytest.mark.parametrize("padding_side,cache", [("none", "dynamic"), ("left", "dynamic"),
+                                                ("left", "static")])
+def test_greedy_generation_matches_eager(name, padding_side, cache):
+    """Greedy generation; a static cache makes ``generate`` build each step's mask
+    ahead and hand it back to the model, with the keys padded to the cache's size."""
     models = make_models(name)
     ids, attention_mask = batch("left")
     if padding_side == "none":
         attention_mask = torch.ones_like(ids)
+    cache_options = {"cache_implementation": "static"} if cache == "static" else {}
     generated = {key: model.generate(ids, attention_mask=attention_mask, max_new_tokens=32,
-                                     min_new_tokens=32, do_sample=False, pad_token_id=0)
+                                     min_new_tokens=32, do_sample=False, pad_token_id=0,
+                                     **cache_options)
                  for key, model in models.items()}
     assert generated["fastattn"].shape == (3, SEQ_LEN + 32)
     assert torch.equal(generated["fastattn"], generated["eager"])
@@ -162,8 +167,8 @@ def test_training_step_gradients_match_eager(name):
 
 
 def test_mask_function_returns_structure_not_dense_masks(monkeypatch):
-    """While a padded batch is generated, every mask the models build for fastattn is
-    options plus at most a (B, 1, 1, Lk) padding mask; decoding steps are bottom-right."""
+    """While a padded batch is generated (dynamic and static caches), every mask the
+    models build for fastattn is options plus at most a (B, 1, 1, Lk) padding mask."""
     built = []
 
     def recording(*args, **kwargs):
@@ -176,16 +181,19 @@ def test_mask_function_returns_structure_not_dense_masks(monkeypatch):
     for name in ("llama", "mistral", "gemma2"):
         model = make_models(name, ("fastattn",))["fastattn"]
         ids, attention_mask = batch("left")
-        model.generate(ids, attention_mask=attention_mask, max_new_tokens=12, min_new_tokens=12,
-                       do_sample=False, pad_token_id=0)
+        for cache in ("dynamic", "static"):
+            model.generate(ids, attention_mask=attention_mask, max_new_tokens=12,
+                           min_new_tokens=12, do_sample=False, pad_token_id=0,
+                           cache_implementation=cache)
     assert built
     for q_length, mask in built:
         assert isinstance(mask, fastattn_huggingface.StructuralMask)
         assert mask.mask is None or mask.mask.shape[-2] == 1  # never (Lq, Lk)
-        if q_length == 1:
-            assert mask.options.get("causal_alignment") == "bottom_right"
     windows = {mask.options.get("window") for _, mask in built}
     assert (7, 0) in windows  # sliding_window=8: the query and the 7 keys before it
+    alignments = {mask.options.get("causal_alignment") for q_length, mask in built
+                  if q_length == 1}
+    assert "bottom_right" in alignments  # a dynamic cache's decoding steps
 
 
 @pytest.mark.parametrize("q_length,kv_length,q_offset,kv_offset", [
