@@ -8,7 +8,7 @@ from fastattn.problem import check_attention
 from fastattn.threads import single_threaded_blas
 from fastattn.kernels.forward import exact_rows_kernel, forward_kernel
 from fastattn.layout import (ForwardOutputs, KeySpans, Tiling, fold_query_groups, placeholder,
-                             problem_arguments, read_only)
+                             problem_arguments)
 
 # Keys per inner block, and the most query rows per prange task. Large blocks keep
 # the two BLAS products per block efficient; see choose_block_q for smaller ones.
@@ -147,12 +147,12 @@ def run_forward(problem, return_weights):
         tiling = Tiling(block_q, BLOCK_K)
         outputs = ForwardOutputs(out, lse, weights, bool(return_weights))
         with single_threaded_blas(needs_blas_threads(problem, block_q, BLOCK_K)):
-            forward_kernel(dtype)(*arguments, tiling, outputs,
-                                  KeySpans(split_len, split_out, split_lse))
-            marked = np.isnan(lse)  # (N, Lq) rows where a NaN met the block products
-            if marked.any():  # sum their visible keys only, so a hidden NaN stays out
-                exact_rows_kernel(dtype)(*arguments, tiling, outputs,
-                                         read_only(np.ascontiguousarray(np.argwhere(marked), np.int64)))
+            marked = forward_kernel(dtype)(*arguments, tiling, outputs,
+                                           KeySpans(split_len, split_out, split_lse))
+            if marked:  # rows where a NaN met the block products (their lse is NaN):
+                # again, summing visible keys only, so that a hidden NaN stays out
+                rows = np.ascontiguousarray(np.argwhere(np.isnan(lse)), np.int64)  # (K, 2)
+                exact_rows_kernel(dtype)(*arguments, tiling, outputs, rows)
 
     out_dtype = problem.out_dtype
     out = out.reshape(problem.out_shape).astype(out_dtype, copy=False)

@@ -9,7 +9,7 @@ from fastattn.problem import check_attention, check_backward_arrays
 from fastattn.layout import sum_to_shape
 from fastattn.kernels.backward import backward_kernel
 from fastattn.threads import single_threaded_blas
-from fastattn.layout import BackwardInputs, Gradients, Tiling, problem_arguments, read_only
+from fastattn.layout import BackwardInputs, Gradients, Tiling, problem_arguments
 
 # Rows and keys per block of the backward pass.
 BLOCK_Q = 256
@@ -79,8 +79,7 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
     out = np.asarray(out, dtype).reshape(n_batch, q_len, problem.value_dim)
     lse = np.ascontiguousarray(lse, dtype).reshape(n_batch, q_len)
     delta = np.einsum("nqd,nqd->nq", grad_out, out)  # (N, Lq) D_i = rowsum(dO * O)
-    extra = BackwardInputs(read_only(grad_out), read_only(lse),
-                           read_only(np.ascontiguousarray(delta)))
+    extra = BackwardInputs(grad_out, lse, np.ascontiguousarray(delta))
     query_grad_parts, grad_key, grad_value, nan_met = _run_backward(problem, extra)
     if nan_met.any():  # a NaN query or key: again, with those NaNs entering as 0
         query_grad_parts, grad_key, grad_value, _ = _run_backward(

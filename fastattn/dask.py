@@ -59,6 +59,9 @@ except ImportError as error:  # pragma: no cover - exercised without the extra
     ) from error
 
 import fastattn
+from fastattn.checks.arguments import check_kv_lengths
+from fastattn.checks.shapes import (broadcast_batch, check_score_operand, gqa_group_size,
+                                    matrix_dims)
 
 __all__ = ["scaled_dot_product_attention", "scaled_dot_product_attention_backward"]
 
@@ -262,16 +265,16 @@ def _plan(query, key, value, mask, *, bias, causal, causal_alignment, window, kv
                                        causal_alignment, window, kv_lengths, scale)
     compute_dtype = np.dtype(np.float32) if out_dtype.itemsize == 2 else out_dtype
 
-    q_len, kv_len, head_dim, value_dim = _matrix_dims(query, key, value)
+    q_len, kv_len, head_dim, value_dim = matrix_dims(query, key, value)
     if mask is not None:
-        mask = _score_operand("mask", mask, q_len, kv_len)
+        mask = check_score_operand("mask", mask, q_len, kv_len)
     if bias is not None:
-        bias = _score_operand("bias", bias, q_len, kv_len)
+        bias = check_score_operand("bias", bias, q_len, kv_len)
         if not isinstance(bias, da.Array) and bias.dtype.kind == "f" and np.isposinf(bias).any():
             _raise_like_local_bias()
-    group = _gqa_group(query, key, value, enable_gqa)
-    batch = _broadcast_batch(query, key, value, mask, bias, group)
-    kv_lengths = _check_kv_lengths(kv_lengths, batch, kv_len)
+    group = gqa_group_size(query, key, value, enable_gqa)
+    batch = broadcast_batch(query, key, value, mask, bias, group)
+    kv_lengths = check_kv_lengths(kv_lengths, batch, kv_len)
 
     diag_offset = kv_len - q_len if causal_alignment == "bottom_right" else 0
     unbounded = q_len + kv_len + 1
@@ -355,94 +358,6 @@ def _raise_like_local_bias():
     fastattn.scaled_dot_product_attention(np.zeros((0, 1)), np.zeros((1, 1)), np.zeros((1, 1)),
                                           bias=np.full((1, 1), np.inf))
     raise AssertionError("the local call accepted a bias of +inf")  # pragma: no cover
-
-
-def _matrix_dims(query, key, value):
-    """``(Lq, Lk, Dk, Dv)``, with the local call's messages for shapes that do not fit."""
-    for name, array in (("query", query), ("key", key), ("value", value)):
-        if array.ndim < 2:
-            raise ValueError(
-                f"{name} must have at least 2 dims (..., L, D); got shape {array.shape}")
-    q_len, head_dim = query.shape[-2:]
-    kv_len, key_dim = key.shape[-2:]
-    value_len, value_dim = value.shape[-2:]
-    if key_dim != head_dim:
-        raise ValueError(
-            f"query and key must share their last dim Dk; got query {query.shape} "
-            f"(Dk={head_dim}) and key {key.shape} (Dk={key_dim})")
-    if value_len != kv_len:
-        raise ValueError(
-            f"key and value must share Lk (axis -2); got key {key.shape} (Lk={kv_len}) "
-            f"and value {value.shape} (Lk={value_len})")
-    return int(q_len), int(kv_len), int(head_dim), int(value_dim)
-
-
-def _score_operand(name, array, q_len, kv_len):
-    """A mask or bias at least 2-D, its last two dims 1 or ``(Lq, Lk)``."""
-    if array.ndim < 2:
-        array = array.reshape((1,) * (2 - array.ndim) + array.shape)
-    rows, cols = array.shape[-2:]
-    if rows not in (1, q_len) or cols not in (1, kv_len):
-        raise ValueError(
-            f"{name} of shape {array.shape} does not broadcast to (*batch, Lq, Lk) with "
-            f"Lq={q_len}, Lk={kv_len}: its last two dims must be 1 or {q_len}, and 1 or {kv_len}")
-    return array
-
-
-def _gqa_group(query, key, value, enable_gqa):
-    if not enable_gqa:
-        return 1
-    for name, array in (("query", query), ("key", key), ("value", value)):
-        if array.ndim < 3:
-            raise ValueError(
-                f"enable_gqa=True needs a head axis (axis -3) on query, key and value; "
-                f"got {name} of shape {array.shape}")
-    q_heads, key_heads, value_heads = query.shape[-3], key.shape[-3], value.shape[-3]
-    if key_heads != value_heads:
-        raise ValueError(
-            f"under enable_gqa key and value must have the same number of heads (axis -3); "
-            f"got key {key.shape} and value {value.shape}")
-    if key_heads == 0 or q_heads % key_heads:
-        raise ValueError(
-            f"under enable_gqa the query heads Hq={q_heads} must be a multiple of the kv "
-            f"heads Hkv={key_heads}; got query {query.shape} and key {key.shape}")
-    return q_heads // key_heads
-
-
-def _kv_batch(array, group):
-    batch = tuple(array.shape[:-2])
-    return batch if group == 1 else batch[:-1] + (batch[-1] * group,)
-
-
-def _broadcast_batch(query, key, value, mask, bias, group):
-    operands = [("query", tuple(query.shape[:-2])), ("key", _kv_batch(key, group)),
-                ("value", _kv_batch(value, group))]
-    operands += [(name, tuple(array.shape[:-2])) for name, array in (("mask", mask),
-                                                                      ("bias", bias))
-                 if array is not None]
-    try:
-        return tuple(int(size) for size in np.broadcast_shapes(*(b for _, b in operands)))
-    except ValueError:
-        listed = ", ".join(f"{name} {batch}" for name, batch in operands)
-        raise ValueError(
-            f"batch dims do not broadcast together (shapes without the last two axes"
-            f"{', kv heads counted as query heads' if group > 1 else ''}): {listed}") from None
-
-
-def _check_kv_lengths(kv_lengths, batch, kv_len):
-    if kv_lengths is None:
-        return None
-    kv_lengths = np.asarray(kv_lengths)
-    expected = batch[0] if batch else 1
-    if kv_lengths.shape != (expected,):
-        raise ValueError(
-            f"kv_lengths must have shape ({expected},), one entry per index of the first "
-            f"batch axis of batch shape {batch}; got shape {kv_lengths.shape}")
-    if kv_lengths.size and (kv_lengths.min() < 0 or kv_lengths.max() > kv_len):
-        raise ValueError(
-            f"kv_lengths must lie in [0, Lk] = [0, {kv_len}]; "
-            f"got values from {kv_lengths.min()} to {kv_lengths.max()}")
-    return kv_lengths.astype(np.int64)
 
 
 def _batch_chunks(batch, query, key, value, mask, bias, group):

@@ -19,9 +19,11 @@ The kernels take their operands in a few named groups, built here by
 - the results (:class:`ForwardOutputs`, :class:`KeySpans`, :class:`Gradients`) and
   the backward's extra inputs (:class:`BackwardInputs`).
 
-Arrays in the groups are read-only views: the kernels' signatures use read-only
-array types, and Numba does not convert a writeable array inside a tuple. Groups
-are not nested: Numba's parallel loops cannot take a tuple holding a tuple of arrays.
+The kernels' signatures type the input arrays read-only (so a kernel cannot write
+them); they are called through their compiled entry points
+(:func:`fastattn.kernels.config.kernel_per_dtype`), which take writeable arrays as
+they are. Groups are not nested: Numba's parallel loops cannot take a tuple holding a
+tuple of arrays.
 
 This module imports NumPy only, never Numba, so the reference can use
 :func:`sum_to_shape`.
@@ -150,20 +152,11 @@ def score_options(problem):
     """The :class:`ScoreOptions` of ``problem``."""
     has_softcap, has_alibi = problem.softcap is not None, problem.alibi_slopes is not None
     if has_alibi:
-        slopes = read_only(np.ascontiguousarray(problem.alibi_slopes.ravel(), np.float64))  # (N,)
+        slopes = np.ascontiguousarray(problem.alibi_slopes.ravel(), np.float64)  # (N,)
     else:
         slopes = placeholder(np.float64, 1)
     return ScoreOptions(float(problem.scale), float(problem.softcap) if has_softcap else 0.0,
                         has_softcap, slopes, has_alibi)
-
-
-def read_only(array):
-    """``array`` itself if already read-only, else a read-only view of it."""
-    if not array.flags.writeable:
-        return array
-    view = array.view()
-    view.flags.writeable = False
-    return view
 
 
 def stack_operand(array, batch_shape, dtype, group=1):
@@ -172,8 +165,8 @@ def stack_operand(array, batch_shape, dtype, group=1):
     Returns
     -------
     stack : ndarray, shape ``(n_own, *array.shape[-2:])``, C-contiguous, ``dtype``
-        A read-only view of the operand without copies of broadcast dims (a copy
-        only to change dtype or layout).
+        The operand without copies of broadcast dims (a copy only to change dtype
+        or layout).
     index : ndarray of int64, shape ``(prod(batch_shape),)``
         Entry ``b`` of the flattened broadcast batch reads ``stack[index[b]]``. Under
         grouped-query attention (``group > 1``) the last batch axis is the head axis
@@ -181,7 +174,7 @@ def stack_operand(array, batch_shape, dtype, group=1):
     """
     own_batch = array.shape[:-2]
     stack = np.ascontiguousarray(array, dtype=dtype)
-    stack = read_only(stack.reshape((math.prod(own_batch),) + array.shape[-2:]))  # (n_own, rows, cols)
+    stack = stack.reshape((math.prod(own_batch),) + array.shape[-2:])  # (n_own, rows, cols)
     if own_batch == batch_shape and group == 1:  # nothing broadcast: entry b is stack[b]
         return stack, identity_index(stack.shape[0])
     own_index = np.arange(stack.shape[0]).reshape(own_batch)  # (*own_batch)
@@ -189,7 +182,6 @@ def stack_operand(array, batch_shape, dtype, group=1):
         own_index = np.repeat(own_index, group, axis=-1)  # (..., Hkv * group)
     index = np.ascontiguousarray(np.broadcast_to(own_index, batch_shape).ravel(),
                                  dtype=np.int64)  # (N,)
-    index.flags.writeable = False
     return stack, index
 
 
@@ -213,8 +205,7 @@ def flat_kv_lengths(problem):
     if problem.kv_lengths is None:
         return identity_index(1)
     per_first_axis = problem.kv_lengths.reshape(batch[:1] + (1,) * (len(batch) - 1))
-    lengths = np.ascontiguousarray(np.broadcast_to(per_first_axis, batch).ravel(), np.int64)
-    return read_only(lengths)
+    return np.ascontiguousarray(np.broadcast_to(per_first_axis, batch).ravel(), np.int64)
 
 
 @functools.lru_cache(maxsize=16)

@@ -3,8 +3,9 @@
 FlashAttention-2 loop order: query blocks outside (one ``prange`` task per batch
 entry and query block), key/value blocks inside. Each task keeps a running row
 maximum, a running row sum and a rescaled output accumulator, so no ``(Lq, Lk)``
-matrix is ever built; extra memory is one ``(block_q, block_k)`` score block and one
-``(block_q, Dv)`` accumulator per task.
+matrix is ever built; extra memory per task is one ``(block_q, block_k)`` score block,
+one ``(block_q, Dv)`` product block and one ``(block_q, Dv)`` accumulator, allocated
+once per task (no allocation per key block).
 
 Scores come from :func:`fastattn.kernels.scores.block_scores`; key blocks that no
 query of a block can see (:mod:`fastattn.kernels.masking`) are never visited.
@@ -160,11 +161,15 @@ def _attention_forward(inputs, options, mask, bias, visibility, tiling, outputs,
     span of keys, writes that span's normalised output to ``spans.out[s, b]``
     ``(Lq, Dv)`` and its log2-sum-exp to ``spans.lse[s, b]`` ``(Lq,)``, and
     :func:`merge_key_spans` combines the spans weighted by ``exp2(lse)``.
+
+    Returns the number of rows (of spans, when split) that a NaN met: their lse is
+    NaN, and :func:`exact_rows_kernel` computes them again.
     """
     n_batch, q_len = outputs.out.shape[:2]
     block_q = tiling.block_q
     n_q_blocks = (q_len + block_q - 1) // block_q
     n_splits = spans.out.shape[0]  # 1 for the placeholder: no split
+    marked = 0
     for task in prange(n_batch * n_q_blocks * n_splits):
         split = task % n_splits
         b = task // (n_q_blocks * n_splits)
@@ -174,17 +179,19 @@ def _attention_forward(inputs, options, mask, bias, visibility, tiling, outputs,
         step = task // n_splits - b * n_q_blocks
         q_block_index = step // 2 if step % 2 == 0 else n_q_blocks - 1 - step // 2
         q_start = q_block_index * block_q
-        forward_task(b, q_start, min(q_start + block_q, q_len), split, n_splits, inputs,
-                     options, mask, bias, visibility, tiling, outputs, spans)
+        marked += forward_task(b, q_start, min(q_start + block_q, q_len), split, n_splits,
+                               inputs, options, mask, bias, visibility, tiling, outputs, spans)
     if n_splits > 1:
         merge_key_spans(spans.out, spans.lse, outputs.out, outputs.lse)
+    return marked
 
 
 @jit_helper
 def forward_task(b, q_start, q_stop, split, n_splits, inputs, options, mask, bias, visibility,
                  tiling, outputs, spans):
     """One task of :func:`_attention_forward`: query rows ``[q_start, q_stop)`` of batch
-    entry ``b`` over key span ``split`` of ``n_splits`` (the whole key range when 1)."""
+    entry ``b`` over key span ``split`` of ``n_splits`` (the whole key range when 1).
+    Returns how many of its rows a NaN met (marked with a NaN lse)."""
     out, lse, weights, return_weights = outputs
     query, key, value = inputs.query, inputs.key, inputs.value
     value_dim = out.shape[2]
@@ -259,12 +266,14 @@ def forward_task(b, q_start, q_stop, split, n_splits, inputs, options, mask, bia
         lse_rows = spans.lse[split, b]  # (Lq,) log2 units, merged below
         lse_unit = 1.0
     acc_has_nan = has_nan(acc)  # one pass; rows are looked at only if it finds one
+    marked = 0
     for r in range(rows):
         row = q_start + r
         if row_sum[r] != row_sum[r] or (acc_has_nan and has_nan(acc[r:r + 1])):  # NaN met
             out_rows[row, :] = np.nan  # lse NaN marks the row for exact_rows_kernel
             lse_rows[row] = np.nan
             row_sum[r] = 0.0  # no weights from the pass below
+            marked += 1
         elif row_sum[r] > 0.0:
             inverse_sum = 1.0 / row_sum[r]
             for d in range(value_dim):
@@ -285,6 +294,7 @@ def forward_task(b, q_start, q_stop, split, n_splits, inputs, options, mask, bia
                 if row_sum[r] > 0.0:
                     for c in range(key_stop - key_start):
                         weights[b, q_start + r, key_start + c] = exp2(scores[r, c] - row_max[r])
+    return marked
 
 
 def _exact_rows(inputs, options, mask, bias, visibility, tiling, outputs, rows):
@@ -364,7 +374,7 @@ def merge_key_spans(split_out, split_lse, out, lse):
 
 
 def _forward_signature(dtype):
-    return types.void(*problem_types(dtype), TILING_TYPE, *forward_result_types(dtype))
+    return types.int64(*problem_types(dtype), TILING_TYPE, *forward_result_types(dtype))
 
 
 def _exact_rows_signature(dtype):

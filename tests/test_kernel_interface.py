@@ -1,0 +1,87 @@
+"""The kernels are called through their compiled entry points, which do not check
+argument types: every argument the public functions build must have exactly the
+type of the kernel's signature (array writeability aside: the signatures type the
+inputs read-only, and a writeable array may stand for a read-only one)."""
+
+import numba
+import numpy as np
+import pytest
+from numba import types
+
+import fastattn
+from fastattn.kernels import backward, forward, linear
+
+
+def writeable(numba_type):
+    """``numba_type`` with every array in it typed writeable."""
+    if isinstance(numba_type, types.Array):
+        return numba_type.copy(readonly=False)
+    if isinstance(numba_type, types.BaseTuple):
+        return types.BaseTuple.from_types([writeable(t) for t in numba_type.types],
+                                          getattr(numba_type, "pyclass", tuple))
+    return numba_type
+
+
+@pytest.fixture
+def checked_kernels(monkeypatch):
+    """Every kernel getter returns a wrapper that checks the arguments' types against
+    the signature before calling the entry point; yields the calls seen."""
+    seen = []
+
+    def checking(getter):
+        def kernel(dtype):
+            entry_point = getter(dtype)
+            expected = [writeable(t) for t in getter.signature(np.dtype(dtype)).args]
+
+            def call(*args):
+                got = [writeable(numba.typeof(arg)) for arg in args]
+                assert got == expected, (getter.__doc__, got, expected)
+                seen.append(getter.__doc__)
+                return entry_point(*args)
+            return call
+        kernel.signature = getter.signature
+        kernel.__doc__ = getter.__doc__
+        return kernel
+
+    import fastattn.attention as attention
+    import fastattn.backward as public_backward
+    import fastattn.layers.linear as layers_linear
+    for module, names in ((attention, ("forward_kernel", "exact_rows_kernel")),
+                          (public_backward, ("backward_kernel",)),
+                          (layers_linear, ("linear_kernel",))):
+        for name in names:
+            monkeypatch.setattr(module, name, checking(getattr(module, name)))
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_arguments_have_the_signatures_types(checked_kernels, rng, dtype):
+    query = rng.standard_normal((2, 4, 33, 8)).astype(dtype)
+    key = rng.standard_normal((2, 2, 1100, 8)).astype(dtype)
+    value = rng.standard_normal((2, 2, 1100, 5)).astype(dtype)
+    query.flags.writeable = False  # a read-only input, passed as it is
+    mask = rng.random((33, 1100)) < 0.9
+    bias = rng.standard_normal((1, 4, 1, 1100)).astype(dtype)
+    for options in ({}, {"mask": mask, "bias": bias}, {"causal": True, "window": (3, 0),
+                                                       "kv_lengths": [5, 1100]}):
+        for return_weights in (False, True):
+            out, *_, lse = fastattn.scaled_dot_product_attention(
+                query, key, value, enable_gqa=True, return_weights=return_weights,
+                return_lse=True, **options)
+        fastattn.scaled_dot_product_attention_backward(out, query, key, value, out, lse,
+                                                       enable_gqa=True, **options)
+    fastattn.scaled_dot_product_attention(query[:, :, :1], key, value, enable_gqa=True)  # fold
+    nan_value = value.copy()
+    nan_value[0, 0, 3, 1] = np.nan  # marks rows for the exact kernel
+    fastattn.scaled_dot_product_attention(query, key, nan_value, enable_gqa=True)
+    layer = fastattn.MultiHeadAttention(64, 4, dtype=dtype, seed=0)
+    layer(rng.standard_normal((4, 300, 64)).astype(dtype))
+    assert {forward.forward_kernel.__doc__, forward.exact_rows_kernel.__doc__,
+            backward.backward_kernel.__doc__, linear.linear_kernel.__doc__} <= set(checked_kernels)
+
+
+def test_dispatcher_is_the_same_compiled_kernel():
+    """``kernel.dispatcher(dtype)`` is the type-checked dispatcher of the entry point."""
+    dispatcher = forward.forward_kernel.dispatcher(np.float32)
+    entry_point = forward.forward_kernel(np.float32)
+    assert dispatcher.overloads[dispatcher.signatures[0]].entry_point is entry_point
