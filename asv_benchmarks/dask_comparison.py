@@ -19,10 +19,11 @@ chunk-pair tasks in the causal graph. Run it alone on the machine (the workers o
 the idle side only wait on their sockets).
 
 Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which makes glibc
-hand freed heap memory back at once, so the kernels' per-block buffers page-fault
-afresh on every call (one 4096 x 4096 x 8-head chunk pair: 0.39 s -> 0.57 s on one
-thread here). ``--malloc-top-pad 64`` adds ``MALLOC_TOP_PAD_=64 MiB`` to the
-workers' environment, which keeps that much at the top of each heap (0.37 s).
+hand freed heap memory back at once, so buffers allocated inside the kernels
+page-fault afresh (with the forward's former per-block buffers, one 4096 x 4096 x
+8-head chunk pair took 0.57 s instead of 0.39 s on one thread; its buffers are now
+per task). ``--malloc-top-pad 64`` adds ``MALLOC_TOP_PAD_=64 MiB`` to the workers'
+environment, which keeps that much at the top of each heap.
 """
 
 import argparse

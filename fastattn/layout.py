@@ -191,9 +191,16 @@ def score_operand(array, batch_shape, dtype):
     a broadcast axis). A missing operand becomes a ``(1, 1, 1)`` placeholder that the
     kernel never reads."""
     if array is None:
-        return ScoreOperand(placeholder(dtype), identity_index(1), 0, 0, False)
+        return absent_operand(np.dtype(dtype))
     stack, index = stack_operand(array, batch_shape, dtype)
     return ScoreOperand(stack, index, int(array.shape[-2] != 1), int(array.shape[-1] != 1), True)
+
+
+@functools.cache
+def absent_operand(dtype):
+    """The :class:`ScoreOperand` of a missing mask or bias of ``dtype``, shared
+    between calls: a ``(1, 1, 1)`` placeholder the kernels never read."""
+    return ScoreOperand(placeholder(dtype), identity_index(1), 0, 0, False)
 
 
 def flat_kv_lengths(problem):
