@@ -31,7 +31,7 @@ left padding                      boolean mask ``(B, 1, 1, Lk)``
 fewer kv heads than query heads   ``enable_gqa=True`` (K and V are not repeated)
 ``output_attentions=True``        ``return_weights=True``
 a 4-D boolean / float mask        ``mask`` / ``bias``
-``softcap``                       not yet in fastattn: ``NotImplementedError``
+``softcap``                       ``softcap`` (Gemma 2's ``attn_logit_softcapping``)
 ``dropout > 0``                   ``ValueError`` naming the config field
 ================================  ==============================================
 
@@ -50,7 +50,6 @@ except ImportError as error:  # pragma: no cover - exercised in an environment w
         'pip install "fastattn[huggingface]"') from error
 
 import dataclasses
-import inspect
 import warnings
 
 import numpy as np
@@ -248,26 +247,11 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
 
 # ---------------------------------------------------------------- score options
 
-# Every keyword fastattn's attention takes: a model's score options map onto them.
-_KERNEL_KEYWORDS = frozenset(inspect.signature(fastattn.scaled_dot_product_attention).parameters)
-
-
 def _score_options(softcap):
-    """fastattn keywords for the score modifications a model asks for.
-
-    Softcap maps to fastattn's ``softcap`` keyword once its kernels take it; until
-    then a model that sets it (Gemma 2's ``attn_logit_softcapping``) is refused.
-    """
-    options = {}
-    if softcap is not None:
-        if "softcap" not in _KERNEL_KEYWORDS:
-            raise NotImplementedError(
-                f"this model soft-caps its attention scores (softcap={softcap}, Gemma 2's "
-                "config.attn_logit_softcapping), which fastattn does not support yet; use "
-                'attn_implementation="eager" for this model, or set '
-                "config.attn_logit_softcapping = None if the model tolerates it")
-        options["softcap"] = softcap
-    return options
+    """fastattn keywords for the score modifications a model asks for: Gemma 2's
+    ``attn_logit_softcapping`` arrives as ``softcap``, fastattn's keyword of the same
+    meaning (``s = softcap * tanh(s / softcap)``), differentiated in the backward."""
+    return {} if softcap is None else {"softcap": softcap}
 
 
 def _dropout_message(module, dropout):

@@ -246,19 +246,26 @@ def test_attention_dropout_in_training_is_an_error(name, field):
 
 
 def test_gemma2_softcap():
-    """Gemma 2's attention softcap: refused with a clear error until fastattn's kernels
-    take ``softcap``, then equal to eager."""
+    """Gemma 2's attention softcap maps to fastattn's ``softcap``: logits and one
+    training step's gradients equal eager's."""
     models = make_models("gemma2", attn_logit_softcapping=5.0)
     ids, attention_mask = batch("left")
-    if "softcap" not in fastattn_huggingface._KERNEL_KEYWORDS:
-        with pytest.raises(NotImplementedError, match="attn_logit_softcapping"):
-            models["fastattn"](ids, attention_mask=attention_mask)
-        return
     with torch.no_grad():
         logits = {key: model(ids, attention_mask=attention_mask).logits
                   for key, model in models.items()}
     tokens = attention_mask.bool()
     record("gemma2 logits with softcap", logits["fastattn"][tokens], logits["eager"][tokens])
+    # as in test_training_step_gradients_match_eager: no label predicted from padding
+    previous_is_token = torch.cat([torch.ones_like(ids[:, :1]), attention_mask[:, :-1]], 1)
+    labels = ids.masked_fill((attention_mask == 0) | (previous_is_token == 0), -100)
+    gradients = {}
+    for key, model in models.items():
+        model.train()
+        model(ids, attention_mask=attention_mask, labels=labels).loss.backward()
+        gradients[key] = {name: parameter.grad for name, parameter in model.named_parameters()
+                          if parameter.grad is not None}
+    for name, gradient in gradients["fastattn"].items():
+        record("gemma2 gradients with softcap", gradient, gradients["eager"][name])
 
 
 def test_sentence_embeddings_match_sdpa():
