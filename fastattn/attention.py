@@ -102,6 +102,12 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, cau
                               kv_lengths=kv_lengths, scale=scale, enable_gqa=enable_gqa,
                               softcap=softcap, alibi_slopes=alibi_slopes)
     out, weights, lse = run_forward(problem, return_weights)
+    return selected_results(out, weights, lse, return_weights, return_lse)
+
+
+def selected_results(out, weights, lse, return_weights, return_lse):
+    """``out``, or the tuple of ``out`` and the extra results asked for, in the
+    contract's order ``(out, weights, lse)`` (shared with :mod:`fastattn.torch`)."""
     results = (out,)
     if return_weights:
         results += (weights,)

@@ -20,6 +20,7 @@ except ImportError as error:  # pragma: no cover - exercised in an environment w
         'fastattn.torch needs PyTorch; install it with pip install "fastattn[torch]"') from error
 
 import fastattn
+from fastattn.attention import selected_results
 
 __all__ = ["scaled_dot_product_attention"]
 
@@ -106,12 +107,7 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, kv_
         out, weights, lse = (_as_tensor(array, dtype)
                              for array in _unpack(results, return_weights))
 
-    results = (out,)
-    if return_weights:
-        results += (weights,)
-    if return_lse:
-        results += (lse,)
-    return results[0] if len(results) == 1 else results
+    return selected_results(out, weights, lse, return_weights, return_lse)
 
 
 class _FusedAttention(torch.autograd.Function):

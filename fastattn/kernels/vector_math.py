@@ -241,31 +241,21 @@ def _probability_exp2_overload(x):
         return probability_exp2_float64
 
 
-@njit
-def tanh_check(x):
-    """``tanh`` applied to an array (for tests of the compiled function)."""
-    out = np.empty_like(x)
-    for index in range(x.size):
-        out[index] = tanh(x[index])
-    return out
+def elementwise_check(function):
+    """``function`` applied to every entry of a 1-D array, compiled (for tests of the
+    scalar functions as the kernels compile them)."""
+    @njit
+    def check(x):
+        out = np.empty_like(x)
+        for index in range(x.size):
+            out[index] = function(x[index])
+        return out
+    return check
 
 
-@njit
-def exp2_check(x):
-    """``exp2`` applied to an array (for tests of the compiled function)."""
-    out = np.empty_like(x)
-    for index in range(x.size):
-        out[index] = exp2(x[index])
-    return out
-
-
-@njit
-def probability_exp2_check(x):
-    """``probability_exp2`` applied to an array (for tests of the compiled function)."""
-    out = np.empty_like(x)
-    for index in range(x.size):
-        out[index] = probability_exp2(x[index])
-    return out
+exp2_check = elementwise_check(exp2)
+tanh_check = elementwise_check(tanh)
+probability_exp2_check = elementwise_check(probability_exp2)
 
 
 @njit(error_model="numpy", boundscheck=False)
