@@ -99,11 +99,12 @@ def create_block_mask(mask_mod, batch_shape, q_len, kv_len, *, block_size=DEFAUL
     mask_mod = check_score_function("mask_mod", mask_mod, np.float64)
     batch_shape = _check_sizes("batch_shape", batch_shape)
     q_len, kv_len = _check_sizes("q_len", (q_len,))[0], _check_sizes("kv_len", (kv_len,))[0]
-    block_q, block_k = _check_sizes("block_size", (block_size,) * 2 if np.ndim(block_size) == 0
-                                    else block_size)
-    if block_q < 1 or block_k < 1 or len((block_q, block_k)) != 2:
+    block_size = (block_size,) * 2 if np.ndim(block_size) == 0 else tuple(block_size)
+    sizes = _check_sizes("block_size", block_size)
+    if len(sizes) != 2 or min(sizes) < 1:
         raise ValueError(f"block_size must be a positive int or a pair of them; "
                          f"got {block_size!r}")
+    block_q, block_k = sizes
     from fastattn.kernels.block_states import evaluate_block_states
 
     n_batch = math.prod(batch_shape)

@@ -73,7 +73,8 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, cau
                                  causal_alignment="top_left", window=None, kv_lengths=None,
                                  scale=None, enable_gqa=False, return_weights=False,
                                  return_lse=False, split_every=None, softcap=None,
-                                 alibi_slopes=None):
+                                 alibi_slopes=None, score_mod=None, mask_mod=None,
+                                 block_mask=None):
     r"""Scaled dot-product attention of Dask arrays, one task per (query, key) chunk pair.
 
     .. math::
@@ -117,7 +118,7 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, cau
         Also return the log-sum-exp of each row, ``(*batch, Lq)``.
     split_every : int, optional
         Parts merged per task of the merge tree (at least 2; default 8).
-    softcap, alibi_slopes
+    softcap, alibi_slopes, score_mod, mask_mod, block_mask
         Not supported yet: anything but None raises ``NotImplementedError``.
 
     Returns
@@ -147,7 +148,8 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, cau
     fastattn.merge_attention : how key chunks are combined.
     scaled_dot_product_attention_backward : the gradients, on Dask arrays.
     """
-    _refuse_score_options(softcap, alibi_slopes)
+    _refuse_score_options(softcap=softcap, alibi_slopes=alibi_slopes, score_mod=score_mod,
+                          mask_mod=mask_mod, block_mask=block_mask)
     if return_weights:
         raise ValueError(
             "return_weights=True is not supported by fastattn.dask: the weights "
@@ -165,7 +167,9 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
                                           bias=None, causal=False,
                                           causal_alignment="top_left", window=None,
                                           kv_lengths=None, scale=None, enable_gqa=False,
-                                          split_every=None, softcap=None, alibi_slopes=None):
+                                          split_every=None, softcap=None, alibi_slopes=None,
+                                          score_mod=None, mask_mod=None, block_mask=None,
+                                          score_mod_grad=None):
     r"""Gradients of :func:`scaled_dot_product_attention` on Dask arrays.
 
     With the forward's global ``out`` and ``lse``, each (query chunk, key chunk) task
@@ -195,7 +199,7 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
         Exactly as given to the forward.
     split_every : int, optional
         Shares summed per task (at least 2; default 8).
-    softcap, alibi_slopes
+    softcap, alibi_slopes, score_mod, mask_mod, block_mask, score_mod_grad
         Not supported yet: anything but None raises ``NotImplementedError``.
 
     Returns
@@ -208,7 +212,9 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
     --------
     fastattn.scaled_dot_product_attention_backward : the local call each task makes.
     """
-    _refuse_score_options(softcap, alibi_slopes)
+    _refuse_score_options(softcap=softcap, alibi_slopes=alibi_slopes, score_mod=score_mod,
+                          mask_mod=mask_mod, block_mask=block_mask,
+                          score_mod_grad=score_mod_grad)
     split_every = _check_split_every(split_every)
     plan = _plan(query, key, value, mask, bias=bias, causal=causal,
                  causal_alignment=causal_alignment, window=window, kv_lengths=kv_lengths,
@@ -217,11 +223,11 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
     return grads
 
 
-def _refuse_score_options(softcap, alibi_slopes):
-    """The built-in score options are not carried to the chunks yet: ALiBi needs each
-    chunk's slopes and its positions shifted to the chunk (the local call sees
-    chunk-local ``i`` and ``j``)."""
-    for name, value in (("softcap", softcap), ("alibi_slopes", alibi_slopes)):
+def _refuse_score_options(**options):
+    """The score options are not carried to the chunks yet: ALiBi and the user's
+    score functions need each chunk's batch entries and positions shifted to the
+    chunk (the local call sees chunk-local ``b``, ``h``, ``i`` and ``j``)."""
+    for name, value in options.items():
         if value is not None:
             raise NotImplementedError(
                 f"fastattn.dask does not support {name} yet; call "

@@ -30,7 +30,8 @@ WIDENED_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, kv_lengths=None,
-                                 return_weights=False, return_lse=False, **options):
+                                 return_weights=False, return_lse=False, score_mod_grad=None,
+                                 **options):
     r"""fastattn's fused attention on CPU ``torch.Tensor``\ s, differentiable.
 
     .. math::
@@ -65,10 +66,14 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, kv_
         not a differentiable output: no gradient flows back through them.
     return_lse : bool, default False
         Also return the log-sum-exp of each row ``(*batch, Lq)`` (no gradient either).
+    score_mod_grad : numba-compiled function, optional
+        With a ``score_mod``, its derivative, for the backward (see
+        :func:`fastattn.scaled_dot_product_attention_backward`).
     **options
         Any other keyword of :func:`fastattn.scaled_dot_product_attention`
-        (``causal``, ``causal_alignment``, ``window``, ``scale``, ``enable_gqa``, ...),
-        passed unchanged to the forward and the backward.
+        (``causal``, ``causal_alignment``, ``window``, ``scale``, ``enable_gqa``,
+        ``softcap``, ``score_mod``, ``block_mask``, ...), passed unchanged to the
+        forward and the backward.
 
     Returns
     -------
@@ -99,7 +104,7 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, kv_
 
     if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in inputs):
         out, weights, lse = _FusedAttention.apply(query, key, value, mask, options,
-                                                  bool(return_weights))
+                                                  bool(return_weights), score_mod_grad)
     else:
         arrays = [_compute_array(tensor) for tensor in inputs]
         results = fastattn.scaled_dot_product_attention(
@@ -119,7 +124,7 @@ class _FusedAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, mask, options, return_weights):
+    def forward(ctx, query, key, value, mask, options, return_weights, score_mod_grad):
         dtype = query.dtype
         arrays = [_compute_array(tensor) for tensor in (query, key, value)]
         results = fastattn.scaled_dot_product_attention(
@@ -128,7 +133,9 @@ class _FusedAttention(torch.autograd.Function):
         out_compute = torch.from_numpy(out)  # (*batch, Lq, Dv) in the compute dtype
         lse_compute = torch.from_numpy(lse)  # (*batch, Lq)
         ctx.save_for_backward(query, key, value, out_compute, lse_compute)
-        ctx.mask, ctx.options = mask, options
+        ctx.mask, ctx.options = mask, dict(options)
+        if score_mod_grad is not None:
+            ctx.options["score_mod_grad"] = score_mod_grad
 
         out_tensor = _as_tensor(out, dtype)
         weights_tensor = _as_tensor(weights, dtype)
@@ -145,7 +152,7 @@ class _FusedAttention(torch.autograd.Function):
             grad_out, *arrays, out.numpy(), lse.numpy(), ctx.mask, **ctx.options)
         grads = [_as_tensor(grad, source.dtype) if needed else None
                  for grad, source, needed in zip(grads, (query, key, value), ctx.needs_input_grad)]
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 def _check_tensors(query, key, value):

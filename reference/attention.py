@@ -12,7 +12,8 @@ from fastattn.problem import check_attention
 def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, causal=False,
                                  causal_alignment="top_left", window=None, kv_lengths=None,
                                  scale=None, enable_gqa=False, return_weights=False,
-                                 return_lse=False, softcap=None, alibi_slopes=None):
+                                 return_lse=False, softcap=None, alibi_slopes=None,
+                                 score_mod=None, mask_mod=None, block_mask=None):
     r"""Attention by the textbook formula, in float64.
 
     .. math::
@@ -32,7 +33,8 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, cau
     problem = check_attention(query, key, value, mask, bias=bias, causal=causal,
                               causal_alignment=causal_alignment, window=window,
                               kv_lengths=kv_lengths, scale=scale, enable_gqa=enable_gqa,
-                              softcap=softcap, alibi_slopes=alibi_slopes)
+                              softcap=softcap, alibi_slopes=alibi_slopes,
+                              score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask)
     q, k, v = broadcast_inputs(problem)  # (*batch, Lq, Dk), (*batch, Lk, Dk), (*batch, Lk, Dv)
 
     scores = masked_scores(problem, q, k)  # (*batch, Lq, Lk), -inf where hidden
@@ -71,11 +73,24 @@ def masked_scores(problem, q, k):
     1. ``s = scale * q.k``;
     2. softcap: ``s = softcap * tanh(s / softcap)``;
     3. ALiBi: ``s -= slope[b] * |i + off - j|``;
-    4. ``s += bias``.
+    4. ``s += bias``;
+    5. ``s = score_mod(s, b, h, i, j)`` (a ``-inf`` score is left alone).
 
-    A hidden key (by the visibility rules, the mask, or a ``-inf`` bias) is ``-inf``
-    whatever its score was, so a NaN score is never taken for a hidden key.
+    A hidden key (by the visibility rules, the mask, ``mask_mod``, or a ``-inf``
+    bias) is ``-inf`` whatever its score was, so a NaN score is never taken for a
+    hidden key.
     """
+    scores, hidden = scores_before_mod(problem, q, k)  # (*batch, Lq, Lk) each
+    if problem.score_mod is not None:  # (a -inf score is not even passed to it)
+        finite = np.where(scores == -np.inf, 0.0, scores)  # (*batch, Lq, Lk)
+        modified = call_over_grid(problem.score_mod, problem, finite)  # (*batch, Lq, Lk)
+        scores = np.where(scores == -np.inf, -np.inf, modified)  # (*batch, Lq, Lk)
+    return np.where(hidden, -np.inf, scores)  # (*batch, Lq, Lk)
+
+
+def scores_before_mod(problem, q, k):
+    """Steps 1-4 of :func:`masked_scores`: the scores ``(*batch, Lq, Lk)`` before
+    ``score_mod`` (not yet masked), and where keys are hidden ``(*batch, Lq, Lk)``."""
     scores = q @ k.swapaxes(-1, -2) * problem.scale  # (*batch, Lq, Lk)
     if problem.softcap is not None:
         scores = problem.softcap * np.tanh(scores / problem.softcap)  # (*batch, Lq, Lk)
@@ -90,7 +105,28 @@ def masked_scores(problem, q, k):
         bias = problem.bias.astype(np.float64)  # (..., Lq or 1, Lk or 1)
         scores = scores + bias  # (*batch, Lq, Lk)
         hidden = hidden | (bias == -np.inf)  # (*batch, Lq, Lk)
-    return np.where(hidden, -np.inf, scores)  # (*batch, Lq, Lk)
+    return scores, hidden
+
+
+def call_over_grid(function, problem, scores=None):
+    """A user function called from Python on every ``(b, h, i, j)`` of the problem:
+    ``function(s, b, h, i, j)`` with ``s`` from ``scores`` ``(*batch, Lq, Lk)``, or
+    ``function(b, h, i, j)`` without scores. Returns ``(*batch, Lq, Lk)``, float64
+    or bool.
+
+    ``b`` and ``h`` follow the contract: with two or more batch axes ``h`` indexes
+    the last one and ``b`` the others, flattened in C order; with one, ``b``
+    indexes it and ``h = 0``; with none both are 0.
+    """
+    batch = problem.batch_shape
+    entry = np.arange(int(np.prod(batch))).reshape(batch + (1, 1))  # (*batch, 1, 1)
+    b, h = entry // problem.heads, entry % problem.heads  # (*batch, 1, 1) each
+    i = np.arange(problem.q_len)[:, None]  # (Lq, 1) query positions
+    j = np.arange(problem.kv_len)[None, :]  # (1, Lk) key positions
+    python_function = function.py_func  # the user's code, run by Python
+    if scores is None:
+        return np.vectorize(python_function, otypes=[bool])(b, h, i, j)  # (*batch, Lq, Lk)
+    return np.vectorize(python_function, otypes=[np.float64])(scores, b, h, i, j)
 
 
 def visible_sum(weights, visible, values):
@@ -109,8 +145,8 @@ def visible_sum(weights, visible, values):
 def visible_keys(problem):
     """Boolean ``(*batch, Lq, Lk)``: True where query ``i`` may attend to key ``j``.
 
-    The AND of the causal rule, the window, the padding given by ``kv_lengths`` and
-    the user's mask.
+    The AND of the causal rule, the window, the padding given by ``kv_lengths``,
+    the user's mask and the user's ``mask_mod`` (or the block mask's).
     """
     batch, off = problem.batch_shape, problem.diag_offset
     i = np.arange(problem.q_len)[:, None]  # (Lq, 1) query positions
@@ -129,6 +165,8 @@ def visible_keys(problem):
         visible = visible & (j < lengths)  # (*batch, Lq, Lk)
     if problem.mask is not None:
         visible = visible & problem.mask  # (*batch, Lq, Lk)
+    if problem.effective_mask_mod is not None:
+        visible = visible & call_over_grid(problem.effective_mask_mod, problem)  # (*batch, Lq, Lk)
     return visible
 
 

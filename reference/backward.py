@@ -3,14 +3,14 @@
 
 import numpy as np
 
-from fastattn.problem import check_attention, check_backward_arrays
+from fastattn.problem import check_attention, check_backward_arrays, check_score_mod_grad
 from fastattn.layout import sum_to_shape
-from reference.attention import (broadcast_inputs, masked_scores, masked_softmax,
-                                 softcap_derivative)
+from reference.attention import (broadcast_inputs, call_over_grid, masked_scores,
+                                 masked_softmax, scores_before_mod, softcap_derivative)
 
 
 def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse, mask=None,
-                                          **options):
+                                          score_mod_grad=None, **options):
     r"""Vector-Jacobian product of attention, in float64, written to be read.
 
     With :math:`S = \mathrm{cap}(\mathrm{scale}\, QK^\top) - A + B` (hidden keys at
@@ -26,8 +26,9 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
 
     where :math:`J_i = \mathrm{diag}(P_i) - P_i P_i^\top` is the softmax Jacobian of
     row :math:`i`; with a softcap :math:`c`, :math:`dS` is then multiplied by
-    :math:`\mathrm{cap}' = 1 - \tanh^2(\mathrm{scale}\, q.k / c)` (the ALiBi term and
-    the bias get no gradient). This version recomputes :math:`P` from the inputs; ``out`` and
+    :math:`\mathrm{cap}' = 1 - \tanh^2(\mathrm{scale}\, q.k / c)`, and with a
+    ``score_mod`` first by ``score_mod_grad`` at the score before ``score_mod``
+    (the ALiBi term, the bias and ``mask_mod`` get no gradient). This version recomputes :math:`P` from the inputs; ``out`` and
     ``lse`` are only checked for shape (the fused kernel uses them).
 
     Parameters
@@ -37,7 +38,9 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
     query, key, value, mask, **options
         Exactly as given to the forward (``bias``, ``causal``, ``causal_alignment``,
         ``window``, ``kv_lengths``, ``scale``, ``enable_gqa``, ``softcap``,
-        ``alibi_slopes``).
+        ``alibi_slopes``, ``score_mod``, ``mask_mod``, ``block_mask``).
+    score_mod_grad : numba-compiled function ``(s, b, h, i, j) -> float``
+        ``d score_mod / d s``, required with a ``score_mod``.
     out : array_like, shape ``(*batch, Lq, Dv)``
     lse : array_like, shape ``(*batch, Lq)``
         The forward's output and log-sum-exp.
@@ -48,7 +51,8 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
         Shaped like ``query``, ``key`` and ``value``: broadcast batch dims summed back,
         and under grouped-query attention each kv head's group summed.
     """
-    problem = check_attention(query, key, value, mask, **options)
+    problem = check_score_mod_grad(check_attention(query, key, value, mask, **options),
+                                   score_mod_grad)
     grad_out = check_backward_arrays(problem, grad_out, out, lse)[0]
     q, k, v = broadcast_inputs(problem)  # (*batch, Lq, Dk), (*batch, Lk, Dk), (*batch, Lk, Dv)
     grad_out = np.broadcast_to(grad_out.astype(np.float64), problem.out_shape)  # (*batch, Lq, Dv)
@@ -64,6 +68,11 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
     # softmax Jacobian applied row by row: dS = P * (dP - sum_j P_j dP_j)
     row_dot = (weights * grad_weights).sum(axis=-1, keepdims=True)  # (*batch, Lq, 1)
     grad_scores = np.where(visible, weights * (grad_weights - row_dot), 0.0)  # (*batch, Lq, Lk)
+    if problem.score_mod is not None:  # chain rule through score_mod
+        before_mod = scores_before_mod(problem, q, k)[0]  # (*batch, Lq, Lk)
+        before_mod = np.where(before_mod == -np.inf, 0.0, before_mod)  # (*batch, Lq, Lk)
+        mod_grad = call_over_grid(problem.score_mod_grad, problem, before_mod)  # (*batch, Lq, Lk)
+        grad_scores = np.where(visible, grad_scores * mod_grad, 0.0)  # (*batch, Lq, Lk)
     if problem.softcap is not None:  # chain rule through s = c * tanh(raw / c)
         grad_scores = np.where(visible, grad_scores * softcap_derivative(problem, q, k),
                                0.0)  # (*batch, Lq, Lk)

@@ -72,9 +72,14 @@ def assert_close_to_reference(query, key, value, mask=None, **options):
 
 # ---------------------------------------------------------------- gradients
 
+def forward_options(options):
+    """``options`` without the backward-only ``score_mod_grad``."""
+    return {name: value for name, value in options.items() if name != "score_mod_grad"}
+
+
 def forward_and_backward(function_pair, query, key, value, mask, grad_out, **options):
     forward, backward = function_pair
-    out, lse = forward(query, key, value, mask, return_lse=True, **options)
+    out, lse = forward(query, key, value, mask, return_lse=True, **forward_options(options))
     return backward(grad_out, query, key, value, out, lse, mask, **options)
 
 
@@ -91,7 +96,8 @@ def assert_gradients_match_reference(rng, query, key, value, mask=None, **option
     0 (one key: every weight is 1 and ``dS = dP - D = 0``) while its float32 terms
     carry the noise of ``dP`` and ``D``, which scales like the other gradients.
     """
-    out_shape = fastattn.scaled_dot_product_attention(query, key, value, mask, **options).shape
+    out_shape = fastattn.scaled_dot_product_attention(query, key, value, mask,
+                                                      **forward_options(options)).shape
     grad_out = rng.standard_normal(out_shape).astype(query.dtype)
     got = forward_and_backward(FASTATTN, query, key, value, mask, grad_out, **options)
     as64 = [np.asarray(array, np.float64) for array in (query, key, value, grad_out)]
