@@ -1,56 +1,268 @@
-"""Interleaved cost of the built-in score options over plain fastattn (issue 11 goals).
+"""Interleaved cost of score options and user score functions (issue 11's goals).
 
-usage: python asv_benchmarks/score_ratios.py [--length 2048] [--rounds 15]
+usage: python asv_benchmarks/score_ratios.py [--groups builtins score_mod window documents
+                                              flex compile] [--rounds 15]
 
-float32 ``(B=1, H=8, L, D=64)``, forward. One process: each round times plain,
-softcap and ALiBi in turn (best of 3 calls each), and the ratios are taken within the
-round, so machine drift cancels; prints the median of the per-round ratios with their
-min and max. Goals at ``L = 2048``: softcap <= 1.25 x, ALiBi <= 1.15 x plain.
-Run it alone on the machine (``flock -x`` where the CPU is shared).
+float32 ``(B=1, H=8, L, D=64)`` forwards, 2 threads. Within a group, each round times
+every case once in turn, and each ratio is taken within the round, so machine drift
+cancels; the script prints the median of the per-round ratios with their min and max.
+
+- ``builtins`` (L = 2048): softcap and ALiBi over plain; goals <= 1.25 x and <= 1.15 x.
+- ``score_mod`` (L = 2048): a relative-position bias from an ``(H, 2L - 1)`` table
+  through ``score_mod``, over plain; goal <= 1.4 x.
+- ``window`` (L = 8192): a 256-key sliding window through ``mask_mod`` and
+  ``create_block_mask``, over the built-in ``window=(256, 0)`` (goal <= 1.5 x), and
+  the same window as a dense boolean mask over it (goal >= 10 x).
+- ``documents`` (L = 8192): 8 packed documents of 1024 tokens, a dense boolean mask
+  over the block mask; goal >= 6 x.
+- ``flex`` (L = 2048, needs torch): fastattn with a softcap ``score_mod`` against
+  PyTorch's FlexAttention under ``torch.compile`` with the same ``score_mod``
+  (inference), each in a process of its own, timed in turn; goal <= 1.0 x.
+- ``compile``: seconds to the first result of a call with a new ``score_mod``, in a
+  new process, with the kernels compiled (cold cache) and cached; and with a
+  module-level ``cache=True`` ``score_mod`` compiled in an earlier process. Goals
+  <= 30 s and <= 1.5 s.
+
+The fastattn-only groups run in this process (one implementation); run the script
+alone on the machine (``flock -x`` where the CPU is shared).
 """
 
 import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
 import time
 
 import numpy as np
 
+try:  # imported by asv as part of the asv_benchmarks package
+    from . import score_functions
+except ImportError:  # run as a script
+    import score_functions
+
 HEADS, HEAD_DIM = 8, 64
-CASES = {
-    "plain": {},
-    "softcap": dict(softcap=30.0),
-    "alibi": dict(alibi_slopes=2.0 ** (-8.0 * np.arange(1, HEADS + 1) / HEADS)),
+SLOPES = 2.0 ** (-8.0 * np.arange(1, HEADS + 1) / HEADS)
+WINDOW, DOCUMENT = 256, 1024
+
+
+def inputs(length, seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (1, HEADS, length, HEAD_DIM)
+    return tuple(rng.standard_normal(shape).astype(np.float32) for _ in range(3))
+
+
+def group_cases(group):
+    """``(length, {case: options}, [(numerator, denominator, goal text)])``."""
+    import fastattn
+
+    if group == "builtins":
+        return 2048, {"plain": {}, "softcap": dict(softcap=30.0),
+                      "alibi": dict(alibi_slopes=SLOPES)}, [
+            ("softcap", "plain", "<= 1.25"), ("alibi", "plain", "<= 1.15")]
+    if group == "score_mod":
+        length = 2048
+        table = np.random.default_rng(1).standard_normal((HEADS, 2 * length - 1)) * 0.1
+        return length, {"plain": {}, "relative-bias score_mod": dict(
+            score_mod=score_functions.relative_position_bias(table))}, [
+            ("relative-bias score_mod", "plain", "<= 1.4")]
+    if group == "window":
+        length = 8192
+        mask_mod = score_functions.sliding_window(WINDOW)
+        block_mask = fastattn.create_block_mask(mask_mod, (1, HEADS), length, length)
+        return length, {
+            "built-in window": dict(window=(WINDOW, 0)),
+            "block mask": dict(block_mask=block_mask),
+            "dense mask": dict(mask=score_functions.dense_mask(mask_mod, length, length))}, [
+            ("block mask", "built-in window", "<= 1.5"),
+            ("dense mask", "block mask", ">= 10")]
+    if group == "documents":
+        length = 8192
+        mask_mod = score_functions.documents(DOCUMENT)
+        block_mask = fastattn.create_block_mask(mask_mod, (1, HEADS), length, length)
+        return length, {
+            "block mask": dict(block_mask=block_mask),
+            "dense mask": dict(mask=score_functions.dense_mask(mask_mod, length, length))}, [
+            ("dense mask", "block mask", ">= 6")]
+    raise ValueError(group)
+
+
+def run_group(group, rounds):
+    """Time a fastattn-only group in this process; print its ratios."""
+    import fastattn
+
+    length, cases, ratios = group_cases(group)
+    query, key, value = inputs(length)
+    calls = {}
+    for name, options in cases.items():
+        options = dict(options)
+        mask = options.pop("mask", None)
+        calls[name] = (lambda mask=mask, options=options:
+                       fastattn.scaled_dot_product_attention(query, key, value, mask, **options))
+    for call in calls.values():  # compile or load, warm up
+        call()
+        call()
+    times = {name: [] for name in calls}
+    for round_index in range(rounds):
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - started)
+        print(f"  {group}: round {round_index + 1}/{rounds}", file=sys.stderr)
+    print(f"{group} (L={length}):")
+    for name in calls:
+        print(f"  {name}: median {np.median(times[name]) * 1e3:.1f} ms")
+    for numerator, denominator, goal in ratios:
+        report(f"{numerator} / {denominator}", np.array(times[numerator]) /
+               np.array(times[denominator]), goal)
+
+
+def report(label, ratios, goal):
+    print(f"  {label}: median {np.median(ratios):.3f} [min {ratios.min():.3f}, "
+          f"max {ratios.max():.3f}] over {ratios.size} rounds (goal {goal})")
+
+
+# ---------------------------------------------------------------- FlexAttention
+
+FLEX_LENGTH, FLEX_CAP = 2048, 30.0
+WORKER = {
+    "fastattn": """
+        import fastattn, score_functions
+        score_mod, _ = score_functions.softcap_score_mod({cap})
+        call = lambda: fastattn.scaled_dot_product_attention(query, key, value,
+                                                             score_mod=score_mod)
+    """,
+    "torch-flex": """
+        import torch
+        from torch.nn.attention.flex_attention import flex_attention
+        torch.set_num_threads(2)
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return {cap} * torch.tanh(score / {cap})
+        compiled = torch.compile(flex_attention)
+        tensors = [torch.from_numpy(array) for array in (query, key, value)]
+        def call():
+            with torch.no_grad():
+                return compiled(*tensors, score_mod=score_mod)
+    """,
 }
 
 
-def main():
-    import fastattn
+def worker_source(impl):
+    return textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+        import numpy as np
+        from score_ratios import inputs
+        query, key, value = inputs({FLEX_LENGTH})
+    """) + textwrap.dedent(WORKER[impl].format(cap=FLEX_CAP)) + textwrap.dedent("""
+        call(); call()
+        print("ready", flush=True)
+        for line in sys.stdin:
+            started = time.perf_counter()
+            call()
+            print(time.perf_counter() - started, flush=True)
+    """)
 
+
+def run_flex(rounds):
+    """fastattn and FlexAttention, each in a persistent process, timed in turn."""
+    workers = {impl: subprocess.Popen([sys.executable, "-c", worker_source(impl)],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+               for impl in WORKER}
+    for impl, worker in workers.items():
+        if worker.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the {impl} worker did not start")
+    times = {impl: [] for impl in workers}
+    for round_index in range(rounds):
+        for impl, worker in workers.items():
+            worker.stdin.write("time\n")
+            worker.stdin.flush()
+            times[impl].append(float(worker.stdout.readline()))
+        print(f"  flex: round {round_index + 1}/{rounds}", file=sys.stderr)
+    for worker in workers.values():
+        worker.stdin.close()
+        worker.wait()
+    print(f"flex (L={FLEX_LENGTH}, softcap {FLEX_CAP} as score_mod, inference):")
+    for impl in workers:
+        print(f"  {impl}: median {np.median(times[impl]) * 1e3:.1f} ms")
+    report("fastattn / torch-flex", np.array(times["fastattn"]) / np.array(times["torch-flex"]),
+           "<= 1.0")
+
+
+# ---------------------------------------------------------------- compile time
+
+CACHED_MODULE = """
+import numba
+
+@numba.njit(cache=True)
+def relative_distance(s, b, h, i, j):
+    return s - 0.01 * abs(i - j)
+"""
+
+FIRST_CALL = """
+import sys, time
+started = time.perf_counter()
+sys.path.insert(0, {module_dir!r})
+import numpy as np
+import fastattn
+{define}
+rng = np.random.default_rng(0)
+q, k, v = (rng.standard_normal((1, 8, 512, 64)).astype(np.float32) for _ in range(3))
+fastattn.scaled_dot_product_attention(q, k, v, score_mod=score_mod)
+print(time.perf_counter() - started)
+"""
+
+NEW_FUNCTION = """
+import numba
+@numba.njit
+def score_mod(s, b, h, i, j):
+    return s - 0.02 * abs(i - j)
+"""
+
+
+def run_compile():
+    """Seconds from process start (imports included) to the first result."""
+    with tempfile.TemporaryDirectory() as scratch:
+        with open(os.path.join(scratch, "user_scores.py"), "w") as module:
+            module.write(CACHED_MODULE)
+        env = dict(os.environ, NUMBA_CACHE_DIR=os.path.join(scratch, "numba-cache"))
+
+        def first_call(define):
+            source = FIRST_CALL.format(module_dir=scratch, define=define)
+            done = subprocess.run([sys.executable, "-c", source], env=env, check=True,
+                                  capture_output=True, text=True)
+            return float(done.stdout.split()[-1])
+
+        cached = "from user_scores import relative_distance as score_mod"
+        cold = first_call(NEW_FUNCTION)
+        warm_new = first_call(NEW_FUNCTION)
+        first_cached = first_call(cached)
+        again_cached = first_call(cached)
+    print("compile (new process, float32 forward, B=1 H=8 L=512 D=64, imports included):")
+    print(f"  new score_mod, kernels not yet compiled (cold cache): {cold:.2f} s (goal <= 30)")
+    print(f"  new score_mod, kernels cached: {warm_new:.2f} s")
+    print(f"  module-level cache=True score_mod, first process: {first_cached:.2f} s")
+    print(f"  module-level cache=True score_mod, new process: {again_cached:.2f} s "
+          f"(goal <= 1.5)")
+
+
+def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--length", type=int, default=2048)
+    parser.add_argument("--groups", nargs="+",
+                        default=["builtins", "score_mod", "window", "documents"],
+                        choices=["builtins", "score_mod", "window", "documents", "flex",
+                                 "compile"])
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
-    rng = np.random.default_rng(0)
-    shape = (1, HEADS, args.length, HEAD_DIM)
-    query, key, value = (rng.standard_normal(shape).astype(np.float32) for _ in range(3))
-
-    def seconds(options):
-        started = time.perf_counter()
-        fastattn.scaled_dot_product_attention(query, key, value, **options)
-        return time.perf_counter() - started
-
-    for options in CASES.values():  # compile or load, warm up
-        for _ in range(3):
-            seconds(options)
-    times = {name: [] for name in CASES}
-    for _ in range(args.rounds):
-        for name, options in CASES.items():
-            times[name].append(min(seconds(options) for _ in range(3)))
-    plain = np.array(times["plain"])
-    print(f"L={args.length}: plain median {np.median(plain) * 1e3:.1f} ms")
-    for name in ("softcap", "alibi"):
-        ratios = np.array(times[name]) / plain
-        print(f"{name} / plain: median {np.median(ratios):.3f} "
-              f"[min {ratios.min():.3f}, max {ratios.max():.3f}] over {args.rounds} rounds")
+    for group in args.groups:
+        if group == "flex":
+            run_flex(args.rounds)
+        elif group == "compile":
+            run_compile()
+        else:
+            run_group(group, args.rounds)
 
 
 if __name__ == "__main__":
