@@ -64,7 +64,7 @@ class ScoreOptions(NamedTuple):
     """The options that turn ``q.k`` into a score, besides the mask and bias operands:
     the ``scale``; the ``softcap`` (read only when ``has_softcap``); the ALiBi slope
     of every entry of the flattened batch, float64 ``alibi_slopes (N,)`` (a ``(1,)``
-    placeholder unless ``has_alibi``); the block ``hook`` applying the user's
+    placeholder unless ``has_alibi``); the address of the block ``hook`` applying the user's
     ``score_mod`` (``has_score_mod``) and ``mask_mod`` (``has_mask_mod``)
     (:mod:`fastattn.kernels.score_functions`), and ``heads``, the size of the batch
     axis that the user functions' ``h`` indexes (``b, h = divmod(entry, heads)``)."""
@@ -74,7 +74,7 @@ class ScoreOptions(NamedTuple):
     has_softcap: bool
     alibi_slopes: np.ndarray
     has_alibi: bool
-    hook: object
+    hook: int
     has_score_mod: bool
     has_mask_mod: bool
     heads: int
@@ -147,7 +147,7 @@ class Gradients(NamedTuple):
 def problem_arguments(problem, hook):
     """The kernels' leading argument groups for ``problem``:
     ``(Inputs, ScoreOptions, mask ScoreOperand, bias ScoreOperand, Visibility)``;
-    ``hook`` is the block hook of its user functions
+    ``hook`` is the address of the block hook of its user functions
     (:func:`fastattn.kernels.score_functions.problem_hook`)."""
     dtype, batch, group = problem.compute_dtype, problem.batch_shape, problem.gqa_group
     query, query_index = stack_operand(problem.query, batch, dtype)

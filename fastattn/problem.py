@@ -197,15 +197,9 @@ def check_attention(query, key, value, mask=None, *, bias=None, causal=False,
     group = gqa_group_size(query, key, value, enable_gqa)
     batch_shape = broadcast_batch(query, key, value, mask, bias, group)
     diag_offset = check_causal_alignment(causal_alignment, q_len, kv_len)
-    score_mod = check_score_function("score_mod", score_mod, compute_dtype)
-    mask_mod = check_score_function("mask_mod", mask_mod, compute_dtype)
-    block_mask = check_block_mask(block_mask, batch_shape, q_len, kv_len)
-    if block_mask is not None and mask_mod not in (None, block_mask.mask_mod):
-        raise ValueError("pass either mask_mod or a block_mask made from it, not both: "
-                         "block_mask carries its own mask_mod")
-    if block_mask is not None:
-        check_score_function("mask_mod", block_mask.mask_mod, compute_dtype)
-        mask_mod = None
+    if score_mod is not None or mask_mod is not None or block_mask is not None:
+        score_mod, mask_mod, block_mask = check_user_functions(
+            score_mod, mask_mod, block_mask, batch_shape, q_len, kv_len, compute_dtype)
 
     return AttentionProblem(
         query=query, key=key, value=value, mask=mask, bias=bias,
@@ -219,6 +213,23 @@ def check_attention(query, key, value, mask=None, *, bias=None, causal=False,
         alibi_slopes=check_alibi_slopes(alibi_slopes, batch_shape),
         score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask,
     )
+
+
+def check_user_functions(score_mod, mask_mod, block_mask, batch_shape, q_len, kv_len,
+                         dtype):
+    """Check the user's score functions and block mask for a call of this batch shape,
+    ``Lq``, ``Lk`` and compute ``dtype``; returns ``(score_mod, mask_mod,
+    block_mask)`` with ``mask_mod`` None when the block mask carries it."""
+    score_mod = check_score_function("score_mod", score_mod, dtype)
+    mask_mod = check_score_function("mask_mod", mask_mod, dtype)
+    block_mask = check_block_mask(block_mask, batch_shape, q_len, kv_len)
+    if block_mask is None:
+        return score_mod, mask_mod, None
+    if mask_mod not in (None, block_mask.mask_mod):
+        raise ValueError("pass either mask_mod or a block_mask made from it, not both: "
+                         "block_mask carries its own mask_mod")
+    check_score_function("mask_mod", block_mask.mask_mod, dtype)
+    return score_mod, None, block_mask
 
 
 def checked_problem(query, key, value, *, mask=None, kv_lengths=None, causal=False,

@@ -7,14 +7,14 @@ from numba import prange, types
 from fastattn.block_mask import EMPTY, FULL, PARTIAL
 from fastattn.kernels.config import kernel_per_dtype
 from fastattn.kernels.operands import array_type
-from fastattn.kernels.score_functions import APPLY_MASK, block_hook, data_pointer, hook_type
+from fastattn.kernels.score_functions import APPLY_MASK, block_hook, call_hook_at, data_pointer
 
 
 def _block_states(hook, heads, q_len, kv_len, block_q, block_k, states):
     """Fill ``states`` ``(N, q tiles, key tiles)``: for batch entry ``n``
     (``b, h = divmod(n, heads)``), tile ``(t, u)`` covers queries
     ``[t * block_q, (t + 1) * block_q)`` and keys ``[u * block_k, (u + 1) * block_k)``
-    (cut at ``q_len`` and ``kv_len``); ``hook`` applies ``mask_mod`` to a block of
+    (cut at ``q_len`` and ``kv_len``); the hook at address ``hook`` applies ``mask_mod`` to a block of
     zeros, and the count of ``-inf`` left says whether the tile is empty, partial
     or full."""
     n_batch, n_q_tiles, n_k_tiles = states.shape
@@ -28,8 +28,8 @@ def _block_states(hook, heads, q_len, kv_len, block_q, block_k, states):
             key_start = k_tile * block_k
             cols = min(block_k, kv_len - key_start)
             buffer[:] = 0.0
-            hook(data_pointer(buffer), data_pointer(buffer), rows, cols, row_start, key_start,
-                 entry // heads, entry % heads, APPLY_MASK)
+            call_hook_at(hook, data_pointer(buffer), data_pointer(buffer), rows, cols,
+                         row_start, key_start, entry // heads, entry % heads, APPLY_MASK)
             hidden = 0
             for index in range(rows * cols):
                 hidden += buffer[index] == -np.inf
@@ -38,7 +38,7 @@ def _block_states(hook, heads, q_len, kv_len, block_q, block_k, states):
 
 
 def _signature(dtype):
-    return types.void(hook_type(np.float32), *(types.int64,) * 5,
+    return types.void(types.int64, *(types.int64,) * 5,
                       array_type(np.int8, 3, readonly=False))
 
 

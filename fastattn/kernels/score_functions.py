@@ -1,14 +1,16 @@
 """User score functions inside the kernels: ``score_mod``, ``mask_mod`` and
 ``score_mod_grad`` applied to a whole score block by one compiled *block hook*.
 
-The kernels are compiled once per dtype, with an argument of the first-class
-function type :func:`hook_type`, never specialised on a user's function (Numba
-would then recompile the parallel kernels in every new process). For each
-combination of user functions :func:`block_hook` builds a small C callback
+The kernels are compiled once per dtype and never specialised on a user's
+function (Numba would then recompile the parallel kernels in every new process).
+For each combination of user functions :func:`block_hook` builds a small C callback
 (``numba.cfunc``) that loops over a score block with the user's functions inlined;
-a kernel calls it once per block (an indirect call per element would double the
-softmax pass). Building it compiles only that loop (about 0.1-0.2 s); it is kept
-for the process, so a second call with the same functions compiles nothing.
+the kernels receive its address as an int64 (``ScoreOptions.hook``) and call it
+once per block through :func:`call_hook` (an indirect call per element would double
+the softmax pass; a first-class function argument would cost a few microseconds of
+unboxing in every call). Building a hook compiles only that loop (about 0.1-0.2 s);
+it is kept for the process, so a second call with the same functions compiles
+nothing, and its address stays valid.
 
 A hook is called as ``hook(scores, grads, rows, cols, row_start, key_start, b, h,
 mode)`` on a C-contiguous ``(rows, cols)`` block of scores in log2 units (the
@@ -27,6 +29,7 @@ kernels' unit, ``log2(e) * s``) for queries ``row_start + r`` and keys
 import functools
 
 import numpy as np
+from llvmlite import ir
 from numba import carray, cfunc, njit, types
 from numba.extending import intrinsic
 
@@ -45,11 +48,6 @@ def hook_signature(dtype):
     return types.void(pointer, pointer, *(types.int64,) * 7)
 
 
-def hook_type(dtype):
-    """Numba type of a block hook argument (a first-class function)."""
-    return types.FunctionType(hook_signature(dtype))
-
-
 @intrinsic
 def data_pointer(typingctx, array):
     """The pointer to ``array``'s first element, typed for a hook's C signature."""
@@ -58,16 +56,32 @@ def data_pointer(typingctx, array):
     return types.CPointer(array.dtype)(array), codegen
 
 
+@intrinsic
+def call_hook_at(typingctx, address, scores, grads, rows, cols, row_start, key_start, b, h,
+                 mode):
+    """Call the block hook at ``address`` (int64) with the pointers ``scores`` and
+    ``grads`` and the seven int64 arguments of its C signature."""
+    signature = types.void(types.int64, scores, grads, *(types.int64,) * 7)
+
+    def codegen(context, builder, signature, args):
+        argument_types = [context.get_value_type(argument) for argument in signature.args[1:]]
+        function_type = ir.FunctionType(ir.VoidType(), argument_types)
+        function = builder.inttoptr(args[0], function_type.as_pointer())
+        builder.call(function, args[1:])
+        return context.get_dummy_value()
+    return signature, codegen
+
+
 @jit_helper
 def call_hook(options, scores, grads, row_start, key_start, entry, mode):
-    """Call ``options.hook`` on the block ``scores`` ``(rows, cols)`` (and ``grads``,
-    of the same shape when ``mode`` asks for gradients) of batch entry ``entry``,
-    which is ``(b, h) = divmod(entry, options.heads)``."""
+    """Call the hook at ``options.hook`` on the block ``scores`` ``(rows, cols)`` (and
+    ``grads``, of the same shape when ``mode`` asks for gradients) of batch entry
+    ``entry``, which is ``(b, h) = divmod(entry, options.heads)``."""
     rows, cols = scores.shape
     grads_at = data_pointer(grads) if mode & (WRITE_GRADS | MULTIPLY_GRADS) else data_pointer(
         scores)
-    options.hook(data_pointer(scores), grads_at, rows, cols, row_start, key_start,
-                 entry // options.heads, entry % options.heads, mode)
+    call_hook_at(options.hook, data_pointer(scores), grads_at, rows, cols, row_start,
+                 key_start, entry // options.heads, entry % options.heads, mode)
 
 
 def _no_hook(scores, grads, rows, cols, row_start, key_start, b, h, mode):
@@ -76,14 +90,15 @@ def _no_hook(scores, grads, rows, cols, row_start, key_start, b, h, mode):
 
 @functools.cache
 def no_hook(dtype):
-    """The placeholder hook of ``dtype`` (compiled once, cached on disk)."""
-    return cfunc(hook_signature(dtype), cache=True)(_no_hook)
+    """The address of the placeholder hook of ``dtype`` (compiled once, cached on
+    disk)."""
+    return _keep(cfunc(hook_signature(dtype), cache=True)(_no_hook))
 
 
 @functools.cache
 def block_hook(score_mod, mask_mod, score_mod_grad, dtype):
-    """The block hook applying these user functions (each may be None) to scores of
-    ``dtype``; built once per process for each combination.
+    """The address of the block hook applying these user functions (each may be
+    None) to scores of ``dtype``; built once per process for each combination.
 
     The functions must already be checked (:mod:`fastattn.checks.functions`).
     """
@@ -120,7 +135,15 @@ def block_hook(score_mod, mask_mod, score_mod_grad, dtype):
                     if not mask_mod(b, h, row_start + r, key_start + c):
                         scores[r, c] = -np.inf
 
-    return cfunc(hook_signature(dtype))(hook)
+    return _keep(cfunc(hook_signature(dtype))(hook))
+
+
+_HOOKS = []  # every hook built, so that the addresses handed out stay valid
+
+
+def _keep(hook):
+    _HOOKS.append(hook)
+    return hook.address
 
 
 @njit
@@ -137,8 +160,7 @@ def problem_hook(problem):
     """The block hook of an :class:`~fastattn.problem.AttentionProblem`: its
     ``score_mod``, the ``mask_mod`` it applies (its own or its block mask's) and,
     in a backward problem, its ``score_mod_grad``; the placeholder without any."""
-    dtype = problem.compute_dtype
-    mask_mod = problem.effective_mask_mod
-    if problem.score_mod is None and mask_mod is None:
-        return no_hook(dtype)
-    return block_hook(problem.score_mod, mask_mod, problem.score_mod_grad, dtype)
+    if not problem.has_score_functions:
+        return no_hook(problem.compute_dtype)
+    return block_hook(problem.score_mod, problem.effective_mask_mod, problem.score_mod_grad,
+                      problem.compute_dtype)
