@@ -24,17 +24,18 @@ def relative_position_bias(table):
     return score_mod
 
 
-def softcap_score_mod(cap):
+def softcap_score_mod(cap, tanh=math.tanh):
     """``score_mod`` ``cap * tanh(s / cap)`` (the built-in ``softcap``, as a user
-    function) and its ``score_mod_grad``."""
+    function) and its ``score_mod_grad``, with ``tanh`` from ``math`` (a C library
+    call per score) or :mod:`fastattn.score_math` (vectorised)."""
 
     @numba.njit
     def score_mod(s, b, h, i, j):
-        return cap * math.tanh(s / cap)
+        return cap * tanh(s / cap)
 
     @numba.njit
     def score_mod_grad(s, b, h, i, j):
-        t = math.tanh(s / cap)
+        t = tanh(s / cap)
         return 1.0 - t * t
 
     return score_mod, score_mod_grad

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastattn
+import fastattn.score_math
 import reference
 from fastattn.block_mask import EMPTY, FULL, PARTIAL
 from fastattn.kernels.score_functions import block_hook
@@ -382,6 +383,54 @@ def test_random_combinations(seed, q_len, kv_len, user, use_block_mask, block_si
 
 
 # ---------------------------------------------------------------- compiling
+
+def capped_with(tanh):
+    """A softcap score_mod calling ``tanh`` from a closure."""
+
+    @numba.njit
+    def score_mod(s, b, h, i, j):
+        return CAP * tanh(s / CAP)
+
+    return score_mod
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("spelling", ["math.tanh global", "closure math.tanh",
+                                      "closure score_math.tanh"])
+def test_math_in_score_functions(rng, spelling, dtype):
+    """math.tanh and math.exp, however the function reaches them, run as fastattn's
+    vectorised versions inside the kernels, within the contract's tolerance."""
+    score_mod = {"math.tanh global": tanh_cap,
+                 "closure math.tanh": capped_with(math.tanh),
+                 "closure score_math.tanh": capped_with(fastattn.score_math.tanh)}[spelling]
+    query, key, value = random_inputs(rng, (2, 3, 50, 16), (2, 3, 60, 16), 8, np.float64)
+    query = (3 * query).astype(dtype)
+    key, value = key.astype(dtype), value.astype(dtype)
+    assert_close_to_reference(query, key, value, score_mod=score_mod, return_lse=True)
+    builtin = fastattn.scaled_dot_product_attention(query, key, value, softcap=CAP)
+    tolerance = 2e-5 if dtype == np.float32 else 1e-10
+    np.testing.assert_allclose(
+        fastattn.scaled_dot_product_attention(query, key, value, score_mod=score_mod),
+        builtin, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(np.float32, 2e-6), (np.float64, 1e-14)])
+def test_score_math_matches_math(dtype, tolerance):
+    @numba.njit
+    def both(x):
+        out = np.empty((2,) + x.shape, x.dtype)
+        for index in range(x.size):
+            out[0, index] = fastattn.score_math.tanh(x[index])
+            out[1, index] = fastattn.score_math.exp(x[index])
+        return out
+
+    x = np.linspace(-80.0, 80.0, 20001).astype(dtype)
+    tanh, exp = both(x)
+    np.testing.assert_allclose(tanh, np.tanh(x.astype(np.float64)), rtol=tolerance, atol=0)
+    np.testing.assert_allclose(exp, np.exp(x.astype(np.float64)), rtol=tolerance, atol=0)
+    assert fastattn.score_math.tanh(0.5) == math.tanh(0.5)  # plain Python: math's
+    assert fastattn.score_math.exp.py_func(0.5) == pytest.approx(math.exp(0.5), rel=1e-15)
+
 
 def test_same_functions_compile_nothing_again(rng):
     query, key, value = random_inputs(rng, (2, 3, 20, 8), (2, 3, 30, 8), 8, np.float32)
