@@ -226,15 +226,55 @@ def forward_task(b, q_start, q_stop, split, n_splits, inputs, options, mask, bia
     row_sum = np.zeros(rows, dtype=out.dtype)  # (rows,) running sum of exp2(s - row_max)
     acc = np.zeros((rows, value_dim), dtype=out.dtype)  # (rows, Dv) unnormalised output
 
-    if visibility.has_block_mask:  # the tiles of the block mask that are not empty
+    # 1. With a block mask, its tiles that are not empty, each checked with
+    #    mask_mod only if partial; else the keys every row of the block sees, in
+    #    full-size blocks (masked only for a user mask, bias or mask_mod).
+    if visibility.has_block_mask:
         tile_states = visibility.block_states[b, q_start // tiling.block_q]  # (key tiles,)
-        attend_block_mask_tiles(q_block, q_start, first_key, last_key, keys, values, b, rule,
-                                options, mask, bias, tile_states, block_k, score_buffer,
-                                product_buffer, row_max, row_sum, acc)
+        first_tile = first_key // block_k
+        n_ranges = max(-(-last_key // block_k) - first_tile, 0)
+        n_groups = 0
     else:
-        attend_visible_keys(q_block, q_start, first_key, last_key, span_first, span_last,
-                            common_first, common_last, keys, values, b, rule, options, mask,
-                            bias, block_k, score_buffer, product_buffer, row_max, row_sum, acc)
+        tile_states = visibility.block_states[0, 0]  # (1,) placeholder, never read
+        first_tile = 0
+        n_ranges = 1
+        n_groups = -(-rows // EDGE_ROWS)
+    full_first, full_last = max(common_first, first_key), min(common_last, last_key)
+    if full_last > full_first:  # whole multiples of ALIGN keys; the rest is a strip
+        full_last = full_first + (full_last - full_first) // ALIGN * ALIGN
+    for item in range(n_ranges):
+        if visibility.has_block_mask:
+            range_first, range_last, check_mask_mod = tile_key_range(
+                first_tile + item, tile_states, block_k, first_key, last_key)
+        else:
+            range_first, range_last, check_mask_mod = full_first, full_last, options.has_mask_mod
+        attend_key_range(q_block, q_start, range_first, range_last, keys, values, b, rule,
+                         options, mask, bias, check_mask_mod, block_k, score_buffer,
+                         product_buffer, row_max, row_sum, acc)
+    # 2. Without a block mask, the keys only some rows see (the causal diagonal,
+    #    window edges): groups of EDGE_ROWS rows, each over its own visible range,
+    #    so little is computed only to be masked.
+    for group_start in range(0, n_groups * EDGE_ROWS, EDGE_ROWS):
+        group_stop = min(group_start + EDGE_ROWS, rows)
+        group_first, group_last = row_block_keys(q_start + group_start,
+                                                 q_start + group_stop, rule)[:2]
+        group_first, group_last = max(group_first, first_key), min(group_last, last_key)
+        # The strips left and right of part 1, widened outwards (away from part 1)
+        # to whole multiples of ALIGN keys; masking hides the keys added.
+        if full_first < full_last:
+            left_last = min(full_first, group_last)
+            left_first = max(left_last - aligned_count(left_last - group_first), span_first)
+            right_first = max(full_last, group_first)
+        else:
+            left_first = left_last = group_first
+            right_first = group_first
+        right_last = min(right_first + aligned_count(group_last - right_first), span_last)
+        for strip_first, strip_last in ((left_first, left_last), (right_first, right_last)):
+            attend_key_range(q_block[group_start:group_stop], q_start + group_start,
+                             strip_first, strip_last, keys, values, b, rule, options, mask, bias,
+                             options.has_mask_mod, block_k, score_buffer, product_buffer,
+                             row_max[group_start:group_stop], row_sum[group_start:group_stop],
+                             acc[group_start:group_stop])
 
     if n_splits == 1:
         out_rows = out[b]  # (Lq, Dv)
@@ -277,66 +317,15 @@ def forward_task(b, q_start, q_stop, split, n_splits, inputs, options, mask, bia
 
 
 @jit_helper
-def attend_visible_keys(q_block, row_start, first_key, last_key, span_first, span_last,
-                        common_first, common_last, keys, values, b, rule, options, mask, bias,
-                        block_k, score_buffer, product_buffer, row_max, row_sum, acc):
-    """Fold the keys ``[first_key, last_key)`` that some row of the query block
-    ``q_block`` ``(rows, Dk)`` (rows from ``row_start``) may see into its running
-    softmax, those that every row sees (``[common_first, common_last)``) in
-    full-size blocks, the rest in strips of ``EDGE_ROWS`` rows; keys outside
-    ``[span_first, span_last)`` are never read."""
-    rows = q_block.shape[0]
-    check_mask_mod = options.has_mask_mod
-    # 1. Keys every row of the block sees: full-size blocks, masked only for a
-    #    user mask or bias.
-    full_first, full_last = max(common_first, first_key), min(common_last, last_key)
-    if full_last > full_first:  # whole multiples of ALIGN keys; the rest is a strip
-        full_last = full_first + (full_last - full_first) // ALIGN * ALIGN
-    attend_key_range(q_block, row_start, full_first, full_last, keys, values, b, rule,
-                     options, mask, bias, check_mask_mod, block_k, score_buffer,
-                     product_buffer, row_max, row_sum, acc)
-    # 2. Keys only some rows see (the causal diagonal, window edges): groups of
-    #    EDGE_ROWS rows, each over its own visible range, so little is computed
-    #    only to be masked.
-    for group_start in range(0, rows, EDGE_ROWS):
-        group_stop = min(group_start + EDGE_ROWS, rows)
-        group_first, group_last = row_block_keys(row_start + group_start,
-                                                 row_start + group_stop, rule)[:2]
-        group_first, group_last = max(group_first, first_key), min(group_last, last_key)
-        # The strips left and right of part 1, widened outwards (away from part 1)
-        # to whole multiples of ALIGN keys; masking hides the keys added.
-        if full_first < full_last:
-            left_last = min(full_first, group_last)
-            left_first = max(left_last - aligned_count(left_last - group_first), span_first)
-            right_first = max(full_last, group_first)
-        else:
-            left_first = left_last = group_first
-            right_first = group_first
-        right_last = min(right_first + aligned_count(group_last - right_first), span_last)
-        for strip_first, strip_last in ((left_first, left_last), (right_first, right_last)):
-            attend_key_range(q_block[group_start:group_stop], row_start + group_start,
-                             strip_first, strip_last, keys, values, b, rule, options, mask, bias,
-                             check_mask_mod, block_k, score_buffer, product_buffer,
-                             row_max[group_start:group_stop], row_sum[group_start:group_stop],
-                             acc[group_start:group_stop])
-
-
-@jit_helper
-def attend_block_mask_tiles(q_block, row_start, first_key, last_key, keys, values, b, rule,
-                            options, mask, bias, tile_states, block_k, score_buffer,
-                            product_buffer, row_max, row_sum, acc):
-    """Fold the keys ``[first_key, last_key)`` into the running softmax of the query
-    tile ``q_block`` ``(rows, Dk)`` (rows from ``row_start``), one key tile of
-    ``block_k`` at a time as the block mask's ``tile_states`` ``(key tiles,)`` say:
-    empty tiles skipped, partial ones through ``mask_mod``, full ones without it."""
-    for k_tile in range(first_key // block_k, -(-last_key // block_k)):
-        state = tile_states[k_tile]
-        if state == EMPTY:
-            continue
-        attend_key_range(q_block, row_start, max(k_tile * block_k, first_key),
-                         min((k_tile + 1) * block_k, last_key), keys, values, b, rule, options,
-                         mask, bias, state == PARTIAL, block_k, score_buffer,
-                         product_buffer, row_max, row_sum, acc)
+def tile_key_range(k_tile, tile_states, block_k, first_key, last_key):
+    """The keys of the block mask's tile ``k_tile`` within ``[first_key, last_key)``
+    and whether they need ``mask_mod``: ``(key_first, key_last, check_mask_mod)``,
+    an empty range for an empty tile (``tile_states`` ``(key tiles,)``)."""
+    state = tile_states[k_tile]
+    if state == EMPTY:
+        return first_key, first_key, False
+    return (max(k_tile * block_k, first_key), min((k_tile + 1) * block_k, last_key),
+            state == PARTIAL)
 
 
 def _exact_rows(inputs, options, mask, bias, visibility, tiling, outputs, rows):

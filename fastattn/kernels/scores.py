@@ -78,27 +78,23 @@ def block_scores(scores, q_rows, keys, row_start, key_start, entry, rule, option
             for c in range(cols):
                 scores[r, c] -= slope * abs(offset)
                 offset -= one
-    bias_rows = bias.stack[bias.index[entry] if bias.present else 0]  # (1 or Lq, 1 or Lk)
+    if bias.present:
+        bias_rows = bias.stack[bias.index[entry]]  # (1 or Lq, 1 or Lk)
+        for r in range(rows):
+            first, stop = visible_columns(row_start + r, key_start, cols, rule)
+            add_bias(scores[r], bias_rows, bias, row_start + r, key_start, first, stop)
     hook_mode = APPLY_MASK if options.has_mask_mod and check_mask_mod else 0
     if want_score_grads and options.has_score_mod:
         hook_mode |= MULTIPLY_GRADS if options.has_softcap else WRITE_GRADS
-    add_bias_later = bias.present
     if options.has_score_mod or hook_mode:  # the user's functions see the biased score
-        if bias.present:
-            for r in range(rows):
-                first, stop = visible_columns(row_start + r, key_start, cols, rule)
-                add_bias(scores[r], bias_rows, bias, row_start + r, key_start, first, stop)
-            add_bias_later = False
         call_hook(options, scores, score_grads, row_start, key_start, entry, hook_mode)
-    if not (mask.present or add_bias_later) and block_fully_visible(
-            row_start, row_start + rows, key_start, key_start + cols, rule):
+    if not mask.present and block_fully_visible(row_start, row_start + rows, key_start,
+                                                key_start + cols, rule):
         return
     mask_rows = mask.stack[mask.index[entry] if mask.present else 0]  # (1 or Lq, 1 or Lk)
     for r in range(rows):
         row = row_start + r
         first, stop = visible_columns(row, key_start, cols, rule)
-        if add_bias_later:
-            add_bias(scores[r], bias_rows, bias, row, key_start, first, stop)
         if mask.present:
             for c in range(first, stop):
                 if not mask_rows[row * mask.row_step, (key_start + c) * mask.col_step]:
