@@ -23,6 +23,8 @@ _PUBLIC = {
     "TransformerEncoderLayer": "fastattn.layers",
     "TransformerDecoderLayer": "fastattn.layers",
     "merge_attention": "fastattn.merge",
+    "create_block_mask": "fastattn.block_mask",
+    "BlockMask": "fastattn.block_mask",
     "set_num_threads": "fastattn.threads",
     "get_num_threads": "fastattn.threads",
 }

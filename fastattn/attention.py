@@ -7,6 +7,7 @@ import numpy as np
 from fastattn.problem import check_attention
 from fastattn.threads import single_threaded_blas
 from fastattn.kernels.forward import exact_rows_kernel, forward_kernel
+from fastattn.kernels.score_functions import problem_hook
 from fastattn.layout import (ForwardOutputs, KeySpans, Tiling, fold_query_groups, placeholder,
                              problem_arguments)
 
@@ -24,7 +25,8 @@ SERIAL_BLAS_WORK = 65536
 def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, causal=False,
                                  causal_alignment="top_left", window=None, kv_lengths=None,
                                  scale=None, enable_gqa=False, return_weights=False,
-                                 return_lse=False, softcap=None, alibi_slopes=None):
+                                 return_lse=False, softcap=None, alibi_slopes=None,
+                                 score_mod=None, mask_mod=None, block_mask=None):
     r"""Scaled dot-product attention computed by a fused Numba kernel.
 
     .. math::
@@ -34,8 +36,9 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, cau
 
     A score is built in this order: ``s = scale * q.k``; with ``softcap``,
     ``s = softcap * tanh(s / softcap)``; with ``alibi_slopes``,
-    ``s -= slope * |i + off - j|``; then the bias is added and hidden keys become
-    ``-inf``.
+    ``s -= slope * |i + off - j|``; then the bias is added; then
+    ``s = score_mod(s, b, h, i, j)``; finally keys hidden by the mask, the
+    structural rules or ``mask_mod`` become ``-inf``.
 
     This function checks and broadcasts the arguments, then calls a kernel that
     computes the masked softmax and the weighted sum in one tiled pass (online
@@ -79,6 +82,21 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, cau
         Real and finite, broadcastable to the batch shape (``(H,)`` for
         ``(B, H, L, D)`` inputs): ``s -= slope * |i + off - j|``, ``off`` as in
         ``causal_alignment`` (ALiBi; FlashAttention's ``alibi_slopes``).
+    score_mod : numba-compiled function ``(s, b, h, i, j) -> float``, optional
+        Called on each score ``s`` of query ``i`` and key ``j`` inside the kernels
+        (no ``(Lq, Lk)`` array is built); its result is the new score. ``b`` and
+        ``h``: with two or more batch axes ``h`` indexes the last one (heads) and
+        ``b`` the others, flattened in C order; with one, ``b`` indexes it and
+        ``h = 0``; with none both are 0. A ``-inf`` score (a key hidden by a ``-inf``
+        bias) is left alone.
+    mask_mod : numba-compiled function ``(b, h, i, j) -> bool``, optional
+        True where query ``i`` may attend to key ``j``; combined with the other
+        visibility rules by AND. Evaluated on every score; for masks with whole
+        empty tiles, a ``block_mask`` skips them.
+    block_mask : BlockMask, optional
+        From :func:`fastattn.create_block_mask` for this batch shape, ``Lq`` and
+        ``Lk``; it carries its ``mask_mod``. Empty tiles are skipped and full ones
+        need no ``mask_mod`` calls; the kernels then work in the mask's tiles.
 
     Returns
     -------
@@ -100,7 +118,8 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, cau
     problem = check_attention(query, key, value, mask, bias=bias, causal=causal,
                               causal_alignment=causal_alignment, window=window,
                               kv_lengths=kv_lengths, scale=scale, enable_gqa=enable_gqa,
-                              softcap=softcap, alibi_slopes=alibi_slopes)
+                              softcap=softcap, alibi_slopes=alibi_slopes,
+                              score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask)
     out, weights, lse = run_forward(problem, return_weights)
     return selected_results(out, weights, lse, return_weights, return_lse)
 
@@ -135,10 +154,14 @@ def run_forward(problem, return_weights):
     else:
         weights = placeholder(dtype, 3, writeable=True)  # never written
 
-    block_q = choose_block_q(n_batch, problem.q_len)
+    if problem.block_mask is not None:  # the kernels work in the mask's tiles
+        block_q, block_k = problem.block_mask.block_size
+    else:
+        block_q, block_k = choose_block_q(n_batch, problem.q_len), BLOCK_K
     split_len = problem.kv_len
     if not return_weights:  # the weights need each row's whole softmax in one task
-        split_len = choose_split_len(n_batch * -(-problem.q_len // block_q), problem.kv_len)
+        split_len = choose_split_len(n_batch * -(-problem.q_len // block_q), problem.kv_len,
+                                     block_k)
     split_len = max(split_len, 1)  # keys per span; the kernel reads the count off split_out
     n_splits = max(1, -(-problem.kv_len // split_len))
     if n_splits > 1:
@@ -149,10 +172,10 @@ def run_forward(problem, return_weights):
         split_out = placeholder(dtype, 4, writeable=True)  # never written
         split_lse = placeholder(dtype, 3, writeable=True)
     if n_batch and problem.q_len:
-        arguments = problem_arguments(problem)
-        tiling = Tiling(block_q, BLOCK_K)
+        arguments = problem_arguments(problem, problem_hook(problem))
+        tiling = Tiling(block_q, block_k)
         outputs = ForwardOutputs(out, lse, weights, bool(return_weights))
-        with single_threaded_blas(needs_blas_threads(problem, block_q, BLOCK_K)):
+        with single_threaded_blas(needs_blas_threads(problem, block_q, block_k)):
             marked = forward_kernel(dtype)(*arguments, tiling, outputs,
                                            KeySpans(split_len, split_out, split_lse))
             if marked:  # rows where a NaN met the block products (their lse is NaN):
@@ -174,18 +197,18 @@ def needs_blas_threads(problem, block_q, block_k):
     return largest > SERIAL_BLAS_WORK
 
 
-def choose_split_len(n_tasks, kv_len):
+def choose_split_len(n_tasks, kv_len, block_k=BLOCK_K):
     """Keys per span when a call's ``n_tasks`` query blocks are fewer than
-    ``MIN_TASKS``: the keys are cut into spans of whole ``BLOCK_K`` blocks so that
+    ``MIN_TASKS``: the keys are cut into spans of whole ``block_k`` blocks so that
     query blocks x spans reaches ``MIN_TASKS`` (decoding one token against a long
     cache, say), and the spans' results are merged by their log-sum-exp. Returns
     ``kv_len`` (no split) when the call has enough tasks or too few keys. Depends on
     the shape only, so results are bitwise identical for every thread count."""
-    n_key_blocks = -(-kv_len // BLOCK_K)
+    n_key_blocks = -(-kv_len // block_k)
     if n_tasks >= MIN_TASKS or n_key_blocks < 2:
         return kv_len
     wanted_splits = -(-MIN_TASKS // max(n_tasks, 1))
-    return max(1, n_key_blocks // wanted_splits) * BLOCK_K
+    return max(1, n_key_blocks // wanted_splits) * block_k
 
 
 def choose_block_q(n_batch, q_len):

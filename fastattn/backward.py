@@ -5,9 +5,10 @@ import math
 
 import numpy as np
 
-from fastattn.problem import check_attention, check_backward_arrays
+from fastattn.problem import check_attention, check_backward_arrays, check_score_mod_grad
 from fastattn.layout import sum_to_shape
 from fastattn.kernels.backward import backward_kernel
+from fastattn.kernels.score_functions import problem_hook
 from fastattn.threads import single_threaded_blas
 from fastattn.layout import BackwardInputs, Gradients, Tiling, problem_arguments
 
@@ -25,7 +26,9 @@ MIN_TASKS = 8
 def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse, mask=None, *,
                                           bias=None, causal=False, causal_alignment="top_left",
                                           window=None, kv_lengths=None, scale=None,
-                                          enable_gqa=False, softcap=None, alibi_slopes=None):
+                                          enable_gqa=False, softcap=None, alibi_slopes=None,
+                                          score_mod=None, mask_mod=None, block_mask=None,
+                                          score_mod_grad=None):
     r"""Gradients of :func:`fastattn.scaled_dot_product_attention`, by a fused kernel.
 
     The vector-Jacobian product of the forward under the same options, given the
@@ -39,8 +42,9 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
         dQ = \mathrm{scale}\; dS\, K, \quad dK = \mathrm{scale}\; dS^\top Q.
 
     With a ``softcap`` :math:`c`, :math:`dS` is multiplied by the cap's derivative
-    :math:`1 - \tanh^2(s / c)` at the score :math:`s` before the cap;
-    ``alibi_slopes`` get no gradient.
+    :math:`1 - \tanh^2(s / c)` at the score :math:`s` before the cap, and with a
+    ``score_mod`` by ``score_mod_grad`` at the score before ``score_mod``;
+    ``alibi_slopes``, ``bias`` and ``mask_mod`` get no gradient.
 
     Parameters
     ----------
@@ -51,8 +55,11 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
     out : array_like, shape ``(*batch, Lq, Dv)``
     lse : array_like, shape ``(*batch, Lq)``
         The forward's results.
-    bias, causal, causal_alignment, window, kv_lengths, scale, enable_gqa, softcap, alibi_slopes
+    bias, causal, causal_alignment, window, kv_lengths, scale, enable_gqa, softcap, \
+alibi_slopes, score_mod, mask_mod, block_mask
         Exactly as given to the forward.
+    score_mod_grad : numba-compiled function ``(s, b, h, i, j) -> float``
+        ``d score_mod(s, b, h, i, j) / d s``; required with a ``score_mod``.
 
     Returns
     -------
@@ -70,7 +77,9 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
     problem = check_attention(query, key, value, mask, bias=bias, causal=causal,
                               causal_alignment=causal_alignment, window=window,
                               kv_lengths=kv_lengths, scale=scale, enable_gqa=enable_gqa,
-                              softcap=softcap, alibi_slopes=alibi_slopes)
+                              softcap=softcap, alibi_slopes=alibi_slopes,
+                              score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask)
+    problem = check_score_mod_grad(problem, score_mod_grad)
     grad_out, out, lse = check_backward_arrays(problem, grad_out, out, lse)
     dtype, batch = problem.compute_dtype, problem.batch_shape
     n_batch, q_len, kv_len = math.prod(batch), problem.q_len, problem.kv_len
@@ -103,7 +112,11 @@ def _run_backward(problem, extra):
     """Run the backward kernel on ``problem``; returns its :class:`Gradients`."""
     dtype = problem.compute_dtype
     n_batch, q_len, kv_len = math.prod(problem.batch_shape), problem.q_len, problem.kv_len
-    n_groups = choose_key_groups(n_batch, kv_len)
+    if problem.block_mask is not None:  # the kernel works in the mask's tiles
+        block_q, block_k = problem.block_mask.block_size
+    else:
+        block_q, block_k = BLOCK_Q, BLOCK_K
+    n_groups = choose_key_groups(n_batch, kv_len, block_k)
     gradients = Gradients(
         np.zeros((n_groups, n_batch, q_len, problem.head_dim),
                  dtype),  # (G, N, Lq, Dk) shares of dQ / scale
@@ -112,8 +125,8 @@ def _run_backward(problem, extra):
         np.zeros(n_batch * n_groups, np.bool_))  # (N * G,)
     if n_batch and q_len and kv_len:
         with single_threaded_blas():
-            backward_kernel(dtype)(*problem_arguments(problem), Tiling(BLOCK_Q, BLOCK_K), extra,
-                                   gradients)
+            backward_kernel(dtype)(*problem_arguments(problem, problem_hook(problem)),
+                                   Tiling(block_q, block_k), extra, gradients)
     return gradients
 
 
@@ -122,8 +135,8 @@ def without_nan(array):
     return np.where(np.isnan(array), 0, array).astype(array.dtype, copy=False)
 
 
-def choose_key_groups(n_batch, kv_len):
+def choose_key_groups(n_batch, kv_len, block_k=BLOCK_K):
     """Key groups per batch entry: enough for ``MIN_TASKS`` tasks, at most one per key
-    block. Depends on the shape only, never on the thread count."""
-    n_key_blocks = -(-kv_len // BLOCK_K)
+    block of ``block_k``. Depends on the shape only, never on the thread count."""
+    n_key_blocks = -(-kv_len // block_k)
     return max(1, min(-(-MIN_TASKS // max(n_batch, 1)), n_key_blocks))

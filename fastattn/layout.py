@@ -64,25 +64,37 @@ class ScoreOptions(NamedTuple):
     """The options that turn ``q.k`` into a score, besides the mask and bias operands:
     the ``scale``; the ``softcap`` (read only when ``has_softcap``); the ALiBi slope
     of every entry of the flattened batch, float64 ``alibi_slopes (N,)`` (a ``(1,)``
-    placeholder unless ``has_alibi``)."""
+    placeholder unless ``has_alibi``); the block ``hook`` applying the user's
+    ``score_mod`` (``has_score_mod``) and ``mask_mod`` (``has_mask_mod``)
+    (:mod:`fastattn.kernels.score_functions`), and ``heads``, the size of the batch
+    axis that the user functions' ``h`` indexes (``b, h = divmod(entry, heads)``)."""
 
     scale: float
     softcap: float
     has_softcap: bool
     alibi_slopes: np.ndarray
     has_alibi: bool
+    hook: object
+    has_score_mod: bool
+    has_mask_mod: bool
+    heads: int
 
 
 class Visibility(NamedTuple):
     """The structural visibility rule (see :mod:`fastattn.kernels.masking`):
     ``kv_lengths`` ``(N,)`` when ``has_kv_lengths``, the diagonal offset and how far
-    left and right of the diagonal a query reaches."""
+    left and right of the diagonal a query reaches; with ``has_block_mask``, the
+    block mask's int8 ``block_states (N, q tiles, key tiles)``
+    (:data:`fastattn.block_mask.EMPTY`, ``PARTIAL`` or ``FULL``; the kernels' tiling
+    is then the mask's)."""
 
     kv_lengths: np.ndarray
     has_kv_lengths: bool
     diag_offset: int
     reach_left: int
     reach_right: int
+    block_states: np.ndarray
+    has_block_mask: bool
 
 
 class Tiling(NamedTuple):
@@ -132,31 +144,39 @@ class Gradients(NamedTuple):
     nan_met: np.ndarray
 
 
-def problem_arguments(problem):
+def problem_arguments(problem, hook):
     """The kernels' leading argument groups for ``problem``:
-    ``(Inputs, ScoreOptions, mask ScoreOperand, bias ScoreOperand, Visibility)``."""
+    ``(Inputs, ScoreOptions, mask ScoreOperand, bias ScoreOperand, Visibility)``;
+    ``hook`` is the block hook of its user functions
+    (:func:`fastattn.kernels.score_functions.problem_hook`)."""
     dtype, batch, group = problem.compute_dtype, problem.batch_shape, problem.gqa_group
     query, query_index = stack_operand(problem.query, batch, dtype)
     key, key_index = stack_operand(problem.key, batch, dtype, group)
     value, value_index = stack_operand(problem.value, batch, dtype, group)
     inputs = Inputs(query, key, value, query_index, key_index, value_index)
-    options = score_options(problem)
+    options = score_options(problem, hook)
     mask = score_operand(problem.mask, batch, np.bool_)
     bias = score_operand(problem.bias, batch, dtype)
+    if problem.block_mask is not None:
+        block_states = problem.block_mask.states  # (N, q tiles, key tiles)
+    else:
+        block_states = placeholder(np.int8)
     visibility = Visibility(flat_kv_lengths(problem), problem.kv_lengths is not None,
-                            problem.diag_offset, *problem.key_reach())
+                            problem.diag_offset, *problem.key_reach(), block_states,
+                            problem.block_mask is not None)
     return inputs, options, mask, bias, visibility
 
 
-def score_options(problem):
-    """The :class:`ScoreOptions` of ``problem``."""
+def score_options(problem, hook):
+    """The :class:`ScoreOptions` of ``problem``, with its block ``hook``."""
     has_softcap, has_alibi = problem.softcap is not None, problem.alibi_slopes is not None
     if has_alibi:
         slopes = np.ascontiguousarray(problem.alibi_slopes.ravel(), np.float64)  # (N,)
     else:
         slopes = placeholder(np.float64, 1)
     return ScoreOptions(float(problem.scale), float(problem.softcap) if has_softcap else 0.0,
-                        has_softcap, slopes, has_alibi)
+                        has_softcap, slopes, has_alibi, hook, problem.score_mod is not None,
+                        problem.effective_mask_mod is not None, problem.heads)
 
 
 def stack_operand(array, batch_shape, dtype, group=1):
@@ -262,8 +282,8 @@ def fold_query_groups(problem):
     With one query per head (``Lq == 1``) every head of a group has the same
     position, so the rows may share a block as long as neither visibility nor the
     scores depend on the row: no mask or bias (they may differ per head), no ALiBi
-    slopes (per head, and the bias they give depends on the row position), no
-    window, no top-left causal rule (row ``r`` would see ``r + 1`` keys), and
+    slopes (per head, and the bias they give depends on the row position), no user
+    score functions (they see ``h`` and ``i``), no window, no top-left causal rule (row ``r`` would see ``r + 1`` keys), and
     ``kv_lengths`` indexed by a batch axis other than the heads. A softcap depends on
     the score alone and folds. ``(*batch, Hq, 1, D)`` queries become
     ``(*batch, Hkv, group, D)``; the results reshape back, since query head
@@ -272,6 +292,7 @@ def fold_query_groups(problem):
     group = problem.gqa_group
     if (group == 1 or problem.q_len != 1 or problem.mask is not None
             or problem.bias is not None or problem.alibi_slopes is not None
+            or problem.has_score_functions
             or problem.window is not None
             or (problem.causal and problem.diag_offset < problem.kv_len - 1)
             or (problem.kv_lengths is not None and len(problem.batch_shape) < 2)):

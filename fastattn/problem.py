@@ -9,6 +9,7 @@ from it, so the two can only differ in arithmetic, never in what they accept.
 This module imports NumPy only, never Numba.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,8 @@ from fastattn.checks.arguments import (
     check_window,
     result_dtypes,
 )
+from fastattn.block_mask import check_block_mask
+from fastattn.checks.functions import check_score_function
 from fastattn.checks.shapes import (
     broadcast_batch,
     check_score_operand,
@@ -31,7 +34,8 @@ from fastattn.checks.shapes import (
     matrix_dims,
 )
 
-__all__ = ["AttentionProblem", "check_attention", "check_backward_arrays", "checked_problem"]
+__all__ = ["AttentionProblem", "check_attention", "check_backward_arrays", "check_score_mod_grad",
+           "checked_problem"]
 
 
 @dataclass(slots=True)
@@ -69,6 +73,11 @@ class AttentionProblem:
     alibi_slopes : ndarray of float64 or None
         ``batch_shape``, a (possibly broadcast, read-only) view: entry ``b``'s scores
         lose ``slope[b] * |i + off - j|``.
+    score_mod, mask_mod, score_mod_grad : numba dispatcher or None
+        The user's score functions, checked (:mod:`fastattn.checks.functions`);
+        ``score_mod_grad`` only in a backward call.
+    block_mask : BlockMask or None
+        Made for this batch shape, ``Lq`` and ``Lk``; it carries its ``mask_mod``.
     """
 
     query: np.ndarray
@@ -91,6 +100,27 @@ class AttentionProblem:
     window: object
     softcap: object = None
     alibi_slopes: object = None
+    score_mod: object = None
+    mask_mod: object = None
+    block_mask: object = None
+    score_mod_grad: object = None
+
+    @property
+    def heads(self):
+        """Size of the batch axis that the user functions' ``h`` indexes: the last
+        of two or more batch axes, else 1 (``b, h = divmod(entry, heads)``)."""
+        return self.batch_shape[-1] if len(self.batch_shape) >= 2 else 1
+
+    @property
+    def effective_mask_mod(self):
+        """The ``mask_mod`` the call applies: its own, or its block mask's."""
+        return self.block_mask.mask_mod if self.block_mask is not None else self.mask_mod
+
+    @property
+    def has_score_functions(self):
+        """Whether a user function (score_mod, mask_mod, block mask) shapes the scores."""
+        return (self.score_mod is not None or self.mask_mod is not None
+                or self.block_mask is not None)
 
     @property
     def out_shape(self):
@@ -123,7 +153,8 @@ class AttentionProblem:
 
 def check_attention(query, key, value, mask=None, *, bias=None, causal=False,
                     causal_alignment="top_left", window=None, kv_lengths=None,
-                    scale=None, enable_gqa=False, softcap=None, alibi_slopes=None):
+                    scale=None, enable_gqa=False, softcap=None, alibi_slopes=None,
+                    score_mod=None, mask_mod=None, block_mask=None):
     """Validate the arguments of ``scaled_dot_product_attention``.
 
     Parameters are those of :func:`fastattn.scaled_dot_product_attention`.
@@ -138,12 +169,16 @@ def check_attention(query, key, value, mask=None, *, bias=None, causal=False,
         For inputs of a non-real dtype, a non-boolean mask, non-integer kv_lengths
         or window entries, a scale or softcap that is not a real number, or
         alibi_slopes that are not real.
+        A ``score_mod`` or ``mask_mod`` that is not a Numba-compiled function of
+        the right arity and return type, or a ``block_mask`` that is not a
+        :class:`~fastattn.block_mask.BlockMask`.
     ValueError
         For shapes that do not fit together, a bias holding ``+inf``, a negative
         window, kv_lengths of the wrong length or out of range, a non-finite scale,
         a softcap not positive and finite, alibi_slopes not finite or not
-        broadcastable to the batch shape, or an unknown ``causal_alignment``; the
-        message names the argument and shapes.
+        broadcastable to the batch shape, an unknown ``causal_alignment``, a
+        ``block_mask`` made for another shape, or a ``mask_mod`` other than the
+        ``block_mask``'s; the message names the argument and shapes.
     """
     query = as_real_array("query", query)
     key = as_real_array("key", key)
@@ -162,6 +197,15 @@ def check_attention(query, key, value, mask=None, *, bias=None, causal=False,
     group = gqa_group_size(query, key, value, enable_gqa)
     batch_shape = broadcast_batch(query, key, value, mask, bias, group)
     diag_offset = check_causal_alignment(causal_alignment, q_len, kv_len)
+    score_mod = check_score_function("score_mod", score_mod, compute_dtype)
+    mask_mod = check_score_function("mask_mod", mask_mod, compute_dtype)
+    block_mask = check_block_mask(block_mask, batch_shape, q_len, kv_len)
+    if block_mask is not None and mask_mod not in (None, block_mask.mask_mod):
+        raise ValueError("pass either mask_mod or a block_mask made from it, not both: "
+                         "block_mask carries its own mask_mod")
+    if block_mask is not None:
+        check_score_function("mask_mod", block_mask.mask_mod, compute_dtype)
+        mask_mod = None
 
     return AttentionProblem(
         query=query, key=key, value=value, mask=mask, bias=bias,
@@ -173,6 +217,7 @@ def check_attention(query, key, value, mask=None, *, bias=None, causal=False,
         diag_offset=diag_offset, window=check_window(window),
         softcap=check_softcap(softcap),
         alibi_slopes=check_alibi_slopes(alibi_slopes, batch_shape),
+        score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask,
     )
 
 
@@ -194,6 +239,22 @@ def checked_problem(query, key, value, *, mask=None, kv_lengths=None, causal=Fal
         batch_shape=query.shape[:-2], q_len=q_len, kv_len=kv_len, head_dim=head_dim,
         value_dim=value_dim, gqa_group=gqa_group, compute_dtype=dtype, out_dtype=dtype,
         scale=check_scale(None, head_dim), causal=bool(causal), diag_offset=0, window=None)
+
+
+def check_score_mod_grad(problem, score_mod_grad):
+    """The backward's ``problem`` with its checked ``score_mod_grad``, which a
+    ``score_mod`` needs (a ValueError naming it when missing)."""
+    if problem.score_mod is None:
+        if score_mod_grad is not None:
+            raise ValueError("score_mod_grad was given without a score_mod")
+        return problem
+    if score_mod_grad is None:
+        raise ValueError(
+            "the backward of a score_mod needs score_mod_grad(s, b, h, i, j) = "
+            "d score_mod(s, b, h, i, j) / d s, a Numba-compiled function; pass it as "
+            "score_mod_grad=")
+    grad = check_score_function("score_mod_grad", score_mod_grad, problem.compute_dtype)
+    return dataclasses.replace(problem, score_mod_grad=grad)
 
 
 def check_backward_arrays(problem, grad_out, out, lse):

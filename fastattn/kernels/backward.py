@@ -9,7 +9,10 @@ the forward's score function (:func:`fastattn.kernels.scores.block_scores`). Wit
     dQ += scale * dS K,   dK += scale * dS^T Q.
 
 With a softcap, ``dS`` is multiplied by the cap's derivative
-``1 - tanh(s / softcap)**2``, which the score function writes alongside the scores.
+``1 - tanh(s / softcap)**2``, and with a ``score_mod`` by ``score_mod_grad`` at
+the score before it; the score function writes their product alongside the scores.
+With a block mask, the rows of each key block go by the mask's tiles, and empty
+tiles are skipped.
 
 One parallel pass computes all five products once per block. Its tasks are
 (batch entry, key group): group ``g`` of ``G`` takes key blocks ``g, g + G, ...``,
@@ -29,6 +32,7 @@ NaN ``lse`` wherever they are seen.
 import numpy as np
 from numba import prange, types
 
+from fastattn.block_mask import EMPTY, PARTIAL
 from fastattn.kernels.config import jit_helper, kernel_per_dtype
 from fastattn.kernels.masking import entry_rule, key_block_rows
 from fastattn.kernels.operands import TILING_TYPE, backward_types, problem_types
@@ -117,9 +121,9 @@ def backward_task(task, b, group, inputs, options, mask, bias, visibility, tilin
     scaled_rows_buffer = np.empty(block_q * head_dim, dtype=grad_key.dtype)
     probs_buffer = np.empty(block_q * block_k, dtype=grad_key.dtype)
     score_grads_buffer = np.empty(block_q * block_k, dtype=grad_key.dtype)
-    # the softcap's derivative, written only with a softcap
-    cap_grads_buffer = np.empty(block_q * block_k if options.has_softcap else 0,
-                                dtype=grad_key.dtype)
+    # d score / d (scale q.k), from the softcap and score_mod_grad, only with either
+    has_chain = options.has_softcap or options.has_score_mod
+    chain_buffer = np.empty(block_q * block_k if has_chain else 0, dtype=grad_key.dtype)
     product_buffer = np.empty(max(block_q, block_k) * max(head_dim, value_dim),
                               dtype=grad_key.dtype)
     key_grad_buffer = np.empty(block_k * head_dim, dtype=grad_key.dtype)
@@ -141,9 +145,18 @@ def backward_task(task, b, group, inputs, options, mask, bias, visibility, tilin
         value_grad = block_view(value_grad_buffer, cols, value_dim)  # (cols, Dv)
         key_grad[:, :] = 0.0
         value_grad[:, :] = 0.0
-        for row_start in range(row_first, row_last, block_q):
-            row_stop = min(row_start + block_q, row_last)
+        # with a block mask, rows go by the mask's tiles, and empty tiles are skipped
+        tiles_start = row_first - row_first % block_q if visibility.has_block_mask else row_first
+        for block_start in range(tiles_start, row_last, block_q):
+            row_start = max(block_start, row_first)
+            row_stop = min(block_start + block_q, row_last)
             rows = row_stop - row_start
+            check_mask_mod = options.has_mask_mod
+            if visibility.has_block_mask:
+                state = visibility.block_states[b, block_start // block_q, k_block]
+                if state == EMPTY:
+                    continue
+                check_mask_mod = state == PARTIAL
             q_rows = queries[row_start:row_stop]  # (rows, Dk)
             grad_rows = grads[row_start:row_stop]  # (rows, Dv)
             scaled_rows = block_view(scaled_rows_buffer, rows, head_dim)  # (rows, Dk)
@@ -155,17 +168,17 @@ def backward_task(task, b, group, inputs, options, mask, bias, visibility, tilin
             nan_met[task] |= query_nan
             probs = block_view(probs_buffer, rows, cols)  # (rows, cols)
             score_grads = block_view(score_grads_buffer, rows, cols)  # (rows, cols)
-            cap_grads = block_view(cap_grads_buffer, rows if options.has_softcap else 0,
-                                   cols)  # (rows, cols) d softcap / d s
+            chain = block_view(chain_buffer, rows if has_chain else 0,
+                               cols)  # (rows, cols) d score / d (scale q.k)
             block_scores(probs, scaled_rows, keys, row_start, key_start, b, rule, options,
-                         mask, bias, cap_grads, options.has_softcap)
+                         mask, bias, chain, has_chain, check_mask_mod)
             np.dot(grad_rows, values.T, score_grads)  # dP, then dS
             probabilities_and_score_grads(probs, score_grads, row_start, lse[b], delta[b],
                                           values_have_nan)
-            if options.has_softcap:  # dS with respect to the score before the cap
+            if has_chain:  # dS with respect to scale * q.k, before the cap and score_mod
                 for r in range(rows):
                     for c in range(cols):
-                        score_grads[r, c] *= cap_grads[r, c]
+                        score_grads[r, c] *= chain[r, c]
             product = block_view(product_buffer, cols, value_dim)  # (cols, Dv)
             np.dot(probs.T, grad_rows, product)  # P^T dO
             add_into(value_grad, product)

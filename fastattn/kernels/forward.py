@@ -21,6 +21,7 @@ import math
 import numpy as np
 from numba import njit, prange, types
 
+from fastattn.block_mask import EMPTY, PARTIAL
 from fastattn.kernels.config import jit_helper, kernel_per_dtype
 from fastattn.kernels.masking import entry_rule, row_block_keys
 from fastattn.kernels.operands import (TILING_TYPE, array_type, forward_result_types,
@@ -74,21 +75,22 @@ def online_softmax_block(scores, row_max, row_sum, acc):
 
 @jit_helper
 def attend_key_range(q_rows, row_start, key_first, key_last, keys, values, entry, rule,
-                     options, mask, bias, block_k, score_buffer, product_buffer, row_max,
-                     row_sum, acc):
+                     options, mask, bias, check_mask_mod, block_k, score_buffer,
+                     product_buffer, row_max, row_sum, acc):
     """Fold keys ``[key_first, key_last)`` into the running softmax of some query rows.
 
     ``q_rows`` ``(rows, Dk)`` are queries ``row_start + r`` in log2 units; ``row_max``,
     ``row_sum`` ``(rows,)`` and ``acc`` ``(rows, Dv)`` are their running state, updated
     in place, one block of at most ``block_k`` keys at a time, scored into
     ``score_buffer``, its product with the values written into ``product_buffer``.
+    ``check_mask_mod``: whether the user's ``mask_mod`` must be applied.
     """
     rows = q_rows.shape[0]
     for key_start in range(key_first, key_last, block_k):
         key_stop = min(key_start + block_k, key_last)
         scores = block_view(score_buffer, rows, key_stop - key_start)  # (rows, cols)
         block_scores(scores, q_rows, keys[key_start:key_stop], row_start, key_start, entry,
-                     rule, options, mask, bias, scores, False)
+                     rule, options, mask, bias, scores, False, check_mask_mod)
         online_softmax_block(scores, row_max, row_sum, acc)  # scores -> probabilities
         product = block_view(product_buffer, rows, acc.shape[1])  # (rows, Dv)
         np.dot(scores, values[key_start:key_stop], product)
@@ -118,7 +120,7 @@ def exact_row(q_row, row, key_first, key_last, keys, values, entry, rule, option
             key_stop = min(key_start + block_k, key_last)
             scores = block_view(score_buffer, 1, key_stop - key_start)  # (1, cols)
             block_scores(scores, q_row, keys[key_start:key_stop], row, key_start, entry, rule,
-                         options, mask, bias, scores, False)
+                         options, mask, bias, scores, False, True)
             for c in range(key_stop - key_start):
                 score = scores[0, c]
                 if not summing:
@@ -224,38 +226,15 @@ def forward_task(b, q_start, q_stop, split, n_splits, inputs, options, mask, bia
     row_sum = np.zeros(rows, dtype=out.dtype)  # (rows,) running sum of exp2(s - row_max)
     acc = np.zeros((rows, value_dim), dtype=out.dtype)  # (rows, Dv) unnormalised output
 
-    # 1. Keys every row of the block sees: full-size blocks, masked only for a
-    #    user mask or bias.
-    full_first, full_last = max(common_first, first_key), min(common_last, last_key)
-    if full_last > full_first:  # whole multiples of ALIGN keys; the rest is a strip
-        full_last = full_first + (full_last - full_first) // ALIGN * ALIGN
-    attend_key_range(q_block, q_start, full_first, full_last, keys, values, b, rule,
-                     options, mask, bias, block_k, score_buffer, product_buffer, row_max,
-                     row_sum, acc)
-    # 2. Keys only some rows see (the causal diagonal, window edges): groups of
-    #    EDGE_ROWS rows, each over its own visible range, so little is computed
-    #    only to be masked.
-    for group_start in range(0, rows, EDGE_ROWS):
-        group_stop = min(group_start + EDGE_ROWS, rows)
-        group_first, group_last = row_block_keys(q_start + group_start,
-                                                 q_start + group_stop, rule)[:2]
-        group_first, group_last = max(group_first, first_key), min(group_last, last_key)
-        # The strips left and right of part 1, widened outwards (away from part 1)
-        # to whole multiples of ALIGN keys; masking hides the keys added.
-        if full_first < full_last:
-            left_last = min(full_first, group_last)
-            left_first = max(left_last - aligned_count(left_last - group_first), span_first)
-            right_first = max(full_last, group_first)
-        else:
-            left_first = left_last = group_first
-            right_first = group_first
-        right_last = min(right_first + aligned_count(group_last - right_first), span_last)
-        for strip_first, strip_last in ((left_first, left_last), (right_first, right_last)):
-            attend_key_range(q_block[group_start:group_stop], q_start + group_start,
-                             strip_first, strip_last, keys, values, b, rule, options, mask, bias,
-                             block_k, score_buffer, product_buffer,
-                             row_max[group_start:group_stop], row_sum[group_start:group_stop],
-                             acc[group_start:group_stop])
+    if visibility.has_block_mask:  # the tiles of the block mask that are not empty
+        tile_states = visibility.block_states[b, q_start // tiling.block_q]  # (key tiles,)
+        attend_block_mask_tiles(q_block, q_start, first_key, last_key, keys, values, b, rule,
+                                options, mask, bias, tile_states, block_k, score_buffer,
+                                product_buffer, row_max, row_sum, acc)
+    else:
+        attend_visible_keys(q_block, q_start, first_key, last_key, span_first, span_last,
+                            common_first, common_last, keys, values, b, rule, options, mask,
+                            bias, block_k, score_buffer, product_buffer, row_max, row_sum, acc)
 
     if n_splits == 1:
         out_rows = out[b]  # (Lq, Dv)
@@ -289,12 +268,75 @@ def forward_task(b, q_start, q_stop, split, n_splits, inputs, options, mask, bia
             key_stop = min(key_start + block_k, last_key)
             scores = block_view(score_buffer, rows, key_stop - key_start)  # (rows, cols)
             block_scores(scores, q_block, keys[key_start:key_stop], q_start, key_start, b,
-                         rule, options, mask, bias, scores, False)
+                         rule, options, mask, bias, scores, False, True)
             for r in range(rows):
                 if row_sum[r] > 0.0:
                     for c in range(key_stop - key_start):
                         weights[b, q_start + r, key_start + c] = exp2(scores[r, c] - row_max[r])
     return marked
+
+
+@jit_helper
+def attend_visible_keys(q_block, row_start, first_key, last_key, span_first, span_last,
+                        common_first, common_last, keys, values, b, rule, options, mask, bias,
+                        block_k, score_buffer, product_buffer, row_max, row_sum, acc):
+    """Fold the keys ``[first_key, last_key)`` that some row of the query block
+    ``q_block`` ``(rows, Dk)`` (rows from ``row_start``) may see into its running
+    softmax, those that every row sees (``[common_first, common_last)``) in
+    full-size blocks, the rest in strips of ``EDGE_ROWS`` rows; keys outside
+    ``[span_first, span_last)`` are never read."""
+    rows = q_block.shape[0]
+    check_mask_mod = options.has_mask_mod
+    # 1. Keys every row of the block sees: full-size blocks, masked only for a
+    #    user mask or bias.
+    full_first, full_last = max(common_first, first_key), min(common_last, last_key)
+    if full_last > full_first:  # whole multiples of ALIGN keys; the rest is a strip
+        full_last = full_first + (full_last - full_first) // ALIGN * ALIGN
+    attend_key_range(q_block, row_start, full_first, full_last, keys, values, b, rule,
+                     options, mask, bias, check_mask_mod, block_k, score_buffer,
+                     product_buffer, row_max, row_sum, acc)
+    # 2. Keys only some rows see (the causal diagonal, window edges): groups of
+    #    EDGE_ROWS rows, each over its own visible range, so little is computed
+    #    only to be masked.
+    for group_start in range(0, rows, EDGE_ROWS):
+        group_stop = min(group_start + EDGE_ROWS, rows)
+        group_first, group_last = row_block_keys(row_start + group_start,
+                                                 row_start + group_stop, rule)[:2]
+        group_first, group_last = max(group_first, first_key), min(group_last, last_key)
+        # The strips left and right of part 1, widened outwards (away from part 1)
+        # to whole multiples of ALIGN keys; masking hides the keys added.
+        if full_first < full_last:
+            left_last = min(full_first, group_last)
+            left_first = max(left_last - aligned_count(left_last - group_first), span_first)
+            right_first = max(full_last, group_first)
+        else:
+            left_first = left_last = group_first
+            right_first = group_first
+        right_last = min(right_first + aligned_count(group_last - right_first), span_last)
+        for strip_first, strip_last in ((left_first, left_last), (right_first, right_last)):
+            attend_key_range(q_block[group_start:group_stop], row_start + group_start,
+                             strip_first, strip_last, keys, values, b, rule, options, mask, bias,
+                             check_mask_mod, block_k, score_buffer, product_buffer,
+                             row_max[group_start:group_stop], row_sum[group_start:group_stop],
+                             acc[group_start:group_stop])
+
+
+@jit_helper
+def attend_block_mask_tiles(q_block, row_start, first_key, last_key, keys, values, b, rule,
+                            options, mask, bias, tile_states, block_k, score_buffer,
+                            product_buffer, row_max, row_sum, acc):
+    """Fold the keys ``[first_key, last_key)`` into the running softmax of the query
+    tile ``q_block`` ``(rows, Dk)`` (rows from ``row_start``), one key tile of
+    ``block_k`` at a time as the block mask's ``tile_states`` ``(key tiles,)`` say:
+    empty tiles skipped, partial ones through ``mask_mod``, full ones without it."""
+    for k_tile in range(first_key // block_k, -(-last_key // block_k)):
+        state = tile_states[k_tile]
+        if state == EMPTY:
+            continue
+        attend_key_range(q_block, row_start, max(k_tile * block_k, first_key),
+                         min((k_tile + 1) * block_k, last_key), keys, values, b, rule, options,
+                         mask, bias, state == PARTIAL, block_k, score_buffer,
+                         product_buffer, row_max, row_sum, acc)
 
 
 def _exact_rows(inputs, options, mask, bias, visibility, tiling, outputs, rows):

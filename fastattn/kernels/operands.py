@@ -9,6 +9,7 @@ import numba
 import numpy as np
 from numba import types
 
+from fastattn.kernels.score_functions import hook_type
 from fastattn.layout import (BackwardInputs, ForwardOutputs, Gradients, Inputs, KeySpans,
                              ScoreOperand, ScoreOptions, Tiling, Visibility)
 
@@ -37,9 +38,11 @@ def problem_types(dtype):
     data3, index = array_type(dtype, 3), array_type(np.int64, 1)
     inputs = group_type(Inputs, (data3, data3, data3, index, index, index))
     options = group_type(ScoreOptions, (types.float64, types.float64, types.boolean,
-                                        array_type(np.float64, 1), types.boolean))
+                                        array_type(np.float64, 1), types.boolean,
+                                        hook_type(dtype), types.boolean, types.boolean,
+                                        types.int64))
     visibility = group_type(Visibility, (index, types.boolean, types.int64, types.int64,
-                                         types.int64))
+                                         types.int64, array_type(np.int8, 3), types.boolean))
     return (inputs, options, score_operand_type(np.bool_), score_operand_type(dtype),
             visibility)
 

@@ -11,7 +11,9 @@ For query ``i`` and key ``j`` of batch entry ``b`` the score is built in this or
    of ``causal_alignment``);
 4. ``s += log2(e) * bias[b, i, j]`` (a ``-inf`` bias hides the key, even where
    ``s`` is NaN);
-5. keys hidden by the visibility rule (:mod:`fastattn.kernels.masking`) or by the
+5. the user's ``score_mod`` and ``mask_mod``, through the block hook of
+   :mod:`fastattn.kernels.score_functions` (``score_mod`` leaves ``-inf`` alone);
+6. keys hidden by the visibility rule (:mod:`fastattn.kernels.masking`) or by the
    mask become ``-inf``, whatever ``s`` was, so a NaN is never taken for a hidden key.
 
 A new score option is one more step here and one more field of
@@ -22,16 +24,18 @@ import numpy as np
 
 from fastattn.kernels.config import jit_helper
 from fastattn.kernels.masking import block_fully_visible, visible_columns
+from fastattn.kernels.score_functions import (APPLY_MASK, MULTIPLY_GRADS, WRITE_GRADS,
+                                              call_hook)
 from fastattn.kernels.vector_math import LOG2E, cast_like, tanh
 
 
 @jit_helper
 def block_scores(scores, q_rows, keys, row_start, key_start, entry, rule, options, mask, bias,
-                 cap_grads, want_cap_grads):
+                 score_grads, want_score_grads, check_mask_mod):
     """Write the scores of ``q_rows`` against ``keys`` into ``scores``.
 
-    Steps 2 and 3 (softcap, ALiBi) run over the whole block when their option is
-    set, and cost nothing otherwise.
+    Steps 2, 3 and 5 (softcap, ALiBi, the user's functions) run over the whole
+    block when their option is set, and cost nothing otherwise.
 
     Parameters
     ----------
@@ -46,19 +50,24 @@ def block_scores(scores, q_rows, keys, row_start, key_start, entry, rule, option
     rule : KeyRule
         The entry's visibility rule.
     options : ScoreOptions
-        The scalar score options (the scale is already in ``q_rows``).
+        The scalar score options (the scale is already in ``q_rows``) and the block
+        hook of the user's functions.
     mask, bias : ScoreOperand
         The mask and bias operands (read only when ``present``).
-    cap_grads : array, shape ``(rows, cols)``, C-contiguous
-        With ``want_cap_grads`` and a softcap: overwritten with the softcap's
-        derivative ``d capped / d s = 1 - tanh(s / softcap)**2`` (the backward's
-        chain rule factor); else never touched.
+    score_grads : array, shape ``(rows, cols)``, C-contiguous
+        With ``want_score_grads``, overwritten with ``d score / d s`` at
+        ``s = scale * q.k``: the softcap's derivative ``1 - tanh(s / softcap)**2``
+        times ``score_mod_grad`` at the score before ``score_mod`` (the backward's
+        chain rule factor); else never touched. Needs a softcap or a score_mod.
+    check_mask_mod : bool
+        Whether to apply the user's ``mask_mod`` (if any) to this block; False on
+        a block a block mask knows to be full.
     """
     np.dot(q_rows, keys.T, scores)  # (rows, cols) log2(e) * scale * q.k
     rows, cols = scores.shape
     if options.has_softcap:
-        apply_softcap(scores, cast_like(options.softcap * LOG2E, scores), cap_grads,
-                      want_cap_grads)
+        apply_softcap(scores, cast_like(options.softcap * LOG2E, scores), score_grads,
+                      want_score_grads)
     if options.has_alibi:
         slope = cast_like(options.alibi_slopes[entry] * LOG2E, scores)
         one = cast_like(1.0, scores)
@@ -69,24 +78,43 @@ def block_scores(scores, q_rows, keys, row_start, key_start, entry, rule, option
             for c in range(cols):
                 scores[r, c] -= slope * abs(offset)
                 offset -= one
-    if not (mask.present or bias.present) and block_fully_visible(
+    bias_rows = bias.stack[bias.index[entry] if bias.present else 0]  # (1 or Lq, 1 or Lk)
+    hook_mode = APPLY_MASK if options.has_mask_mod and check_mask_mod else 0
+    if want_score_grads and options.has_score_mod:
+        hook_mode |= MULTIPLY_GRADS if options.has_softcap else WRITE_GRADS
+    add_bias_later = bias.present
+    if options.has_score_mod or hook_mode:  # the user's functions see the biased score
+        if bias.present:
+            for r in range(rows):
+                first, stop = visible_columns(row_start + r, key_start, cols, rule)
+                add_bias(scores[r], bias_rows, bias, row_start + r, key_start, first, stop)
+            add_bias_later = False
+        call_hook(options, scores, score_grads, row_start, key_start, entry, hook_mode)
+    if not (mask.present or add_bias_later) and block_fully_visible(
             row_start, row_start + rows, key_start, key_start + cols, rule):
         return
-    bias_rows = bias.stack[bias.index[entry] if bias.present else 0]  # (1 or Lq, 1 or Lk)
     mask_rows = mask.stack[mask.index[entry] if mask.present else 0]  # (1 or Lq, 1 or Lk)
     for r in range(rows):
         row = row_start + r
         first, stop = visible_columns(row, key_start, cols, rule)
-        if bias.present:
-            for c in range(first, stop):
-                value = bias_rows[row * bias.row_step, (key_start + c) * bias.col_step]
-                scores[r, c] = -np.inf if value == -np.inf else scores[r, c] + LOG2E * value
+        if add_bias_later:
+            add_bias(scores[r], bias_rows, bias, row, key_start, first, stop)
         if mask.present:
             for c in range(first, stop):
                 if not mask_rows[row * mask.row_step, (key_start + c) * mask.col_step]:
                     scores[r, c] = -np.inf
         scores[r, :first] = -np.inf
         scores[r, stop:] = -np.inf
+
+
+@jit_helper
+def add_bias(score_row, bias_rows, bias, row, key_start, first, stop):
+    """Add the bias of query ``row`` to columns ``[first, stop)`` of ``score_row``
+    ``(cols,)`` (log2 units); a ``-inf`` bias hides the key, even where the score is
+    NaN."""
+    for c in range(first, stop):
+        value = bias_rows[row * bias.row_step, (key_start + c) * bias.col_step]
+        score_row[c] = -np.inf if value == -np.inf else score_row[c] + LOG2E * value
 
 
 @jit_helper

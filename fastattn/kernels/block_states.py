@@ -1,0 +1,53 @@
+"""The kernel of :func:`fastattn.create_block_mask`: the state of every tile of a
+``mask_mod``, computed by calling its block hook on a block of zeros."""
+
+import numpy as np
+from numba import prange, types
+
+from fastattn.block_mask import EMPTY, FULL, PARTIAL
+from fastattn.kernels.config import kernel_per_dtype
+from fastattn.kernels.operands import array_type
+from fastattn.kernels.score_functions import APPLY_MASK, block_hook, data_pointer, hook_type
+
+
+def _block_states(hook, heads, q_len, kv_len, block_q, block_k, states):
+    """Fill ``states`` ``(N, q tiles, key tiles)``: for batch entry ``n``
+    (``b, h = divmod(n, heads)``), tile ``(t, u)`` covers queries
+    ``[t * block_q, (t + 1) * block_q)`` and keys ``[u * block_k, (u + 1) * block_k)``
+    (cut at ``q_len`` and ``kv_len``); ``hook`` applies ``mask_mod`` to a block of
+    zeros, and the count of ``-inf`` left says whether the tile is empty, partial
+    or full."""
+    n_batch, n_q_tiles, n_k_tiles = states.shape
+    for task in prange(n_batch * n_q_tiles):
+        entry = task // n_q_tiles
+        q_tile = task - entry * n_q_tiles
+        row_start = q_tile * block_q
+        rows = min(block_q, q_len - row_start)
+        buffer = np.empty(rows * block_k, np.float32)
+        for k_tile in range(n_k_tiles):
+            key_start = k_tile * block_k
+            cols = min(block_k, kv_len - key_start)
+            buffer[:] = 0.0
+            hook(data_pointer(buffer), data_pointer(buffer), rows, cols, row_start, key_start,
+                 entry // heads, entry % heads, APPLY_MASK)
+            hidden = 0
+            for index in range(rows * cols):
+                hidden += buffer[index] == -np.inf
+            states[entry, q_tile, k_tile] = (FULL if hidden == 0 else
+                                             EMPTY if hidden == rows * cols else PARTIAL)
+
+
+def _signature(dtype):
+    return types.void(hook_type(np.float32), *(types.int64,) * 5,
+                      array_type(np.int8, 3, readonly=False))
+
+
+_block_states_kernel = kernel_per_dtype(_block_states, _signature)
+
+
+def evaluate_block_states(mask_mod, heads, q_len, kv_len, block_q, block_k, states):
+    """Fill ``states`` ``(N, q tiles, key tiles)`` for ``mask_mod`` (see
+    :func:`_block_states`)."""
+    if states.size:
+        hook = block_hook(None, mask_mod, None, np.float32)
+        _block_states_kernel(np.float32)(hook, heads, q_len, kv_len, block_q, block_k, states)
