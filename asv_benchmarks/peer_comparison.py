@@ -458,12 +458,16 @@ def _short(spec, width):
     return spec if len(spec) <= width else "..." + spec[-(width - 3):]
 
 
+def _gflops(value):
+    return f"{value:.1f}" if value >= 1 else f"{value:.3f}"
+
+
 def print_table(results, rounds, threads):
     """The peer table (stdout)."""
     print(f"\n{rounds} interleaved rounds, {threads} threads; ratio = first / other "
           "(median of per-round ratios [min, max]); share = first's GFLOP/s / same "
           "round's 2048^3 sgemm")
-    print(f"{'case':22}{'first':>22}{'other':>22}{'first ms':>11}{'other ms':>11}"
+    print(f"{'case':28}{'first':>22}{'other':>22}{'first ms':>11}{'other ms':>11}"
           f"{'ratio [min, max]':>23}{'GFLOP/s':>9}{'other':>8}{'share':>7}")
     for result in results:
         for row in summarise(result):
@@ -471,11 +475,11 @@ def print_table(results, rounds, threads):
             ratio = (f"{row['ratio']:.3f} [{row['ratio_min']:.2f}, {row['ratio_max']:.2f}]"
                      if row["other"] else "")
             other_ms = f"{row['other_ms']:.4f}" if row["other"] else ""
-            other_gflops = f"{row['other_gflops']:.1f}" if row["other"] else ""
+            other_gflops = _gflops(row["other_gflops"]) if row["other"] else ""
             share = f"{row['share']:.2f}" if row["share"] is not None else ""
-            print(f"{row['case']:22}{_short(row['first'], 21):>22}{_short(other, 21):>22}"
+            print(f"{row['case']:28}{_short(row['first'], 21):>22}{_short(other, 21):>22}"
                   f"{row['first_ms']:>11.4f}{other_ms:>11}{ratio:>23}"
-                  f"{row['first_gflops']:>9.1f}{other_gflops:>8}{share:>7}")
+                  f"{_gflops(row['first_gflops']):>9}{other_gflops:>8}{share:>7}")
     shares = {row["case"]: row["share"] for result in results for row in summarise(result)
               if row["share"] is not None and result["case"]["kind"] == "forward"
               and result["case"]["q_len"] >= 2048 and result["case"]["dim"] >= 64}
