@@ -467,7 +467,7 @@ def print_table(results, rounds, threads):
     print(f"\n{rounds} interleaved rounds, {threads} threads; ratio = first / other "
           "(median of per-round ratios [min, max]); share = first's GFLOP/s / same "
           "round's 2048^3 sgemm")
-    print(f"{'case':28}{'first':>22}{'other':>22}{'first ms':>11}{'other ms':>11}"
+    print(f"{'case':28}{'first':>39}{'other':>39}{'first ms':>11}{'other ms':>11}"
           f"{'ratio [min, max]':>23}{'GFLOP/s':>9}{'other':>8}{'share':>7}")
     for result in results:
         for row in summarise(result):
@@ -477,11 +477,12 @@ def print_table(results, rounds, threads):
             other_ms = f"{row['other_ms']:.4f}" if row["other"] else ""
             other_gflops = _gflops(row["other_gflops"]) if row["other"] else ""
             share = f"{row['share']:.2f}" if row["share"] is not None else ""
-            print(f"{row['case']:28}{_short(row['first'], 21):>22}{_short(other, 21):>22}"
+            print(f"{row['case']:28}{_short(row['first'], 38):>39}{_short(other, 38):>39}"
                   f"{row['first_ms']:>11.4f}{other_ms:>11}{ratio:>23}"
                   f"{_gflops(row['first_gflops']):>9}{other_gflops:>8}{share:>7}")
     shares = {row["case"]: row["share"] for result in results for row in summarise(result)
-              if row["share"] is not None and result["case"]["kind"] == "forward"
+              if row["share"] is not None and result["case"]["impls"] is None
+              and result["case"]["kind"] == "forward"
               and result["case"]["q_len"] >= 2048 and result["case"]["dim"] >= 64}
     if shares:
         lowest = min(shares, key=shares.get)
@@ -576,6 +577,8 @@ def main():
                         help="extra memory of one call instead of times (cases: "
                              + ", ".join(MEMORY_CASES) + ")")
     parser.add_argument("--json", metavar="PATH", help="also write every sample here")
+    parser.add_argument("--from-json", metavar="PATH",
+                        help="print the table of an earlier --json file, measure nothing")
     parser.add_argument("--list", action="store_true", help="print the groups and cases")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -586,6 +589,10 @@ def main():
             print(f"{group}: {' '.join(case.name for case in cases)}")
         print(f"memory (--memory): {' '.join(MEMORY_CASES)}")
         return None
+    if args.from_json:
+        with open(args.from_json) as file:
+            saved = json.load(file)
+        return print_table(saved["results"], saved["rounds"], saved["threads"])
     if args.quick:
         args.rounds, args.min_sample = 5, 0.01
     known = MEMORY_CASES if args.memory else CASES
