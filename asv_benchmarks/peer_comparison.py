@@ -322,7 +322,8 @@ def run_worker(spec, threads):
             elif request["op"] == "memory":
                 answer = {"extra_bytes": extra_memory_bytes(lambda: _first(call()))}
         except ImportError as error:
-            answer = {"skip": f"{error} (pip install torch==2.13.0 for the peer)"}
+            hint = " (pip install torch==2.13.0 for the peer)" if name == "torch" else ""
+            answer = {"skip": f"{error}{hint}"}
         except Exception as error:  # report it, keep serving: the parent decides
             answer = {"error": f"{type(error).__name__}: {error}"}
         print(json.dumps(answer), flush=True)
