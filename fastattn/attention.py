@@ -1,5 +1,6 @@
 """Public scaled dot-product attention: validates and lays out, then calls the fused kernel."""
 
+import functools
 import math
 
 import numpy as np
@@ -154,16 +155,10 @@ def run_forward(problem, return_weights):
     else:
         weights = placeholder(dtype, 3, writeable=True)  # never written
 
-    if problem.block_mask is not None:  # the kernels work in the mask's tiles
-        block_q, block_k = problem.block_mask.block_size
-    else:
-        block_q, block_k = choose_block_q(n_batch, problem.q_len), BLOCK_K
-    split_len = problem.kv_len
-    if not return_weights:  # the weights need each row's whole softmax in one task
-        split_len = choose_split_len(n_batch * -(-problem.q_len // block_q), problem.kv_len,
-                                     block_k)
-    split_len = max(split_len, 1)  # keys per span; the kernel reads the count off split_out
-    n_splits = max(1, -(-problem.kv_len // split_len))
+    block_size = problem.block_mask.block_size if problem.block_mask is not None else None
+    tiling, split_len, n_splits, blas_threads = forward_plan(
+        n_batch, problem.q_len, problem.kv_len, problem.head_dim, problem.value_dim,
+        bool(return_weights), block_size)
     if n_splits > 1:
         split_out = np.empty((n_splits, n_batch, problem.q_len, problem.value_dim),
                              dtype)  # (splits, N, Lq, Dv)
@@ -173,9 +168,8 @@ def run_forward(problem, return_weights):
         split_lse = placeholder(dtype, 3, writeable=True)
     if n_batch and problem.q_len:
         arguments = problem_arguments(problem, problem_hook(problem))
-        tiling = Tiling(block_q, block_k)
         outputs = ForwardOutputs(out, lse, weights, bool(return_weights))
-        with single_threaded_blas(needs_blas_threads(problem, block_q, block_k)):
+        with single_threaded_blas(blas_threads):
             marked = forward_kernel(dtype)(*arguments, tiling, outputs,
                                            KeySpans(split_len, split_out, split_lse))
             if marked:  # rows where a NaN met the block products (their lse is NaN):
@@ -184,17 +178,35 @@ def run_forward(problem, return_weights):
                 exact_rows_kernel(dtype)(*arguments, tiling, outputs, rows)
 
     out_dtype = problem.out_dtype
-    out = out.reshape(problem.out_shape).astype(out_dtype, copy=False)
-    lse = lse.reshape(problem.lse_shape).astype(out_dtype, copy=False)
+    out = out.reshape(problem.out_shape)  # (*batch, Lq, Dv)
+    lse = lse.reshape(problem.lse_shape)  # (*batch, Lq)
+    if out_dtype != dtype:  # float16 inputs: computed in float32
+        out, lse = out.astype(out_dtype), lse.astype(out_dtype)
     if return_weights:
         weights = weights.reshape(problem.weights_shape).astype(out_dtype, copy=False)
     return out, weights, lse
 
 
-def needs_blas_threads(problem, block_q, block_k):
-    """Whether a block product of this problem is large enough for BLAS to thread."""
-    largest = block_q * min(problem.kv_len, block_k) * max(problem.head_dim, problem.value_dim)
-    return largest > SERIAL_BLAS_WORK
+@functools.lru_cache(maxsize=256)
+def forward_plan(n_batch, q_len, kv_len, head_dim, value_dim, return_weights, block_size=None):
+    """How the forward kernel tiles a call, from its shape alone (cached, so repeated
+    shapes skip it): ``(tiling, split_len, n_splits, blas_threads)``.
+
+    ``block_size`` is a block mask's ``(block_q, block_k)`` (the kernels then work in
+    its tiles), else None: ``choose_block_q`` and ``BLOCK_K``. Keys are split into
+    spans of ``split_len`` (:func:`choose_split_len`), unless the weights are returned
+    (they need each row's whole softmax in one task). ``blas_threads``: whether a
+    block product is large enough for BLAS to thread (see :data:`SERIAL_BLAS_WORK`).
+    """
+    block_q, block_k = block_size or (choose_block_q(n_batch, q_len), BLOCK_K)
+    split_len = kv_len
+    if not return_weights:
+        split_len = choose_split_len(n_batch * -(-q_len // block_q), kv_len, block_k)
+    split_len = max(split_len, 1)  # keys per span; the kernel reads the count off split_out
+    n_splits = max(1, -(-kv_len // split_len))
+    largest_product = block_q * min(kv_len, block_k) * max(head_dim, value_dim)
+    return (Tiling(block_q, block_k), split_len, n_splits,
+            largest_product > SERIAL_BLAS_WORK)
 
 
 def choose_split_len(n_tasks, kv_len, block_k=BLOCK_K):

@@ -10,6 +10,7 @@ This module imports NumPy only, never Numba.
 """
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -180,6 +181,27 @@ def check_attention(query, key, value, mask=None, *, bias=None, causal=False,
         ``block_mask`` made for another shape, or a ``mask_mod`` other than the
         ``block_mask``'s; the message names the argument and shapes.
     """
+    if (mask is None and bias is None and kv_lengths is None and scale is None
+            and window is None and softcap is None and alibi_slopes is None
+            and score_mod is None and mask_mod is None and block_mask is None
+            and type(query) is np.ndarray and type(key) is np.ndarray
+            and type(value) is np.ndarray and type(causal) is bool
+            and type(enable_gqa) is bool and type(causal_alignment) is str):
+        # Plain ndarrays and no per-call operands: the checks depend on the shapes,
+        # dtypes and these flags only, so their outcome is looked up (tiny calls and
+        # decoding loops repeat shapes; see _plain_problem_fields).
+        return AttentionProblem(query, key, value, None, None, None, *_plain_problem_fields(
+            query.shape, key.shape, value.shape, query.dtype, key.dtype, value.dtype,
+            causal, causal_alignment, enable_gqa))
+    return _checked_attention(query, key, value, mask, bias, causal, causal_alignment, window,
+                              kv_lengths, scale, enable_gqa, softcap, alibi_slopes, score_mod,
+                              mask_mod, block_mask)
+
+
+def _checked_attention(query, key, value, mask, bias, causal, causal_alignment, window,
+                       kv_lengths, scale, enable_gqa, softcap, alibi_slopes, score_mod,
+                       mask_mod, block_mask):
+    """Every check of :func:`check_attention`, in full."""
     query = as_real_array("query", query)
     key = as_real_array("key", key)
     value = as_real_array("value", value)
@@ -230,6 +252,28 @@ def check_user_functions(score_mod, mask_mod, block_mask, batch_shape, q_len, kv
                          "block_mask carries its own mask_mod")
     check_score_function("mask_mod", block_mask.mask_mod, dtype)
     return score_mod, None, block_mask
+
+
+# fields of AttentionProblem after query, key, value, mask, bias and kv_lengths
+_SHAPE_FIELDS = ("batch_shape", "q_len", "kv_len", "head_dim", "value_dim", "gqa_group",
+                 "compute_dtype", "out_dtype", "scale", "causal", "diag_offset", "window")
+
+
+@functools.lru_cache(maxsize=256)
+def _plain_problem_fields(q_shape, k_shape, v_shape, q_dtype, k_dtype, v_dtype, causal,
+                          causal_alignment, enable_gqa):
+    """The :data:`_SHAPE_FIELDS` of a call with only query, key, value and these flags.
+
+    Runs the full :func:`check_attention` on stand-ins of the same shapes and dtypes
+    (zero-strided views of one element, no memory), so a bad combination raises
+    exactly what it raises for real arrays (and an exception is never cached). The
+    other fields keep their defaults (None) in such a call.
+    """
+    q, k, v = (np.broadcast_to(np.zeros((), dtype), shape) for shape, dtype in (
+        (q_shape, q_dtype), (k_shape, k_dtype), (v_shape, v_dtype)))
+    problem = _checked_attention(q, k, v, None, None, causal, causal_alignment, None, None,
+                                 None, enable_gqa, None, None, None, None, None)
+    return tuple(getattr(problem, name) for name in _SHAPE_FIELDS)
 
 
 def checked_problem(query, key, value, *, mask=None, kv_lengths=None, causal=False,
