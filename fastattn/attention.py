@@ -6,7 +6,7 @@ import math
 import numpy as np
 
 from fastattn.problem import check_attention
-from fastattn.threads import single_threaded_blas
+from fastattn.threads import get_num_threads, single_threaded_blas
 from fastattn.kernels.forward import exact_rows_kernel, forward_kernel
 from fastattn.kernels.score_functions import problem_hook
 from fastattn.layout import (ForwardOutputs, KeySpans, Tiling, fold_query_groups, placeholder,
@@ -156,7 +156,7 @@ def run_forward(problem, return_weights):
         weights = placeholder(dtype, 3, writeable=True)  # never written
 
     block_size = problem.block_mask.block_size if problem.block_mask is not None else None
-    tiling, split_len, n_splits, blas_threads = forward_plan(
+    (block_q, block_k), split_len, n_splits, blas_threads = forward_plan(
         n_batch, problem.q_len, problem.kv_len, problem.head_dim, problem.value_dim,
         bool(return_weights), block_size)
     if n_splits > 1:
@@ -169,6 +169,7 @@ def run_forward(problem, return_weights):
     if n_batch and problem.q_len:
         arguments = problem_arguments(problem, problem_hook(problem))
         outputs = ForwardOutputs(out, lse, weights, bool(return_weights))
+        tiling = Tiling(block_q, block_k, get_num_threads())  # a slot per thread
         with single_threaded_blas(blas_threads):
             marked = forward_kernel(dtype)(*arguments, tiling, outputs,
                                            KeySpans(split_len, split_out, split_lse))
@@ -190,7 +191,7 @@ def run_forward(problem, return_weights):
 @functools.lru_cache(maxsize=256)
 def forward_plan(n_batch, q_len, kv_len, head_dim, value_dim, return_weights, block_size=None):
     """How the forward kernel tiles a call, from its shape alone (cached, so repeated
-    shapes skip it): ``(tiling, split_len, n_splits, blas_threads)``.
+    shapes skip it): ``((block_q, block_k), split_len, n_splits, blas_threads)``.
 
     ``block_size`` is a block mask's ``(block_q, block_k)`` (the kernels then work in
     its tiles), else None: ``choose_block_q`` and ``BLOCK_K``. Keys are split into
@@ -205,7 +206,7 @@ def forward_plan(n_batch, q_len, kv_len, head_dim, value_dim, return_weights, bl
     split_len = max(split_len, 1)  # keys per span; the kernel reads the count off split_out
     n_splits = max(1, -(-kv_len // split_len))
     largest_product = block_q * min(kv_len, block_k) * max(head_dim, value_dim)
-    return (Tiling(block_q, block_k), split_len, n_splits,
+    return ((block_q, block_k), split_len, n_splits,
             largest_product > SERIAL_BLAS_WORK)
 
 

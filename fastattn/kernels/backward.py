@@ -105,7 +105,7 @@ def backward_task(task, b, group, inputs, options, mask, bias, visibility, tilin
     grad_out, lse, delta = extra
     n_groups, _, q_len, _ = query_grad_parts.shape
     kv_len = grad_key.shape[1]
-    block_q, block_k = tiling
+    block_q, block_k = tiling.block_q, tiling.block_k
     scale = options.scale
     log2_scale = scale * LOG2E
     n_k_blocks = (kv_len + block_k - 1) // block_k

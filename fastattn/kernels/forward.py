@@ -4,8 +4,8 @@ FlashAttention-2 loop order: query blocks outside (one ``prange`` task per batch
 entry and query block), key/value blocks inside. Each task keeps a running row
 maximum, a running row sum and a rescaled output accumulator, so no ``(Lq, Lk)``
 matrix is ever built; extra memory per task is one ``(block_q, block_k)`` score block,
-one ``(block_q, Dv)`` product block and one ``(block_q, Dv)`` accumulator, allocated
-once per task (no allocation per key block).
+one ``(block_q, Dv)`` product block and one ``(block_q, Dv)`` accumulator, carved
+from scratch memory allocated once per call for each thread.
 
 Scores come from :func:`fastattn.kernels.scores.block_scores`; key blocks that no
 query of a block can see (:mod:`fastattn.kernels.masking`) are never visited.
@@ -171,18 +171,25 @@ def _attention_forward(inputs, options, mask, bias, visibility, tiling, outputs,
     block_q = tiling.block_q
     n_q_blocks = (q_len + block_q - 1) // block_q
     n_splits = spans.out.shape[0]  # 1 for the placeholder: no split
+    # Scratch memory of each slot (thread), allocated once per call: a buffer
+    # allocated per task becomes a fresh, page-faulting mmap when the allocator is
+    # told to trim (MALLOC_TRIM_THRESHOLD_, as in Dask's workers).
+    n_tasks, slots = n_batch * n_q_blocks * n_splits, tiling.slots
+    scratch = np.empty((slots, task_scratch_size(
+        min(block_q, q_len), inputs.query.shape[2], outputs.out.shape[2],
+        min(tiling.block_k, inputs.key.shape[1]))), dtype=outputs.out.dtype)
     marked = 0
-    for task in prange(n_batch * n_q_blocks * n_splits):
-        split = task % n_splits
-        b = task // (n_q_blocks * n_splits)
-        # prange gives each thread an equal contiguous share of tasks, but a causal
-        # block near the top sees few keys: visit blocks in zigzag order (first, last,
-        # second, second to last, ...) so every share mixes cheap and costly blocks.
-        step = task // n_splits - b * n_q_blocks
-        q_block_index = step // 2 if step % 2 == 0 else n_q_blocks - 1 - step // 2
-        q_start = q_block_index * block_q
-        marked += forward_task(b, q_start, min(q_start + block_q, q_len), split, n_splits,
-                               inputs, options, mask, bias, visibility, tiling, outputs, spans)
+    for slot in prange(slots):
+        # Slot s takes tasks s, s + slots, ...: under a causal mask a query block
+        # near the top sees few keys, and interleaving mixes cheap and costly blocks
+        # in every slot's share.
+        for task in range(slot, n_tasks, slots):
+            split = task % n_splits
+            b = task // (n_q_blocks * n_splits)
+            q_start = (task // n_splits - b * n_q_blocks) * block_q
+            marked += forward_task(b, q_start, min(q_start + block_q, q_len), split, n_splits,
+                                   inputs, options, mask, bias, visibility, tiling, outputs,
+                                   spans, scratch[slot])
     if n_splits > 1:
         merge_key_spans(spans.out, spans.lse, outputs.out, outputs.lse)
     return marked
@@ -190,9 +197,10 @@ def _attention_forward(inputs, options, mask, bias, visibility, tiling, outputs,
 
 @jit_helper
 def forward_task(b, q_start, q_stop, split, n_splits, inputs, options, mask, bias, visibility,
-                 tiling, outputs, spans):
+                 tiling, outputs, spans, scratch):
     """One task of :func:`_attention_forward`: query rows ``[q_start, q_stop)`` of batch
-    entry ``b`` over key span ``split`` of ``n_splits`` (the whole key range when 1).
+    entry ``b`` over key span ``split`` of ``n_splits`` (the whole key range when 1),
+    its buffers carved from the thread's ``scratch`` (:func:`task_scratch_size`).
     Returns how many of its rows a NaN met (marked with a NaN lse)."""
     out, lse, weights, return_weights = outputs
     query, key, value = inputs.query, inputs.key, inputs.value
@@ -208,12 +216,23 @@ def forward_task(b, q_start, q_stop, split, n_splits, inputs, options, mask, bia
     # np.dot reads the blocks in place instead of copying them.
     keys = key[inputs.key_index[b]]  # (Lk, Dk)
     values = value[inputs.value_index[b]]  # (Lk, Dv)
-    q_block = np.empty((rows, head_dim), dtype=out.dtype)  # (rows, Dk) in log2 units
+    score_len = rows * min(block_k, kv_len)
+    score_buffer = scratch[:score_len]
+    product_buffer = scratch[score_len:score_len + rows * value_dim]
+    taken = score_len + rows * value_dim
+    q_block = block_view(scratch[taken:], rows, head_dim)  # (rows, Dk) in log2 units
+    taken += rows * head_dim
+    acc = block_view(scratch[taken:], rows, value_dim)  # (rows, Dv) unnormalised output
+    taken += rows * value_dim
+    row_max = scratch[taken:taken + rows]  # (rows,) running max, log2 units
+    row_sum = scratch[taken + rows:taken + 2 * rows]  # (rows,) running sum of exp2(s - max)
     for r in range(rows):
         for d in range(head_dim):
             q_block[r, d] = query_rows[q_start + r, d] * log2_scale
-    score_buffer = np.empty(rows * min(block_k, kv_len), dtype=out.dtype)
-    product_buffer = np.empty(rows * value_dim, dtype=out.dtype)
+        for d in range(value_dim):
+            acc[r, d] = 0.0
+        row_max[r] = -np.inf
+        row_sum[r] = 0.0
 
     # keys this task may read; keys of them that some row of the block may see,
     # and keys every row of the block sees
@@ -221,10 +240,6 @@ def forward_task(b, q_start, q_stop, split, n_splits, inputs, options, mask, bia
     span_last = min(kv_len, span_first + split_len)
     first_key, last_key, common_first, common_last = row_block_keys(q_start, q_stop, rule)
     first_key, last_key = max(first_key, span_first), min(last_key, span_last)
-
-    row_max = np.full(rows, -np.inf, dtype=out.dtype)  # (rows,) running max, log2 units
-    row_sum = np.zeros(rows, dtype=out.dtype)  # (rows,) running sum of exp2(s - row_max)
-    acc = np.zeros((rows, value_dim), dtype=out.dtype)  # (rows, Dv) unnormalised output
 
     # 1. With a block mask, its tiles that are not empty, each checked with
     #    mask_mod only if partial; else the keys every row of the block sees, in
@@ -354,6 +369,14 @@ def _exact_rows(inputs, options, mask, bias, visibility, tiling, outputs, rows):
             q_row, row, first_key, last_key, key[inputs.key_index[b]],
             value[inputs.value_index[b]], b, rule, options, mask, bias, block_k, score_buffer,
             out[b, row], weights_row, return_weights)
+
+
+@njit(inline="always")
+def task_scratch_size(rows, head_dim, value_dim, cols):
+    """Scratch entries of a forward task of ``rows`` query rows and key blocks of
+    ``cols`` keys: the score block, the product block, the scaled queries, the
+    accumulator, the running maxima and sums."""
+    return rows * (cols + 2 * value_dim + head_dim + 2)
 
 
 @njit(inline="always")

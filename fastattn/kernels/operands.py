@@ -46,7 +46,7 @@ def problem_types(dtype):
             visibility)
 
 
-TILING_TYPE = group_type(Tiling, (types.int64, types.int64))
+TILING_TYPE = group_type(Tiling, (types.int64, types.int64, types.int64))
 
 
 def forward_result_types(dtype):
