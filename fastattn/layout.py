@@ -99,8 +99,9 @@ class Visibility(NamedTuple):
 
 class Tiling(NamedTuple):
     """Query rows and keys per block of a kernel's loops, and the forward's parallel
-    ``slots`` (the thread count): slot ``s`` runs tasks ``s, s + slots, ...`` one
-    after another with scratch memory of its own (1 for the other kernels)."""
+    ``slots`` (the thread count): each slot runs an equal contiguous share of the
+    tasks one after another, with scratch memory of its own (1 for the other
+    kernels)."""
 
     block_q: int
     block_k: int

@@ -180,13 +180,16 @@ def _attention_forward(inputs, options, mask, bias, visibility, tiling, outputs,
         min(tiling.block_k, inputs.key.shape[1]))), dtype=outputs.out.dtype)
     marked = 0
     for slot in prange(slots):
-        # Slot s takes tasks s, s + slots, ...: under a causal mask a query block
-        # near the top sees few keys, and interleaving mixes cheap and costly blocks
-        # in every slot's share.
-        for task in range(slot, n_tasks, slots):
+        # Slot s takes an equal contiguous share of the tasks. Under a causal mask a
+        # query block near the top sees few keys, so blocks are visited in zigzag
+        # order (first, last, second, second to last, ...): every share mixes cheap
+        # and costly blocks.
+        for task in range(slot * n_tasks // slots, (slot + 1) * n_tasks // slots):
             split = task % n_splits
             b = task // (n_q_blocks * n_splits)
-            q_start = (task // n_splits - b * n_q_blocks) * block_q
+            step = task // n_splits - b * n_q_blocks
+            q_block_index = step // 2 if step % 2 == 0 else n_q_blocks - 1 - step // 2
+            q_start = q_block_index * block_q
             marked += forward_task(b, q_start, min(q_start + block_q, q_len), split, n_splits,
                                    inputs, options, mask, bias, visibility, tiling, outputs,
                                    spans, scratch[slot])
