@@ -57,8 +57,6 @@ def inputs(length, seed=0):
 
 def group_cases(group):
     """``(length, {case: options}, [(numerator, denominator, goal text)])``."""
-    import fastattn
-
     if group == "builtins":
         return 2048, {"plain": {}, "softcap": dict(softcap=30.0),
                       "alibi": dict(alibi_slopes=SLOPES)}, [
@@ -70,24 +68,23 @@ def group_cases(group):
             score_mod=score_functions.relative_position_bias(table))}, [
             ("relative-bias score_mod", "plain", "<= 1.4")]
     if group == "window":
-        length = 8192
-        mask_mod = score_functions.sliding_window(WINDOW)
-        block_mask = fastattn.create_block_mask(mask_mod, (1, HEADS), length, length)
-        return length, {
-            "built-in window": dict(window=(WINDOW, 0)),
-            "block mask": dict(block_mask=block_mask),
-            "dense mask": dict(mask=score_functions.dense_mask(mask_mod, length, length))}, [
-            ("block mask", "built-in window", "<= 1.5"),
-            ("dense mask", "block mask", ">= 10")]
+        return 8192, {"built-in window": dict(window=(WINDOW, 0)),
+                      **block_and_dense(score_functions.sliding_window(WINDOW), 8192)}, [
+            ("block mask", "built-in window", "<= 1.5"), ("dense mask", "block mask", ">= 10")]
     if group == "documents":
-        length = 8192
-        mask_mod = score_functions.documents(DOCUMENT)
-        block_mask = fastattn.create_block_mask(mask_mod, (1, HEADS), length, length)
-        return length, {
-            "block mask": dict(block_mask=block_mask),
-            "dense mask": dict(mask=score_functions.dense_mask(mask_mod, length, length))}, [
+        return 8192, block_and_dense(score_functions.documents(DOCUMENT), 8192), [
             ("dense mask", "block mask", ">= 6")]
     raise ValueError(group)
+
+
+def block_and_dense(mask_mod, length):
+    """The cases "block mask" (``create_block_mask`` of ``mask_mod``) and "dense mask"
+    (the same mask as an ``(L, L)`` boolean array)."""
+    import fastattn
+
+    block_mask = fastattn.create_block_mask(mask_mod, (1, HEADS), length, length)
+    return {"block mask": dict(block_mask=block_mask),
+            "dense mask": dict(mask=score_functions.dense_mask(mask_mod, length, length))}
 
 
 def run_group(group, rounds):

@@ -110,3 +110,35 @@ def assert_gradients_match_reference(rng, query, key, value, mask=None, **option
         tolerance = TOLERANCE[g.dtype] * magnitude
         np.testing.assert_allclose(g, w, rtol=0, atol=tolerance, err_msg=name)
     return got
+
+
+def assert_matches_finite_differences(**options):
+    """Both backwards (fastattn's and the reference's) against central differences
+    of ``sum(out * G)`` in float64, on small inputs with a broadcast batch axis.
+    ``options`` are the forward's keywords plus, with a ``score_mod``,
+    ``score_mod_grad``."""
+    rng = np.random.default_rng(11)
+    query = 2 * rng.standard_normal((2, 2, 3, 2))  # (B, H, Lq=3, Dk=2)
+    key = rng.standard_normal((2, 2, 4, 2))  # (B, H, Lk=4, Dk)
+    value = rng.standard_normal((1, 2, 4, 3))  # (1, H, Lk, Dv=3) broadcast batch
+    grad_out = rng.standard_normal((2, 2, 3, 3))  # (B, H, Lq, Dv)
+
+    def loss(q, k, v):
+        out = reference.scaled_dot_product_attention(q, k, v, **forward_options(options))
+        return (out * grad_out).sum()
+
+    analytic = forward_and_backward(REFERENCE, query, key, value, None, grad_out, **options)
+    fused = forward_and_backward(FASTATTN, query, key, value, None, grad_out, **options)
+    step = 1e-6
+    for position, (array, gradient, fused_gradient) in enumerate(
+            zip((query, key, value), analytic, fused)):
+        numeric = np.zeros_like(array)
+        for index in np.ndindex(array.shape):
+            plus, minus = [query, key, value], [query, key, value]
+            for arrays, sign in ((plus, 1), (minus, -1)):
+                shifted = array.copy()
+                shifted[index] += sign * step
+                arrays[position] = shifted
+            numeric[index] = (loss(*plus) - loss(*minus)) / (2 * step)
+        np.testing.assert_allclose(gradient, numeric, atol=1e-7, rtol=1e-6)
+        np.testing.assert_allclose(fused_gradient, numeric, atol=1e-7, rtol=1e-6)

@@ -9,7 +9,8 @@ import numba
 import numpy as np
 import pytest
 from conftest import (FASTATTN, IMPLEMENTATIONS, REFERENCE, assert_close_to_reference,
-                      assert_gradients_match_reference, forward_and_backward, random_inputs)
+                      assert_gradients_match_reference, assert_matches_finite_differences,
+                      forward_and_backward, random_inputs)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -333,31 +334,7 @@ FD_OPTIONS = {
 @pytest.mark.parametrize("options", list(FD_OPTIONS.values()), ids=list(FD_OPTIONS))
 def test_against_finite_differences(options):
     """Central differences of sum(out * G) in float64; both backwards must match them."""
-    rng = np.random.default_rng(11)
-    query = 2 * rng.standard_normal((2, 2, 3, 2))  # (B, H, Lq=3, Dk=2)
-    key = rng.standard_normal((2, 2, 4, 2))  # (B, H, Lk=4, Dk)
-    value = rng.standard_normal((1, 2, 4, 3))  # (1, H, Lk, Dv=3) broadcast batch
-    grad_out = rng.standard_normal((2, 2, 3, 3))  # (B, H, Lq, Dv)
-
-    def loss(q, k, v):
-        return (reference.scaled_dot_product_attention(q, k, v, **forward_only(options))
-                * grad_out).sum()
-
-    analytic = forward_and_backward(REFERENCE, query, key, value, None, grad_out, **options)
-    fused = forward_and_backward(FASTATTN, query, key, value, None, grad_out, **options)
-    step = 1e-6
-    for position, (array, gradient, fused_gradient) in enumerate(
-            zip((query, key, value), analytic, fused)):
-        numeric = np.zeros_like(array)
-        for index in np.ndindex(array.shape):
-            plus, minus = [query, key, value], [query, key, value]
-            for arrays, sign in ((plus, 1), (minus, -1)):
-                shifted = array.copy()
-                shifted[index] += sign * step
-                arrays[position] = shifted
-            numeric[index] = (loss(*plus) - loss(*minus)) / (2 * step)
-        np.testing.assert_allclose(gradient, numeric, atol=1e-7, rtol=1e-6)
-        np.testing.assert_allclose(fused_gradient, numeric, atol=1e-7, rtol=1e-6)
+    assert_matches_finite_differences(**options)
 
 
 # ---------------------------------------------------------------- random combinations
