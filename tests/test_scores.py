@@ -4,7 +4,7 @@ finite differences, the vectorised tanh, and the argument errors."""
 
 import numpy as np
 import pytest
-from conftest import (IMPLEMENTATIONS, assert_close_to_reference,
+from conftest import (FASTATTN, IMPLEMENTATIONS, REFERENCE, assert_close_to_reference,
                       assert_gradients_match_reference, assert_matches_finite_differences,
                       random_inputs)
 
