@@ -81,6 +81,37 @@ def test_gradcheck_float64(name, options):
     assert torch.autograd.gradcheck(attention, (query, key, value))
 
 
+def test_gradcheck_score_functions():
+    """score_mod with its score_mod_grad, and a block mask, through autograd."""
+    import math
+
+    import numba
+
+    import fastattn
+
+    @numba.njit
+    def wobble(s, b, h, i, j):
+        return s + 0.5 * math.sin(s) - 0.1 * h
+
+    @numba.njit
+    def wobble_grad(s, b, h, i, j):
+        return 1.0 + 0.5 * math.cos(s)
+
+    @numba.njit
+    def prefix(b, h, i, j):
+        return j < 3 or j <= i
+
+    query, key, value = random_tensors((2, 2, 5, 4), (2, 2, 9, 4), requires_grad=True)
+    block_mask = fastattn.create_block_mask(prefix, (2, 2), 5, 9, block_size=4)
+
+    def attention(query, key, value):
+        return fastattn_torch.scaled_dot_product_attention(
+            query, key, value, score_mod=wobble, score_mod_grad=wobble_grad,
+            block_mask=block_mask)
+
+    assert torch.autograd.gradcheck(attention, (query, key, value))
+
+
 def test_gradcheck_gqa_mask_bias():
     query, _, _ = random_tensors((2, 4, 5, 4), (2, 4, 6, 4), requires_grad=True)
     _, key, value = random_tensors((2, 2, 5, 4), (2, 2, 6, 4), seed=1, requires_grad=True)
