@@ -33,20 +33,23 @@ from fastattn.kernels.config import jit_helper, kernel_per_dtype
 from fastattn.kernels.masking import entry_rule, key_block_rows
 from fastattn.kernels.operands import TILING_TYPE, backward_types, problem_types
 from fastattn.kernels.scores import block_scores
-from fastattn.kernels.vector_math import LOG2E, add_into, block_view, has_nan, probability_exp2
+from fastattn.kernels.vector_math import (LOG2E, add_into, block_view, cast_like, has_nan,
+                                          probability_exp2)
 
 
 @jit_helper
 def probabilities_and_score_grads(scores, grad_probs, row_start, row_lse, row_delta,
-                                  values_have_nan):
+                                  values_have_nan, cap_grads, has_softcap):
     """In place: ``scores`` (log2 units, ``-inf`` where hidden) becomes ``P``,
     ``grad_probs`` (``dP``) becomes ``dS``.
 
     ``P = exp(score - lse)`` and ``dS = P * (dP - D)``, both 0 where a key is hidden
-    or a row sees no key (``lse = -inf``). ``row_lse`` and ``row_delta`` are indexed
-    by absolute query position. Rows with a NaN lse or ``D``, and every row when
-    ``values_have_nan`` (``dP`` then holds NaN in hidden columns too), take a loop
-    that sets hidden entries to 0 explicitly instead of multiplying by 0.
+    or a row sees no key (``lse = -inf``); with ``has_softcap`` ``dS`` is also
+    multiplied by ``cap_grads`` (the softcap's derivative, same shape), in the same
+    loop. ``row_lse`` and ``row_delta`` are indexed by absolute query position. Rows
+    with a NaN lse or ``D``, and every row when ``values_have_nan`` (``dP`` then holds
+    NaN in hidden columns too), take a loop that sets hidden entries to 0 explicitly
+    instead of multiplying by 0. Everything is computed in the dtype of ``scores``.
     """
     rows, cols = scores.shape
     for r in range(rows):
@@ -55,7 +58,7 @@ def probabilities_and_score_grads(scores, grad_probs, row_start, row_lse, row_de
             scores[r, :] = 0.0
             grad_probs[r, :] = 0.0
             continue
-        lse2 = lse * LOG2E
+        lse2 = cast_like(lse * LOG2E, scores)
         delta = row_delta[row_start + r]
         if values_have_nan or lse != lse or delta != delta:
             for c in range(cols):
@@ -65,12 +68,18 @@ def probabilities_and_score_grads(scores, grad_probs, row_start, row_lse, row_de
                 else:
                     p = probability_exp2(scores[r, c] - lse2)
                     scores[r, c] = p
-                    grad_probs[r, c] = p * (grad_probs[r, c] - delta)
-            continue
-        for c in range(cols):
-            p = probability_exp2(scores[r, c] - lse2)
-            scores[r, c] = p
-            grad_probs[r, c] = p * (grad_probs[r, c] - delta)
+                    grad = p * (grad_probs[r, c] - delta)
+                    grad_probs[r, c] = grad * cap_grads[r, c] if has_softcap else grad
+        elif has_softcap:
+            for c in range(cols):
+                p = probability_exp2(scores[r, c] - lse2)
+                scores[r, c] = p
+                grad_probs[r, c] = p * (grad_probs[r, c] - delta) * cap_grads[r, c]
+        else:
+            for c in range(cols):
+                p = probability_exp2(scores[r, c] - lse2)
+                scores[r, c] = p
+                grad_probs[r, c] = p * (grad_probs[r, c] - delta)
 
 
 def _attention_backward(inputs, options, mask, bias, visibility, tiling, extra, gradients):
@@ -160,12 +169,9 @@ def backward_task(task, b, group, inputs, options, mask, bias, visibility, tilin
             block_scores(probs, scaled_rows, keys, row_start, key_start, b, rule, options,
                          mask, bias, cap_grads, options.has_softcap)
             np.dot(grad_rows, values.T, score_grads)  # dP, then dS
+            # P, and dS with respect to the score before any softcap
             probabilities_and_score_grads(probs, score_grads, row_start, lse[b], delta[b],
-                                          values_have_nan)
-            if options.has_softcap:  # dS with respect to the score before the cap
-                for r in range(rows):
-                    for c in range(cols):
-                        score_grads[r, c] *= cap_grads[r, c]
+                                          values_have_nan, cap_grads, options.has_softcap)
             product = block_view(product_buffer, cols, value_dim)  # (cols, Dv)
             np.dot(probs.T, grad_rows, product)  # P^T dO
             add_into(value_grad, product)

@@ -42,24 +42,9 @@ _FLOAT32_COEFFICIENTS = tuple(LN2 ** k / math.factorial(k) for k in range(6, -1,
 _FLOAT64_COEFFICIENTS = tuple(LN2 ** k / math.factorial(k) for k in range(12, -1, -1))
 
 
-@intrinsic
-def _float32_from_bits(typingctx, bits):
-    """Reinterpret an int32 as the float32 with the same bits."""
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-    return types.float32(types.int32), codegen
-
-
-@intrinsic
-def _float64_from_bits(typingctx, bits):
-    """Reinterpret an int64 as the float64 with the same bits."""
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.DoubleType())
-    return types.float64(types.int64), codegen
-
-
 def _unary_float_intrinsic(name):
-    """An LLVM float intrinsic of one argument (``llvm.floor`` ...) callable from Numba."""
+    """An LLVM float intrinsic of one argument (``llvm.arithmetic.fence`` ...) callable
+    from Numba."""
     @intrinsic
     def call(typingctx, a):
         if not isinstance(a, types.Float):
@@ -74,9 +59,47 @@ def _unary_float_intrinsic(name):
     return call
 
 
-# llvm.floor keeps the value a float (math.floor would round-trip through int64),
-# which lets the exp2 loops vectorise.
-_floor = _unary_float_intrinsic("llvm.floor")
+# Adding these rounds x in [-127, 127] ([-1023, 1023] in float64) to the nearest integer
+# n: the sum lies in [2**23, 2**24) ([2**52, 2**53)) where floats are the integers, and
+# its lowest 9 (12) bits hold n + 127 (n + 1023), the biased exponent of 2**n.
+_ROUNDER = {types.float32: np.float32(1.5 * 2 ** 23 + 127),
+            types.float64: np.float64(1.5 * 2 ** 52 + 1023)}
+
+
+@intrinsic
+def _exponent_scale(typingctx, shifted):
+    """``2**n`` from ``shifted = n + _ROUNDER``: the bits of ``shifted`` moved up by the
+    mantissa width, so the low bits holding ``n + bias`` become the exponent field
+    (0, giving exactly 0, for ``n`` = -127 or -1023)."""
+    if shifted == types.float32:
+        int_type, mantissa_bits = ir.IntType(32), 23
+    elif shifted == types.float64:
+        int_type, mantissa_bits = ir.IntType(64), 52
+    else:
+        return None
+
+    def codegen(context, builder, signature, args):
+        bits = builder.shl(builder.bitcast(args[0], int_type), ir.Constant(int_type, mantissa_bits))
+        return builder.bitcast(bits, args[0].type)
+    return shifted(shifted), codegen
+
+
+@intrinsic
+def _whole_part(typingctx, shifted):
+    """The integer ``n`` of ``shifted = n + _ROUNDER`` as a float, through the bits
+    (the float subtraction ``shifted - _ROUNDER`` would be cancelled against the
+    addition by fast-math reassociation, and ``llvm.arithmetic.fence`` stops the loops
+    from vectorising)."""
+    if shifted not in _ROUNDER:
+        return None
+    int_type = ir.IntType(32 if shifted == types.float32 else 64)
+    rounder_bits = int(np.array(_ROUNDER[shifted]).view(f"int{int_type.width}"))
+
+    def codegen(context, builder, signature, args):
+        bits = builder.bitcast(args[0], int_type)
+        whole = builder.sub(bits, ir.Constant(int_type, rounder_bits))
+        return builder.sitofp(whole, args[0].type)
+    return shifted(shifted), codegen
 
 
 # Taylor coefficients of tanh(x) / x in powers of x**2: 1, -1/3, 2/15, ...
@@ -113,6 +136,40 @@ def select(typingctx, condition, a, b):
     return a(condition, a, a), codegen
 
 
+def _exp2_in_range(x):
+    """``2**x`` for ``x`` in the clipped range (pure-Python fallback)."""
+    return 2.0 ** x if x > -127.0 else 0.0
+
+
+@overload(_exp2_in_range, inline="always")
+def _exp2_in_range_overload(x):
+    # Round x to n by adding _ROUNDER, take n back through the sum's bits, the
+    # polynomial of the remainder f in [-1/2, 1/2], and 2**n from the sum's low bits:
+    # an add, an integer subtract, a conversion, a subtract and a shift besides the
+    # polynomial (floor, conversion and exponent add before).
+    rounder = _ROUNDER.get(x)
+    if x == types.float32:
+        c6, c5, c4, c3, c2, c1, c0 = (np.float32(c) for c in _FLOAT32_COEFFICIENTS)
+
+        def exp2_in_range_float32(x):
+            shifted = x + rounder  # n + rounder, n the integer nearest x
+            f = x - _whole_part(shifted)  # [-1/2, 1/2]
+            poly = c0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * c6)))))
+            return poly * _exponent_scale(shifted)  # poly * 2**n
+        return exp2_in_range_float32
+
+    if x == types.float64:
+        (c12, c11, c10, c9, c8, c7, c6, c5, c4, c3, c2, c1, c0) = _FLOAT64_COEFFICIENTS
+
+        def exp2_in_range_float64(x):
+            shifted = x + rounder
+            f = x - _whole_part(shifted)
+            poly = c0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * (c6 + f * (
+                c7 + f * (c8 + f * (c9 + f * (c10 + f * (c11 + f * c12)))))))))))
+            return poly * _exponent_scale(shifted)
+        return exp2_in_range_float64
+
+
 def exp2(x):
     """``2**x`` (pure-Python fallback when the JIT is disabled)."""
     return 2.0 ** x if x > -1022.0 else 0.0
@@ -121,29 +178,15 @@ def exp2(x):
 @overload(exp2, inline="always")
 def _exp2_overload(x):
     if x == types.float32:
-        c6, c5, c4, c3, c2, c1, c0 = (np.float32(c) for c in _FLOAT32_COEFFICIENTS)
-
         def exp2_float32(x):
             # n = -127 gives exponent bits 0, so 2**n = 0: everything below 2**-126.5
             # (a hidden key's -inf included) comes out as exactly 0
-            clipped = min(max(x, np.float32(-127.0)), np.float32(127.0))
-            whole = _floor(clipped + np.float32(0.5))  # nearest integer n
-            f = clipped - whole  # [-1/2, 1/2)
-            poly = c0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * c6)))))
-            return poly * _float32_from_bits(
-                (np.int32(whole) + np.int32(127)) << np.int32(23))  # poly * 2**n
+            return _exp2_in_range(min(max(x, np.float32(-127.0)), np.float32(127.0)))
         return exp2_float32
 
     if x == types.float64:
-        (c12, c11, c10, c9, c8, c7, c6, c5, c4, c3, c2, c1, c0) = _FLOAT64_COEFFICIENTS
-
         def exp2_float64(x):
-            clipped = min(max(x, -1023.0), 1023.0)  # n = -1023: 2**n = 0, as above
-            whole = _floor(clipped + 0.5)
-            f = clipped - whole
-            poly = c0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * (c6 + f * (
-                c7 + f * (c8 + f * (c9 + f * (c10 + f * (c11 + f * c12)))))))))))
-            return poly * _float64_from_bits((np.int64(whole) + np.int64(1023)) << np.int64(52))
+            return _exp2_in_range(min(max(x, -1023.0), 1023.0))  # n = -1023: 0, as above
         return exp2_float64
 
 
@@ -215,30 +258,14 @@ def _probability_exp2_overload(x):
     # exp2 with its lower clip replaced by a select: below the cutoff the input becomes
     # the exponent giving exactly 0, at the cost of exp2's own clip (one compare and
     # blend), so the softmax loop pays nothing for the cutoff.
-    if x == types.float32:
-        c6, c5, c4, c3, c2, c1, c0 = (np.float32(c) for c in _FLOAT32_COEFFICIENTS)
-        cutoff, lowest = _PROBABILITY_CUTOFF[x], np.float32(-127.0)
+    if x in _PROBABILITY_CUTOFF:
+        cutoff = _PROBABILITY_CUTOFF[x]
+        lowest, highest = ((np.float32(-127.0), np.float32(127.0)) if x == types.float32
+                           else (np.float64(-1023.0), np.float64(1023.0)))
 
-        def probability_exp2_float32(x):
-            clipped = min(select(x < cutoff, lowest, x), np.float32(127.0))  # NaN stays
-            whole = _floor(clipped + np.float32(0.5))
-            f = clipped - whole
-            poly = c0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * c6)))))
-            return poly * _float32_from_bits((np.int32(whole) + np.int32(127)) << np.int32(23))
-        return probability_exp2_float32
-
-    if x == types.float64:
-        (c12, c11, c10, c9, c8, c7, c6, c5, c4, c3, c2, c1, c0) = _FLOAT64_COEFFICIENTS
-        cutoff, lowest = _PROBABILITY_CUTOFF[x], -1023.0
-
-        def probability_exp2_float64(x):
-            clipped = min(select(x < cutoff, lowest, x), 1023.0)
-            whole = _floor(clipped + 0.5)
-            f = clipped - whole
-            poly = c0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * (c6 + f * (
-                c7 + f * (c8 + f * (c9 + f * (c10 + f * (c11 + f * c12)))))))))))
-            return poly * _float64_from_bits((np.int64(whole) + np.int64(1023)) << np.int64(52))
-        return probability_exp2_float64
+        def probability_exp2_any(x):
+            return _exp2_in_range(min(select(x < cutoff, lowest, x), highest))  # NaN stays
+        return probability_exp2_any
 
 
 def elementwise_check(function):
