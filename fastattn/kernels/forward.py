@@ -26,8 +26,9 @@ from fastattn.kernels.masking import entry_rule, row_block_keys
 from fastattn.kernels.operands import (TILING_TYPE, array_type, forward_result_types,
                                       problem_types)
 from fastattn.kernels.scores import block_scores
-from fastattn.kernels.vector_math import (LN2, LOG2E, add_into, block_view, exp2, has_nan,
-                                          maximum, probability_exp2)
+from fastattn.kernels.vector_math import (LN2, LOG2E, add_into, block_view, exp2,
+                                          full_width_vectors, has_nan, maximum,
+                                          probability_exp2)
 
 # Query rows per group on the partly visible strips (causal diagonal, window edges).
 EDGE_ROWS = 64
@@ -48,6 +49,7 @@ def online_softmax_block(scores, row_max, row_sum, acc):
     A NaN score makes the row's sum NaN (``exp2`` keeps NaN; a block of NaN and
     ``-inf`` only is caught below, since ``maximum`` skips NaN).
     """
+    full_width_vectors()
     rows, cols = scores.shape
     for r in range(rows):
         block_max = row_max[r]

@@ -311,3 +311,26 @@ def add_into(target, block):
     for r in range(rows):
         for c in range(cols):
             target[r, c] += block[r, c]
+
+
+@intrinsic
+def full_width_vectors(typingctx):
+    """Mark the calling function to be compiled with the CPU's full vector width.
+
+    LLVM's tuning for some CPUs with 512-bit vectors (Intel's since Skylake-X, AMD's
+    Zen 4) prefers 256-bit ones, for the whole process when set through Numba's
+    ``NUMBA_CPU_FEATURES``. This sets LLVM's per-function attributes instead
+    (``"prefer-vector-width"="512"``, ``"min-legal-vector-width"="512"``) and keeps the
+    function out of line (``noinline``), since inlining it would hand its loops to the
+    caller's attributes. Call it first in a helper whose loops should use them; it
+    computes nothing.
+    """
+    def codegen(context, builder, signature, args):
+        attributes = builder.function.attributes
+        # llvmlite's attribute set accepts only its known flags; string attributes are
+        # written into the IR as given
+        set.add(attributes, '"prefer-vector-width"="512"')
+        set.add(attributes, '"min-legal-vector-width"="512"')
+        attributes.add("noinline")
+        return context.get_dummy_value()
+    return types.none(), codegen
