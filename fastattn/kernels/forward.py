@@ -27,8 +27,8 @@ from fastattn.kernels.operands import (TILING_TYPE, array_type, forward_result_t
                                       problem_types)
 from fastattn.kernels.scores import block_scores
 from fastattn.kernels.vector_math import (LN2, LOG2E, add_into, block_view, exp2,
-                                          full_width_vectors, has_nan, maximum,
-                                          probability_exp2)
+                                          full_width_vectors, has_nan, row_maximum,
+                                          softmax_exp2)
 
 # Query rows per group on the partly visible strips (causal diagonal, window edges).
 EDGE_ROWS = 64
@@ -52,9 +52,7 @@ def online_softmax_block(scores, row_max, row_sum, acc):
     full_width_vectors()
     rows, cols = scores.shape
     for r in range(rows):
-        block_max = row_max[r]
-        for c in range(cols):
-            block_max = maximum(block_max, scores[r, c])
+        block_max = row_maximum(scores[r], row_max[r])  # NaN scores skipped
         if block_max == -np.inf:  # nothing visible to this row yet, unless a NaN
             for c in range(cols):
                 if scores[r, c] != scores[r, c]:
@@ -63,7 +61,7 @@ def online_softmax_block(scores, row_max, row_sum, acc):
             continue
         block_sum = row_sum[r] - row_sum[r]  # a zero of the compute dtype (or NaN)
         for c in range(cols):
-            p = probability_exp2(scores[r, c] - block_max)  # 0 far below the max
+            p = softmax_exp2(scores[r, c] - block_max)  # 0 far below the max
             scores[r, c] = p
             block_sum += p
         correction = exp2(row_max[r] - block_max)  # 0 when row_max was -inf
