@@ -33,7 +33,8 @@ from fastattn.kernels.config import jit_helper, kernel_per_dtype
 from fastattn.kernels.masking import entry_rule, key_block_rows
 from fastattn.kernels.operands import TILING_TYPE, backward_types, problem_types
 from fastattn.kernels.scores import block_scores
-from fastattn.kernels.vector_math import (LOG2E, add_into, block_view, cast_like, has_nan,
+from fastattn.kernels.products import dot_add
+from fastattn.kernels.vector_math import (LOG2E, block_view, cast_like, has_nan,
                                           probability_exp2)
 
 
@@ -129,8 +130,6 @@ def backward_task(task, b, group, inputs, options, mask, bias, visibility, tilin
     # the softcap's derivative, written only with a softcap
     cap_grads_buffer = np.empty(block_q * block_k if options.has_softcap else 0,
                                 dtype=grad_key.dtype)
-    product_buffer = np.empty(max(block_q, block_k) * max(head_dim, value_dim),
-                              dtype=grad_key.dtype)
     key_grad_buffer = np.empty(block_k * head_dim, dtype=grad_key.dtype)
     value_grad_buffer = np.empty(block_k * value_dim, dtype=grad_key.dtype)
     # Key blocks group, group + G, group + 2G, ...: under a causal mask early key
@@ -172,15 +171,10 @@ def backward_task(task, b, group, inputs, options, mask, bias, visibility, tilin
             # P, and dS with respect to the score before any softcap
             probabilities_and_score_grads(probs, score_grads, row_start, lse[b], delta[b],
                                           values_have_nan, cap_grads, options.has_softcap)
-            product = block_view(product_buffer, cols, value_dim)  # (cols, Dv)
-            np.dot(probs.T, grad_rows, product)  # P^T dO
-            add_into(value_grad, product)
-            product = block_view(product_buffer, cols, head_dim)  # (cols, Dk)
-            np.dot(score_grads.T, q_rows, product)  # dS^T Q
-            add_into(key_grad, product)
-            product = block_view(product_buffer, rows, head_dim)  # (rows, Dk)
-            np.dot(score_grads, keys, product)  # dS K
-            add_into(query_grads[row_start:row_stop], product)
+            # accumulating products (gemm with beta = 1: no product buffer to zero and add)
+            dot_add(probs.T, grad_rows, value_grad)  # dV += P^T dO
+            dot_add(score_grads.T, q_rows, key_grad)  # dK / scale += dS^T Q
+            dot_add(score_grads, keys, query_grads[row_start:row_stop])  # dQ / scale += dS K
         for c in range(cols):
             for d in range(head_dim):
                 grad_key[b, key_start + c, d] = key_grad[c, d] * scale
