@@ -47,7 +47,11 @@ def online_softmax_block(scores, row_max, row_sum, acc):
     ``row_max``, ``row_sum`` ``(rows,)`` and ``acc`` ``(rows, Dv)`` are rescaled by
     ``exp2(old_max - new_max)`` so every row stays relative to its latest maximum.
     A NaN score makes the row's sum NaN (``exp2`` keeps NaN; a block of NaN and
-    ``-inf`` only is caught below, since ``maximum`` skips NaN).
+    ``-inf`` only is caught below, since ``row_maximum`` skips NaN).
+
+    Two passes over each row: its maximum (an explicit 512-bit loop), then the
+    probabilities and their sum; compiled at the CPU's full vector width
+    (:func:`fastattn.kernels.vector_math.full_width_vectors`).
     """
     full_width_vectors()
     rows, cols = scores.shape
