@@ -54,23 +54,6 @@ _FLOAT64_COEFFICIENTS = (4.4558179083360645e-10, 7.074194297288521e-09,
                          0.24022650695910158, 0.6931471805599453, 1.0)
 
 
-def _unary_float_intrinsic(name):
-    """An LLVM float intrinsic of one argument (``llvm.arithmetic.fence`` ...) callable
-    from Numba."""
-    @intrinsic
-    def call(typingctx, a):
-        if not isinstance(a, types.Float):
-            return None
-
-        def codegen(context, builder, signature, args):
-            value_type = args[0].type
-            function = builder.module.declare_intrinsic(
-                name, [value_type], ir.FunctionType(value_type, [value_type]))
-            return builder.call(function, args)
-        return a(a), codegen
-    return call
-
-
 # Adding these rounds x in [-127, 127] ([-1023, 1023] in float64) to the nearest integer
 # n: the sum lies in [2**23, 2**24) ([2**52, 2**53)) where floats are the integers, and
 # its lowest 9 (12) bits hold n + 127 (n + 1023), the biased exponent of 2**n.
@@ -91,7 +74,8 @@ def _exponent_scale(typingctx, shifted):
         return None
 
     def codegen(context, builder, signature, args):
-        bits = builder.shl(builder.bitcast(args[0], int_type), ir.Constant(int_type, mantissa_bits))
+        bits = builder.shl(builder.bitcast(args[0], int_type),
+                           ir.Constant(int_type, mantissa_bits))
         return builder.bitcast(bits, args[0].type)
     return shifted(shifted), codegen
 
@@ -305,6 +289,12 @@ probability_exp2_check = elementwise_check(probability_exp2)
 softmax_exp2_check = elementwise_check(softmax_exp2)
 
 
+@njit
+def row_maximum_check(row, start):
+    """:func:`row_maximum` compiled on its own (for tests)."""
+    return row_maximum(row, start)
+
+
 @njit(error_model="numpy", boundscheck=False)
 def has_nan(block):
     """Whether a 2-D array holds a NaN (``x != x``; kept, since ``nnan`` is off)."""
@@ -363,11 +353,12 @@ _VECTOR_LANES = {types.float32: 16, types.float64: 8}
 @intrinsic
 def row_maximum(typingctx, row, start):
     """``max(start, row[0], row[1], ...)`` for a 1-D C-contiguous float array, NaN
-    entries skipped (as by ``maximum``), as an explicit loop over 512-bit vectors.
+    entries skipped, as an explicit loop over 512-bit vectors.
 
     Each lane keeps ``value if value > best else best`` (so a NaN never wins), which
     the CPU does in one instruction, where ``maxnum`` also needs a NaN check and a
     blend per vector (LLVM vectorises only ``maxnum`` reductions without ``nnan``).
+    On CPUs with narrower vectors LLVM splits each 512-bit operation.
     ``start`` must not be NaN. Four accumulators hide the instruction's latency; the
     last entries that fill no vector are taken one by one.
     """
