@@ -1,9 +1,9 @@
-"""The kernels' vectorisable exp2 and maximum against NumPy."""
+"""The kernels' vectorisable exp2 and row maximum against NumPy."""
 
 import numpy as np
 import pytest
 
-from fastattn.kernels.vector_math import exp2_check
+from fastattn.kernels.vector_math import exp2_check, row_maximum_check
 
 # Relative error bounds: polynomial truncation plus float rounding.
 EXP2_TOLERANCE = {np.float32: 4e-7, np.float64: 4e-16}
@@ -32,3 +32,28 @@ def test_exp2_underflows_to_exact_zero(dtype, smallest_exponent):
 def test_exp2_of_integers_is_exact_enough(dtype):
     x = np.arange(-100, 1, dtype=dtype)
     np.testing.assert_allclose(exp2_check(x), np.exp2(x), rtol=EXP2_TOLERANCE[dtype], atol=0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("length", [0, 1, 7, 15, 16, 17, 63, 64, 65, 130, 512, 1000])
+def test_row_maximum_matches_numpy_on_every_length(dtype, length):
+    """The vector loop, its four accumulators and the one-by-one tail all count."""
+    rng = np.random.default_rng(length)
+    row = rng.standard_normal(length).astype(dtype)
+    expected = row.max() if length else -np.inf
+    assert row_maximum_check(row, dtype(-np.inf)) == expected
+    for position in {0, length // 2, length - 1} if length else ():  # the maximum anywhere
+        peaked = row.copy()
+        peaked[position] = 100.0
+        assert row_maximum_check(peaked, dtype(-np.inf)) == 100.0
+    assert row_maximum_check(row, dtype(50.0)) == 50.0  # the start value counts
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_row_maximum_skips_nan(dtype):
+    """A NaN entry never wins (the softmax finds NaN rows through its sums)."""
+    row = np.full(100, -np.inf, dtype)
+    row[[3, 70, 99]] = np.nan
+    assert row_maximum_check(row, dtype(-np.inf)) == -np.inf
+    row[50] = 2.0
+    assert row_maximum_check(row, dtype(-np.inf)) == 2.0

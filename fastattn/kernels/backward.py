@@ -37,20 +37,24 @@ from fastattn.kernels.config import jit_helper, kernel_per_dtype
 from fastattn.kernels.masking import entry_rule, key_block_rows
 from fastattn.kernels.operands import TILING_TYPE, backward_types, problem_types
 from fastattn.kernels.scores import block_scores
-from fastattn.kernels.vector_math import LOG2E, add_into, block_view, has_nan, probability_exp2
+from fastattn.kernels.products import dot_add
+from fastattn.kernels.vector_math import (LOG2E, block_view, cast_like, has_nan,
+                                          probability_exp2)
 
 
 @jit_helper
 def probabilities_and_score_grads(scores, grad_probs, row_start, row_lse, row_delta,
-                                  values_have_nan):
+                                  values_have_nan, chain, has_chain):
     """In place: ``scores`` (log2 units, ``-inf`` where hidden) becomes ``P``,
     ``grad_probs`` (``dP``) becomes ``dS``.
 
     ``P = exp(score - lse)`` and ``dS = P * (dP - D)``, both 0 where a key is hidden
-    or a row sees no key (``lse = -inf``). ``row_lse`` and ``row_delta`` are indexed
-    by absolute query position. Rows with a NaN lse or ``D``, and every row when
-    ``values_have_nan`` (``dP`` then holds NaN in hidden columns too), take a loop
-    that sets hidden entries to 0 explicitly instead of multiplying by 0.
+    or a row sees no key (``lse = -inf``); with ``has_chain`` ``dS`` is also
+    multiplied by ``chain`` (same shape: ``d score / d (scale q.k)``, the softcap's
+    derivative times ``score_mod_grad``), in the same loop. ``row_lse`` and ``row_delta`` are indexed by absolute query position. Rows
+    with a NaN lse or ``D``, and every row when ``values_have_nan`` (``dP`` then holds
+    NaN in hidden columns too), take a loop that sets hidden entries to 0 explicitly
+    instead of multiplying by 0. Everything is computed in the dtype of ``scores``.
     """
     rows, cols = scores.shape
     for r in range(rows):
@@ -59,7 +63,7 @@ def probabilities_and_score_grads(scores, grad_probs, row_start, row_lse, row_de
             scores[r, :] = 0.0
             grad_probs[r, :] = 0.0
             continue
-        lse2 = lse * LOG2E
+        lse2 = cast_like(lse * LOG2E, scores)
         delta = row_delta[row_start + r]
         if values_have_nan or lse != lse or delta != delta:
             for c in range(cols):
@@ -69,12 +73,18 @@ def probabilities_and_score_grads(scores, grad_probs, row_start, row_lse, row_de
                 else:
                     p = probability_exp2(scores[r, c] - lse2)
                     scores[r, c] = p
-                    grad_probs[r, c] = p * (grad_probs[r, c] - delta)
-            continue
-        for c in range(cols):
-            p = probability_exp2(scores[r, c] - lse2)
-            scores[r, c] = p
-            grad_probs[r, c] = p * (grad_probs[r, c] - delta)
+                    grad = p * (grad_probs[r, c] - delta)
+                    grad_probs[r, c] = grad * chain[r, c] if has_chain else grad
+        elif has_chain:
+            for c in range(cols):
+                p = probability_exp2(scores[r, c] - lse2)
+                scores[r, c] = p
+                grad_probs[r, c] = p * (grad_probs[r, c] - delta) * chain[r, c]
+        else:
+            for c in range(cols):
+                p = probability_exp2(scores[r, c] - lse2)
+                scores[r, c] = p
+                grad_probs[r, c] = p * (grad_probs[r, c] - delta)
 
 
 def _attention_backward(inputs, options, mask, bias, visibility, tiling, extra, gradients):
@@ -124,8 +134,6 @@ def backward_task(task, b, group, inputs, options, mask, bias, visibility, tilin
     # d score / d (scale q.k), from the softcap and score_mod_grad, only with either
     has_chain = options.has_softcap or options.has_score_mod
     chain_buffer = np.empty(block_q * block_k if has_chain else 0, dtype=grad_key.dtype)
-    product_buffer = np.empty(max(block_q, block_k) * max(head_dim, value_dim),
-                              dtype=grad_key.dtype)
     key_grad_buffer = np.empty(block_k * head_dim, dtype=grad_key.dtype)
     value_grad_buffer = np.empty(block_k * value_dim, dtype=grad_key.dtype)
     # Key blocks group, group + G, group + 2G, ...: under a causal mask early key
@@ -173,21 +181,13 @@ def backward_task(task, b, group, inputs, options, mask, bias, visibility, tilin
             block_scores(probs, scaled_rows, keys, row_start, key_start, b, rule, options,
                          mask, bias, chain, has_chain, check_mask_mod)
             np.dot(grad_rows, values.T, score_grads)  # dP, then dS
+            # P, and dS with respect to scale * q.k, before the softcap and score_mod
             probabilities_and_score_grads(probs, score_grads, row_start, lse[b], delta[b],
-                                          values_have_nan)
-            if has_chain:  # dS with respect to scale * q.k, before the cap and score_mod
-                for r in range(rows):
-                    for c in range(cols):
-                        score_grads[r, c] *= chain[r, c]
-            product = block_view(product_buffer, cols, value_dim)  # (cols, Dv)
-            np.dot(probs.T, grad_rows, product)  # P^T dO
-            add_into(value_grad, product)
-            product = block_view(product_buffer, cols, head_dim)  # (cols, Dk)
-            np.dot(score_grads.T, q_rows, product)  # dS^T Q
-            add_into(key_grad, product)
-            product = block_view(product_buffer, rows, head_dim)  # (rows, Dk)
-            np.dot(score_grads, keys, product)  # dS K
-            add_into(query_grads[row_start:row_stop], product)
+                                          values_have_nan, chain, has_chain)
+            # accumulating products (gemm with beta = 1: no product buffer to zero and add)
+            dot_add(probs.T, grad_rows, value_grad)  # dV += P^T dO
+            dot_add(score_grads.T, q_rows, key_grad)  # dK / scale += dS^T Q
+            dot_add(score_grads, keys, query_grads[row_start:row_stop])  # dQ / scale += dS K
         for c in range(cols):
             for d in range(head_dim):
                 grad_key[b, key_start + c, d] = key_grad[c, d] * scale

@@ -27,8 +27,9 @@ from fastattn.kernels.masking import entry_rule, row_block_keys
 from fastattn.kernels.operands import (TILING_TYPE, array_type, forward_result_types,
                                       problem_types)
 from fastattn.kernels.scores import block_scores
-from fastattn.kernels.vector_math import (LN2, LOG2E, add_into, block_view, exp2, has_nan,
-                                          maximum, probability_exp2)
+from fastattn.kernels.vector_math import (LN2, LOG2E, add_into, block_view, exp2,
+                                          full_width_vectors, has_nan, row_maximum,
+                                          softmax_exp2)
 
 # Query rows per group on the partly visible strips (causal diagonal, window edges).
 EDGE_ROWS = 64
@@ -47,13 +48,16 @@ def online_softmax_block(scores, row_max, row_sum, acc):
     ``row_max``, ``row_sum`` ``(rows,)`` and ``acc`` ``(rows, Dv)`` are rescaled by
     ``exp2(old_max - new_max)`` so every row stays relative to its latest maximum.
     A NaN score makes the row's sum NaN (``exp2`` keeps NaN; a block of NaN and
-    ``-inf`` only is caught below, since ``maximum`` skips NaN).
+    ``-inf`` only is caught below, since ``row_maximum`` skips NaN).
+
+    Two passes over each row: its maximum (an explicit 512-bit loop), then the
+    probabilities and their sum; compiled at the CPU's full vector width
+    (:func:`fastattn.kernels.vector_math.full_width_vectors`).
     """
+    full_width_vectors()
     rows, cols = scores.shape
     for r in range(rows):
-        block_max = row_max[r]
-        for c in range(cols):
-            block_max = maximum(block_max, scores[r, c])
+        block_max = row_maximum(scores[r], row_max[r])  # NaN scores skipped
         if block_max == -np.inf:  # nothing visible to this row yet, unless a NaN
             for c in range(cols):
                 if scores[r, c] != scores[r, c]:
@@ -62,7 +66,7 @@ def online_softmax_block(scores, row_max, row_sum, acc):
             continue
         block_sum = row_sum[r] - row_sum[r]  # a zero of the compute dtype (or NaN)
         for c in range(cols):
-            p = probability_exp2(scores[r, c] - block_max)  # 0 far below the max
+            p = softmax_exp2(scores[r, c] - block_max)  # 0 far below the max
             scores[r, c] = p
             block_sum += p
         correction = exp2(row_max[r] - block_max)  # 0 when row_max was -inf

@@ -1,19 +1,20 @@
-"""Vectorisable scalar math for the softmax loops: ``exp2``, ``tanh`` and ``maximum``.
-
-``maximum`` is LLVM's ``maxnum``, which (unlike a compare-and-select) vectorises as
-a reduction without the ``nnan`` fast-math flag; a NaN operand yields the other one.
+"""Vectorisable scalar math for the softmax loops: ``exp2`` and ``tanh``; the row
+maximum as an explicit 512-bit vector loop; per-function full vector width.
 
 Scalar ``math.exp`` is a library call that LLVM cannot vectorise (about 5 ns each);
-this version is a few multiply-adds and a bit cast, so loops over it become SIMD.
+this version is a few multiply-adds and integer operations, so loops over it become
+SIMD.
 
-Method: round ``x`` to the nearest integer ``n``, so ``f = x - n`` lies in
-``[-1/2, 1/2]``; ``2**f = exp(f ln 2)`` is its Taylor series (``|f ln 2| <= 0.35``),
-and ``2**n`` is built directly in the float's exponent bits. Degree 6 in float32
-(truncation error 1.2e-7, about one float32 rounding step) and degree 12 in
-float64 (1.6e-16). Inputs are clipped to ``[-127, 127]`` (float64 ``[-1023, 1023]``);
-``n = -127`` (``-1023``) has exponent bits 0, so inputs below about the smallest
-normal exponent give exactly 0, which is what a hidden key (``-inf``) must
-contribute. The softmax only ever passes inputs ``<= 0``.
+Method: round ``x`` to the nearest integer ``n`` by adding ``1.5 * 2**23 + 127``
+(float64: ``1.5 * 2**52 + 1023``), whose sum has ``n`` plus the exponent bias in its
+lowest bits; ``f = x - n`` lies in ``[-1/2, 1/2]``; ``2**f`` is a polynomial, and
+``2**n`` is those low bits moved into the float's exponent field. The polynomials
+(degree 5 in float32, 11 in float64, constant term 1) are within about one rounding
+step of ``2**f``: relative error 1.7e-7 in float32, 2.2e-16 in float64. Inputs are
+clipped to ``[-127, 127]`` (float64 ``[-1023, 1023]``); ``n = -127`` (``-1023``) has
+exponent bits 0, so inputs below about the smallest normal exponent give exactly 0,
+which is what a hidden key (``-inf``) must contribute. The softmax only ever passes
+inputs ``<= 0``.
 
 ``tanh`` (for the softcap) is built on ``exp2`` the same way, about 5x cheaper than
 the ``libm`` call of ``math.tanh``: for ``|x| >= 1/8``,
@@ -37,46 +38,64 @@ from fastattn.kernels.config import jit_helper
 LN2 = math.log(2.0)
 LOG2E = 1.0 / LN2
 
-# Taylor coefficients of exp(f ln 2): (ln 2)**k / k!, highest degree first.
-_FLOAT32_COEFFICIENTS = tuple(LN2 ** k / math.factorial(k) for k in range(6, -1, -1))
-_FLOAT64_COEFFICIENTS = tuple(LN2 ** k / math.factorial(k) for k in range(12, -1, -1))
+# Polynomials for 2**f on [-1/2, 1/2], highest degree first, constant term exactly 1
+# (so exp2(0) == 1 and a softmax correction factor of 1 stays 1). float32: degree 5,
+# relative error 9.2e-8 (1.7e-7 evaluated in float32), fitted for the least maximum
+# relative error with the constant fixed (Lawson's iteratively reweighted least
+# squares); degree 6 Taylor, one multiply-add more, was 1.2e-7 (2.4e-7).
+# float64: degree 11, Chebyshev interpolation (mpmath.chebyfit), error 3.2e-18, below
+# float64's rounding; degree 12 Taylor was 1.6e-16.
+_FLOAT32_COEFFICIENTS = (0.001326470879115414, 0.009671511471170138, 0.05550733776475653,
+                         0.2402224210397889, 0.6931469775940111, 1.0)
+_FLOAT64_COEFFICIENTS = (4.4558179083360645e-10, 7.074194297288521e-09,
+                         1.0178057087733941e-07, 1.3215432535912375e-06,
+                         1.5252733841556773e-05, 0.00015403530463724353,
+                         0.001333355814640647, 0.009618129107587256, 0.055504108664821625,
+                         0.24022650695910158, 0.6931471805599453, 1.0)
+
+
+# Adding these rounds x in [-127, 127] ([-1023, 1023] in float64) to the nearest integer
+# n: the sum lies in [2**23, 2**24) ([2**52, 2**53)) where floats are the integers, and
+# its lowest 9 (12) bits hold n + 127 (n + 1023), the biased exponent of 2**n.
+_ROUNDER = {types.float32: np.float32(1.5 * 2 ** 23 + 127),
+            types.float64: np.float64(1.5 * 2 ** 52 + 1023)}
 
 
 @intrinsic
-def _float32_from_bits(typingctx, bits):
-    """Reinterpret an int32 as the float32 with the same bits."""
+def _exponent_scale(typingctx, shifted):
+    """``2**n`` from ``shifted = n + _ROUNDER``: the bits of ``shifted`` moved up by the
+    mantissa width, so the low bits holding ``n + bias`` become the exponent field
+    (0, giving exactly 0, for ``n`` = -127 or -1023)."""
+    if shifted == types.float32:
+        int_type, mantissa_bits = ir.IntType(32), 23
+    elif shifted == types.float64:
+        int_type, mantissa_bits = ir.IntType(64), 52
+    else:
+        return None
+
     def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-    return types.float32(types.int32), codegen
+        bits = builder.shl(builder.bitcast(args[0], int_type),
+                           ir.Constant(int_type, mantissa_bits))
+        return builder.bitcast(bits, args[0].type)
+    return shifted(shifted), codegen
 
 
 @intrinsic
-def _float64_from_bits(typingctx, bits):
-    """Reinterpret an int64 as the float64 with the same bits."""
+def _whole_part(typingctx, shifted):
+    """The integer ``n`` of ``shifted = n + _ROUNDER`` as a float, through the bits
+    (the float subtraction ``shifted - _ROUNDER`` would be cancelled against the
+    addition by fast-math reassociation, and ``llvm.arithmetic.fence`` stops the loops
+    from vectorising)."""
+    if shifted not in _ROUNDER:
+        return None
+    int_type = ir.IntType(32 if shifted == types.float32 else 64)
+    rounder_bits = int(np.array(_ROUNDER[shifted]).view(f"int{int_type.width}"))
+
     def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.DoubleType())
-    return types.float64(types.int64), codegen
-
-
-def _unary_float_intrinsic(name):
-    """An LLVM float intrinsic of one argument (``llvm.floor`` ...) callable from Numba."""
-    @intrinsic
-    def call(typingctx, a):
-        if not isinstance(a, types.Float):
-            return None
-
-        def codegen(context, builder, signature, args):
-            value_type = args[0].type
-            function = builder.module.declare_intrinsic(
-                name, [value_type], ir.FunctionType(value_type, [value_type]))
-            return builder.call(function, args)
-        return a(a), codegen
-    return call
-
-
-# llvm.floor keeps the value a float (math.floor would round-trip through int64),
-# which lets the exp2 loops vectorise.
-_floor = _unary_float_intrinsic("llvm.floor")
+        bits = builder.bitcast(args[0], int_type)
+        whole = builder.sub(bits, ir.Constant(int_type, rounder_bits))
+        return builder.sitofp(whole, args[0].type)
+    return shifted(shifted), codegen
 
 
 # Taylor coefficients of tanh(x) / x in powers of x**2: 1, -1/3, 2/15, ...
@@ -85,20 +104,6 @@ _TANH_COEFFICIENTS = (1.0, -1.0 / 3.0, 2.0 / 15.0, -17.0 / 315.0, 62.0 / 2835.0,
                       6404582.0 / 10854718875.0)
 # Below this |x| tanh uses its Taylor series, above it exp.
 _TANH_SERIES_LIMIT = 0.125
-
-
-@intrinsic
-def maximum(typingctx, a, b):
-    """The larger of two floats of one type, as LLVM's ``maxnum`` intrinsic."""
-    if not (isinstance(a, types.Float) and a == b):
-        return None
-
-    def codegen(context, builder, signature, args):
-        value_type = args[0].type
-        function = builder.module.declare_intrinsic(
-            "llvm.maxnum", [value_type], ir.FunctionType(value_type, [value_type, value_type]))
-        return builder.call(function, args)
-    return a(a, a), codegen
 
 
 @intrinsic
@@ -113,6 +118,40 @@ def select(typingctx, condition, a, b):
     return a(condition, a, a), codegen
 
 
+def _exp2_in_range(x):
+    """``2**x`` for ``x`` in the clipped range (pure-Python fallback)."""
+    return 2.0 ** x if x > -127.0 else 0.0
+
+
+@overload(_exp2_in_range, inline="always")
+def _exp2_in_range_overload(x):
+    # Round x to n by adding _ROUNDER, take n back through the sum's bits, the
+    # polynomial of the remainder f in [-1/2, 1/2], and 2**n from the sum's low bits:
+    # an add, an integer subtract, a conversion, a subtract and a shift besides the
+    # polynomial (floor, conversion and exponent add before).
+    rounder = _ROUNDER.get(x)
+    if x == types.float32:
+        c5, c4, c3, c2, c1, c0 = (np.float32(c) for c in _FLOAT32_COEFFICIENTS)
+
+        def exp2_in_range_float32(x):
+            shifted = x + rounder  # n + rounder, n the integer nearest x
+            f = x - _whole_part(shifted)  # [-1/2, 1/2]
+            poly = c0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * c5))))
+            return poly * _exponent_scale(shifted)  # poly * 2**n
+        return exp2_in_range_float32
+
+    if x == types.float64:
+        (c11, c10, c9, c8, c7, c6, c5, c4, c3, c2, c1, c0) = _FLOAT64_COEFFICIENTS
+
+        def exp2_in_range_float64(x):
+            shifted = x + rounder
+            f = x - _whole_part(shifted)
+            poly = c0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * (c6 + f * (
+                c7 + f * (c8 + f * (c9 + f * (c10 + f * c11))))))))))
+            return poly * _exponent_scale(shifted)
+        return exp2_in_range_float64
+
+
 def exp2(x):
     """``2**x`` (pure-Python fallback when the JIT is disabled)."""
     return 2.0 ** x if x > -1022.0 else 0.0
@@ -121,29 +160,15 @@ def exp2(x):
 @overload(exp2, inline="always")
 def _exp2_overload(x):
     if x == types.float32:
-        c6, c5, c4, c3, c2, c1, c0 = (np.float32(c) for c in _FLOAT32_COEFFICIENTS)
-
         def exp2_float32(x):
             # n = -127 gives exponent bits 0, so 2**n = 0: everything below 2**-126.5
             # (a hidden key's -inf included) comes out as exactly 0
-            clipped = min(max(x, np.float32(-127.0)), np.float32(127.0))
-            whole = _floor(clipped + np.float32(0.5))  # nearest integer n
-            f = clipped - whole  # [-1/2, 1/2)
-            poly = c0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * c6)))))
-            return poly * _float32_from_bits(
-                (np.int32(whole) + np.int32(127)) << np.int32(23))  # poly * 2**n
+            return _exp2_in_range(min(max(x, np.float32(-127.0)), np.float32(127.0)))
         return exp2_float32
 
     if x == types.float64:
-        (c12, c11, c10, c9, c8, c7, c6, c5, c4, c3, c2, c1, c0) = _FLOAT64_COEFFICIENTS
-
         def exp2_float64(x):
-            clipped = min(max(x, -1023.0), 1023.0)  # n = -1023: 2**n = 0, as above
-            whole = _floor(clipped + 0.5)
-            f = clipped - whole
-            poly = c0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * (c6 + f * (
-                c7 + f * (c8 + f * (c9 + f * (c10 + f * (c11 + f * c12)))))))))))
-            return poly * _float64_from_bits((np.int64(whole) + np.int64(1023)) << np.int64(52))
+            return _exp2_in_range(min(max(x, -1023.0), 1023.0))  # n = -1023: 0, as above
         return exp2_float64
 
 
@@ -203,6 +228,9 @@ def _cast_like_overload(value, array):
 # normal numbers. Subnormal products make the block products several times slower
 # (ALiBi at L = 2048 spent a third of its time on them).
 _PROBABILITY_CUTOFF = {types.float32: np.float32(-64.0), types.float64: np.float64(-600.0)}
+# exp2's input range: the lower end gives exactly 0, see _exponent_scale.
+_EXPONENT_RANGE = {types.float32: (np.float32(-127.0), np.float32(127.0)),
+                   types.float64: (np.float64(-1023.0), np.float64(1023.0))}
 
 
 def probability_exp2(x):
@@ -215,30 +243,32 @@ def _probability_exp2_overload(x):
     # exp2 with its lower clip replaced by a select: below the cutoff the input becomes
     # the exponent giving exactly 0, at the cost of exp2's own clip (one compare and
     # blend), so the softmax loop pays nothing for the cutoff.
-    if x == types.float32:
-        c6, c5, c4, c3, c2, c1, c0 = (np.float32(c) for c in _FLOAT32_COEFFICIENTS)
-        cutoff, lowest = _PROBABILITY_CUTOFF[x], np.float32(-127.0)
+    if x in _PROBABILITY_CUTOFF:
+        cutoff = _PROBABILITY_CUTOFF[x]
+        lowest, highest = _EXPONENT_RANGE[x]
 
-        def probability_exp2_float32(x):
-            clipped = min(select(x < cutoff, lowest, x), np.float32(127.0))  # NaN stays
-            whole = _floor(clipped + np.float32(0.5))
-            f = clipped - whole
-            poly = c0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * c6)))))
-            return poly * _float32_from_bits((np.int32(whole) + np.int32(127)) << np.int32(23))
-        return probability_exp2_float32
+        def probability_exp2_any(x):
+            return _exp2_in_range(min(select(x < cutoff, lowest, x), highest))  # NaN stays
+        return probability_exp2_any
 
-    if x == types.float64:
-        (c12, c11, c10, c9, c8, c7, c6, c5, c4, c3, c2, c1, c0) = _FLOAT64_COEFFICIENTS
-        cutoff, lowest = _PROBABILITY_CUTOFF[x], -1023.0
 
-        def probability_exp2_float64(x):
-            clipped = min(select(x < cutoff, lowest, x), 1023.0)
-            whole = _floor(clipped + 0.5)
-            f = clipped - whole
-            poly = c0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * (c6 + f * (
-                c7 + f * (c8 + f * (c9 + f * (c10 + f * (c11 + f * c12)))))))))))
-            return poly * _float64_from_bits((np.int64(whole) + np.int64(1023)) << np.int64(52))
-        return probability_exp2_float64
+def softmax_exp2(x):
+    """:func:`probability_exp2` for ``x <= 0`` or NaN only, such as a score minus the
+    largest score of its row (pure-Python fallback)."""
+    return probability_exp2(x)
+
+
+@overload(softmax_exp2, inline="always")
+def _softmax_exp2_overload(x):
+    # probability_exp2 without the upper clip, which no input <= 0 reaches: one
+    # instruction less in the forward's softmax loop.
+    if x in _PROBABILITY_CUTOFF:
+        cutoff = _PROBABILITY_CUTOFF[x]
+        lowest = _EXPONENT_RANGE[x][0]
+
+        def softmax_exp2_any(x):
+            return _exp2_in_range(select(x < cutoff, lowest, x))  # NaN stays
+        return softmax_exp2_any
 
 
 def elementwise_check(function):
@@ -256,6 +286,13 @@ def elementwise_check(function):
 exp2_check = elementwise_check(exp2)
 tanh_check = elementwise_check(tanh)
 probability_exp2_check = elementwise_check(probability_exp2)
+softmax_exp2_check = elementwise_check(softmax_exp2)
+
+
+@njit
+def row_maximum_check(row, start):
+    """:func:`row_maximum` compiled on its own (for tests)."""
+    return row_maximum(row, start)
 
 
 @njit(error_model="numpy", boundscheck=False)
@@ -284,3 +321,93 @@ def add_into(target, block):
     for r in range(rows):
         for c in range(cols):
             target[r, c] += block[r, c]
+
+
+@intrinsic
+def full_width_vectors(typingctx):
+    """Mark the calling function to be compiled with the CPU's full vector width.
+
+    LLVM's tuning for some CPUs with 512-bit vectors (Intel's since Skylake-X, AMD's
+    Zen 4) prefers 256-bit ones, for the whole process when set through Numba's
+    ``NUMBA_CPU_FEATURES``. This sets LLVM's per-function attributes instead
+    (``"prefer-vector-width"="512"``, ``"min-legal-vector-width"="512"``) and keeps the
+    function out of line (``noinline``), since inlining it would hand its loops to the
+    caller's attributes. Call it first in a helper whose loops should use them; it
+    computes nothing.
+    """
+    def codegen(context, builder, signature, args):
+        attributes = builder.function.attributes
+        # llvmlite's attribute set accepts only its known flags; string attributes are
+        # written into the IR as given
+        set.add(attributes, '"prefer-vector-width"="512"')
+        set.add(attributes, '"min-legal-vector-width"="512"')
+        attributes.add("noinline")
+        return context.get_dummy_value()
+    return types.none(), codegen
+
+
+# Lanes of the explicit vector loops: 512 bits.
+_VECTOR_LANES = {types.float32: 16, types.float64: 8}
+
+
+@intrinsic
+def row_maximum(typingctx, row, start):
+    """``max(start, row[0], row[1], ...)`` for a 1-D C-contiguous float array, NaN
+    entries skipped, as an explicit loop over 512-bit vectors.
+
+    Each lane keeps ``value if value > best else best`` (so a NaN never wins), which
+    the CPU does in one instruction, where ``maxnum`` also needs a NaN check and a
+    blend per vector (LLVM vectorises only ``maxnum`` reductions without ``nnan``).
+    On CPUs with narrower vectors LLVM splits each 512-bit operation.
+    ``start`` must not be NaN. Four accumulators hide the instruction's latency; the
+    last entries that fill no vector are taken one by one.
+    """
+    if not (isinstance(row, types.Array) and row.ndim == 1 and row.layout == "C"
+            and row.dtype == start and start in _VECTOR_LANES):
+        return None
+    lanes = _VECTOR_LANES[start]
+    element_bytes = 4 if start == types.float32 else 8
+    accumulators = 4
+
+    def codegen(context, builder, signature, args):
+        from numba.core import cgutils
+
+        row_type, _ = signature.args
+        array = context.make_array(row_type)(context, builder, args[0])
+        start_value = args[1]
+        float_type = start_value.type
+        vector_type = ir.VectorType(float_type, lanes)
+        intp = context.get_value_type(types.intp)
+        count = builder.extract_value(array.shape, 0)
+        data = array.data
+
+        def take_larger(best, value):
+            return builder.select(builder.fcmp_ordered(">", value, best), value, best)
+
+        splat = cgutils.alloca_once_value(builder, ir.Constant(vector_type, ir.Undefined))
+        vector = builder.load(splat)
+        for lane in range(lanes):
+            vector = builder.insert_element(vector, start_value, ir.Constant(ir.IntType(32), lane))
+        bests = [cgutils.alloca_once_value(builder, vector) for _ in range(accumulators)]
+        step = lanes * accumulators
+        n_steps = builder.udiv(count, ir.Constant(intp, step))
+        with cgutils.for_range(builder, n_steps, intp=intp) as loop:
+            base = builder.mul(loop.index, ir.Constant(intp, step))
+            for k, best in enumerate(bests):
+                offset = builder.add(base, ir.Constant(intp, k * lanes))
+                pointer = builder.bitcast(builder.gep(data, [offset]), vector_type.as_pointer())
+                value = builder.load(pointer, align=element_bytes)
+                builder.store(take_larger(builder.load(best), value), best)
+        combined = builder.load(bests[0])
+        for best in bests[1:]:
+            combined = take_larger(combined, builder.load(best))
+        result = cgutils.alloca_once_value(builder, start_value)
+        for lane in range(lanes):
+            element = builder.extract_element(combined, ir.Constant(ir.IntType(32), lane))
+            builder.store(take_larger(builder.load(result), element), result)
+        done = builder.mul(n_steps, ir.Constant(intp, step))
+        with cgutils.for_range(builder, builder.sub(count, done), intp=intp) as loop:
+            value = builder.load(builder.gep(data, [builder.add(done, loop.index)]))
+            builder.store(take_larger(builder.load(result), value), result)
+        return builder.load(result)
+    return start(row, start), codegen
