@@ -36,7 +36,7 @@ from numba import carray, cfunc, njit, types
 from numba.extending import intrinsic
 
 from fastattn.kernels.config import FASTMATH_FLAGS, jit_helper
-from fastattn.kernels.vector_math import LN2, LOG2E
+from fastattn.kernels.vector_math import LN2, LOG2E, full_width_vectors
 
 # bits of a hook's ``mode``
 APPLY_MASK = 1
@@ -114,6 +114,7 @@ def block_hook(score_mod, mask_mod, score_mod_grad, dtype):
     score_mod_grad = in_kernel(score_mod_grad) if has_grad else _unused_score
 
     def hook(scores_at, grads_at, rows, cols, row_start, key_start, b, h, mode):
+        full_width_vectors()  # 512-bit vectors where the CPU has them
         scores = carray(scores_at, (rows, cols))
         if has_grad and mode & (WRITE_GRADS | MULTIPLY_GRADS):
             grads = carray(grads_at, (rows, cols))

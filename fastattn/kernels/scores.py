@@ -26,7 +26,7 @@ from fastattn.kernels.config import jit_helper
 from fastattn.kernels.masking import block_fully_visible, visible_columns
 from fastattn.kernels.score_functions import (APPLY_MASK, MULTIPLY_GRADS, WRITE_GRADS,
                                               call_hook)
-from fastattn.kernels.vector_math import LOG2E, cast_like, tanh
+from fastattn.kernels.vector_math import LOG2E, cast_like, full_width_vectors, tanh
 
 
 @jit_helper
@@ -118,6 +118,7 @@ def apply_softcap(scores, cap, cap_grads, want_cap_grads):
     """In place: ``scores = cap * tanh(scores / cap)`` ``(rows, cols)``; with
     ``want_cap_grads`` also ``cap_grads = 1 - tanh(scores / cap)**2``, from the capped
     scores (one tanh loop only: a second would double its compile time)."""
+    full_width_vectors()  # tanh is arithmetic-bound: 512-bit vectors where the CPU has them
     rows, cols = scores.shape
     one = cast_like(1.0, scores)
     inverse_cap = one / cap
