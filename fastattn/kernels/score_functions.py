@@ -8,9 +8,11 @@ For each combination of user functions :func:`block_hook` builds a small C callb
 the kernels receive its address as an int64 (``ScoreOptions.hook``) and call it
 once per block through :func:`call_hook` (an indirect call per element would double
 the softmax pass; a first-class function argument would cost a few microseconds of
-unboxing in every call). Building a hook compiles only that loop (about 0.1-0.2 s);
-it is kept for the process, so a second call with the same functions compiles
-nothing, and its address stays valid.
+unboxing in every call). The user's functions are compiled again for the hook
+with the kernels' options (:func:`in_kernel`), so the loop over a block stays SIMD.
+Building a hook takes about 0.15 s (up to about 1 s for functions that use the
+vectorised ``tanh``); it is kept for the process, so a second call with the same
+functions compiles nothing, and its address stays valid.
 
 A hook is called as ``hook(scores, grads, rows, cols, row_start, key_start, b, h,
 mode)`` on a C-contiguous ``(rows, cols)`` block of scores in log2 units (the
