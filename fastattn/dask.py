@@ -514,6 +514,15 @@ def _score_key(array, batch_index, n_batch, qi, kj):
     return _block_key(array, batch_index, n_batch, qi if rows > 1 else 0, kj if cols > 1 else 0)
 
 
+def _pair_function(pair_function, plan, span, local_lengths):
+    """``pair_function`` (:func:`_forward_pair` or :func:`_backward_pair`) bound to one
+    chunk pair's ``span`` and local options: what its task calls."""
+    return functools.partial(
+        pair_function, span=span[:4], options=_local_options(plan, span, local_lengths),
+        compute_dtype=plan.compute_dtype, has_mask=plan.mask is not None,
+        has_bias=plan.bias is not None)
+
+
 def _local_options(plan, span, local_lengths):
     options = dict(span[4])
     options.update(kv_lengths=local_lengths, scale=plan.scale, enable_gqa=plan.enable_gqa)
@@ -577,10 +586,7 @@ def _forward_graph(plan, split_every):
         if span is None:
             continue
         pair_key = (pair_name,) + batch_index + (qi, kj)
-        task_function = functools.partial(
-            _forward_pair, span=span[:4], options=_local_options(plan, span, local_lengths),
-            compute_dtype=plan.compute_dtype, has_mask=plan.mask is not None,
-            has_bias=plan.bias is not None)
+        task_function = _pair_function(_forward_pair, plan, span, local_lengths)
         arguments = [_block_key(plan.query, batch_index, n_batch, qi, 0),
                      _block_key(plan.key, batch_index, n_batch, kj, 0),
                      _block_key(plan.value, batch_index, n_batch, kj, 0)]
@@ -695,10 +701,7 @@ def _backward_graph(plan, grad_out, out, lse, split_every):
         if span is None:
             continue
         pair_key = (pair_name,) + batch_index + (qi, kj)
-        task_function = functools.partial(
-            _backward_pair, span=span[:4], options=_local_options(plan, span, local_lengths),
-            compute_dtype=plan.compute_dtype, has_mask=plan.mask is not None,
-            has_bias=plan.bias is not None)
+        task_function = _pair_function(_backward_pair, plan, span, local_lengths)
         arguments = [_block_key(grad_out, batch_index, n_batch, qi, 0),
                      _block_key(plan.query, batch_index, n_batch, qi, 0),
                      _block_key(plan.key, batch_index, n_batch, kj, 0),
