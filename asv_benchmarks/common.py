@@ -10,13 +10,53 @@ share a process. Modules are imported in ``setup``, never at import time.
 
 import ctypes
 import gc
+import json
 import os
+import subprocess
 import threading
 import time
 
 import numpy as np
 
 IMPLEMENTATIONS = ["fastattn", "reference", "torch"]
+
+
+class WorkerProcess:
+    """A persistent worker process of an interleaved comparison (one per
+    implementation, so thread pools never share a process): each request is one
+    line of JSON on its stdin, each answer one line of JSON on its stdout.
+
+    Parameters
+    ----------
+    name : str
+        Says which worker died, if one does.
+    argv : list of str
+        The command that runs the worker.
+    env : dict, optional
+        Its environment (default: this process's).
+    """
+
+    def __init__(self, name, argv, env=None):
+        self.name = name
+        self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        text=True, env=env)
+
+    def ask(self, request):
+        """Send ``request`` and return the worker's answer."""
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        return self.read()
+
+    def read(self):
+        """The worker's next answer (a line of JSON)."""
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {self.name} worker died (exit {self.process.wait()})")
+        return json.loads(line)
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait()
 
 # The reference materialises (B, H, Lq, Lk) float64 scores: skipped beyond this.
 REFERENCE_MAX_LENGTH = 2048

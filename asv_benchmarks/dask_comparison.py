@@ -27,9 +27,12 @@ environment, which keeps that much at the top of each heap.
 """
 
 import argparse
-import json
-import subprocess
 import sys
+
+try:  # imported by asv as part of the asv_benchmarks package
+    from .common import WorkerProcess
+except ImportError:  # run as a script: python asv_benchmarks/dask_comparison.py
+    from common import WorkerProcess
 
 WORKER = r'''
 import json, sys, time
@@ -105,21 +108,14 @@ def main():
     args = parser.parse_args()
     sides = ("local", "dask")
     processes = {
-        side: subprocess.Popen(
-            [sys.executable, "-c", WORKER, side, str(args.threads), str(args.workers),
-             str(args.threads_per_worker), str(args.chunks), args.dtype,
-             str(args.malloc_top_pad * 2 ** 20)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        side: WorkerProcess(side, [sys.executable, "-c", WORKER, side, str(args.threads),
+                                   str(args.workers), str(args.threads_per_worker),
+                                   str(args.chunks), args.dtype,
+                                   str(args.malloc_top_pad * 2 ** 20)])
         for side in sides}
 
     def ask(side, case):
-        process = processes[side]
-        process.stdin.write(json.dumps(case) + "\n")
-        process.stdin.flush()
-        line = process.stdout.readline()
-        if not line:
-            raise SystemExit(f"the {side} process died")
-        return json.loads(line)
+        return processes[side].ask(case)
 
     cases = [(1, args.heads, args.length, args.dim, causal) for causal in (False, True)]
     print(f"dask: LocalCluster {args.workers} workers x {args.threads_per_worker} thread(s), "
@@ -148,8 +144,7 @@ def main():
     ratios = [c / p for p, c in zip(per_round[plain]["local"], per_round[causal]["local"])]
     print(f"local causal / non-causal: {median(ratios):.2f} [{min(ratios):.2f} {max(ratios):.2f}]")
     for process in processes.values():
-        process.stdin.close()
-        process.wait()
+        process.close()
 
 
 if __name__ == "__main__":

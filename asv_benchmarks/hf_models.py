@@ -26,10 +26,13 @@ Cases (the issue's goals):
 """
 
 import argparse
-import json
 import os
-import subprocess
 import sys
+
+try:  # imported by asv as part of the asv_benchmarks package
+    from .common import WorkerProcess
+except ImportError:  # run as a script: python asv_benchmarks/hf_models.py
+    from common import WorkerProcess
 
 # name: (peer implementation, goal for fastattn / peer)
 CASES = {
@@ -173,19 +176,13 @@ def main():
 
     implementations = ["fastattn"] + sorted({CASES[name][0] for name in arguments.cases})
     environment = dict(os.environ, OMP_NUM_THREADS=str(arguments.threads))
-    workers = {name: subprocess.Popen([sys.executable, "-c", WORKER, name, str(arguments.threads)],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                      env=environment)
+    workers = {name: WorkerProcess(name, [sys.executable, "-c", WORKER, name,
+                                          str(arguments.threads)], environment)
                for name in implementations}
 
     def sample(implementation, case):
-        worker = workers[implementation]
-        worker.stdin.write(json.dumps(case) + "\n")
-        worker.stdin.flush()
-        line = worker.stdout.readline()
-        if not line:
-            raise SystemExit(f"the {implementation} worker died on {case}")
-        return json.loads(line)  # [seconds, attention share, mask share, kernel share]
+        # [seconds, attention share, mask share, kernel share]
+        return workers[implementation].ask(case)
 
     def median(values):
         return sorted(values)[len(values) // 2]
@@ -217,8 +214,7 @@ def main():
     print(f"  {'case':<22}{'impl':<10}{'attention':>10}{'mask':>10}{'kernel':>10}")
     print("\n".join(shares))
     for worker in workers.values():
-        worker.stdin.close()
-        worker.wait()
+        worker.close()
 
 
 if __name__ == "__main__":

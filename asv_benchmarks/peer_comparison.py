@@ -56,16 +56,15 @@ import dataclasses
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 import numpy as np
 
 try:  # imported by asv as part of the asv_benchmarks package
-    from .common import REFERENCE_MAX_LENGTH, attention_flops, extra_memory_bytes
+    from .common import REFERENCE_MAX_LENGTH, WorkerProcess, attention_flops, extra_memory_bytes
 except ImportError:  # run as a script: python asv_benchmarks/peer_comparison.py
-    from common import REFERENCE_MAX_LENGTH, attention_flops, extra_memory_bytes
+    from common import REFERENCE_MAX_LENGTH, WorkerProcess, attention_flops, extra_memory_bytes
 
 TRIM_ENV = "+MALLOC_TRIM_THRESHOLD_=65536"  # what Dask's worker processes set
 SGEMM = "sgemm"  # the worker that times matrix products
@@ -350,7 +349,7 @@ def _warm_up(call, min_sample):
 
 # ---------------------------------------------------------------- parent side
 
-class Worker:
+class Worker(WorkerProcess):
     """A persistent worker process serving one implementation spec."""
 
     def __init__(self, spec, threads):
@@ -361,24 +360,14 @@ class Worker:
         if spec == SGEMM:  # OpenBLAS's idle threads spin ~0.1 s by default: keep it short
             env["OPENBLAS_THREAD_TIMEOUT"] = "4"
         self.spec = spec
-        self.process = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--worker", spec, "--threads",
-             str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        super().__init__(spec, [sys.executable, os.path.abspath(__file__), "--worker", spec,
+                                "--threads", str(threads)], env)
 
     def ask(self, **request):
-        self.process.stdin.write(json.dumps(request) + "\n")
-        self.process.stdin.flush()
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"worker {self.spec} died (exit {self.process.wait()})")
-        answer = json.loads(line)
+        answer = super().ask(request)
         if "error" in answer:
             raise RuntimeError(f"worker {self.spec}: {answer['error']}")
         return answer
-
-    def close(self):
-        self.process.stdin.close()
-        self.process.wait()
 
 
 def _median(values):

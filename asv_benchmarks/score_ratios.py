@@ -29,7 +29,6 @@ alone on the machine (``flock -x`` where the CPU is shared).
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -41,8 +40,10 @@ import numpy as np
 
 try:  # imported by asv as part of the asv_benchmarks package
     from . import score_functions
+    from .common import WorkerProcess
 except ImportError:  # run as a script
     import score_functions
+    from common import WorkerProcess
 
 HEADS, HEAD_DIM = 8, 64
 SLOPES = 2.0 ** (-8.0 * np.arange(1, HEADS + 1) / HEADS)
@@ -162,7 +163,7 @@ def worker_source(impl):
         query, key, value = inputs({FLEX_LENGTH})
     """) + textwrap.dedent(WORKER[impl].format(cap=FLEX_CAP)) + textwrap.dedent("""
         call(); call()
-        print("ready", flush=True)
+        print('"ready"', flush=True)
         for line in sys.stdin:
             started = time.perf_counter()
             call()
@@ -172,22 +173,18 @@ def worker_source(impl):
 
 def run_flex(rounds):
     """fastattn and FlexAttention, each in a persistent process, timed in turn."""
-    workers = {impl: subprocess.Popen([sys.executable, "-c", worker_source(impl)],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    workers = {impl: WorkerProcess(impl, [sys.executable, "-c", worker_source(impl)])
                for impl in WORKER}
     for impl, worker in workers.items():
-        if worker.stdout.readline().strip() != "ready":
+        if worker.read() != "ready":
             raise RuntimeError(f"the {impl} worker did not start")
     times = {impl: [] for impl in workers}
     for round_index in range(rounds):
         for impl, worker in workers.items():
-            worker.stdin.write("time\n")
-            worker.stdin.flush()
-            times[impl].append(float(worker.stdout.readline()))
+            times[impl].append(worker.ask("time"))
         print(f"  flex: round {round_index + 1}/{rounds}", file=sys.stderr)
     for worker in workers.values():
-        worker.stdin.close()
-        worker.wait()
+        worker.close()
     print(f"flex (L={FLEX_LENGTH}, softcap {FLEX_CAP} as score_mod, inference):")
     for impl in workers:
         print(f"  {impl}: median {np.median(times[impl]) * 1e3:.1f} ms")

@@ -17,9 +17,12 @@ PyTorch and fastattn each use ``--threads`` threads.
 """
 
 import argparse
-import json
-import subprocess
 import sys
+
+try:  # imported by asv as part of the asv_benchmarks package
+    from .common import WorkerProcess
+except ImportError:  # run as a script: python asv_benchmarks/torch_threads.py
+    from common import WorkerProcess
 
 WORKER = r'''
 import json, sys, time
@@ -71,16 +74,12 @@ def main():
                         help="PyTorch's threads (default: --threads)")
     arguments = parser.parse_args()
     variants = ("torch", "fastattn", "both", "gap")
-    workers = {variant: subprocess.Popen(
-        [sys.executable, "-c", WORKER, variant, str(arguments.threads),
-         str(arguments.torch_threads or arguments.threads)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for variant in variants}
+    workers = {variant: WorkerProcess(variant, [
+        sys.executable, "-c", WORKER, variant, str(arguments.threads),
+        str(arguments.torch_threads or arguments.threads)]) for variant in variants}
 
     def sample(variant):
-        worker = workers[variant]
-        worker.stdin.write("go\n")
-        worker.stdin.flush()
-        return json.loads(worker.stdout.readline())
+        return workers[variant].ask("go")
 
     ratios, product_ratios, attention_ratios, gap_ratios = [], [], [], []
     times = {v: [] for v in variants}
@@ -94,8 +93,7 @@ def main():
         attention_ratios.append(got["both"][2] / got["fastattn"][0])
         gap_ratios.append(got["gap"][2] / got["fastattn"][0])
     for worker in workers.values():
-        worker.stdin.close()
-        worker.wait()
+        worker.close()
 
     def median(values):
         return sorted(values)[len(values) // 2]
