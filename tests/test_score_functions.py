@@ -1,7 +1,10 @@
 """User score functions (score_mod, mask_mod, score_mod_grad) and block masks:
-fastattn against the reference (forward, weights, lse and backward), the ``b``/``h``
-convention against explicit bias and mask arrays, block masks against the
-element-wise mask_mod, central finite differences, and the argument errors."""
+fastattn against the reference on awkward lengths and after the built-in options,
+the ``b``/``h`` convention against explicit bias and mask arrays, block masks
+against the element-wise mask_mod, central finite differences, compiling, and the
+errors of block masks and of the backward. Each user option family alone and with
+the visibility rules, GQA, split keys and the argument errors are tested with the
+built-in options in ``test_scores.py``; the functions are in ``user_functions.py``."""
 
 import math
 
@@ -10,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import (FASTATTN, IMPLEMENTATIONS, REFERENCE, assert_close_to_reference,
                       assert_gradients_match_reference, assert_matches_finite_differences,
-                      forward_and_backward, random_inputs)
+                      forward_and_backward, forward_options, random_inputs)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,120 +22,12 @@ import fastattn.score_math
 import reference
 from fastattn.block_mask import EMPTY, FULL, PARTIAL
 from fastattn.kernels.score_functions import block_hook
-from fastattn.layout import fold_query_groups
 from fastattn.problem import check_attention
-
-# ---------------------------------------------------------------- user functions
-
-MAX_LEN = 1100
-# a learned relative-position bias: one row per head, one column per offset i - j
-TABLE = np.random.default_rng(5).standard_normal((3, 2 * MAX_LEN - 1))  # (H, 2 L - 1)
-
-
-@numba.njit
-def relative_bias(s, b, h, i, j):
-    return s + TABLE[h % 3, i - j + MAX_LEN - 1]
-
-
-@numba.njit
-def unit_grad(s, b, h, i, j):
-    return 1.0
-
-
-@numba.njit
-def wobble(s, b, h, i, j):
-    """A nonlinear score_mod that depends on every argument."""
-    return s + 0.5 * math.sin(s) + 0.1 * b - 0.05 * h + 0.01 * (i - j)
-
-
-@numba.njit
-def wobble_grad(s, b, h, i, j):
-    return 1.0 + 0.5 * math.cos(s)
-
-
-CAP = 2.0
-
-
-@numba.njit
-def tanh_cap(s, b, h, i, j):
-    return CAP * math.tanh(s / CAP)
-
-
-@numba.njit
-def tanh_cap_grad(s, b, h, i, j):
-    t = math.tanh(s / CAP)
-    return 1.0 - t * t
-
-
-@numba.njit
-def documents(b, h, i, j):
-    """Packed sequences of 37 tokens, causal within each."""
-    return i // 37 == j // 37 and j <= i
-
-
-@numba.njit
-def prefix_lm(b, h, i, j):
-    """The first 20 keys are seen by everyone, the rest causally."""
-    return j < 20 or j <= i
-
-
-@numba.njit
-def scattered(b, h, i, j):
-    """Depends on b and h; hides every key of every fifth row."""
-    return (i + 2 * j + b + 3 * h) % 4 != 0 and i % 5 != 0
-
-
-@numba.njit
-def sliding_window(b, h, i, j):
-    return i - 40 <= j <= i
-
-
-SCORE_MODS = {
-    "relative-bias": dict(score_mod=relative_bias, score_mod_grad=unit_grad),
-    "wobble": dict(score_mod=wobble, score_mod_grad=wobble_grad),
-}
-MASK_MODS = {"documents": documents, "prefix-lm": prefix_lm, "scattered": scattered,
-             "sliding-window": sliding_window}
-USER_OPTIONS = {
-    **SCORE_MODS,
-    **{name: dict(mask_mod=function) for name, function in MASK_MODS.items()},
-    "wobble-documents": dict(score_mod=wobble, score_mod_grad=wobble_grad,
-                             mask_mod=documents),
-}
-COMBINED_WITH = {
-    "alone": {},
-    "causal": dict(causal=True),
-    "causal-bottom-right": dict(causal=True, causal_alignment="bottom_right"),
-    "window": dict(window=(20, 5)),
-    "kv-lengths": dict(kv_lengths=[0, 60]),
-    "scale": dict(scale=-0.7),
-    "softcap-alibi": dict(softcap=3.0, alibi_slopes=np.array([0.5, 0.125, 0.03125])),
-}
-
-
-def forward_only(options):
-    return {name: value for name, value in options.items() if name != "score_mod_grad"}
-
+from user_functions import (CAP, MASK_MODS, USER_OPTIONS, documents, not_compiled, prefix_lm,
+                            relative_bias, scattered, tanh_cap, tanh_cap_grad, unit_grad, wobble,
+                            wobble_grad)
 
 # ---------------------------------------------------------------- forward
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("combined", list(COMBINED_WITH.values()), ids=list(COMBINED_WITH))
-@pytest.mark.parametrize("user", list(USER_OPTIONS.values()), ids=list(USER_OPTIONS))
-def test_forward_with_each_option(rng, user, combined, dtype):
-    query, key, value = random_inputs(rng, (2, 3, 70, 16), (2, 3, 90, 16), 8, dtype)
-    assert_close_to_reference(query, key, value, return_weights=True, return_lse=True,
-                              **forward_only(user), **combined)
-
-
-@pytest.mark.parametrize("user", list(USER_OPTIONS.values()), ids=list(USER_OPTIONS))
-def test_forward_with_mask_bias_gqa_and_broadcast(rng, user):
-    query, key, value = random_inputs(rng, (2, 6, 40, 16), (1, 3, 50, 16), 8, np.float32)
-    mask = rng.random((6, 40, 50)) < 0.8  # (H, Lq, Lk) broadcast over B
-    bias = np.where(rng.random((40, 1)) < 0.1, -np.inf, rng.standard_normal((40, 1)))
-    assert_close_to_reference(query, key, value, mask, bias=bias, enable_gqa=True,
-                              return_lse=True, **forward_only(user))
-
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("q_len, kv_len", [(1, 1), (1, 1000), (127, 129), (129, 127),
@@ -145,17 +40,6 @@ def test_awkward_lengths(rng, q_len, kv_len, dtype):
         block_mask = fastattn.create_block_mask(scattered, (1, 2), q_len, kv_len)
         assert_close_to_reference(query, key, value, causal=True, causal_alignment=alignment,
                                   return_lse=True, score_mod=wobble, block_mask=block_mask)
-
-
-@pytest.mark.parametrize("user", list(USER_OPTIONS.values()), ids=list(USER_OPTIONS))
-def test_split_key_decoding(rng, user):
-    """One query per head against a long cache: the keys are split into spans, and
-    grouped-query heads are not folded (the functions see ``h`` and ``i``)."""
-    query, key, value = random_inputs(rng, (1, 6, 1, 32), (1, 2, 1000, 32), 16, np.float32)
-    assert_close_to_reference(query, key, value, causal=True, causal_alignment="bottom_right",
-                              enable_gqa=True, return_lse=True, **forward_only(user))
-    problem = check_attention(query, key, value, enable_gqa=True, **forward_only(user))
-    assert fold_query_groups(problem) is None
 
 
 def test_rows_that_see_no_key(rng):
@@ -305,21 +189,16 @@ def test_block_mask_is_reusable(rng):
 
 # ---------------------------------------------------------------- backward
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("combined", list(COMBINED_WITH.values()), ids=list(COMBINED_WITH))
 @pytest.mark.parametrize("user", list(USER_OPTIONS.values()), ids=list(USER_OPTIONS))
-def test_backward_with_each_option(rng, user, combined, dtype):
-    query, key, value = random_inputs(rng, (2, 3, 70, 16), (2, 3, 300, 16), 8, dtype)
-    assert_gradients_match_reference(rng, query, key, value, **user, **combined)
-
-
-@pytest.mark.parametrize("user", list(USER_OPTIONS.values()), ids=list(USER_OPTIONS))
-def test_backward_with_mask_bias_gqa_and_broadcast(rng, user):
-    query, key, value = random_inputs(rng, (2, 6, 40, 16), (1, 2, 50, 16), 8, np.float64)
-    mask = rng.random((40, 50)) < 0.8
-    bias = np.where(rng.random((6, 1, 50)) < 0.1, -np.inf, rng.standard_normal((6, 1, 50)))
-    assert_gradients_match_reference(rng, query, key, value, mask, bias=bias,
-                                      enable_gqa=True, kv_lengths=[50, 33], **user)
+def test_with_softcap_and_alibi(rng, user):
+    """User functions after the built-in options, forward and backward (each option
+    family alone and with the visibility rules: test_scores.py)."""
+    query, key, value = random_inputs(rng, (2, 3, 70, 16), (2, 3, 90, 16), 8, np.float64)
+    builtins = dict(softcap=3.0, alibi_slopes=np.array([0.5, 0.125, 0.03125]))
+    assert_close_to_reference(query, key, value, return_weights=True, return_lse=True,
+                              **forward_options(user), **builtins)
+    assert_gradients_match_reference(rng, query.astype(np.float32), key.astype(np.float32),
+                                      value.astype(np.float32), **user, **builtins)
 
 
 FD_OPTIONS = {
@@ -355,7 +234,7 @@ def test_random_combinations(seed, q_len, kv_len, user, use_block_mask, block_si
     if use_block_mask and "mask_mod" in options:
         options["block_mask"] = fastattn.create_block_mask(options.pop("mask_mod"), (2, 3),
                                                            q_len, kv_len, block_size=block_size)
-    assert_close_to_reference(query, key, value, return_lse=True, **forward_only(options))
+    assert_close_to_reference(query, key, value, return_lse=True, **forward_options(options))
     assert_gradients_match_reference(rng, query, key, value, **options)
 
 
@@ -424,67 +303,6 @@ def test_same_functions_compile_nothing_again(rng):
 
 
 # ---------------------------------------------------------------- errors
-
-def not_compiled(s, b, h, i, j):
-    return s
-
-
-@numba.njit
-def three_arguments(s, b, h):
-    return s
-
-
-@numba.njit
-def mask_returning_float(b, h, i, j):
-    return 1.0
-
-
-@numba.njit
-def score_returning_bool(s, b, h, i, j):
-    return s > 0
-
-
-@numba.njit
-def score_returning_tuple(s, b, h, i, j):
-    return s, s
-
-
-@numba.njit
-def wrong_types(s, b, h, i, j):
-    return s.upper()
-
-
-ERRORS = {
-    "score-not-compiled": (dict(score_mod=not_compiled), TypeError,
-                           ["score_mod", "numba.njit", "(s, b, h, i, j)"]),
-    "score-lambda": (dict(score_mod=lambda s, b, h, i, j: s), TypeError,
-                     ["score_mod", "numba.njit"]),
-    "score-arity": (dict(score_mod=three_arguments), TypeError,
-                    ["score_mod", "3 arguments", "not 5"]),
-    "score-bool": (dict(score_mod=score_returning_bool), TypeError,
-                   ["score_mod", "returns bool", "real number"]),
-    "score-tuple": (dict(score_mod=score_returning_tuple), TypeError,
-                    ["score_mod", "returns", "Tuple"]),
-    "score-untypable": (dict(score_mod=wrong_types), TypeError,
-                        ["score_mod", "does not compile"]),
-    "mask-not-compiled": (dict(mask_mod=lambda b, h, i, j: True), TypeError,
-                          ["mask_mod", "numba.njit", "(b, h, i, j)"]),
-    "mask-arity": (dict(mask_mod=wobble), TypeError, ["mask_mod", "5 arguments", "not 4"]),
-    "mask-float": (dict(mask_mod=mask_returning_float), TypeError,
-                   ["mask_mod", "returns float64", "bool"]),
-    "block-mask-type": (dict(block_mask=np.ones((2, 3), bool)), TypeError,
-                        ["block_mask", "create_block_mask"]),
-}
-
-
-@pytest.mark.parametrize("kwargs, error, words", list(ERRORS.values()), ids=list(ERRORS))
-def test_bad_arguments(attention, kwargs, error, words):
-    query, key, value = random_inputs(np.random.default_rng(0), (2, 3, 4, 8), (2, 3, 5, 8))
-    with pytest.raises(error) as raised:
-        attention(query, key, value, **kwargs)
-    for word in words:
-        assert word in str(raised.value)
-
 
 @pytest.mark.parametrize("made_for", [((2, 3), 4, 6), ((2, 3), 5, 5), ((3, 2), 4, 5), ((6,), 4, 5)])
 def test_block_mask_of_another_shape(attention, made_for):

@@ -1,12 +1,14 @@
-"""Built-in score options, softcap and ALiBi slopes: fastattn against the reference
-(forward, weights, lse and backward), the reference against the formula and central
-finite differences, the vectorised tanh, and the argument errors."""
+"""Score options, built in (softcap, ALiBi slopes) and user functions (the families of
+``user_functions.py``): fastattn against the reference (forward, weights, lse and
+backward) alone, with the visibility rules, mask, bias, GQA, broadcast batch and split
+keys; the reference against the formula and central finite differences; the
+vectorised tanh; and the argument errors."""
 
 import numpy as np
 import pytest
 from conftest import (FASTATTN, IMPLEMENTATIONS, REFERENCE, assert_close_to_reference,
                       assert_gradients_match_reference, assert_matches_finite_differences,
-                      random_inputs)
+                      forward_options, random_inputs)
 
 import fastattn
 import reference
@@ -14,12 +16,14 @@ from fastattn.attention import choose_block_q, choose_split_len
 from fastattn.kernels.vector_math import exp2_check, probability_exp2_check, tanh_check
 from fastattn.layout import fold_query_groups
 from fastattn.problem import check_attention
+from user_functions import USER_ERRORS, USER_OPTIONS
 
 SLOPES = np.array([0.5, 0.125, 0.03125])  # one per head of (B, 3, L, D) inputs
-SCORE_OPTIONS = {
+SCORE_OPTIONS = {  # the built-ins, then the user functions of user_functions.py
     "softcap": dict(softcap=2.0),
     "alibi": dict(alibi_slopes=SLOPES),
     "softcap-alibi": dict(softcap=3.0, alibi_slopes=SLOPES),
+    **USER_OPTIONS,
 }
 COMBINED_WITH = {
     "alone": {},
@@ -91,7 +95,7 @@ def test_reference_follows_the_contract_order():
 def test_forward_with_each_option(rng, score_options, combined, dtype):
     query, key, value = scaled_inputs(rng, (2, 3, 70, 16), (2, 3, 90, 16), 8, dtype)
     assert_close_to_reference(query, key, value, return_weights=True, return_lse=True,
-                              **score_options, **combined)
+                              **forward_options(score_options), **combined)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -101,7 +105,7 @@ def test_forward_with_mask_bias_and_broadcast_batch(rng, score_options, dtype):
     mask = rng.random((3, 40, 50)) < 0.8  # (H, Lq, Lk) broadcast over B
     bias = np.where(rng.random((40, 1)) < 0.1, -np.inf, rng.standard_normal((40, 1)))
     assert_close_to_reference(query, key, value, mask, bias=bias, causal=True,
-                              return_lse=True, **score_options)
+                              return_lse=True, **forward_options(score_options))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -124,7 +128,7 @@ def test_split_key_decoding(rng, score_options, dtype):
     assert choose_split_len(n_batch * -(-1 // choose_block_q(n_batch, 1)), kv_len) < kv_len
     query, key, value = scaled_inputs(rng, (1, 3, 1, 32), (1, 3, kv_len, 32), 16, dtype)
     assert_close_to_reference(query, key, value, causal=True, causal_alignment="bottom_right",
-                              return_lse=True, **score_options)
+                              return_lse=True, **forward_options(score_options))
 
 
 @pytest.mark.parametrize("q_len", [1, 33])
@@ -132,7 +136,7 @@ def test_split_key_decoding(rng, score_options, dtype):
 def test_grouped_query_heads(rng, score_options, q_len):
     """ALiBi slopes are per query head; decoding (Lq = 1) folds heads only without them."""
     slopes = np.array([0.5, 0.25, 0.125, 0.0625, 0.03125, 0.0])  # (Hq,)
-    options = dict(score_options)
+    options = forward_options(score_options)
     if "alibi_slopes" in options:
         options["alibi_slopes"] = slopes
     query, key, value = scaled_inputs(rng, (2, 6, q_len, 16), (2, 2, 1100, 16), 8, np.float32)
@@ -141,7 +145,8 @@ def test_grouped_query_heads(rng, score_options, q_len):
                               **options)
     problem = check_attention(query, key, value, enable_gqa=True, **options)
     folds = fold_query_groups(problem) is not None
-    assert folds == (q_len == 1 and "alibi_slopes" not in options)
+    assert folds == (q_len == 1 and "alibi_slopes" not in options
+                     and not {"score_mod", "mask_mod"} & set(options))
 
 
 def test_slopes_broadcast_over_the_batch(rng):
@@ -209,7 +214,7 @@ def test_against_finite_differences(options):
 
 # ---------------------------------------------------------------- errors
 
-ERRORS = {
+ERRORS = {  # the built-in options', then the user functions' (user_functions.py)
     "softcap-zero": (dict(softcap=0.0), ValueError, ["softcap", "positive"]),
     "softcap-negative": (dict(softcap=-2), ValueError, ["softcap", "-2"]),
     "softcap-inf": (dict(softcap=np.inf), ValueError, ["softcap", "finite"]),
@@ -227,6 +232,7 @@ ERRORS = {
                      ["alibi_slopes", "(4,)", "(2, 3)"]),
     "slopes-too-many-dims": (dict(alibi_slopes=np.ones((1, 2, 3))), ValueError,
                              ["alibi_slopes", "(1, 2, 3)", "(2, 3)"]),
+    **USER_ERRORS,
 }
 
 
