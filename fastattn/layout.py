@@ -36,6 +36,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from fastattn.blas import gemm_address
+
 
 class Inputs(NamedTuple):
     """Query, key and value stacks ``(n_own, L, D)`` and their int64 ``(N,)`` indices."""
@@ -66,8 +68,10 @@ class ScoreOptions(NamedTuple):
     of every entry of the flattened batch, float64 ``alibi_slopes (N,)`` (a ``(1,)``
     placeholder unless ``has_alibi``); the address of the block ``hook`` applying the user's
     ``score_mod`` (``has_score_mod``) and ``mask_mod`` (``has_mask_mod``)
-    (:mod:`fastattn.kernels.score_functions`), and ``heads``, the size of the batch
-    axis that the user functions' ``h`` indexes (``b, h = divmod(entry, heads)``)."""
+    (:mod:`fastattn.kernels.score_functions`); ``heads``, the size of the batch
+    axis that the user functions' ``h`` indexes (``b, h = divmod(entry, heads)``); and
+    the address of the BLAS ``gemm`` that forms the block products
+    (:mod:`fastattn.blas`, :mod:`fastattn.kernels.products`)."""
 
     scale: float
     softcap: float
@@ -78,6 +82,7 @@ class ScoreOptions(NamedTuple):
     has_score_mod: bool
     has_mask_mod: bool
     heads: int
+    gemm: int
 
 
 class Visibility(NamedTuple):
@@ -180,7 +185,8 @@ def score_options(problem, hook):
         slopes = placeholder(np.float64, 1)
     return ScoreOptions(float(problem.scale), float(problem.softcap) if has_softcap else 0.0,
                         has_softcap, slopes, has_alibi, hook, problem.score_mod is not None,
-                        problem.effective_mask_mod is not None, problem.heads)
+                        problem.effective_mask_mod is not None, problem.heads,
+                        gemm_address(problem.compute_dtype))
 
 
 def stack_operand(array, batch_shape, dtype, group=1):

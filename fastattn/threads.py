@@ -6,9 +6,10 @@ the environment variable ``NUMBA_NUM_THREADS`` (default: the number of cores);
 bitwise identical for every thread count: work is split by the shape of the
 problem, never by the number of threads.
 
-The kernels call BLAS (``np.dot``) from inside their parallel loops; each of those
-calls must use one thread, or the BLAS thread pool and Numba's threads
-oversubscribe the cores: :class:`single_threaded_blas` sees to that.
+The kernels call BLAS (:mod:`fastattn.blas`) from inside their parallel loops; each
+of those calls must use one thread, or the BLAS thread pool and Numba's threads
+oversubscribe the cores. MKL is loaded with its sequential layer; SciPy's BLAS is
+kept at one thread by :class:`single_threaded_blas`.
 """
 
 import ctypes
@@ -18,7 +19,7 @@ import threading
 
 import numba
 
-from fastattn import process_settings
+from fastattn import blas, process_settings
 
 process_settings.apply()  # the OpenMP spin count, before Numba's threads start
 
@@ -68,7 +69,7 @@ def _openblas_thread_functions(controller):
 def _kernel_blas_thread_functions():
     """``(get, set)`` thread-count functions of the BLAS that the kernels call.
 
-    Numba's ``np.dot`` calls ``scipy.linalg.cython_blas``; importing it loads that
+    The kernels' SciPy backend is ``scipy.linalg.cython_blas``; importing it loads that
     BLAS, which threadpoolctl can only see once it is loaded. SciPy's own copy is
     picked out by its folder (``scipy.libs``); if none is recognised, every BLAS in
     the process is handled. OpenBLAS is driven through ctypes directly (about a
@@ -90,10 +91,11 @@ def _kernel_blas_thread_functions():
 class single_threaded_blas:
     """Context manager: the kernels' BLAS at one thread inside, as it was after.
 
-    The kernels call BLAS (``np.dot``) from their own threads; a multi-threaded
-    BLAS would start threads of its own for every block and oversubscribe the cores.
+    The kernels call BLAS from their own threads; a multi-threaded BLAS would start
+    threads of its own for every block and oversubscribe the cores.
     ``single_threaded_blas(False)`` does nothing, for calls whose products are too
-    small for any BLAS to thread.
+    small for any BLAS to thread; so does every context while the kernels call MKL
+    (:mod:`fastattn.blas`), which is sequential already.
 
     The BLAS thread count is process-wide, so calls running at once from several
     Python threads share one switch: the first to enter sets one thread, the last to
@@ -106,7 +108,7 @@ class single_threaded_blas:
     _saved = []  # (set function, count) to restore when the last one leaves
 
     def __init__(self, active=True):
-        self.active = active
+        self.active = active and blas.current_name() == "scipy"
 
     def __enter__(self):
         if not self.active:

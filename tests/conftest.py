@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import fastattn
+import fastattn.blas
 import reference
 
 IMPLEMENTATIONS = {
@@ -30,6 +31,19 @@ TOLERANCE = {
 def attention(request):
     """Each implementation of ``scaled_dot_product_attention`` in turn."""
     return IMPLEMENTATIONS[request.param]
+
+
+@pytest.fixture(params=[pytest.param(name, marks=pytest.mark.skipif(
+    fastattn.blas.available()[name] is not None,
+    reason=f"{name}: {fastattn.blas.available()[name]}")) for name in fastattn.blas.BACKENDS])
+def blas_backend(request):
+    """Run the test with the kernels calling each BLAS backend in turn
+    (:mod:`fastattn.blas`), the process's choice restored after."""
+    previous = fastattn.blas.use(request.param)
+    try:
+        yield request.param
+    finally:
+        fastattn.blas.use(previous or "auto")
 
 
 @pytest.fixture

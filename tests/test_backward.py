@@ -163,7 +163,7 @@ def test_bad_forward_results_are_refused(rng, backward):
     ((4, 4, 300, 32), (4, 4, 400, 32)),  # one key group per entry
     ((1, 2, 300, 32), (1, 2, 1100, 32)),  # several key groups per entry
 ])
-def test_results_identical_for_every_thread_count(rng, q_shape, kv_shape):
+def test_results_identical_for_every_thread_count(rng, blas_backend, q_shape, kv_shape):
     import numba
 
     query, key, value = random_inputs(rng, q_shape, kv_shape, dtype=np.float32)

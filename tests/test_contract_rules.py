@@ -7,6 +7,7 @@ import pytest
 from conftest import as_tuple, assert_close_to_reference, random_inputs
 
 import fastattn
+import fastattn.blas
 
 ALL_OUTPUTS = dict(return_weights=True, return_lse=True)
 
@@ -179,7 +180,7 @@ def test_zero_width_head_dim_gives_uniform_weights(attention):
     ((1, 2, 1, 32), (1, 2, 3000, 32)),  # decoding: keys split across tasks
 ])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_results_identical_for_every_thread_count(rng, dtype, q_shape, kv_shape):
+def test_results_identical_for_every_thread_count(rng, blas_backend, dtype, q_shape, kv_shape):
     query, key, value = random_inputs(rng, q_shape, kv_shape, dtype=dtype)
     default_threads = fastattn.get_num_threads()
     try:
@@ -289,11 +290,13 @@ def test_concurrent_calls_from_python_threads(rng):
 
 def test_overlapping_calls_share_one_blas_thread_switch():
     """The BLAS thread count is process-wide: it stays at 1 until the last of several
-    overlapping kernel calls has left, then returns to what it was."""
+    overlapping kernel calls has left, then returns to what it was (the kernels
+    calling SciPy's BLAS; MKL runs sequential, and the switch does nothing then)."""
     from fastattn.threads import _kernel_blas_thread_functions, single_threaded_blas
 
     functions = _kernel_blas_thread_functions()
     before = [get() for get, _ in functions]
+    previous_backend = fastattn.blas.use("scipy")
     try:
         for _, set_ in functions:
             set_(3)
@@ -308,6 +311,7 @@ def test_overlapping_calls_share_one_blas_thread_switch():
         second.__exit__(None, None, None)
         assert [get() for get, _ in functions] == threaded
     finally:
+        fastattn.blas.use(previous_backend or "auto")
         for (_, set_), count in zip(functions, before):
             set_(count)
 

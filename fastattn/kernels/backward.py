@@ -37,7 +37,7 @@ from fastattn.kernels.config import jit_helper, kernel_per_dtype
 from fastattn.kernels.masking import entry_rule, key_block_rows
 from fastattn.kernels.operands import TILING_TYPE, backward_types, problem_types
 from fastattn.kernels.scores import block_scores
-from fastattn.kernels.products import dot_add
+from fastattn.kernels.products import product, product_add
 from fastattn.kernels.vector_math import (LOG2E, block_view, cast_like, has_nan,
                                           probability_exp2)
 
@@ -180,14 +180,14 @@ def backward_task(task, b, group, inputs, options, mask, bias, visibility, tilin
                                cols)  # (rows, cols) d score / d (scale q.k)
             block_scores(probs, scaled_rows, keys, row_start, key_start, b, rule, options,
                          mask, bias, chain, has_chain, check_mask_mod)
-            np.dot(grad_rows, values.T, score_grads)  # dP, then dS
+            product(options.gemm, grad_rows, values.T, score_grads)  # dP, then dS
             # P, and dS with respect to scale * q.k, before the softcap and score_mod
             probabilities_and_score_grads(probs, score_grads, row_start, lse[b], delta[b],
                                           values_have_nan, chain, has_chain)
             # accumulating products (gemm with beta = 1: no product buffer to zero and add)
-            dot_add(probs.T, grad_rows, value_grad)  # dV += P^T dO
-            dot_add(score_grads.T, q_rows, key_grad)  # dK / scale += dS^T Q
-            dot_add(score_grads, keys, query_grads[row_start:row_stop])  # dQ / scale += dS K
+            product_add(options.gemm, probs.T, grad_rows, value_grad)  # dV += P^T dO
+            product_add(options.gemm, score_grads.T, q_rows, key_grad)  # dK / scale += dS^T Q
+            product_add(options.gemm, score_grads, keys, query_grads[row_start:row_stop])  # dQ / scale += dS K
         for c in range(cols):
             for d in range(head_dim):
                 grad_key[b, key_start + c, d] = key_grad[c, d] * scale

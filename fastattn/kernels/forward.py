@@ -27,8 +27,9 @@ from fastattn.kernels.masking import entry_rule, row_block_keys
 from fastattn.kernels.operands import (TILING_TYPE, array_type, forward_result_types,
                                       problem_types)
 from fastattn.kernels.scores import block_scores
-from fastattn.kernels.vector_math import (LN2, LOG2E, add_into, block_view, exp2,
-                                          full_width_vectors, has_nan, row_maximum,
+from fastattn.kernels.products import product_add
+from fastattn.kernels.vector_math import (LN2, LOG2E, block_view, exp2, full_width_vectors,
+                                          has_nan, line_aligned_rows, row_maximum,
                                           softmax_exp2)
 
 # Query rows per group on the partly visible strips (causal diagonal, window edges).
@@ -79,14 +80,14 @@ def online_softmax_block(scores, row_max, row_sum, acc):
 
 @jit_helper
 def attend_key_range(q_rows, row_start, key_first, key_last, keys, values, entry, rule,
-                     options, mask, bias, check_mask_mod, block_k, score_buffer,
-                     product_buffer, row_max, row_sum, acc):
+                     options, mask, bias, check_mask_mod, block_k, score_buffer, row_max,
+                     row_sum, acc):
     """Fold keys ``[key_first, key_last)`` into the running softmax of some query rows.
 
     ``q_rows`` ``(rows, Dk)`` are queries ``row_start + r`` in log2 units; ``row_max``,
     ``row_sum`` ``(rows,)`` and ``acc`` ``(rows, Dv)`` are their running state, updated
     in place, one block of at most ``block_k`` keys at a time, scored into
-    ``score_buffer``, its product with the values written into ``product_buffer``.
+    ``score_buffer``, its product with the values added to ``acc`` by gemm.
     ``check_mask_mod``: whether the user's ``mask_mod`` must be applied.
     """
     rows = q_rows.shape[0]
@@ -96,9 +97,7 @@ def attend_key_range(q_rows, row_start, key_first, key_last, keys, values, entry
         block_scores(scores, q_rows, keys[key_start:key_stop], row_start, key_start, entry,
                      rule, options, mask, bias, scores, False, check_mask_mod)
         online_softmax_block(scores, row_max, row_sum, acc)  # scores -> probabilities
-        product = block_view(product_buffer, rows, acc.shape[1])  # (rows, Dv)
-        np.dot(scores, values[key_start:key_stop], product)
-        add_into(acc, product)
+        product_add(options.gemm, scores, values[key_start:key_stop], acc)  # (rows, Dv)
 
 
 @jit_helper
@@ -179,9 +178,9 @@ def _attention_forward(inputs, options, mask, bias, visibility, tiling, outputs,
     # allocated per task becomes a fresh, page-faulting mmap when the allocator is
     # told to trim (MALLOC_TRIM_THRESHOLD_, as in Dask's workers).
     n_tasks, slots = n_batch * n_q_blocks * n_splits, tiling.slots
-    scratch = np.empty((slots, task_scratch_size(
+    scratch = line_aligned_rows(slots, task_scratch_size(
         min(block_q, q_len), inputs.query.shape[2], outputs.out.shape[2],
-        min(tiling.block_k, inputs.key.shape[1]))), dtype=outputs.out.dtype)
+        min(tiling.block_k, inputs.key.shape[1])), outputs.out)
     marked = 0
     for slot in prange(slots):
         # Slot s takes an equal contiguous share of the tasks. Under a causal mask a
@@ -223,14 +222,14 @@ def forward_task(b, q_start, q_stop, split, n_splits, inputs, options, mask, bia
     # np.dot reads the blocks in place instead of copying them.
     keys = key[inputs.key_index[b]]  # (Lk, Dk)
     values = value[inputs.value_index[b]]  # (Lk, Dv)
-    score_len = rows * min(block_k, kv_len)
+    # each buffer starts on a 64-byte line, as the slot's scratch does: the BLAS
+    # reads every block from the same alignment whichever slot runs the task
+    score_len = aligned_count(rows * min(block_k, kv_len))
     score_buffer = scratch[:score_len]
-    product_buffer = scratch[score_len:score_len + rows * value_dim]
-    taken = score_len + rows * value_dim
-    q_block = block_view(scratch[taken:], rows, head_dim)  # (rows, Dk) in log2 units
-    taken += rows * head_dim
+    q_block = block_view(scratch[score_len:], rows, head_dim)  # (rows, Dk) in log2 units
+    taken = score_len + aligned_count(rows * head_dim)
     acc = block_view(scratch[taken:], rows, value_dim)  # (rows, Dv) unnormalised output
-    taken += rows * value_dim
+    taken += aligned_count(rows * value_dim)
     row_max = scratch[taken:taken + rows]  # (rows,) running max, log2 units
     row_sum = scratch[taken + rows:taken + 2 * rows]  # (rows,) running sum of exp2(s - max)
     for r in range(rows):
@@ -271,8 +270,8 @@ def forward_task(b, q_start, q_stop, split, n_splits, inputs, options, mask, bia
         else:
             range_first, range_last, check_mask_mod = full_first, full_last, options.has_mask_mod
         attend_key_range(q_block, q_start, range_first, range_last, keys, values, b, rule,
-                         options, mask, bias, check_mask_mod, block_k, score_buffer,
-                         product_buffer, row_max, row_sum, acc)
+                         options, mask, bias, check_mask_mod, block_k, score_buffer, row_max,
+                         row_sum, acc)
     # 2. Without a block mask, the keys only some rows see (the causal diagonal,
     #    window edges): groups of EDGE_ROWS rows, each over its own visible range,
     #    so little is computed only to be masked.
@@ -294,7 +293,7 @@ def forward_task(b, q_start, q_stop, split, n_splits, inputs, options, mask, bia
         for strip_first, strip_last in ((left_first, left_last), (right_first, right_last)):
             attend_key_range(q_block[group_start:group_stop], q_start + group_start,
                              strip_first, strip_last, keys, values, b, rule, options, mask, bias,
-                             options.has_mask_mod, block_k, score_buffer, product_buffer,
+                             options.has_mask_mod, block_k, score_buffer,
                              row_max[group_start:group_stop], row_sum[group_start:group_stop],
                              acc[group_start:group_stop])
 
@@ -381,9 +380,11 @@ def _exact_rows(inputs, options, mask, bias, visibility, tiling, outputs, rows):
 @njit(inline="always")
 def task_scratch_size(rows, head_dim, value_dim, cols):
     """Scratch entries of a forward task of ``rows`` query rows and key blocks of
-    ``cols`` keys: the score block, the product block, the scaled queries, the
-    accumulator, the running maxima and sums."""
-    return rows * (cols + 2 * value_dim + head_dim + 2)
+    ``cols`` keys: the score block, the scaled queries, the accumulator (each
+    rounded up to ``ALIGN`` entries, whole 64-byte lines in float32), the running
+    maxima and sums; rounded up to ``ALIGN`` too."""
+    return (aligned_count(rows * cols) + aligned_count(rows * head_dim)
+            + aligned_count(rows * value_dim) + aligned_count(2 * rows))
 
 
 @njit(inline="always")

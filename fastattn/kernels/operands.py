@@ -39,7 +39,7 @@ def problem_types(dtype):
     options = group_type(ScoreOptions, (types.float64, types.float64, types.boolean,
                                         array_type(np.float64, 1), types.boolean,
                                         types.int64, types.boolean, types.boolean,
-                                        types.int64))
+                                        types.int64, types.int64))
     visibility = group_type(Visibility, (index, types.boolean, types.int64, types.int64,
                                          types.int64, array_type(np.int8, 3), types.boolean))
     return (inputs, options, score_operand_type(np.bool_), score_operand_type(dtype),

@@ -1,68 +1,103 @@
-"""Block products that accumulate: ``out += a @ b`` in one BLAS call.
+"""Block products through the BLAS ``gemm`` that :mod:`fastattn.blas` chose.
 
-``np.dot(a, b, out)`` followed by ``out += product`` costs OpenBLAS's zeroing of the
-product (it scales ``out`` by ``beta = 0`` with a memset before accumulating into
-it) and a pass adding the product; ``gemm`` with ``beta = 1`` adds into ``out``
-directly. :func:`dot_add` calls the same BLAS ``gemm`` as Numba's ``np.dot`` (through
-Numba's ``numba_xxgemm`` helper, scipy's BLAS), with ``beta = 1``.
+``product(gemm, a, b, out)`` writes ``out = a @ b`` and ``product_add`` adds
+``out += a @ b`` (``gemm`` with ``beta = 1``: no product buffer to zero and add).
+``gemm`` is the address of a Fortran-convention ``sgemm`` / ``dgemm`` for the
+operands' dtype (every argument by pointer, 32-bit integers: SciPy's
+``cython_blas`` and MKL's LP64 interface alike), passed to the kernels at run time
+in :class:`fastattn.layout.ScoreOptions`, so one compiled kernel serves every BLAS.
+The call runs on the calling thread; the BLAS must not start threads of its own
+(:mod:`fastattn.blas` sets MKL to its sequential layer;
+:class:`fastattn.threads.single_threaded_blas` keeps SciPy's at one thread).
 """
 
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
-from numba.np.linalg import ensure_blas
 
-_BLAS_KIND = {types.float32: "s", types.float64: "d"}
+from fastattn.kernels.config import jit_helper
+
+_FLOAT_TYPES = (types.float32, types.float64)
 
 
 @intrinsic
-def dot_add(typingctx, a, b, out):
-    """``out += a @ b`` for 2-D arrays ``a`` ``(m, k)``, ``b`` ``(k, n)`` and ``out``
-    ``(m, n)`` of one float dtype; ``a`` and ``b`` C- or F-contiguous (a transposed
-    C block is F), ``out`` C-contiguous and writeable. Shapes are the caller's to
-    match (not checked); with ``m``, ``n`` or ``k`` 0 nothing is done."""
+def call_gemm(typingctx, gemm, a, b, out, accumulate):
+    """``out = a @ b`` (``out += a @ b`` when ``accumulate``) through the gemm at
+    address ``gemm`` (int64), for 2-D arrays ``a`` ``(m, k)``, ``b`` ``(k, n)`` and
+    ``out`` ``(m, n)`` of one float dtype; ``a`` and ``b`` C- or F-contiguous (a
+    transposed C block is F), ``out`` C-contiguous and writeable. Shapes are the
+    caller's to match (not checked); with ``m``, ``n`` or ``k`` 0 nothing is done."""
     arrays = (a, b, out)
-    if not (all(isinstance(t, types.Array) and t.ndim == 2 and t.layout in "CF"
-                for t in arrays) and out.layout == "C" and out.mutable
-            and a.dtype == b.dtype == out.dtype and out.dtype in _BLAS_KIND):
+    if not (isinstance(gemm, types.Integer) and isinstance(accumulate, types.Boolean)
+            and all(isinstance(t, types.Array) and t.ndim == 2 and t.layout in "CF"
+                    for t in arrays) and out.layout == "C" and out.mutable
+            and a.dtype == b.dtype == out.dtype and out.dtype in _FLOAT_TYPES):
         return None
-    ensure_blas()
-    kind = _BLAS_KIND[out.dtype]
 
     def codegen(context, builder, signature, args):
+        address, a_value, b_value, out_value, accumulate_value = args
         a_array, b_array, out_array = (context.make_array(t)(context, builder, value)
-                                       for t, value in zip(signature.args, args))
-        intp = context.get_value_type(types.intp)
-        char, void_pointer = ir.IntType(8), ir.IntType(8).as_pointer()
-        gemm_type = ir.FunctionType(ir.IntType(32), [
-            char, char, char, intp, intp, intp, void_pointer, void_pointer, intp,
-            void_pointer, intp, void_pointer, void_pointer, intp])
-        gemm = cgutils.get_or_insert_function(builder.module, gemm_type, "numba_xxgemm")
+                                       for t, value in zip(signature.args[1:4],
+                                                           (a_value, b_value, out_value)))
+        int32, char = ir.IntType(32), ir.IntType(8)
+        float_type = context.get_value_type(out.dtype)
+        float_pointer = float_type.as_pointer()
+        gemm_type = ir.FunctionType(ir.VoidType(), [
+            char.as_pointer(), char.as_pointer(), int32.as_pointer(), int32.as_pointer(),
+            int32.as_pointer(), float_pointer, float_pointer, int32.as_pointer(), float_pointer,
+            int32.as_pointer(), float_pointer, float_pointer, int32.as_pointer()])
+
+        def by_pointer(value):
+            return cgutils.alloca_once_value(builder, value)
+
+        def as_int32(value):
+            return by_pointer(builder.trunc(value, int32))
+
         m, k = cgutils.unpack_tuple(builder, a_array.shape, 2)
         n = cgutils.unpack_tuple(builder, b_array.shape, 2)[1]
-        float_type = context.get_value_type(out.dtype)
-        one = cgutils.alloca_once_value(builder, ir.Constant(float_type, 1.0))
+        one = ir.Constant(m.type, 1)
 
         def operand(array_type, array):
             # Column-major BLAS computes out.T = b.T @ a.T; a C array is its own
             # transpose in column-major order, an F array needs 't'.
             rows, cols = cgutils.unpack_tuple(builder, array.shape, 2)
-            if array_type.layout == "C":
-                return ir.Constant(char, ord("n")), cols, builder.bitcast(array.data,
-                                                                           void_pointer)
-            return ir.Constant(char, ord("t")), rows, builder.bitcast(array.data, void_pointer)
+            is_c = array_type.layout == "C"
+            leading = cols if is_c else rows
+            leading = builder.select(builder.icmp_signed("<", leading, one), one, leading)
+            return (by_pointer(ir.Constant(char, ord("n" if is_c else "t"))), as_int32(leading),
+                    builder.bitcast(array.data, float_pointer))
 
         trans_b, ld_b, data_b = operand(b, b_array)
         trans_a, ld_a, data_a = operand(a, a_array)
-        zero = ir.Constant(intp, 0)
+        beta = builder.select(accumulate_value, ir.Constant(float_type, 1.0),
+                              ir.Constant(float_type, 0.0))
+        zero = ir.Constant(m.type, 0)
         empty = builder.or_(builder.or_(builder.icmp_signed("==", m, zero),
                                         builder.icmp_signed("==", n, zero)),
                             builder.icmp_signed("==", k, zero))
         with builder.if_then(builder.not_(empty), likely=True):
-            builder.call(gemm, (ir.Constant(char, ord(kind)), trans_b, trans_a, n, m, k,
-                                builder.bitcast(one, void_pointer), data_b, ld_b, data_a, ld_a,
-                                builder.bitcast(one, void_pointer),
-                                builder.bitcast(out_array.data, void_pointer), n))
+            function = builder.inttoptr(address, gemm_type.as_pointer())
+            builder.call(function, (trans_b, trans_a, as_int32(n), as_int32(m), as_int32(k),
+                                    by_pointer(ir.Constant(float_type, 1.0)), data_b, ld_b,
+                                    data_a, ld_a, by_pointer(beta),
+                                    builder.bitcast(out_array.data, float_pointer),
+                                    as_int32(builder.select(builder.icmp_signed("<", n, one),
+                                                            one, n))))
         return context.get_dummy_value()
-    return types.void(a, b, out), codegen
+    return types.void(gemm, a, b, out, accumulate), codegen
+
+
+@jit_helper
+def product(gemm, a, b, out):
+    """``out = a @ b`` (see :func:`call_gemm`); zeros when ``a`` has no columns."""
+    if a.shape[1] == 0:
+        out[:, :] = 0.0
+        return
+    call_gemm(gemm, a, b, out, False)
+
+
+@jit_helper
+def product_add(gemm, a, b, out):
+    """``out += a @ b`` (see :func:`call_gemm`)."""
+    call_gemm(gemm, a, b, out, True)

@@ -24,6 +24,7 @@ import numpy as np
 
 from fastattn.kernels.config import jit_helper
 from fastattn.kernels.masking import block_fully_visible, visible_columns
+from fastattn.kernels.products import product
 from fastattn.kernels.score_functions import (APPLY_MASK, MULTIPLY_GRADS, WRITE_GRADS,
                                               call_hook)
 from fastattn.kernels.vector_math import LOG2E, cast_like, full_width_vectors, tanh
@@ -63,7 +64,7 @@ def block_scores(scores, q_rows, keys, row_start, key_start, entry, rule, option
         Whether to apply the user's ``mask_mod`` (if any) to this block; False on
         a block a block mask knows to be full.
     """
-    np.dot(q_rows, keys.T, scores)  # (rows, cols) log2(e) * scale * q.k
+    product(options.gemm, q_rows, keys.T, scores)  # (rows, cols) log2(e) * scale * q.k
     rows, cols = scores.shape
     if options.has_softcap:
         apply_softcap(scores, cast_like(options.softcap * LOG2E, scores), score_grads,

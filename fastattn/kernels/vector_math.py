@@ -313,14 +313,19 @@ def block_view(buffer, rows, cols):
     return buffer[:rows * cols].reshape((rows, cols))
 
 
+LINE_BYTES = 64  # a cache line, and the alignment MKL asks of its operands
+
+
 @jit_helper
-def add_into(target, block):
-    """``target += block`` for 2-D arrays of one shape, as a plain loop (an array
-    expression would compile NumPy's broadcasting machinery at every use)."""
-    rows, cols = block.shape
-    for r in range(rows):
-        for c in range(cols):
-            target[r, c] += block[r, c]
+def line_aligned_rows(rows, cols, like):
+    """An uninitialised C-contiguous ``(rows, cols)`` array of ``like``'s dtype whose
+    first entry starts a 64-byte line; when ``cols`` entries are whole lines, so does
+    every row. For per-thread scratch memory: a block's alignment then does not
+    depend on which thread's scratch holds it (MKL's results can depend on it)."""
+    line = LINE_BYTES // like.itemsize  # entries per line
+    flat = np.empty(rows * cols + line, dtype=like.dtype)
+    skip = (-(flat.ctypes.data // like.itemsize)) % line  # entries before the next line
+    return flat[skip:skip + rows * cols].reshape((rows, cols))
 
 
 @intrinsic

@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 
+from fastattn.blas import gemm_address
 from fastattn.threads import single_threaded_blas
 from fastattn.kernels.linear import linear_kernel
 from fastattn.layout import placeholder
@@ -49,5 +50,5 @@ def linear(x, weight, bias=None):
             else placeholder(dtype, 1))  # (out,) or an unread (1,)
     block_rows = max(MIN_BLOCK_ROWS, -(-n_rows // MAX_TASKS))
     with single_threaded_blas():
-        linear_kernel(dtype)(rows, weight, bias, has_bias, block_rows, out)
+        linear_kernel(dtype)(rows, weight, bias, has_bias, block_rows, gemm_address(dtype), out)
     return out.reshape(x.shape[:-1] + (n_out,))
