@@ -226,6 +226,35 @@ def test_openmp_spin_count_default_keeps_the_users(module, user_value, opt_out, 
     assert result.stdout.split() == [user_value or "unset", expected]
 
 
+@pytest.mark.parametrize("variable, value, expected", [
+    (None, None, "omp"),
+    ("NUMBA_THREADING_LAYER_PRIORITY", "workqueue omp tbb", "workqueue"),
+    ("NUMBA_THREADING_LAYER", "workqueue", "workqueue"),
+    ("FASTATTN_PROCESS_SETTINGS", "0", None),  # Numba's own order: TBB if installed
+])
+def test_kernels_run_on_openmp_unless_the_user_chose(variable, value, expected):
+    """Numba would take TBB whenever the tbb package is installed (MKL's wheel brings
+    it); fastattn puts OpenMP first, keeping a layer or an order the user set."""
+    import os
+    import subprocess
+    import sys
+
+    env = {name: v for name, v in os.environ.items()
+           if not name.startswith("NUMBA_THREADING") and name != "FASTATTN_PROCESS_SETTINGS"}
+    if variable is not None:
+        env[variable] = value
+    code = ("import numba, numpy as np, fastattn; q = np.ones((1, 4, 4)); "
+            "fastattn.scaled_dot_product_attention(q, q, q); print(numba.threading_layer())")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, check=True)
+    if expected is None:  # what Numba picks by itself (TBB where the tbb package is)
+        numba_alone = ("import numba, numpy as np; f = numba.njit(parallel=True)("
+                       "lambda x: x.sum()); f(np.ones(4)); print(numba.threading_layer())")
+        expected = subprocess.run([sys.executable, "-c", numba_alone], env=env,
+                                  capture_output=True, text=True, check=True).stdout.strip()
+    assert result.stdout.split() == [expected]
+
+
 def test_cache_keys_fall_back_when_numba_changes(monkeypatch):
     """If Numba's private cache classes are missing or raise, the cache-key patch is
     skipped (with a warning for an error) and Numba's defaults stay."""
