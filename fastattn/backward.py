@@ -9,7 +9,7 @@ from fastattn.problem import check_attention, check_backward_arrays, check_score
 from fastattn.layout import sum_to_shape
 from fastattn.kernels.backward import backward_kernel
 from fastattn.kernels.score_functions import problem_hook
-from fastattn.threads import single_threaded_blas
+from fastattn.threads import get_num_threads, single_threaded_blas
 from fastattn.layout import BackwardInputs, Gradients, Tiling, problem_arguments
 
 # Rows and keys per block of the backward pass.
@@ -126,7 +126,8 @@ def _run_backward(problem, extra):
     if n_batch and q_len and kv_len:
         with single_threaded_blas():
             backward_kernel(dtype)(*problem_arguments(problem, problem_hook(problem)),
-                                   Tiling(block_q, block_k), extra, gradients)
+                                   Tiling(block_q, block_k, get_num_threads()), extra,
+                                   gradients)  # a slot per thread
     return gradients
 
 

@@ -103,10 +103,10 @@ class Visibility(NamedTuple):
 
 
 class Tiling(NamedTuple):
-    """Query rows and keys per block of a kernel's loops, and the forward's parallel
-    ``slots`` (the thread count): each slot runs an equal contiguous share of the
-    tasks one after another, with scratch memory of its own (1 for the other
-    kernels)."""
+    """Query rows and keys per block of a kernel's loops, and the forward's and
+    backward's parallel ``slots`` (the thread count): each slot runs an equal
+    contiguous share of the tasks one after another, with scratch memory of its own
+    (1 for the other kernels)."""
 
     block_q: int
     block_k: int

@@ -30,7 +30,7 @@ NaN ``lse`` wherever they are seen.
 """
 
 import numpy as np
-from numba import prange, types
+from numba import njit, prange, types
 
 from fastattn.block_mask import EMPTY, PARTIAL
 from fastattn.kernels.config import jit_helper, kernel_per_dtype
@@ -39,7 +39,7 @@ from fastattn.kernels.operands import TILING_TYPE, backward_types, problem_types
 from fastattn.kernels.scores import block_scores
 from fastattn.kernels.products import product, product_add
 from fastattn.kernels.vector_math import (LOG2E, block_view, cast_like, has_nan,
-                                          probability_exp2)
+                                          line_aligned_rows, probability_exp2, whole_lines)
 
 
 @jit_helper
@@ -100,17 +100,26 @@ def _attention_backward(inputs, options, mask, bias, visibility, tiling, extra, 
     NaN entered the task's products.
     """
     n_groups, n_batch = gradients.query_parts.shape[:2]
-    for task in prange(n_batch * n_groups):
-        b = task // n_groups
-        backward_task(task, b, task - b * n_groups, inputs, options, mask, bias, visibility,
-                      tiling, extra, gradients)
+    n_tasks, slots = n_batch * n_groups, tiling.slots
+    # Scratch memory of each slot (thread), allocated once per call: buffers
+    # allocated per task become fresh, page-faulting mmaps when the allocator is told
+    # to trim (MALLOC_TRIM_THRESHOLD_, as in Dask's workers). Slot s takes an equal
+    # contiguous share of the tasks (their costs are alike: key groups stride).
+    scratch = line_aligned_rows(slots, task_scratch_size(
+        tiling.block_q, tiling.block_k, inputs.key.shape[2], inputs.value.shape[2],
+        options.has_softcap or options.has_score_mod), gradients.key)
+    for slot in prange(slots):
+        for task in range(slot * n_tasks // slots, (slot + 1) * n_tasks // slots):
+            b = task // n_groups
+            backward_task(task, b, task - b * n_groups, inputs, options, mask, bias,
+                          visibility, tiling, extra, gradients, scratch[slot])
 
 
 @jit_helper
 def backward_task(task, b, group, inputs, options, mask, bias, visibility, tiling, extra,
-                  gradients):
+                  gradients, scratch):
     """Task ``task`` of :func:`_attention_backward`: key group ``group`` of batch entry
-    ``b``."""
+    ``b``, its buffers carved from the thread's ``scratch`` (:func:`task_scratch_size`)."""
     query_grad_parts, grad_key, grad_value, nan_met = gradients
     grad_out, lse, delta = extra
     n_groups, _, q_len, _ = query_grad_parts.shape
@@ -126,16 +135,13 @@ def backward_task(task, b, group, inputs, options, mask, bias, visibility, tilin
     keys_all = inputs.key[inputs.key_index[b]]  # (Lk, Dk)
     values_all = inputs.value[inputs.value_index[b]]  # (Lk, Dv)
     query_grads = query_grad_parts[group, b]  # (Lq, Dk) this group's share of dQ / scale
-    # Buffers for every block of this task: allocating per block would cost a
-    # page-faulting mmap for each large product.
-    scaled_rows_buffer = np.empty(block_q * head_dim, dtype=grad_key.dtype)
-    probs_buffer = np.empty(block_q * block_k, dtype=grad_key.dtype)
-    score_grads_buffer = np.empty(block_q * block_k, dtype=grad_key.dtype)
-    # d score / d (scale q.k), from the softcap and score_mod_grad, only with either
+    # Buffers for every block of this task, each starting on a 64-byte line (see
+    # task_scratch_size); chain: d score / d (scale q.k), from the softcap and
+    # score_mod_grad, only with either.
     has_chain = options.has_softcap or options.has_score_mod
-    chain_buffer = np.empty(block_q * block_k if has_chain else 0, dtype=grad_key.dtype)
-    key_grad_buffer = np.empty(block_k * head_dim, dtype=grad_key.dtype)
-    value_grad_buffer = np.empty(block_k * value_dim, dtype=grad_key.dtype)
+    scaled_rows_buffer, probs_buffer, score_grads_buffer, chain_buffer, key_grad_buffer, \
+        value_grad_buffer = task_buffers(scratch, block_q, block_k, head_dim, value_dim,
+                                         has_chain)
     # Key blocks group, group + G, group + 2G, ...: under a causal mask early key
     # blocks are seen by more rows, so striding spreads the work evenly.
     for k_block in range(group, n_k_blocks, n_groups):
@@ -194,6 +200,36 @@ def backward_task(task, b, group, inputs, options, mask, bias, visibility, tilin
         for c in range(cols):
             for d in range(value_dim):
                 grad_value[b, key_start + c, d] = value_grad[c, d]
+
+
+@njit(inline="always")
+def task_scratch_size(block_q, block_k, head_dim, value_dim, has_chain):
+    """Scratch entries of a backward task (see :func:`task_buffers`)."""
+    block = whole_lines(block_q * block_k)
+    return (whole_lines(block_q * head_dim) + block * (3 if has_chain else 2)
+            + whole_lines(block_k * head_dim) + whole_lines(block_k * value_dim))
+
+
+@njit(inline="always")
+def task_buffers(scratch, block_q, block_k, head_dim, value_dim, has_chain):
+    """A backward task's flat buffers carved from ``scratch``, each starting on a
+    64-byte line (:func:`whole_lines`; the slot's scratch starts on one), so the BLAS
+    sees every block at the same alignment whichever slot runs the task: scaled
+    query rows ``(block_q * Dk,)``, probabilities and score gradients
+    ``(block_q * block_k,)`` each, the chain factor (as large with ``has_chain``,
+    else empty), key and value gradient blocks ``(block_k * Dk,)``, ``(block_k * Dv,)``."""
+    rows_size, block = block_q * head_dim, block_q * block_k
+    chain_size = block if has_chain else 0
+    probs_start = whole_lines(rows_size)
+    grads_start = probs_start + whole_lines(block)
+    chain_start = grads_start + whole_lines(block)
+    key_start = chain_start + whole_lines(chain_size)
+    value_start = key_start + whole_lines(block_k * head_dim)
+    return (scratch[:rows_size], scratch[probs_start:probs_start + block],
+            scratch[grads_start:grads_start + block],
+            scratch[chain_start:chain_start + chain_size],
+            scratch[key_start:key_start + block_k * head_dim],
+            scratch[value_start:value_start + block_k * value_dim])
 
 
 def _backward_signature(dtype):

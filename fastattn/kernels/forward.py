@@ -30,7 +30,7 @@ from fastattn.kernels.scores import block_scores
 from fastattn.kernels.products import product_add
 from fastattn.kernels.vector_math import (LN2, LOG2E, block_view, exp2, full_width_vectors,
                                           has_nan, line_aligned_rows, row_maximum,
-                                          softmax_exp2)
+                                          softmax_exp2, whole_lines)
 
 # Query rows per group on the partly visible strips (causal diagonal, window edges).
 EDGE_ROWS = 64
@@ -224,12 +224,12 @@ def forward_task(b, q_start, q_stop, split, n_splits, inputs, options, mask, bia
     values = value[inputs.value_index[b]]  # (Lk, Dv)
     # each buffer starts on a 64-byte line, as the slot's scratch does: the BLAS
     # reads every block from the same alignment whichever slot runs the task
-    score_len = aligned_count(rows * min(block_k, kv_len))
+    score_len = whole_lines(rows * min(block_k, kv_len))
     score_buffer = scratch[:score_len]
     q_block = block_view(scratch[score_len:], rows, head_dim)  # (rows, Dk) in log2 units
-    taken = score_len + aligned_count(rows * head_dim)
+    taken = score_len + whole_lines(rows * head_dim)
     acc = block_view(scratch[taken:], rows, value_dim)  # (rows, Dv) unnormalised output
-    taken += aligned_count(rows * value_dim)
+    taken += whole_lines(rows * value_dim)
     row_max = scratch[taken:taken + rows]  # (rows,) running max, log2 units
     row_sum = scratch[taken + rows:taken + 2 * rows]  # (rows,) running sum of exp2(s - max)
     for r in range(rows):
@@ -380,11 +380,10 @@ def _exact_rows(inputs, options, mask, bias, visibility, tiling, outputs, rows):
 @njit(inline="always")
 def task_scratch_size(rows, head_dim, value_dim, cols):
     """Scratch entries of a forward task of ``rows`` query rows and key blocks of
-    ``cols`` keys: the score block, the scaled queries, the accumulator (each
-    rounded up to ``ALIGN`` entries, whole 64-byte lines in float32), the running
-    maxima and sums; rounded up to ``ALIGN`` too."""
-    return (aligned_count(rows * cols) + aligned_count(rows * head_dim)
-            + aligned_count(rows * value_dim) + aligned_count(2 * rows))
+    ``cols`` keys: the score block, the scaled queries, the accumulator, the running
+    maxima and sums, each rounded up to whole 64-byte lines (:func:`whole_lines`)."""
+    return (whole_lines(rows * cols) + whole_lines(rows * head_dim)
+            + whole_lines(rows * value_dim) + whole_lines(2 * rows))
 
 
 @njit(inline="always")

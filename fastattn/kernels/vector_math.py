@@ -316,6 +316,14 @@ def block_view(buffer, rows, cols):
 LINE_BYTES = 64  # a cache line, and the alignment MKL asks of its operands
 
 
+@njit(inline="always")
+def whole_lines(count):
+    """``count`` entries rounded up to a multiple of 16: whole 64-byte lines in
+    float32 and in float64. Buffers carved from line-aligned scratch at offsets of
+    whole lines start on a line too."""
+    return -(-count // 16) * 16
+
+
 @jit_helper
 def line_aligned_rows(rows, cols, like):
     """An uninitialised C-contiguous ``(rows, cols)`` array of ``like``'s dtype whose
