@@ -35,15 +35,16 @@ the subject in the default one, whatever the other implementations.
 The same rounds of the forward cases also time float32 matrix products in a worker of
 their own (``sgemm``):
 
-- ``sgemm``: one 2048 x 2048 x 2048 product on all the run's threads, with SciPy's
-  BLAS (the BLAS the kernels call): the machine's dense float32 throughput, the
+- ``sgemm``: one 2048 x 2048 x 2048 product, its columns split between the run's
+  threads, with the BLAS the kernels call (:mod:`fastattn.blas` as this process's
+  environment chooses it: MKL when installed, else SciPy's), one sequential ``sgemm``
+  per thread as the kernels call it: the machine's dense float32 throughput, the
   ceiling a fused attention kernel can approach (its products are nearly all of its
   FLOPs). The ``share`` column (float32 forward cases) is the subject's GFLOP/s over
   this, per round, as a median.
 - ``block sgemm``: the forward's own block products, ``(256, 64) @ (64, 512)`` and
-  ``(256, 512) @ (512, 64)``, single-threaded BLAS on each of the run's threads at
-  once, as the kernel calls them: what its products alone reach. (Through NumPy's
-  ``matmul`` and NumPy's OpenBLAS: SciPy's ``sgemm`` wrapper holds the GIL.)
+  ``(256, 512) @ (512, 64)``, with the same BLAS on each of the run's threads at
+  once, as the kernel calls them: what its products alone reach.
 
 Attention FLOPs are ``4*B*H*Lq*Lk*D``, half for causal with ``Lq == Lk`` (the backward
 is timed alone, given the forward's results, and counted as 2.5 times the forward's
@@ -223,23 +224,27 @@ def _numpy_call(name, case):
 
 
 class SgemmSampler:
-    """Times float32 matrix products (see the module docstring).
+    """Times float32 matrix products (see the module docstring) with the BLAS the
+    kernels call (:mod:`fastattn.blas`: MKL when installed, else SciPy's), called the
+    way the kernels call it: one single-threaded ``sgemm`` per thread, through its
+    address (ctypes releases the GIL, so the threads run at once).
 
-    ``sample()`` returns ``(square, block)`` GFLOP/s: one ``n x n x n`` product with
-    SciPy's BLAS (the one the kernels call) on ``threads`` BLAS threads, and the forward
-    kernel's block products on ``threads`` Python threads at once, single-threaded BLAS
-    each. The block products go through NumPy's ``matmul`` (NumPy's own OpenBLAS build):
-    SciPy's ``sgemm`` wrapper holds the GIL, so two Python threads calling it take
-    turns and measure one core.
+    ``sample()`` returns ``(square, block)`` GFLOP/s: one ``n x n x n`` product, its
+    columns split evenly between ``threads`` threads, and the forward kernel's block
+    products on ``threads`` threads at once.
     """
 
     def __init__(self, threads, min_sample):
         from concurrent.futures import ThreadPoolExecutor
 
-        from scipy.linalg.blas import sgemm
-        from threadpoolctl import threadpool_info, threadpool_limits
+        from fastattn import blas
+        from threadpoolctl import threadpool_limits
 
-        self.sgemm, self.threads, self.limits = sgemm, threads, threadpool_limits
+        # SciPy's OpenBLAS at one thread (the kernels do the same); MKL is sequential
+        self.limits = threadpool_limits(limits=1, user_api="blas")
+        self.backend = blas.current()
+        self.gemm = _fortran_sgemm(blas.gemm_address(np.float32))
+        self.threads = threads
         self.pool = ThreadPoolExecutor(threads)
         rng = np.random.default_rng(0)
 
@@ -247,6 +252,9 @@ class SgemmSampler:
             return np.asfortranarray(rng.standard_normal(shape, dtype=np.float32))
 
         self.a, self.b, self.c = (fortran(SQUARE_N, SQUARE_N) for _ in range(3))
+        cuts = [SQUARE_N * part // threads for part in range(threads + 1)]
+        self.square_parts = [(self.a, self.b[:, start:stop], self.c[:, start:stop])
+                             for start, stop in zip(cuts, cuts[1:])]  # column blocks
         # per thread: Q (Bq, D), K^T (D, Bk), S (Bq, Bk), V (Bk, D), O (Bq, D)
         self.blocks = [(fortran(BLOCK_Q, BLOCK_D), fortran(BLOCK_D, BLOCK_K),
                         fortran(BLOCK_Q, BLOCK_K), fortran(BLOCK_K, BLOCK_D),
@@ -256,28 +264,48 @@ class SgemmSampler:
         self.sample()  # warm up, then size the block sample like the others
         seconds = self._block_seconds()
         self.pairs = max(1, int(min_sample / max(seconds, 1e-7)))
-        self.blas = [{key: info.get(key) for key in ("internal_api", "version", "filepath")}
-                     for info in threadpool_info() if info.get("user_api") == "blas"]
+        self.blas = [{"internal_api": self.backend["name"],
+                      "filepath": self.backend["library"]}]
 
     def _block_pairs(self, operands):
         query, key_t, scores, value, out = operands
         for _ in range(self.pairs):
-            np.matmul(query, key_t, out=scores)  # (Bq, Bk)
-            np.matmul(scores, value, out=out)  # (Bq, D)
+            self.gemm(query, key_t, scores)  # (Bq, Bk)
+            self.gemm(scores, value, out)  # (Bq, D)
 
     def _block_seconds(self):
-        with self.limits(limits=1, user_api="blas"):
-            started = time.perf_counter()
-            list(self.pool.map(self._block_pairs, self.blocks))
-            return time.perf_counter() - started
+        started = time.perf_counter()
+        list(self.pool.map(self._block_pairs, self.blocks))
+        return time.perf_counter() - started
 
     def sample(self):
-        with self.limits(limits=self.threads, user_api="blas"):
-            started = time.perf_counter()
-            self.sgemm(1.0, self.a, self.b, beta=0.0, c=self.c, overwrite_c=True)
-            square = 2 * SQUARE_N ** 3 / (time.perf_counter() - started) / 1e9
+        started = time.perf_counter()
+        list(self.pool.map(lambda part: self.gemm(*part), self.square_parts))
+        square = 2 * SQUARE_N ** 3 / (time.perf_counter() - started) / 1e9
         block = self.threads * self.pairs * self.block_flops / self._block_seconds() / 1e9
         return square, block
+
+
+def _fortran_sgemm(address):
+    """``product(a, b, c)``: ``c = a @ b`` for F-contiguous float32 matrices, through the
+    Fortran-convention ``sgemm`` at ``address`` (every argument by pointer)."""
+    import ctypes
+
+    pointer = ctypes.c_void_p
+    sgemm = ctypes.CFUNCTYPE(None, *[pointer] * 13)(address)
+    no_transpose = ctypes.c_char(b"n")
+    one, zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
+
+    def product(a, b, c):
+        m, k = a.shape
+        n = b.shape[1]
+        ints = [ctypes.c_int(value) for value in (m, n, k, a.strides[1] // 4,
+                                                  b.strides[1] // 4, c.strides[1] // 4)]
+        sgemm(*map(ctypes.addressof, (no_transpose, no_transpose, *ints[:3], one)),
+              a.ctypes.data, ctypes.addressof(ints[3]), b.ctypes.data,
+              ctypes.addressof(ints[4]), ctypes.addressof(zero), c.ctypes.data,
+              ctypes.addressof(ints[5]))
+    return product
 
 
 def run_worker(spec, threads):
@@ -357,8 +385,6 @@ class Worker(WorkerProcess):
         env = dict(os.environ, **env_items)
         if spec != SGEMM and "NUMBA_NUM_THREADS" not in env_items:
             env["NUMBA_NUM_THREADS"] = str(threads)
-        if spec == SGEMM:  # OpenBLAS's idle threads spin ~0.1 s by default: keep it short
-            env["OPENBLAS_THREAD_TIMEOUT"] = "4"
         self.spec = spec
         super().__init__(spec, [sys.executable, os.path.abspath(__file__), "--worker", spec,
                                 "--threads", str(threads)], env)
@@ -482,12 +508,12 @@ def print_table(results, rounds, threads):
     if sgemm:
         square = [sample["square_gflops"] for sample in sgemm]
         block = [sample["block_gflops"] for sample in sgemm]
-        print(f"\nsgemm, {threads} threads, SciPy's BLAS, {len(sgemm)} samples interleaved "
+        print(f"\nsgemm, {threads} threads, the kernels' BLAS, {len(sgemm)} samples interleaved "
               f"with the forward rounds: {SQUARE_N}^3 median {_median(square):.1f} GFLOP/s "
               f"[{min(square):.1f}, {max(square):.1f}];\nforward block products "
               f"({BLOCK_Q}x{BLOCK_D} @ {BLOCK_D}x{BLOCK_K}, {BLOCK_Q}x{BLOCK_K} @ "
               f"{BLOCK_K}x{BLOCK_D}) median {_median(block):.1f} [{min(block):.1f}, "
-              f"{max(block):.1f}] (NumPy's matmul, 1 BLAS thread on each of {threads} threads)")
+              f"{max(block):.1f}] (one sequential sgemm per thread, {threads} threads)")
 
 
 def run_rounds(args, names):
