@@ -163,6 +163,14 @@ def problem_arguments(problem, hook):
     key, key_index = stack_operand(problem.key, batch, dtype, group)
     value, value_index = stack_operand(problem.value, batch, dtype, group)
     inputs = Inputs(query, key, value, query_index, key_index, value_index)
+    if (problem.mask is None and problem.bias is None and problem.kv_lengths is None
+            and problem.softcap is None and problem.alibi_slopes is None
+            and not problem.has_score_functions):
+        # no per-call operand: the other groups depend on scalars only (tiny calls
+        # and decoding loops repeat them)
+        return (inputs,) + plain_groups(dtype, problem.scale, problem.heads,
+                                        problem.diag_offset, problem.key_reach(),
+                                        gemm_address(dtype))
     options = score_options(problem, hook)
     mask = score_operand(problem.mask, batch, np.bool_)
     bias = score_operand(problem.bias, batch, dtype)
@@ -174,6 +182,21 @@ def problem_arguments(problem, hook):
                             problem.diag_offset, *problem.key_reach(), block_states,
                             problem.block_mask is not None)
     return inputs, options, mask, bias, visibility
+
+
+@functools.lru_cache(maxsize=256)
+def plain_groups(dtype, scale, heads, diag_offset, reach, gemm):
+    """``(ScoreOptions, mask, bias, Visibility)`` of a call without mask, bias,
+    kv_lengths, score options or user functions, shared between such calls: the
+    ``scale``, the batch axis ``heads``, the diagonal offset, the ``(left, right)``
+    reach of :meth:`~fastattn.problem.AttentionProblem.key_reach` and the BLAS
+    ``gemm`` address are all they hold."""
+    options = ScoreOptions(float(scale), 0.0, False, placeholder(np.float64, 1), False, 0,
+                           False, False, heads, gemm)
+    visibility = Visibility(identity_index(1), False, diag_offset, *reach, placeholder(np.int8),
+                            False)
+    return (options, absent_operand(np.dtype(np.bool_)), absent_operand(np.dtype(dtype)),
+            visibility)
 
 
 def score_options(problem, hook):
