@@ -18,7 +18,10 @@ address, :mod:`fastattn.kernels.products`), so one compiled kernel serves both:
 
 The environment variable ``FASTATTN_BLAS`` (``auto``, the default, ``mkl`` or
 ``scipy``) chooses at the first call; :func:`use` changes the choice at run time.
-``auto`` takes MKL when it loads and accepts the sequential layer, else SciPy's.
+``auto`` takes MKL on Intel CPUs when it loads and accepts the sequential layer, else
+SciPy's. On other CPUs MKL is known to take generic code paths, and its speed there
+was never measured for fastattn, so ``auto`` keeps SciPy's; ``FASTATTN_BLAS=mkl``
+still asks for MKL anywhere.
 
 Switching MKL to its sequential layer is process-wide: another library in the same
 process that calls the same ``libmkl_rt`` (a NumPy built against it, say) then runs
@@ -118,12 +121,25 @@ def _choose(name, source):
     if name not in BACKENDS + ("auto",):
         raise ValueError(f"{source} must be one of 'auto', 'mkl', 'scipy'; got {name!r}")
     if name == "auto":
-        mkl = _load("mkl")
+        mkl = _load("mkl") if _cpu_vendor() == "GenuineIntel" else None
         return mkl if isinstance(mkl, _Backend) else _load("scipy")
     backend = _load(name)
     if not isinstance(backend, _Backend):
         raise RuntimeError(f"fastattn cannot use BLAS {name!r} ({source}): {backend}")
     return backend
+
+
+def _cpu_vendor():
+    """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``, ...), or "" where
+    it cannot be read (non-Linux systems: MKL only on request there)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def _why_not(backend):

@@ -13,6 +13,7 @@ import fastattn.blas as blas
 from conftest import assert_close_to_reference, assert_gradients_match_reference, random_inputs
 
 MKL_MISSING = blas.available()["mkl"]
+AUTO = "mkl" if MKL_MISSING is None and blas._cpu_vendor() == "GenuineIntel" else "scipy"
 
 
 def run_python(code, **environment):
@@ -49,8 +50,27 @@ def test_use_switches_and_returns_the_previous_choice():
     try:
         assert blas.current()["name"] == blas.current_name() == "scipy"
         assert blas.use("auto") == "scipy"
-        assert blas.current_name() == ("scipy" if MKL_MISSING else "mkl")
+        assert blas.current_name() == AUTO
     finally:
+        blas.use(previous or "auto")
+
+
+@pytest.mark.skipif(MKL_MISSING is not None, reason=f"mkl: {MKL_MISSING}")
+def test_auto_takes_mkl_on_intel_cpus_only(monkeypatch):
+    """MKL's speed was measured on Intel CPUs only; elsewhere ``auto`` keeps SciPy's
+    BLAS, and MKL is still there on request."""
+    previous = blas.use("scipy")
+    try:
+        monkeypatch.setattr(blas, "_cpu_vendor", lambda: "AuthenticAMD")
+        blas.use("auto")
+        assert blas.current_name() == "scipy"
+        blas.use("mkl")
+        assert blas.current_name() == "mkl"
+        monkeypatch.setattr(blas, "_cpu_vendor", lambda: "GenuineIntel")
+        blas.use("auto")
+        assert blas.current_name() == "mkl"
+    finally:
+        monkeypatch.undo()
         blas.use(previous or "auto")
 
 
@@ -64,7 +84,7 @@ def test_environment_variable_chooses_the_backend():
     code = "import fastattn.blas as b; print(b.current_name())"
     assert run_python(code, FASTATTN_BLAS="scipy") == "scipy"
     assert run_python(code, FASTATTN_BLAS=" SciPy ") == "scipy"
-    assert run_python(code, FASTATTN_BLAS="auto") == ("scipy" if MKL_MISSING else "mkl")
+    assert run_python(code, FASTATTN_BLAS="auto") == AUTO
 
 
 def test_environment_variable_with_a_bad_value_names_itself():
