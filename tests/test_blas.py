@@ -17,8 +17,10 @@ AUTO = "mkl" if MKL_MISSING is None and blas._cpu_vendor() == "GenuineIntel" els
 
 
 def run_python(code, **environment):
-    """Run ``code`` in a fresh interpreter with ``environment`` added; its stdout."""
-    env = {**os.environ, **environment}
+    """Run ``code`` in a fresh interpreter with ``environment`` added (and this
+    process's ``FASTATTN_BLAS`` left out); its stdout."""
+    env = {name: value for name, value in os.environ.items() if name != blas.ENVIRONMENT_VARIABLE}
+    env.update(environment)
     finished = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
                               capture_output=True, text=True, timeout=120)
     assert finished.returncode == 0, finished.stderr
