@@ -429,3 +429,26 @@ def test_multihead_checks_its_mask_once(monkeypatch, rng):
     assert calls == {"mask": 1, "check_attention": 0}
     expected = reference.multi_head_attention(x, x, x, layer.state_dict(), 4, mask=mask)
     np.testing.assert_allclose(out, expected, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(0, 5, 64), (2, 3, 64), (2, 517, 256), (3, 130, 64), (1, 1, 300)])
+@pytest.mark.parametrize("heads", [1, 3, 8])
+def test_linear_split_into_heads(shape, heads, dtype):
+    """With ``heads``, the result comes head-major ``(B, H, L, d)`` and C-contiguous,
+    equal to splitting the plain result (kernel path, with row blocks that straddle
+    batch entries, and the small-product path alike)."""
+    from fastattn.layers.linear import linear
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(shape).astype(dtype)  # (B, L, in)
+    weight = rng.standard_normal((24 * heads, shape[-1]))  # (H * d, in)
+    bias = rng.standard_normal(24 * heads)  # (H * d,)
+    got = linear(x, weight, bias, heads)
+    batch, length = shape[:2]
+    plain = x.astype(np.float64) @ weight.T + bias  # (B, L, H * d)
+    expected = plain.reshape(batch, length, heads, 24).transpose(0, 2, 1, 3)  # (B, H, L, d)
+    assert got.shape == (batch, heads, length, 24) and got.dtype == dtype
+    assert got.flags.c_contiguous
+    tolerance = 1e-4 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(got, expected, rtol=tolerance, atol=tolerance * shape[-1])

@@ -156,12 +156,9 @@ class MultiHeadAttention:
             kv_lengths = check_kv_lengths(kv_lengths, () if unbatched else (batch,), kv_len)
 
         # projections in the inputs' compute dtype (linear casts the weights)
-        q = self._heads(linear(query, self.w_query, self.b_query),
-                        self.num_heads)  # (B, H, Lq, d_h)
-        k = self._heads(linear(key, self.w_key, self.b_key),
-                        self.num_kv_heads)  # (B, Hkv, Lk, d_h)
-        v = self._heads(linear(value, self.w_value, self.b_value),
-                        self.num_kv_heads)  # (B, Hkv, Lk, d_h)
+        q = linear(query, self.w_query, self.b_query, self.num_heads)  # (B, H, Lq, d_h)
+        k = linear(key, self.w_key, self.b_key, self.num_kv_heads)  # (B, Hkv, Lk, d_h)
+        v = linear(value, self.w_value, self.b_value, self.num_kv_heads)  # (B, Hkv, Lk, d_h)
         # the mask and kv_lengths are checked above: the problem is built, not re-checked
         problem = checked_problem(q, k, v, mask=mask, kv_lengths=kv_lengths, causal=causal,
                                   gqa_group=self.num_heads // self.num_kv_heads)
@@ -248,11 +245,6 @@ class MultiHeadAttention:
             raise ValueError(f"value=None uses key as the value, which needs vdim == kdim; this "
                              f"layer has kdim={self.kdim}, vdim={self.vdim}: pass value")
         return key, value
-
-    def _heads(self, projected, heads):
-        """``(B, L, heads * d_h)`` as a ``(B, heads, L, d_h)`` view."""
-        batch, length, _ = projected.shape
-        return projected.reshape(batch, length, heads, self.head_dim).transpose(0, 2, 1, 3)
 
     # ------------------------------------------------------------ weights
 
