@@ -29,10 +29,15 @@ _PUBLIC = {
     "get_num_threads": "fastattn.threads",
 }
 
+# submodules reachable as attributes without their own import (cheap to import)
+_SUBMODULES = ("blas",)
+
 __all__ = sorted(_PUBLIC)
 
 
 def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"fastattn.{name}")  # also binds it in globals()
     module = _PUBLIC.get(name)
     if module is None:
         raise AttributeError(f"module 'fastattn' has no attribute {name!r}")
@@ -42,4 +47,4 @@ def __getattr__(name):
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_PUBLIC))
+    return sorted(set(globals()) | set(_PUBLIC) | set(_SUBMODULES))

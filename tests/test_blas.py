@@ -133,3 +133,8 @@ def test_mkl_set_up_by_another_library_is_left_alone():
     name, message = run_python(code).split("\n", 1)
     assert name == "scipy"
     assert "already set up by another library" in message and "sequential" in message
+
+
+def test_reachable_as_an_attribute_of_the_package():
+    code = "import fastattn; print(fastattn.blas.current_name() in fastattn.blas.BACKENDS)"
+    assert run_python(code) == "True"
