@@ -7,8 +7,9 @@ address, :mod:`fastattn.kernels.products`), so one compiled kernel serves both:
 
 ``"mkl"``
     Intel oneAPI MKL's single dynamic library (``libmkl_rt``, from the ``mkl``
-    wheel: ``pip install "fastattn[mkl]"``), switched to its sequential threading
-    layer and LP64 interface. On an AVX-512 Intel CPU its kernels run the forward's
+    wheel: ``pip install "fastattn[mkl]"``; looked for in the environment's ``lib``
+    folder, then by the dynamic loader), switched to its sequential threading layer
+    and LP64 interface. On an AVX-512 Intel CPU its kernels run the forward's
     block shapes 1.1-1.45x faster than OpenBLAS (``(256, 64) @ (64, 512)``: about
     150 against 105 GFLOP/s on one core), the difference that puts fastattn ahead of
     PyTorch (whose CPU wheels link MKL too).
