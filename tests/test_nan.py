@@ -176,3 +176,19 @@ def test_nan_in_the_backward(rng, option_name, where, dtype):
         assert not any(np.isnan(g[others]).any() for g in got)
     if where == "value":  # dV = P^T dO never meets V
         assert not np.isnan(got[2]).any()
+
+
+def test_nan_query_that_sees_no_key_changes_no_gradient(rng):
+    """A NaN query row that sees no key (bottom-right causal with Lq > Lk: the first
+    rows see nothing) enters no product: every gradient equals, bitwise, the one with
+    that row set to 0, and the row's own query gradient is 0."""
+    query = rng.standard_normal((2, 3, 300, 32)).astype(np.float32)
+    key = rng.standard_normal((2, 3, 200, 32)).astype(np.float32)
+    value = rng.standard_normal((2, 3, 200, 32)).astype(np.float32)
+    grad_out = rng.standard_normal((2, 3, 300, 32)).astype(np.float32)
+    options = dict(causal=True, causal_alignment="bottom_right")  # rows < 100 see no key
+    clean = forward_and_backward(FASTATTN, query, key, value, None, grad_out, **options)
+    query[1, 2, 40, 5] = np.nan
+    got = forward_and_backward(FASTATTN, query, key, value, None, grad_out, **options)
+    for g, c in zip(got, clean):
+        np.testing.assert_array_equal(g, c)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fastattn import blas
-from fastattn.kernels.products import product, product_add
+from fastattn.kernels.products import product, product_add, scaled_product
 
 
 @numba.njit
@@ -24,6 +24,11 @@ def _product_transposed_a(gemm, a_transposed, b, out, accumulate):
         product_add(gemm, a, b, out)
     else:
         product(gemm, a, b, out)
+
+
+@numba.njit
+def _scaled_product(gemm, alpha, a, b, out):
+    scaled_product(gemm, alpha, a, b, out)
 
 
 SHAPES = [(1, 1, 1), (3, 4, 5), (17, 33, 15), (256, 512, 64), (0, 3, 2), (3, 0, 2), (5, 7, 0)]
@@ -68,3 +73,17 @@ def test_product_reads_transposed_and_fortran_operands(backend, dtype):
     np.testing.assert_allclose(out, 2 * expected, rtol=0, atol=TOLERANCE[dtype] * 10)
     _product_transposed_a(gemm, np.ascontiguousarray(a.T), b, out, True)
     np.testing.assert_allclose(out, 3 * expected, rtol=0, atol=TOLERANCE[dtype] * 15)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("alpha", [1.4426950408889634 / 8, -3.0, 0.0])
+def test_scaled_product_scales_by_alpha(backend, dtype, alpha):
+    gemm = blas._load(backend).addresses[np.dtype(dtype)]
+    rng = np.random.default_rng(11)
+    a = rng.standard_normal((37, 20)).astype(dtype)
+    keys = rng.standard_normal((45, 20)).astype(dtype)
+    out = np.full((37, 45), np.nan, dtype)
+    _scaled_product(gemm, alpha, a, keys.T, out)  # a (F-contiguous) transposed operand
+    expected = alpha * (a.astype(np.float64) @ keys.T.astype(np.float64))
+    np.testing.assert_allclose(out, expected, rtol=0, atol=TOLERANCE[dtype] * 5 * (abs(alpha) + 1))

@@ -139,9 +139,22 @@ def backward_task(task, b, group, inputs, options, mask, bias, visibility, tilin
     # task_scratch_size); chain: d score / d (scale q.k), from the softcap and
     # score_mod_grad, only with either.
     has_chain = options.has_softcap or options.has_score_mod
-    scaled_rows_buffer, probs_buffer, score_grads_buffer, chain_buffer, key_grad_buffer, \
-        value_grad_buffer = task_buffers(scratch, block_q, block_k, head_dim, value_dim,
-                                         has_chain)
+    probs_buffer, score_grads_buffer, chain_buffer, key_grad_buffer, value_grad_buffer = \
+        task_buffers(scratch, block_q, block_k, head_dim, value_dim, has_chain)
+    # A NaN query among the rows this task's key blocks see, checked once (the rows
+    # enter the products unscaled: the scale is the score product's alpha). Rows
+    # between those blocks' ranges are checked too: at worst a NaN query that sees
+    # no key at all asks for the NaN-free second pass, which gives the same results.
+    rows_first, rows_last = q_len, 0
+    for k_block in range(group, n_k_blocks, n_groups):
+        key_start = k_block * block_k
+        key_stop = min(key_start + block_k, rule.kv_stop)
+        if key_start < key_stop:
+            row_first, row_last = key_block_rows(key_start, key_stop, rule, q_len)
+            if row_last > row_first:
+                rows_first, rows_last = min(rows_first, row_first), max(rows_last, row_last)
+    if rows_last > rows_first:
+        nan_met[task] |= has_nan(queries[rows_first:rows_last])
     # Key blocks group, group + G, group + 2G, ...: under a causal mask early key
     # blocks are seen by more rows, so striding spreads the work evenly.
     for k_block in range(group, n_k_blocks, n_groups):
@@ -173,19 +186,12 @@ def backward_task(task, b, group, inputs, options, mask, bias, visibility, tilin
                 check_mask_mod = state == PARTIAL
             q_rows = queries[row_start:row_stop]  # (rows, Dk)
             grad_rows = grads[row_start:row_stop]  # (rows, Dv)
-            scaled_rows = block_view(scaled_rows_buffer, rows, head_dim)  # (rows, Dk)
-            query_nan = False
-            for r in range(rows):
-                for d in range(head_dim):
-                    scaled_rows[r, d] = q_rows[r, d] * log2_scale
-                    query_nan |= q_rows[r, d] != q_rows[r, d]
-            nan_met[task] |= query_nan
             probs = block_view(probs_buffer, rows, cols)  # (rows, cols)
             score_grads = block_view(score_grads_buffer, rows, cols)  # (rows, cols)
             chain = block_view(chain_buffer, rows if has_chain else 0,
                                cols)  # (rows, cols) d score / d (scale q.k)
-            block_scores(probs, scaled_rows, keys, row_start, key_start, b, rule, options,
-                         mask, bias, chain, has_chain, check_mask_mod)
+            block_scores(probs, q_rows, log2_scale, keys, row_start, key_start, b, rule,
+                         options, mask, bias, chain, has_chain, check_mask_mod)
             product(options.gemm, grad_rows, values.T, score_grads)  # dP, then dS
             # P, and dS with respect to scale * q.k, before the softcap and score_mod
             probabilities_and_score_grads(probs, score_grads, row_start, lse[b], delta[b],
@@ -206,27 +212,25 @@ def backward_task(task, b, group, inputs, options, mask, bias, visibility, tilin
 def task_scratch_size(block_q, block_k, head_dim, value_dim, has_chain):
     """Scratch entries of a backward task (see :func:`task_buffers`)."""
     block = whole_lines(block_q * block_k)
-    return (whole_lines(block_q * head_dim) + block * (3 if has_chain else 2)
-            + whole_lines(block_k * head_dim) + whole_lines(block_k * value_dim))
+    return (block * (3 if has_chain else 2) + whole_lines(block_k * head_dim)
+            + whole_lines(block_k * value_dim))
 
 
 @njit(inline="always")
 def task_buffers(scratch, block_q, block_k, head_dim, value_dim, has_chain):
     """A backward task's flat buffers carved from ``scratch``, each starting on a
     64-byte line (:func:`whole_lines`; the slot's scratch starts on one), so the BLAS
-    sees every block at the same alignment whichever slot runs the task: scaled
-    query rows ``(block_q * Dk,)``, probabilities and score gradients
-    ``(block_q * block_k,)`` each, the chain factor (as large with ``has_chain``,
-    else empty), key and value gradient blocks ``(block_k * Dk,)``, ``(block_k * Dv,)``."""
-    rows_size, block = block_q * head_dim, block_q * block_k
+    sees every block at the same alignment whichever slot runs the task:
+    probabilities and score gradients ``(block_q * block_k,)`` each, the chain factor
+    (as large with ``has_chain``, else empty), key and value gradient blocks
+    ``(block_k * Dk,)``, ``(block_k * Dv,)``."""
+    block = block_q * block_k
     chain_size = block if has_chain else 0
-    probs_start = whole_lines(rows_size)
-    grads_start = probs_start + whole_lines(block)
+    grads_start = whole_lines(block)
     chain_start = grads_start + whole_lines(block)
     key_start = chain_start + whole_lines(chain_size)
     value_start = key_start + whole_lines(block_k * head_dim)
-    return (scratch[:rows_size], scratch[probs_start:probs_start + block],
-            scratch[grads_start:grads_start + block],
+    return (scratch[:block], scratch[grads_start:grads_start + block],
             scratch[chain_start:chain_start + chain_size],
             scratch[key_start:key_start + block_k * head_dim],
             scratch[value_start:value_start + block_k * value_dim])

@@ -94,7 +94,7 @@ def attend_key_range(q_rows, row_start, key_first, key_last, keys, values, entry
     for key_start in range(key_first, key_last, block_k):
         key_stop = min(key_start + block_k, key_last)
         scores = block_view(score_buffer, rows, key_stop - key_start)  # (rows, cols)
-        block_scores(scores, q_rows, keys[key_start:key_stop], row_start, key_start, entry,
+        block_scores(scores, q_rows, 1.0, keys[key_start:key_stop], row_start, key_start, entry,
                      rule, options, mask, bias, scores, False, check_mask_mod)
         online_softmax_block(scores, row_max, row_sum, acc)  # scores -> probabilities
         product_add(options.gemm, scores, values[key_start:key_stop], acc)  # (rows, Dv)
@@ -122,7 +122,7 @@ def exact_row(q_row, row, key_first, key_last, keys, values, entry, rule, option
         for key_start in range(key_first, key_last, block_k):
             key_stop = min(key_start + block_k, key_last)
             scores = block_view(score_buffer, 1, key_stop - key_start)  # (1, cols)
-            block_scores(scores, q_row, keys[key_start:key_stop], row, key_start, entry, rule,
+            block_scores(scores, q_row, 1.0, keys[key_start:key_stop], row, key_start, entry, rule,
                          options, mask, bias, scores, False, True)
             for c in range(key_stop - key_start):
                 score = scores[0, c]
@@ -328,7 +328,7 @@ def forward_task(b, q_start, q_stop, split, n_splits, inputs, options, mask, bia
         for key_start in range(first_key, last_key, block_k):
             key_stop = min(key_start + block_k, last_key)
             scores = block_view(score_buffer, rows, key_stop - key_start)  # (rows, cols)
-            block_scores(scores, q_block, keys[key_start:key_stop], q_start, key_start, b,
+            block_scores(scores, q_block, 1.0, keys[key_start:key_stop], q_start, key_start, b,
                          rule, options, mask, bias, scores, False, True)
             for r in range(rows):
                 if row_sum[r] > 0.0:

@@ -1,7 +1,9 @@
 """Block products through the BLAS ``gemm`` that :mod:`fastattn.blas` chose.
 
-``product(gemm, a, b, out)`` writes ``out = a @ b`` and ``product_add`` adds
-``out += a @ b`` (``gemm`` with ``beta = 1``: no product buffer to zero and add).
+``product(gemm, a, b, out)`` writes ``out = a @ b``, ``scaled_product`` writes
+``out = alpha * (a @ b)`` (the scale is gemm's ``alpha``: no pass over either
+operand) and ``product_add`` adds ``out += a @ b`` (``gemm`` with ``beta = 1``: no
+product buffer to zero and add).
 ``gemm`` is the address of a Fortran-convention ``sgemm`` / ``dgemm`` for the
 operands' dtype (every argument by pointer, 32-bit integers: SciPy's
 ``cython_blas`` and MKL's LP64 interface alike), passed to the kernels at run time
@@ -22,21 +24,22 @@ _FLOAT_TYPES = (types.float32, types.float64)
 
 
 @intrinsic
-def call_gemm(typingctx, gemm, a, b, out, accumulate):
-    """``out = a @ b`` (``out += a @ b`` when ``accumulate``) through the gemm at
-    address ``gemm`` (int64), for 2-D arrays ``a`` ``(m, k)``, ``b`` ``(k, n)`` and
+def call_gemm(typingctx, gemm, a, b, out, accumulate, alpha):
+    """``out = alpha * (a @ b)`` (``out += ...`` when ``accumulate``) through the gemm
+    at address ``gemm`` (int64), ``alpha`` a float cast to the operands' dtype, for
+    2-D arrays ``a`` ``(m, k)``, ``b`` ``(k, n)`` and
     ``out`` ``(m, n)`` of one float dtype; ``a`` and ``b`` C- or F-contiguous (a
     transposed C block is F), ``out`` C-contiguous and writeable. Shapes are the
     caller's to match (not checked); with ``m``, ``n`` or ``k`` 0 nothing is done."""
     arrays = (a, b, out)
     if not (isinstance(gemm, types.Integer) and isinstance(accumulate, types.Boolean)
-            and all(isinstance(t, types.Array) and t.ndim == 2 and t.layout in "CF"
+            and isinstance(alpha, types.Float) and all(isinstance(t, types.Array) and t.ndim == 2 and t.layout in "CF"
                     for t in arrays) and out.layout == "C" and out.mutable
             and a.dtype == b.dtype == out.dtype and out.dtype in _FLOAT_TYPES):
         return None
 
     def codegen(context, builder, signature, args):
-        address, a_value, b_value, out_value, accumulate_value = args
+        address, a_value, b_value, out_value, accumulate_value, alpha_value = args
         a_array, b_array, out_array = (context.make_array(t)(context, builder, value)
                                        for t, value in zip(signature.args[1:4],
                                                            (a_value, b_value, out_value)))
@@ -79,25 +82,34 @@ def call_gemm(typingctx, gemm, a, b, out, accumulate):
         with builder.if_then(builder.not_(empty), likely=True):
             function = builder.inttoptr(address, gemm_type.as_pointer())
             builder.call(function, (trans_b, trans_a, as_int32(n), as_int32(m), as_int32(k),
-                                    by_pointer(ir.Constant(float_type, 1.0)), data_b, ld_b,
+                                    by_pointer(context.cast(builder, alpha_value,
+                                                            signature.args[5], out.dtype)),
+                                    data_b, ld_b,
                                     data_a, ld_a, by_pointer(beta),
                                     builder.bitcast(out_array.data, float_pointer),
                                     as_int32(builder.select(builder.icmp_signed("<", n, one),
                                                             one, n))))
         return context.get_dummy_value()
-    return types.void(gemm, a, b, out, accumulate), codegen
+    return types.void(gemm, a, b, out, accumulate, alpha), codegen
 
 
 @jit_helper
 def product(gemm, a, b, out):
     """``out = a @ b`` (see :func:`call_gemm`); zeros when ``a`` has no columns."""
+    scaled_product(gemm, 1.0, a, b, out)
+
+
+@jit_helper
+def scaled_product(gemm, alpha, a, b, out):
+    """``out = alpha * (a @ b)`` (see :func:`call_gemm`); zeros when ``a`` has no
+    columns."""
     if a.shape[1] == 0:
         out[:, :] = 0.0
         return
-    call_gemm(gemm, a, b, out, False)
+    call_gemm(gemm, a, b, out, False, alpha)
 
 
 @jit_helper
 def product_add(gemm, a, b, out):
     """``out += a @ b`` (see :func:`call_gemm`)."""
-    call_gemm(gemm, a, b, out, True)
+    call_gemm(gemm, a, b, out, True, 1.0)

@@ -3,8 +3,9 @@ scaled, biased, masked scores in log2 units out.
 
 For query ``i`` and key ``j`` of batch entry ``b`` the score is built in this order:
 
-1. ``s = scale * q_i . k_j``: the caller passes query rows already multiplied by
-   ``log2(e) * scale``, so the product is the score in log2 units;
+1. ``s = scale * q_i . k_j``: the block product is scaled by ``log2(e) * scale``
+   (its gemm's ``alpha``, or query rows the caller scaled already), so it is the
+   score in log2 units;
 2. softcap: ``s = softcap * tanh(s / softcap)``; in log2 units the cap is
    ``c = log2(e) * softcap`` and the step is ``s = c * tanh(s / c)``;
 3. ALiBi: ``s -= log2(e) * slope[b] * |i + off - j|`` (``off`` the diagonal offset
@@ -24,15 +25,15 @@ import numpy as np
 
 from fastattn.kernels.config import jit_helper
 from fastattn.kernels.masking import block_fully_visible, visible_columns
-from fastattn.kernels.products import product
+from fastattn.kernels.products import scaled_product
 from fastattn.kernels.score_functions import (APPLY_MASK, MULTIPLY_GRADS, WRITE_GRADS,
                                               call_hook)
 from fastattn.kernels.vector_math import LOG2E, cast_like, full_width_vectors, tanh
 
 
 @jit_helper
-def block_scores(scores, q_rows, keys, row_start, key_start, entry, rule, options, mask, bias,
-                 score_grads, want_score_grads, check_mask_mod):
+def block_scores(scores, q_rows, q_scale, keys, row_start, key_start, entry, rule, options,
+                 mask, bias, score_grads, want_score_grads, check_mask_mod):
     """Write the scores of ``q_rows`` against ``keys`` into ``scores``.
 
     Steps 2, 3 and 5 (softcap, ALiBi, the user's functions) run over the whole
@@ -43,7 +44,10 @@ def block_scores(scores, q_rows, keys, row_start, key_start, entry, rule, option
     scores : array, shape ``(rows, cols)``, C-contiguous
         Output; overwritten.
     q_rows : array, shape ``(rows, Dk)``
-        Queries ``row_start + r`` times ``log2(e) * scale``.
+        Queries ``row_start + r``, in log2 units once multiplied by ``q_scale``.
+    q_scale : float
+        ``log2(e) * scale``, or 1.0 for rows scaled already; applied as the block
+        product's ``alpha``.
     keys : array, shape ``(cols, Dk)``
         Keys ``key_start + c``.
     entry : int
@@ -64,7 +68,7 @@ def block_scores(scores, q_rows, keys, row_start, key_start, entry, rule, option
         Whether to apply the user's ``mask_mod`` (if any) to this block; False on
         a block a block mask knows to be full.
     """
-    product(options.gemm, q_rows, keys.T, scores)  # (rows, cols) log2(e) * scale * q.k
+    scaled_product(options.gemm, q_scale, q_rows, keys.T, scores)  # (rows, cols) log2 units
     rows, cols = scores.shape
     if options.has_softcap:
         apply_softcap(scores, cast_like(options.softcap * LOG2E, scores), score_grads,
