@@ -38,8 +38,9 @@ from fastattn.kernels.masking import entry_rule, key_block_rows
 from fastattn.kernels.operands import TILING_TYPE, backward_types, problem_types
 from fastattn.kernels.scores import block_scores
 from fastattn.kernels.products import product, product_add
-from fastattn.kernels.vector_math import (LOG2E, block_view, cast_like, has_nan,
-                                          line_aligned_rows, probability_exp2, whole_lines)
+from fastattn.kernels.vector_math import (LOG2E, block_view, cast_like, full_width_vectors,
+                                          has_nan, line_aligned_rows, probability_exp2,
+                                          whole_lines)
 
 
 @jit_helper
@@ -54,8 +55,10 @@ def probabilities_and_score_grads(scores, grad_probs, row_start, row_lse, row_de
     derivative times ``score_mod_grad``), in the same loop. ``row_lse`` and ``row_delta`` are indexed by absolute query position. Rows
     with a NaN lse or ``D``, and every row when ``values_have_nan`` (``dP`` then holds
     NaN in hidden columns too), take a loop that sets hidden entries to 0 explicitly
-    instead of multiplying by 0. Everything is computed in the dtype of ``scores``.
+    instead of multiplying by 0. Everything is computed in the dtype of ``scores``,
+    at the CPU's full vector width (:func:`~fastattn.kernels.vector_math.full_width_vectors`).
     """
+    full_width_vectors()
     rows, cols = scores.shape
     for r in range(rows):
         lse = row_lse[row_start + r]
