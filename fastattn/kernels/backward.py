@@ -129,7 +129,6 @@ def backward_task(task, b, group, inputs, options, mask, bias, visibility, tilin
     kv_len = grad_key.shape[1]
     block_q, block_k = tiling.block_q, tiling.block_k
     scale = options.scale
-    log2_scale = scale * LOG2E
     n_k_blocks = (kv_len + block_k - 1) // block_k
     head_dim, value_dim = inputs.key.shape[2], inputs.value.shape[2]
     rule = entry_rule(visibility, b, kv_len)
@@ -193,8 +192,8 @@ def backward_task(task, b, group, inputs, options, mask, bias, visibility, tilin
             score_grads = block_view(score_grads_buffer, rows, cols)  # (rows, cols)
             chain = block_view(chain_buffer, rows if has_chain else 0,
                                cols)  # (rows, cols) d score / d (scale q.k)
-            block_scores(probs, q_rows, log2_scale, keys, row_start, key_start, b, rule,
-                         options, mask, bias, chain, has_chain, check_mask_mod)
+            block_scores(probs, q_rows, keys, row_start, key_start, b, rule, options, mask,
+                         bias, chain, has_chain, check_mask_mod)
             product(options.gemm, grad_rows, values.T, score_grads)  # dP, then dS
             # P, and dS with respect to scale * q.k, before the softcap and score_mod
             probabilities_and_score_grads(probs, score_grads, row_start, lse[b], delta[b],
@@ -202,7 +201,8 @@ def backward_task(task, b, group, inputs, options, mask, bias, visibility, tilin
             # accumulating products (gemm with beta = 1: no product buffer to zero and add)
             product_add(options.gemm, probs.T, grad_rows, value_grad)  # dV += P^T dO
             product_add(options.gemm, score_grads.T, q_rows, key_grad)  # dK / scale += dS^T Q
-            product_add(options.gemm, score_grads, keys, query_grads[row_start:row_stop])  # dQ / scale += dS K
+            product_add(options.gemm, score_grads, keys,
+                        query_grads[row_start:row_stop])  # dQ / scale += dS K
         for c in range(cols):
             for d in range(head_dim):
                 grad_key[b, key_start + c, d] = key_grad[c, d] * scale

@@ -28,7 +28,7 @@ from fastattn.kernels.operands import (TILING_TYPE, array_type, forward_result_t
                                       problem_types)
 from fastattn.kernels.scores import block_scores
 from fastattn.kernels.products import product_add
-from fastattn.kernels.vector_math import (LN2, LOG2E, block_view, exp2, full_width_vectors,
+from fastattn.kernels.vector_math import (LN2, block_view, exp2, full_width_vectors,
                                           has_nan, line_aligned_rows, row_maximum,
                                           softmax_exp2, whole_lines)
 
@@ -84,7 +84,7 @@ def attend_key_range(q_rows, row_start, key_first, key_last, keys, values, entry
                      row_sum, acc):
     """Fold keys ``[key_first, key_last)`` into the running softmax of some query rows.
 
-    ``q_rows`` ``(rows, Dk)`` are queries ``row_start + r`` in log2 units; ``row_max``,
+    ``q_rows`` ``(rows, Dk)`` are queries ``row_start + r``; ``row_max``,
     ``row_sum`` ``(rows,)`` and ``acc`` ``(rows, Dv)`` are their running state, updated
     in place, one block of at most ``block_k`` keys at a time, scored into
     ``score_buffer``, its product with the values added to ``acc`` by gemm.
@@ -94,7 +94,7 @@ def attend_key_range(q_rows, row_start, key_first, key_last, keys, values, entry
     for key_start in range(key_first, key_last, block_k):
         key_stop = min(key_start + block_k, key_last)
         scores = block_view(score_buffer, rows, key_stop - key_start)  # (rows, cols)
-        block_scores(scores, q_rows, 1.0, keys[key_start:key_stop], row_start, key_start, entry,
+        block_scores(scores, q_rows, keys[key_start:key_stop], row_start, key_start, entry,
                      rule, options, mask, bias, scores, False, check_mask_mod)
         online_softmax_block(scores, row_max, row_sum, acc)  # scores -> probabilities
         product_add(options.gemm, scores, values[key_start:key_stop], acc)  # (rows, Dv)
@@ -110,7 +110,7 @@ def exact_row(q_row, row, key_first, key_last, keys, values, entry, rule, option
     into ``weights_row`` ``(Lk,)`` (zeroed); returns its log2-sum-exp. A NaN score
     of a visible key makes the output, the visible weights and the lse NaN; a NaN
     value makes the output columns it meets NaN; hidden keys are never read.
-    ``q_row`` ``(1, Dk)`` is the query in log2 units.
+    ``q_row`` ``(1, Dk)`` is the query.
     """
     top = -np.inf
     nan_score = False
@@ -122,7 +122,7 @@ def exact_row(q_row, row, key_first, key_last, keys, values, entry, rule, option
         for key_start in range(key_first, key_last, block_k):
             key_stop = min(key_start + block_k, key_last)
             scores = block_view(score_buffer, 1, key_stop - key_start)  # (1, cols)
-            block_scores(scores, q_row, 1.0, keys[key_start:key_stop], row, key_start, entry, rule,
+            block_scores(scores, q_row, keys[key_start:key_stop], row, key_start, entry, rule,
                          options, mask, bias, scores, False, True)
             for c in range(key_stop - key_start):
                 score = scores[0, c]
@@ -179,8 +179,8 @@ def _attention_forward(inputs, options, mask, bias, visibility, tiling, outputs,
     # told to trim (MALLOC_TRIM_THRESHOLD_, as in Dask's workers).
     n_tasks, slots = n_batch * n_q_blocks * n_splits, tiling.slots
     scratch = line_aligned_rows(slots, task_scratch_size(
-        min(block_q, q_len), inputs.query.shape[2], outputs.out.shape[2],
-        min(tiling.block_k, inputs.key.shape[1])), outputs.out)
+        min(block_q, q_len), outputs.out.shape[2], min(tiling.block_k, inputs.key.shape[1])),
+        outputs.out)
     marked = 0
     for slot in prange(slots):
         # Slot s takes an equal contiguous share of the tasks. Under a causal mask a
@@ -210,11 +210,9 @@ def forward_task(b, q_start, q_stop, split, n_splits, inputs, options, mask, bia
     Returns how many of its rows a NaN met (marked with a NaN lse)."""
     out, lse, weights, return_weights = outputs
     query, key, value = inputs.query, inputs.key, inputs.value
-    value_dim = out.shape[2]
-    head_dim, kv_len = query.shape[2], key.shape[1]
+    value_dim, kv_len = out.shape[2], key.shape[1]
     block_k = tiling.block_k
     split_len = spans.span_len
-    log2_scale = options.scale * LOG2E
     rows = q_stop - q_start
     rule = entry_rule(visibility, b, kv_len)
     query_rows = query[inputs.query_index[b]]  # (Lq, Dk)
@@ -222,19 +220,16 @@ def forward_task(b, q_start, q_stop, split, n_splits, inputs, options, mask, bia
     # np.dot reads the blocks in place instead of copying them.
     keys = key[inputs.key_index[b]]  # (Lk, Dk)
     values = value[inputs.value_index[b]]  # (Lk, Dv)
+    q_rows = query_rows[q_start:q_stop]  # (rows, Dk), scaled by the score product
     # each buffer starts on a 64-byte line, as the slot's scratch does: the BLAS
     # reads every block from the same alignment whichever slot runs the task
     score_len = whole_lines(rows * min(block_k, kv_len))
     score_buffer = scratch[:score_len]
-    q_block = block_view(scratch[score_len:], rows, head_dim)  # (rows, Dk) in log2 units
-    taken = score_len + whole_lines(rows * head_dim)
-    acc = block_view(scratch[taken:], rows, value_dim)  # (rows, Dv) unnormalised output
-    taken += whole_lines(rows * value_dim)
+    acc = block_view(scratch[score_len:], rows, value_dim)  # (rows, Dv) unnormalised output
+    taken = score_len + whole_lines(rows * value_dim)
     row_max = scratch[taken:taken + rows]  # (rows,) running max, log2 units
     row_sum = scratch[taken + rows:taken + 2 * rows]  # (rows,) running sum of exp2(s - max)
     for r in range(rows):
-        for d in range(head_dim):
-            q_block[r, d] = query_rows[q_start + r, d] * log2_scale
         for d in range(value_dim):
             acc[r, d] = 0.0
         row_max[r] = -np.inf
@@ -269,7 +264,7 @@ def forward_task(b, q_start, q_stop, split, n_splits, inputs, options, mask, bia
                 first_tile + item, tile_states, block_k, first_key, last_key)
         else:
             range_first, range_last, check_mask_mod = full_first, full_last, options.has_mask_mod
-        attend_key_range(q_block, q_start, range_first, range_last, keys, values, b, rule,
+        attend_key_range(q_rows, q_start, range_first, range_last, keys, values, b, rule,
                          options, mask, bias, check_mask_mod, block_k, score_buffer, row_max,
                          row_sum, acc)
     # 2. Without a block mask, the keys only some rows see (the causal diagonal,
@@ -291,7 +286,7 @@ def forward_task(b, q_start, q_stop, split, n_splits, inputs, options, mask, bia
             right_first = group_first
         right_last = min(right_first + aligned_count(group_last - right_first), span_last)
         for strip_first, strip_last in ((left_first, left_last), (right_first, right_last)):
-            attend_key_range(q_block[group_start:group_stop], q_start + group_start,
+            attend_key_range(q_rows[group_start:group_stop], q_start + group_start,
                              strip_first, strip_last, keys, values, b, rule, options, mask, bias,
                              options.has_mask_mod, block_k, score_buffer,
                              row_max[group_start:group_stop], row_sum[group_start:group_stop],
@@ -328,7 +323,7 @@ def forward_task(b, q_start, q_stop, split, n_splits, inputs, options, mask, bia
         for key_start in range(first_key, last_key, block_k):
             key_stop = min(key_start + block_k, last_key)
             scores = block_view(score_buffer, rows, key_stop - key_start)  # (rows, cols)
-            block_scores(scores, q_block, 1.0, keys[key_start:key_stop], q_start, key_start, b,
+            block_scores(scores, q_rows, keys[key_start:key_stop], q_start, key_start, b,
                          rule, options, mask, bias, scores, False, True)
             for r in range(rows):
                 if row_sum[r] > 0.0:
@@ -359,15 +354,12 @@ def _exact_rows(inputs, options, mask, bias, visibility, tiling, outputs, rows):
     """
     out, lse, weights, return_weights = outputs
     query, key, value = inputs.query, inputs.key, inputs.value
-    head_dim, kv_len = query.shape[2], key.shape[1]
+    kv_len = key.shape[1]
     block_k = tiling.block_k
-    log2_scale = options.scale * LOG2E
     for task in prange(rows.shape[0]):
         b, row = rows[task, 0], rows[task, 1]
         rule = entry_rule(visibility, b, kv_len)
-        q_row = np.empty((1, head_dim), dtype=out.dtype)  # (1, Dk) in log2 units
-        for d in range(head_dim):
-            q_row[0, d] = query[inputs.query_index[b], row, d] * log2_scale
+        q_row = query[inputs.query_index[b], row:row + 1]  # (1, Dk)
         score_buffer = np.empty(min(block_k, kv_len), dtype=out.dtype)
         first_key, last_key = row_block_keys(row, row + 1, rule)[:2]
         weights_row = weights[b, row] if return_weights else weights[0, 0]  # (Lk,)
@@ -378,12 +370,11 @@ def _exact_rows(inputs, options, mask, bias, visibility, tiling, outputs, rows):
 
 
 @njit(inline="always")
-def task_scratch_size(rows, head_dim, value_dim, cols):
+def task_scratch_size(rows, value_dim, cols):
     """Scratch entries of a forward task of ``rows`` query rows and key blocks of
-    ``cols`` keys: the score block, the scaled queries, the accumulator, the running
-    maxima and sums, each rounded up to whole 64-byte lines (:func:`whole_lines`)."""
-    return (whole_lines(rows * cols) + whole_lines(rows * head_dim)
-            + whole_lines(rows * value_dim) + whole_lines(2 * rows))
+    ``cols`` keys: the score block, the accumulator, the running maxima and sums,
+    each rounded up to whole 64-byte lines (:func:`whole_lines`)."""
+    return whole_lines(rows * cols) + whole_lines(rows * value_dim) + whole_lines(2 * rows)
 
 
 @njit(inline="always")

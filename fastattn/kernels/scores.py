@@ -4,8 +4,8 @@ scaled, biased, masked scores in log2 units out.
 For query ``i`` and key ``j`` of batch entry ``b`` the score is built in this order:
 
 1. ``s = scale * q_i . k_j``: the block product is scaled by ``log2(e) * scale``
-   (its gemm's ``alpha``, or query rows the caller scaled already), so it is the
-   score in log2 units;
+   (its gemm's ``alpha``: no pass over the queries), so it is the score in log2
+   units;
 2. softcap: ``s = softcap * tanh(s / softcap)``; in log2 units the cap is
    ``c = log2(e) * softcap`` and the step is ``s = c * tanh(s / c)``;
 3. ALiBi: ``s -= log2(e) * slope[b] * |i + off - j|`` (``off`` the diagonal offset
@@ -32,8 +32,8 @@ from fastattn.kernels.vector_math import LOG2E, cast_like, full_width_vectors, t
 
 
 @jit_helper
-def block_scores(scores, q_rows, q_scale, keys, row_start, key_start, entry, rule, options,
-                 mask, bias, score_grads, want_score_grads, check_mask_mod):
+def block_scores(scores, q_rows, keys, row_start, key_start, entry, rule, options, mask, bias,
+                 score_grads, want_score_grads, check_mask_mod):
     """Write the scores of ``q_rows`` against ``keys`` into ``scores``.
 
     Steps 2, 3 and 5 (softcap, ALiBi, the user's functions) run over the whole
@@ -44,10 +44,7 @@ def block_scores(scores, q_rows, q_scale, keys, row_start, key_start, entry, rul
     scores : array, shape ``(rows, cols)``, C-contiguous
         Output; overwritten.
     q_rows : array, shape ``(rows, Dk)``
-        Queries ``row_start + r``, in log2 units once multiplied by ``q_scale``.
-    q_scale : float
-        ``log2(e) * scale``, or 1.0 for rows scaled already; applied as the block
-        product's ``alpha``.
+        Queries ``row_start + r``, as given (the product scales them).
     keys : array, shape ``(cols, Dk)``
         Keys ``key_start + c``.
     entry : int
@@ -55,8 +52,8 @@ def block_scores(scores, q_rows, q_scale, keys, row_start, key_start, entry, rul
     rule : KeyRule
         The entry's visibility rule.
     options : ScoreOptions
-        The scalar score options (the scale is already in ``q_rows``) and the block
-        hook of the user's functions.
+        The scalar score options (``log2(e) * scale`` is the score product's
+        ``alpha``), the block hook of the user's functions and the BLAS gemm.
     mask, bias : ScoreOperand
         The mask and bias operands (read only when ``present``).
     score_grads : array, shape ``(rows, cols)``, C-contiguous
@@ -68,7 +65,8 @@ def block_scores(scores, q_rows, q_scale, keys, row_start, key_start, entry, rul
         Whether to apply the user's ``mask_mod`` (if any) to this block; False on
         a block a block mask knows to be full.
     """
-    scaled_product(options.gemm, q_scale, q_rows, keys.T, scores)  # (rows, cols) log2 units
+    scaled_product(options.gemm, options.scale * LOG2E, q_rows, keys.T,
+                   scores)  # (rows, cols) log2(e) * scale * q.k
     rows, cols = scores.shape
     if options.has_softcap:
         apply_softcap(scores, cast_like(options.softcap * LOG2E, scores), score_grads,
