@@ -432,7 +432,8 @@ def test_multihead_checks_its_mask_once(monkeypatch, rng):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [(0, 5, 64), (2, 3, 64), (2, 517, 256), (3, 130, 64), (1, 1, 300)])
+@pytest.mark.parametrize("shape", [(0, 5, 64), (2, 3, 64), (2, 517, 256), (3, 130, 64),
+                                   (1, 1, 300)])
 @pytest.mark.parametrize("heads", [1, 3, 8])
 def test_linear_split_into_heads(shape, heads, dtype):
     """With ``heads``, the result comes head-major ``(B, H, L, d)`` and C-contiguous,
@@ -444,7 +445,7 @@ def test_linear_split_into_heads(shape, heads, dtype):
     x = rng.standard_normal(shape).astype(dtype)  # (B, L, in)
     weight = rng.standard_normal((24 * heads, shape[-1]))  # (H * d, in)
     bias = rng.standard_normal(24 * heads)  # (H * d,)
-    got = linear(x, weight, bias, heads)
+    got = linear(x, weight, bias, split_heads=heads)
     batch, length = shape[:2]
     plain = x.astype(np.float64) @ weight.T + bias  # (B, L, H * d)
     expected = plain.reshape(batch, length, heads, 24).transpose(0, 2, 1, 3)  # (B, H, L, d)
@@ -452,3 +453,25 @@ def test_linear_split_into_heads(shape, heads, dtype):
     assert got.flags.c_contiguous
     tolerance = 1e-4 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(got, expected, rtol=tolerance, atol=tolerance * shape[-1])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(0, 3, 5, 8), (2, 3, 4, 8), (2, 8, 517, 32), (3, 1, 130, 64)])
+def test_linear_merges_heads(shape, dtype):
+    """With ``merge_heads``, the input is head-major ``(B, H, L, d)`` and each row
+    ``(b, l)`` reads the heads side by side: equal to merging them first (kernel
+    path, and the small-product path)."""
+    from fastattn.layers.linear import linear
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(shape).astype(dtype)  # (B, H, L, d)
+    batch, heads, length, head_dim = shape
+    weight = rng.standard_normal((40, heads * head_dim))  # (out, H * d)
+    bias = rng.standard_normal(40)  # (out,)
+    merged = x.astype(np.float64).transpose(0, 2, 1, 3).reshape(
+        batch, length, heads * head_dim)  # (B, L, H * d)
+    expected = merged @ weight.T + bias  # (B, L, out)
+    got = linear(x, weight, bias, merge_heads=True)
+    assert got.shape == (batch, length, 40) and got.dtype == dtype
+    tolerance = 1e-4 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(got, expected, rtol=tolerance, atol=tolerance * heads * head_dim)

@@ -156,16 +156,18 @@ class MultiHeadAttention:
             kv_lengths = check_kv_lengths(kv_lengths, () if unbatched else (batch,), kv_len)
 
         # projections in the inputs' compute dtype (linear casts the weights)
-        q = linear(query, self.w_query, self.b_query, self.num_heads)  # (B, H, Lq, d_h)
-        k = linear(key, self.w_key, self.b_key, self.num_kv_heads)  # (B, Hkv, Lk, d_h)
-        v = linear(value, self.w_value, self.b_value, self.num_kv_heads)  # (B, Hkv, Lk, d_h)
+        q = linear(query, self.w_query, self.b_query,
+                   split_heads=self.num_heads)  # (B, H, Lq, d_h)
+        k = linear(key, self.w_key, self.b_key,
+                   split_heads=self.num_kv_heads)  # (B, Hkv, Lk, d_h)
+        v = linear(value, self.w_value, self.b_value,
+                   split_heads=self.num_kv_heads)  # (B, Hkv, Lk, d_h)
         # the mask and kv_lengths are checked above: the problem is built, not re-checked
         problem = checked_problem(q, k, v, mask=mask, kv_lengths=kv_lengths, causal=causal,
                                   gqa_group=self.num_heads // self.num_kv_heads)
         heads, weights, _ = run_forward(problem, return_weights)  # (B, H, Lq, d_h)
         weights = weights if return_weights else None
-        merged = heads.transpose(0, 2, 1, 3).reshape(batch, q_len, self.embed_dim)  # (B, Lq, E)
-        out = linear(merged, self.w_out, self.b_out)  # (B, Lq, E)
+        out = linear(heads, self.w_out, self.b_out, merge_heads=True)  # (B, Lq, E)
         if unbatched:
             out = out[0]  # (Lq, E)
             weights = None if weights is None else weights[0]  # (H, Lq, Lk)
