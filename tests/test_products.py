@@ -19,11 +19,7 @@ def _product(gemm, a, b, out, accumulate):
 
 @numba.njit
 def _product_transposed_a(gemm, a_transposed, b, out, accumulate):
-    a = a_transposed.T  # an F-contiguous first operand
-    if accumulate:
-        product_add(gemm, a, b, out)
-    else:
-        product(gemm, a, b, out)
+    _product(gemm, a_transposed.T, b, out, accumulate)  # an F-contiguous first operand
 
 
 @numba.njit
