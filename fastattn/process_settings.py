@@ -21,8 +21,8 @@ loaded (not when :mod:`fastattn` itself is imported):
 3. **Numba's threading layer: OpenMP first.** Numba's default order is TBB, OpenMP,
    workqueue, so merely installing the ``tbb`` package (the ``mkl`` wheel of the
    ``mkl`` extra depends on it) would move the kernels onto TBB, whose parallel launch
-   is slower: a tiny call (B=1, H=1, L=16, D=8) took about 30 us on TBB and 18 us on
-   OpenMP here. fastattn puts OpenMP first (:data:`THREADING_LAYER_PRIORITY`) unless
+   is slower: a tiny call (B=1, H=1, L=16, D=8) took 29.8-32.8 us on TBB and 22.8-23.9
+   us on OpenMP here (processes alternating, three each). fastattn puts OpenMP first (:data:`THREADING_LAYER_PRIORITY`) unless
    ``NUMBA_THREADING_LAYER`` or ``NUMBA_THREADING_LAYER_PRIORITY`` is set; Numba reads
    the order when its first parallel function runs, so a process that ran one before
    fastattn's first call keeps the layer it got.
