@@ -32,6 +32,9 @@ from fastattn.kernels.vector_math import (LN2, block_view, exp2, full_width_vect
                                           has_nan, line_aligned_rows, row_maximum,
                                           softmax_exp2, whole_lines)
 
+# How far (log2 units) a row's scores may exceed its reference before the reference is
+# raised and the row's sum and accumulator rescaled (online_softmax_block).
+RESCALE_STEP = 8.0
 # Query rows per group on the partly visible strips (causal diagonal, window edges).
 EDGE_ROWS = 64
 # Key counts of the partly visible strips, and of the fully visible range before them,
@@ -45,9 +48,13 @@ def online_softmax_block(scores, row_max, row_sum, acc):
     """Fold one key block into the running softmax of each row (log2 units).
 
     ``scores`` ``(rows, cols)`` holds ``log2(e) * score`` (``-inf`` where hidden) and is
-    overwritten with ``exp2(score - new_row_max)``, ready to multiply the values.
-    ``row_max``, ``row_sum`` ``(rows,)`` and ``acc`` ``(rows, Dv)`` are rescaled by
-    ``exp2(old_max - new_max)`` so every row stays relative to its latest maximum.
+    overwritten with ``exp2(score - reference)``, ready to multiply the values.
+    ``row_max`` ``(rows,)`` holds each row's reference, ``row_sum`` ``(rows,)`` and
+    ``acc`` ``(rows, Dv)`` its sum and weighted values relative to it. The reference
+    is a row's largest score so far, but it is raised (and the sum and ``acc``
+    rescaled by ``exp2(old - new)``) only when a block's scores exceed it by more than
+    :data:`RESCALE_STEP`, so later blocks seldom pay the pass over ``acc``; the
+    probabilities are then at most ``2**RESCALE_STEP``.
     A NaN score makes the row's sum NaN (``exp2`` keeps NaN; a block of NaN and
     ``-inf`` only is caught below, since ``row_maximum`` skips NaN).
 
@@ -58,24 +65,28 @@ def online_softmax_block(scores, row_max, row_sum, acc):
     full_width_vectors()
     rows, cols = scores.shape
     for r in range(rows):
-        block_max = row_maximum(scores[r], row_max[r])  # NaN scores skipped
-        if block_max == -np.inf:  # nothing visible to this row yet, unless a NaN
+        top = row_maximum(scores[r], row_max[r])  # NaN scores skipped
+        if top == -np.inf:  # nothing visible to this row yet, unless a NaN
             for c in range(cols):
                 if scores[r, c] != scores[r, c]:
                     row_sum[r] = np.nan
             scores[r, :] = 0.0
             continue
+        reference = row_max[r]
+        if top > reference + RESCALE_STEP:  # a new reference (always, after -inf)
+            correction = exp2(reference - top)  # 0 when the reference was -inf
+            row_sum[r] *= correction  # 0 (or NaN) stays so
+            if reference != -np.inf:  # before, acc holds only 0 (or NaN): nothing to do
+                for d in range(acc.shape[1]):
+                    acc[r, d] *= correction
+            reference = top
+            row_max[r] = top
         block_sum = row_sum[r] - row_sum[r]  # a zero of the compute dtype (or NaN)
         for c in range(cols):
-            p = softmax_exp2(scores[r, c] - block_max)  # 0 far below the max
+            p = softmax_exp2(scores[r, c] - reference)  # <= 2**RESCALE_STEP, 0 far below
             scores[r, c] = p
             block_sum += p
-        correction = exp2(row_max[r] - block_max)  # 0 when row_max was -inf
-        row_sum[r] = row_sum[r] * correction + block_sum
-        row_max[r] = block_max
-        if correction != 1.0:
-            for d in range(acc.shape[1]):
-                acc[r, d] *= correction
+        row_sum[r] += block_sum
 
 
 @jit_helper

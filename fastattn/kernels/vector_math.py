@@ -253,15 +253,16 @@ def _probability_exp2_overload(x):
 
 
 def softmax_exp2(x):
-    """:func:`probability_exp2` for ``x <= 0`` or NaN only, such as a score minus the
-    largest score of its row (pure-Python fallback)."""
+    """:func:`probability_exp2` for ``x`` below exp2's upper clip (127 in float32) or
+    NaN only, such as a score minus a reference a little under the largest score of
+    its row (pure-Python fallback)."""
     return probability_exp2(x)
 
 
 @overload(softmax_exp2, inline="always")
 def _softmax_exp2_overload(x):
-    # probability_exp2 without the upper clip, which no input <= 0 reaches: one
-    # instruction less in the forward's softmax loop.
+    # probability_exp2 without the upper clip, which the forward's softmax inputs
+    # (at most RESCALE_STEP above 0) never reach: one instruction less in its loop.
     if x in _PROBABILITY_CUTOFF:
         cutoff = _PROBABILITY_CUTOFF[x]
         lowest = _EXPONENT_RANGE[x][0]
