@@ -29,17 +29,13 @@ def _scaled_product(gemm, alpha, a, b, out):
 
 SHAPES = [(1, 1, 1), (3, 4, 5), (17, 33, 15), (256, 512, 64), (0, 3, 2), (3, 0, 2), (5, 7, 0)]
 TOLERANCE = {np.float32: 1e-5, np.float64: 1e-12}
-BACKENDS = [pytest.param(name, marks=pytest.mark.skipif(
-    blas.available()[name] is not None, reason=f"{name}: {blas.available()[name]}"))
-    for name in blas.BACKENDS]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("accumulate", [False, True])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("m, k, n", SHAPES)
-def test_product_against_numpy(backend, accumulate, dtype, m, k, n):
-    gemm = blas._load(backend).addresses[np.dtype(dtype)]
+def test_product_against_numpy(blas_backend, accumulate, dtype, m, k, n):
+    gemm = blas.gemm_address(dtype)  # the fixture's backend
     rng = np.random.default_rng(m * 100 + k * 10 + n)
     a = rng.standard_normal((m, k)).astype(dtype)
     b = rng.standard_normal((k, n)).astype(dtype)
@@ -54,10 +50,9 @@ def test_product_against_numpy(backend, accumulate, dtype, m, k, n):
     np.testing.assert_allclose(out, expected, rtol=0, atol=TOLERANCE[dtype] * scale)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_product_reads_transposed_and_fortran_operands(backend, dtype):
-    gemm = blas._load(backend).addresses[np.dtype(dtype)]
+def test_product_reads_transposed_and_fortran_operands(blas_backend, dtype):
+    gemm = blas.gemm_address(dtype)  # the fixture's backend
     rng = np.random.default_rng(7)
     a = rng.standard_normal((40, 24)).astype(dtype)
     b = rng.standard_normal((24, 9)).astype(dtype)
@@ -71,11 +66,10 @@ def test_product_reads_transposed_and_fortran_operands(backend, dtype):
     np.testing.assert_allclose(out, 3 * expected, rtol=0, atol=TOLERANCE[dtype] * 15)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("alpha", [1.4426950408889634 / 8, -3.0, 0.0])
-def test_scaled_product_scales_by_alpha(backend, dtype, alpha):
-    gemm = blas._load(backend).addresses[np.dtype(dtype)]
+def test_scaled_product_scales_by_alpha(blas_backend, dtype, alpha):
+    gemm = blas.gemm_address(dtype)  # the fixture's backend
     rng = np.random.default_rng(11)
     a = rng.standard_normal((37, 20)).astype(dtype)
     keys = rng.standard_normal((45, 20)).astype(dtype)

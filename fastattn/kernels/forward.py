@@ -228,7 +228,7 @@ def forward_task(b, q_start, q_stop, split, n_splits, inputs, options, mask, bia
     rule = entry_rule(visibility, b, kv_len)
     query_rows = query[inputs.query_index[b]]  # (Lq, Dk)
     # Slicing with [i] or [i, a:b] (no trailing ':') keeps Numba's 'C' layout, so
-    # np.dot reads the blocks in place instead of copying them.
+    # the BLAS reads the blocks in place instead of copying them.
     keys = key[inputs.key_index[b]]  # (Lk, Dk)
     values = value[inputs.value_index[b]]  # (Lk, Dv)
     q_rows = query_rows[q_start:q_stop]  # (rows, Dk), scaled by the score product

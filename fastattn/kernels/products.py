@@ -28,9 +28,9 @@ def call_gemm(typingctx, gemm, a, b, out, accumulate, alpha):
     """``out = alpha * (a @ b)`` (``out += ...`` when ``accumulate``) through the gemm
     at address ``gemm`` (int64), ``alpha`` a float cast to the operands' dtype, for
     2-D arrays ``a`` ``(m, k)``, ``b`` ``(k, n)`` and ``out`` ``(m, n)`` of one float
-    dtype; ``a`` and ``b`` C- or F-contiguous (a
-    transposed C block is F), ``out`` C-contiguous and writeable. Shapes are the
-    caller's to match (not checked); with ``m``, ``n`` or ``k`` 0 nothing is done."""
+    dtype; ``a`` and ``b`` C- or F-contiguous (a transposed C block is F), ``out``
+    C-contiguous and writeable. Shapes are the caller's to match (not checked); with
+    ``m``, ``n`` or ``k`` 0 nothing is done."""
     arrays = (a, b, out)
     if not (isinstance(gemm, types.Integer) and isinstance(accumulate, types.Boolean)
             and isinstance(alpha, types.Float)
