@@ -5,7 +5,7 @@ The public functions validate and lay out their arguments, then call Numba kerne
 one tiled pass. :mod:`reference` holds the plain NumPy oracle of the same contract.
 
 Numba and the kernels load on first use of a public function, so importing
-:mod:`fastattn` (and :mod:`fastattn.problem` and :mod:`fastattn.layout`, which :mod:`reference`
+:mod:`fastattn` (and :mod:`fastattn._contract.problem` and :mod:`fastattn._dispatch.layout`, which :mod:`reference`
 uses) stays cheap.
 """
 
@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _PUBLIC = {
     "scaled_dot_product_attention": "fastattn.attention",
-    "scaled_dot_product_attention_backward": "fastattn.backward",
+    "scaled_dot_product_attention_backward": "fastattn.attention",
     "MultiHeadAttention": "fastattn.layers",
     "LayerNorm": "fastattn.layers",
     "sinusoidal_positional_encoding": "fastattn.layers",
@@ -25,8 +25,8 @@ _PUBLIC = {
     "merge_attention": "fastattn.merge",
     "create_block_mask": "fastattn.block_mask",
     "BlockMask": "fastattn.block_mask",
-    "set_num_threads": "fastattn.threads",
-    "get_num_threads": "fastattn.threads",
+    "set_num_threads": "fastattn._runtime.threads",
+    "get_num_threads": "fastattn._runtime.threads",
 }
 
 # submodules reachable as attributes without their own import (cheap to import)

@@ -16,7 +16,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.command == "demo":
-        from fastattn.demo import run_demo
+        from fastattn.demo.console import run_demo
 
         return run_demo(plot_dir=args.plot)
     return 2

@@ -18,12 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fastattn.checks.functions import check_score_function
+from fastattn._contract.functions import check_score_function
+from fastattn.kernels.tile_states import EMPTY, FULL, PARTIAL
 
 __all__ = ["BlockMask", "create_block_mask", "EMPTY", "PARTIAL", "FULL"]
-
-# States of a tile.
-EMPTY, PARTIAL, FULL = 0, 1, 2
 
 DEFAULT_BLOCK_SIZE = 128
 

@@ -59,8 +59,9 @@ except ImportError as error:  # pragma: no cover - exercised without the extra
     ) from error
 
 import fastattn
-from fastattn.checks.arguments import check_kv_lengths
-from fastattn.checks.shapes import (broadcast_batch, check_score_operand, gqa_group_size,
+from fastattn._contract.arguments import check_kv_lengths
+from fastattn._contract.options import options_from, takes_options
+from fastattn._contract.shapes import (broadcast_batch, check_score_operand, gqa_group_size,
                                     matrix_dims)
 
 __all__ = ["scaled_dot_product_attention", "scaled_dot_product_attention_backward"]
@@ -69,12 +70,9 @@ __all__ = ["scaled_dot_product_attention", "scaled_dot_product_attention_backwar
 SPLIT_EVERY = 8
 
 
-def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, causal=False,
-                                 causal_alignment="top_left", window=None, kv_lengths=None,
-                                 scale=None, enable_gqa=False, return_weights=False,
-                                 return_lse=False, split_every=None, softcap=None,
-                                 alibi_slopes=None, score_mod=None, mask_mod=None,
-                                 block_mask=None):
+@takes_options(after=("return_weights", "return_lse", "split_every"))
+def scaled_dot_product_attention(query, key, value, mask=None, *, return_weights=False,
+                                 return_lse=False, split_every=None, **options):
     r"""Scaled dot-product attention of Dask arrays, one task per (query, key) chunk pair.
 
     .. math::
@@ -148,28 +146,22 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, cau
     fastattn.merge_attention : how key chunks are combined.
     scaled_dot_product_attention_backward : the gradients, on Dask arrays.
     """
-    _refuse_score_options(softcap=softcap, alibi_slopes=alibi_slopes, score_mod=score_mod,
-                          mask_mod=mask_mod, block_mask=block_mask)
+    options = options_from(options, "fastattn.dask.scaled_dot_product_attention")
+    _refuse_score_options(options)
     if return_weights:
         raise ValueError(
             "return_weights=True is not supported by fastattn.dask: the weights "
             "(*batch, Lq, Lk) need all the keys of a row in one task; call "
             "fastattn.scaled_dot_product_attention on the rows you need instead")
     split_every = _check_split_every(split_every)
-    plan = _plan(query, key, value, mask, bias=bias, causal=causal,
-                 causal_alignment=causal_alignment, window=window, kv_lengths=kv_lengths,
-                 scale=scale, enable_gqa=enable_gqa)
+    plan = _plan(query, key, value, mask, options)
     out, lse = _forward_graph(plan, split_every)
     return (out, lse) if return_lse else out
 
 
+@takes_options(after=("split_every", "score_mod_grad"))
 def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse, mask=None, *,
-                                          bias=None, causal=False,
-                                          causal_alignment="top_left", window=None,
-                                          kv_lengths=None, scale=None, enable_gqa=False,
-                                          split_every=None, softcap=None, alibi_slopes=None,
-                                          score_mod=None, mask_mod=None, block_mask=None,
-                                          score_mod_grad=None):
+                                          split_every=None, score_mod_grad=None, **options):
     r"""Gradients of :func:`scaled_dot_product_attention` on Dask arrays.
 
     With the forward's global ``out`` and ``lse``, each (query chunk, key chunk) task
@@ -212,22 +204,22 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
     --------
     fastattn.scaled_dot_product_attention_backward : the local call each task makes.
     """
-    _refuse_score_options(softcap=softcap, alibi_slopes=alibi_slopes, score_mod=score_mod,
-                          mask_mod=mask_mod, block_mask=block_mask,
-                          score_mod_grad=score_mod_grad)
+    options = options_from(options, "fastattn.dask.scaled_dot_product_attention_backward")
+    _refuse_score_options(options, score_mod_grad=score_mod_grad)
     split_every = _check_split_every(split_every)
-    plan = _plan(query, key, value, mask, bias=bias, causal=causal,
-                 causal_alignment=causal_alignment, window=window, kv_lengths=kv_lengths,
-                 scale=scale, enable_gqa=enable_gqa)
+    plan = _plan(query, key, value, mask, options)
     grads = _backward_graph(plan, grad_out, out, lse, split_every)
     return grads
 
 
-def _refuse_score_options(**options):
+def _refuse_score_options(options, **extra):
     """The score options are not carried to the chunks yet: ALiBi and the user's
     score functions need each chunk's batch entries and positions shifted to the
     chunk (the local call sees chunk-local ``b``, ``h``, ``i`` and ``j``)."""
-    for name, value in options.items():
+    refused = dict(softcap=options.softcap, alibi_slopes=options.alibi_slopes,
+                   score_mod=options.score_mod, mask_mod=options.mask_mod,
+                   block_mask=options.block_mask, **extra)
+    for name, value in refused.items():
         if value is not None:
             raise NotImplementedError(
                 f"fastattn.dask does not support {name} yet; call "
@@ -259,9 +251,11 @@ def _check_split_every(split_every):
     return split_every
 
 
-def _plan(query, key, value, mask, *, bias, causal, causal_alignment, window, kv_lengths,
-          scale, enable_gqa):
+def _plan(query, key, value, mask, options):
     """Validate the arguments at graph build time and align the operands' chunks."""
+    bias, kv_lengths, scale = options.bias, options.kv_lengths, options.scale
+    causal, causal_alignment, window = options.causal, options.causal_alignment, options.window
+    enable_gqa = options.enable_gqa
     query, key, value = (_as_lazy_or_array(array) for array in (query, key, value))
     mask = None if mask is None else _as_lazy_or_array(mask)
     bias = None if bias is None else _as_lazy_or_array(bias)

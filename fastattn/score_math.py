@@ -15,15 +15,6 @@ Python (as the reference does), they are ``math``'s functions.
         return 30.0 * tanh(s / 30.0)
 """
 
-from numba import njit
-
-from fastattn.kernels.vector_math import LOG2E, exp2, tanh
+from fastattn.kernels.vector_math import exp, exp2, tanh
 
 __all__ = ["exp", "exp2", "tanh"]
-
-
-@njit(inline="always")
-def exp(x):
-    """``e**x``, vectorisable (``exp2(x * log2(e))``); 0 far below ``-87`` (float32)
-    or ``-709`` (float64)."""
-    return exp2(x * LOG2E)

@@ -5,7 +5,7 @@ here builds its intermediates in full, computes in float64 and never calls a ker
 """
 
 from reference.attention import masked_softmax, scaled_dot_product_attention
-from reference.backward import scaled_dot_product_attention_backward
+from reference.gradients import scaled_dot_product_attention_backward
 from reference.layers import (decoder_layer, encoder_layer, feed_forward, layer_norm,
                               multi_head_attention, positional_encoding)
 

@@ -6,14 +6,13 @@ computes in float64 and casts back to the contract's output dtype.
 
 import numpy as np
 
-from fastattn.problem import check_attention
+from fastattn._contract.options import options_from, takes_options
+from fastattn._contract.problem import check_attention
 
 
-def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, causal=False,
-                                 causal_alignment="top_left", window=None, kv_lengths=None,
-                                 scale=None, enable_gqa=False, return_weights=False,
-                                 return_lse=False, softcap=None, alibi_slopes=None,
-                                 score_mod=None, mask_mod=None, block_mask=None):
+@takes_options(after=("return_weights", "return_lse"))
+def scaled_dot_product_attention(query, key, value, mask=None, *, return_weights=False,
+                                 return_lse=False, **options):
     r"""Attention by the textbook formula, in float64.
 
     .. math::
@@ -22,7 +21,16 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, cau
         \text{masked}\right) V
 
     Same arguments, results and errors as :func:`fastattn.scaled_dot_product_attention`
-    (see ``../shared/API.md``); this version materialises every intermediate.
+    (the contract: ``docs/contract.rst``); this version materialises every
+    intermediate.
+
+    Parameters
+    ----------
+    query, key, value, mask
+        As for :func:`fastattn.scaled_dot_product_attention`.
+    {options}
+    return_weights, return_lse : bool, default False
+        Also return the weights, the log-sum-exp.
 
     Returns
     -------
@@ -30,11 +38,8 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, cau
     weights : ndarray, shape ``(*batch, Lq, Lk)``, if ``return_weights``
     lse : ndarray, shape ``(*batch, Lq)``, if ``return_lse``
     """
-    problem = check_attention(query, key, value, mask, bias=bias, causal=causal,
-                              causal_alignment=causal_alignment, window=window,
-                              kv_lengths=kv_lengths, scale=scale, enable_gqa=enable_gqa,
-                              softcap=softcap, alibi_slopes=alibi_slopes,
-                              score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask)
+    problem = check_attention(query, key, value, mask,
+                              options_from(options, "scaled_dot_product_attention"))
     q, k, v = broadcast_inputs(problem)  # (*batch, Lq, Dk), (*batch, Lk, Dk), (*batch, Lk, Dv)
 
     scores = masked_scores(problem, q, k)  # (*batch, Lq, Lk), -inf where hidden

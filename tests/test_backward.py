@@ -8,7 +8,7 @@ from conftest import (FASTATTN, REFERENCE, assert_gradients_match_reference,
 
 import fastattn
 import reference
-from fastattn.backward import BLOCK_K, BLOCK_Q, MIN_TASKS, choose_key_groups
+from fastattn._dispatch.tiling import BACKWARD_BLOCK_K as BLOCK_K, BACKWARD_BLOCK_Q as BLOCK_Q, BACKWARD_MIN_TASKS as MIN_TASKS, choose_key_groups
 
 
 

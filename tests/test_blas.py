@@ -106,7 +106,7 @@ def test_mkl_runs_sequential_and_scipy_blas_keeps_its_threads():
     is needed), and MKL reports its sequential layer afterwards."""
     code = """
         import ctypes, numpy as np, fastattn, fastattn.blas as b
-        from fastattn.threads import single_threaded_blas
+        from fastattn._runtime.threads import single_threaded_blas
         q = np.ones((2, 300, 64), np.float32)
         fastattn.scaled_dot_product_attention(q, q, q)
         mkl = ctypes.CDLL(b.current()["library"])

@@ -205,10 +205,10 @@ def test_set_num_threads_refuses_bad_counts(count):
 
 @pytest.mark.parametrize("user_value, opt_out, expected",
                          [(None, None, "10000"), ("5", None, "5"), (None, "0", "unset")])
-@pytest.mark.parametrize("module", ["fastattn.threads", "fastattn.kernels.config"])
-def test_openmp_spin_count_default_keeps_the_users(module, user_value, opt_out, expected):
-    """fastattn shortens OpenMP's idle spinning unless the user chose a value or
-    opted out of the process settings; importing fastattn alone changes nothing."""
+def test_openmp_spin_count_default_keeps_the_users(user_value, opt_out, expected):
+    """fastattn shortens OpenMP's idle spinning at its first kernel call unless the
+    user chose a value or opted out of the process settings; importing fastattn, its
+    front ends or its kernels changes nothing."""
     import os
     import subprocess
     import sys
@@ -219,8 +219,10 @@ def test_openmp_spin_count_default_keeps_the_users(module, user_value, opt_out, 
         env["GOMP_SPINCOUNT"] = user_value
     if opt_out is not None:
         env["FASTATTN_PROCESS_SETTINGS"] = opt_out
-    code = ("import os, fastattn; before = os.environ.get('GOMP_SPINCOUNT', 'unset'); "
-            f"import {module}; print(before, os.environ.get('GOMP_SPINCOUNT', 'unset'))")
+    code = ("import os, numpy as np, fastattn, fastattn.attention, fastattn.kernels.forward, "
+            "fastattn._runtime.threads; imported = os.environ.get('GOMP_SPINCOUNT', 'unset'); "
+            "q = np.ones((1, 4, 4)); fastattn.scaled_dot_product_attention(q, q, q); "
+            "print(imported, os.environ.get('GOMP_SPINCOUNT', 'unset'))")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                             text=True, check=True)
     assert result.stdout.split() == [user_value or "unset", expected]
@@ -262,29 +264,28 @@ def test_cache_keys_fall_back_when_numba_changes(monkeypatch):
 
     from numba.core import caching
 
-    from fastattn import process_settings
+    from fastattn.kernels import config
 
     locators = list(caching.CacheImpl._locator_classes)
     for name in ("UserProvidedCacheLocator", "_UserProvidedCacheLocator"):
         monkeypatch.delattr(caching, name, raising=False)
-    assert process_settings.key_kernel_caches_on_package_sources() is False
+    assert config.key_caches_on_sources() is False
     assert caching.CacheImpl._locator_classes == locators
 
     def broken():
         raise AttributeError("Numba changed")
 
-    monkeypatch.setattr(process_settings, "key_kernel_caches_on_package_sources", broken)
-    process_settings.apply.cache_clear()
+    monkeypatch.setattr(config, "key_caches_on_sources", broken)
+    config._key_caches_once.cache_clear()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            applied = process_settings.apply()
-        assert "numba cache keys" not in applied
+            assert config._key_caches_once() is False
         assert any("default cache keys" in str(w.message) for w in caught)
     finally:
-        process_settings.apply.cache_clear()
+        config._key_caches_once.cache_clear()
         monkeypatch.undo()
-        process_settings.apply()  # memoised again; the locators are patched only once
+        config._key_caches_once()  # memoised again; the locators are patched only once
     assert caching.CacheImpl._locator_classes == locators
 
 
@@ -321,7 +322,7 @@ def test_overlapping_calls_share_one_blas_thread_switch():
     """The BLAS thread count is process-wide: it stays at 1 until the last of several
     overlapping kernel calls has left, then returns to what it was (the kernels
     calling SciPy's BLAS; MKL runs sequential, and the switch does nothing then)."""
-    from fastattn.threads import _kernel_blas_thread_functions, single_threaded_blas
+    from fastattn._runtime.threads import _kernel_blas_thread_functions, single_threaded_blas
 
     functions = _kernel_blas_thread_functions()
     before = [get() for get, _ in functions]

@@ -35,7 +35,7 @@ def test_heatmap_colour_scale_follows_the_weights():
     pytest.importorskip("matplotlib")
     import numpy as np
 
-    from fastattn.plots import _pyplot, attention_weights_figure
+    from fastattn.demo.plots import _pyplot, attention_weights_figure
 
     plt = _pyplot()
     figure = attention_weights_figure(plt)

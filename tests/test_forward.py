@@ -5,7 +5,7 @@ import pytest
 from conftest import assert_close_to_reference, random_inputs
 
 import fastattn
-from fastattn.attention import BLOCK_K, BLOCK_Q, MIN_TASKS, choose_block_q, choose_split_len
+from fastattn._dispatch.tiling import FORWARD_BLOCK_K as BLOCK_K, FORWARD_BLOCK_Q as BLOCK_Q, FORWARD_MIN_TASKS as MIN_TASKS, choose_block_q, choose_split_len
 
 # Awkward lengths: 1, and one below, at and one past each block size.
 Q_LENGTHS = [1, BLOCK_Q - 1, BLOCK_Q, BLOCK_Q + 1]
@@ -200,8 +200,9 @@ GQA_DECODE_OPTIONS = {
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("option", sorted(GQA_DECODE_OPTIONS))
 def test_grouped_query_decoding(rng, option, dtype):
-    from fastattn.problem import check_attention
-    from fastattn.layout import fold_query_groups
+    from fastattn._contract.options import AttentionOptions
+    from fastattn._contract.problem import check_attention
+    from fastattn._dispatch.layout import fold_query_groups
 
     query, key, value = random_inputs(rng, (3, 8, 1, 16), (3, 2, 2 * BLOCK_K + 9, 16), 8, dtype)
     options, folds = GQA_DECODE_OPTIONS[option]
@@ -212,7 +213,7 @@ def test_grouped_query_decoding(rng, option, dtype):
         options = {}
     elif options == "bias":
         options = dict(bias=rng.standard_normal((1, 8, 1, key.shape[2])))  # (1, Hq, 1, Lk)
-    problem = check_attention(query, key, value, mask, enable_gqa=True, **options)
+    problem = check_attention(query, key, value, mask, AttentionOptions(enable_gqa=True, **options))
     assert (fold_query_groups(problem) is not None) == folds
     assert_close_to_reference(query, key, value, mask, enable_gqa=True, **options,
                               **ALL_OUTPUTS)
@@ -222,12 +223,14 @@ def test_grouped_query_decoding(rng, option, dtype):
 
 def test_grouped_query_decoding_with_heads_first(rng):
     """kv_lengths index the first batch axis; when that is the head axis, no folding."""
-    from fastattn.problem import check_attention
-    from fastattn.layout import fold_query_groups
+    from fastattn._contract.options import AttentionOptions
+    from fastattn._contract.problem import check_attention
+    from fastattn._dispatch.layout import fold_query_groups
 
     query, key, value = random_inputs(rng, (6, 1, 8), (2, 50, 8))
     lengths = np.array([50, 10, 0, 3, 49, 1])
-    problem = check_attention(query, key, value, enable_gqa=True, kv_lengths=lengths)
+    problem = check_attention(query, key, value, None,
+                              AttentionOptions(enable_gqa=True, kv_lengths=lengths))
     assert fold_query_groups(problem) is None
     assert_close_to_reference(query, key, value, enable_gqa=True, kv_lengths=lengths,
                               **ALL_OUTPUTS)

@@ -9,7 +9,7 @@ import pytest
 from numba import types
 
 import fastattn
-from fastattn.kernels import backward, forward, linear
+from fastattn.kernels import backward, forward, projection as linear
 
 
 def writeable(numba_type):
@@ -43,11 +43,9 @@ def checked_kernels(monkeypatch):
         kernel.__doc__ = getter.__doc__
         return kernel
 
-    import fastattn.attention as attention
-    import fastattn.backward as public_backward
+    import fastattn._dispatch.run as run
     import fastattn.layers.linear as layers_linear
-    for module, names in ((attention, ("forward_kernel", "exact_rows_kernel")),
-                          (public_backward, ("backward_kernel",)),
+    for module, names in ((run, ("forward_kernel", "exact_rows_kernel", "backward_kernel")),
                           (layers_linear, ("linear_kernel",))):
         for name in names:
             monkeypatch.setattr(module, name, checking(getattr(module, name)))

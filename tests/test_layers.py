@@ -402,9 +402,9 @@ def test_linear_matches_numpy(shape, with_bias, dtype):
 def test_multihead_checks_its_mask_once(monkeypatch, rng):
     """The layer checks the mask and builds its attention problem once: the kernel's
     argument checks do not run a second time."""
-    import fastattn.checks.arguments as arguments
+    import fastattn._contract.arguments as arguments
     import fastattn.layers.multihead as multihead
-    import fastattn.problem as problem
+    import fastattn._contract.problem as problem
 
     calls = {"mask": 0, "check_attention": 0}
     real_mask, real_check = arguments.as_mask_array, problem.check_attention

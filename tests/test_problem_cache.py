@@ -7,13 +7,15 @@ import pytest
 
 import fastattn
 import reference
-from fastattn.problem import _checked_attention, _plain_problem_fields, check_attention
+from fastattn._contract.options import AttentionOptions, options_from
+from fastattn._contract.problem import _checked_attention, _plain_problem_fields, check_attention
 
 
 def full_checks(query, key, value, causal=False, causal_alignment="top_left",
                 enable_gqa=False):
-    return _checked_attention(query, key, value, None, None, causal, causal_alignment, None,
-                              None, None, enable_gqa, None, None, None, None, None)
+    options = AttentionOptions(causal=causal, causal_alignment=causal_alignment,
+                               enable_gqa=enable_gqa)
+    return _checked_attention(query, key, value, None, options)
 
 
 @pytest.mark.parametrize("q_shape, kv_shape, dtype, causal, alignment, gqa", [
@@ -30,12 +32,14 @@ def test_shortcut_builds_the_full_checks_problem(rng, q_shape, kv_shape, dtype, 
     key = rng.standard_normal(kv_shape).astype(dtype)
     value = rng.standard_normal(kv_shape).astype(dtype)
     for _ in range(2):  # computed, then looked up
-        fast = check_attention(query, key, value, causal=causal, causal_alignment=alignment,
-                               enable_gqa=gqa)
+        fast = check_attention(query, key, value, None, options_from(dict(
+            causal=causal, causal_alignment=alignment, enable_gqa=gqa)))
         full = full_checks(query, key, value, causal, alignment, gqa)
         for name in type(full).__slots__:
             got, expected = getattr(fast, name), getattr(full, name)
-            if isinstance(expected, np.ndarray):
+            if name == "options":
+                assert got.as_keywords() == expected.as_keywords()
+            elif isinstance(expected, np.ndarray):
                 assert got is expected, name
             else:
                 assert got == expected and type(got) is type(expected), name
@@ -54,7 +58,7 @@ def test_shortcut_refuses_what_the_full_checks_refuse(q_shape, kv_shape, v_shape
                                                       options):
     query, key, value = (np.zeros(shape, dtype) for shape in (q_shape, kv_shape, v_shape))
     with pytest.raises((ValueError, TypeError)) as full:
-        full_checks(query, key, value, **options)
+        full_checks(query, key, value, **dict(dict(causal=False), **options))
     for _ in range(2):  # an exception is never cached as a result
         with pytest.raises(full.type) as fast:
             fastattn.scaled_dot_product_attention(query, key, value, **options)
@@ -74,13 +78,15 @@ def test_same_shape_new_arrays_new_results(rng):
 
 
 def test_shortcut_only_for_plain_arguments(rng):
-    """Non-bool flags, subclasses and per-call operands take the full checks."""
+    """Subclasses and per-call operands take the full checks; flags are normalised by
+    the options object (``np.bool_(True)`` and ``True`` make the same options)."""
     query = rng.standard_normal((1, 1, 4, 8))
     _plain_problem_fields.cache_clear()
-    check_attention(query, query, query, causal=np.bool_(True))
     check_attention(query.view(np.ma.MaskedArray), query, query)
-    check_attention(query, query, query, scale=0.5)
-    check_attention(query, query, query, mask=np.ones((4, 4), bool))
+    check_attention(query, query, query, None, AttentionOptions(scale=0.5))
+    check_attention(query, query, query, np.ones((4, 4), bool))
     assert _plain_problem_fields.cache_info().currsize == 0
-    check_attention(query, query, query, causal=True)
+    check_attention(query, query, query, None, options_from(dict(causal=True)))
     assert _plain_problem_fields.cache_info().currsize == 1
+    problem = check_attention(query, query, query, None, options_from(dict(causal=np.bool_(1))))
+    assert problem.causal is True and _plain_problem_fields.cache_info().currsize == 1

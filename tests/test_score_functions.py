@@ -21,8 +21,8 @@ import fastattn
 import fastattn.score_math
 import reference
 from fastattn.block_mask import EMPTY, FULL, PARTIAL
-from fastattn.kernels.score_functions import block_hook
-from fastattn.problem import check_attention
+from fastattn.kernels.hooks import block_hook
+from fastattn._contract.problem import check_attention
 from user_functions import (CAP, MASK_MODS, USER_OPTIONS, documents, not_compiled, prefix_lm,
                             relative_bias, scattered, tanh_cap, tanh_cap_grad, unit_grad, wobble,
                             wobble_grad)

@@ -12,10 +12,11 @@ from conftest import (FASTATTN, IMPLEMENTATIONS, REFERENCE, assert_close_to_refe
 
 import fastattn
 import reference
-from fastattn.attention import choose_block_q, choose_split_len
+from fastattn._dispatch.tiling import choose_block_q, choose_split_len
 from fastattn.kernels.vector_math import exp2_check, probability_exp2_check, tanh_check
-from fastattn.layout import fold_query_groups
-from fastattn.problem import check_attention
+from fastattn._dispatch.layout import fold_query_groups
+from fastattn._contract.options import AttentionOptions
+from fastattn._contract.problem import check_attention
 from user_functions import USER_ERRORS, USER_OPTIONS
 
 SLOPES = np.array([0.5, 0.125, 0.03125])  # one per head of (B, 3, L, D) inputs
@@ -143,7 +144,7 @@ def test_grouped_query_heads(rng, score_options, q_len):
     assert_close_to_reference(query, key, value, enable_gqa=True, return_weights=True,
                               return_lse=True, causal=True, causal_alignment="bottom_right",
                               **options)
-    problem = check_attention(query, key, value, enable_gqa=True, **options)
+    problem = check_attention(query, key, value, None, AttentionOptions(enable_gqa=True, **options))
     folds = fold_query_groups(problem) is not None
     assert folds == (q_len == 1 and "alibi_slopes" not in options
                      and not {"score_mod", "mask_mod"} & set(options))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import reference
-from fastattn.demo import MONEY_RIVER_EMBEDDINGS, THE_CAT_SAT_EMBEDDINGS
+from fastattn.demo.examples import MONEY_RIVER_EMBEDDINGS, THE_CAT_SAT_EMBEDDINGS
 
 
 def scores_through_api(query, key, scale=1.0, **options):

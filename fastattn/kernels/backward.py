@@ -32,10 +32,10 @@ NaN ``lse`` wherever they are seen.
 import numpy as np
 from numba import njit, prange, types
 
-from fastattn.block_mask import EMPTY, PARTIAL
+from fastattn.kernels.tile_states import EMPTY, PARTIAL
 from fastattn.kernels.config import jit_helper, kernel_per_dtype
 from fastattn.kernels.masking import entry_rule, key_block_rows
-from fastattn.kernels.operands import TILING_TYPE, backward_types, problem_types
+from fastattn.kernels.groups import TILING_TYPE, backward_types, problem_types
 from fastattn.kernels.scores import block_scores
 from fastattn.kernels.products import product, product_add
 from fastattn.kernels.vector_math import (LOG2E, block_view, cast_like, full_width_vectors,
@@ -93,7 +93,7 @@ def probabilities_and_score_grads(scores, grad_probs, row_start, row_lse, row_de
 def _attention_backward(inputs, options, mask, bias, visibility, tiling, extra, gradients):
     """Gradients for every entry ``b`` of the flattened batch (see the module docstring).
 
-    ``extra`` (:class:`fastattn.layout.BackwardInputs`) holds ``grad_out``
+    ``extra`` (:class:`fastattn._dispatch.layout.BackwardInputs`) holds ``grad_out``
     ``(N, Lq, Dv)``, the forward's ``lse`` and ``delta`` ``(N, Lq)``. Writes
     ``gradients.key`` ``(N, Lk, Dk)``, ``gradients.value`` ``(N, Lk, Dv)`` and, for
     each of the ``G`` key groups, ``gradients.query_parts[g]`` ``(N, Lq, Dk)``: that

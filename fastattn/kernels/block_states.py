@@ -4,10 +4,10 @@
 import numpy as np
 from numba import prange, types
 
-from fastattn.block_mask import EMPTY, FULL, PARTIAL
+from fastattn.kernels.tile_states import EMPTY, FULL, PARTIAL
 from fastattn.kernels.config import kernel_per_dtype
-from fastattn.kernels.operands import array_type
-from fastattn.kernels.score_functions import APPLY_MASK, block_hook, call_hook_at, data_pointer
+from fastattn.kernels.groups import array_type
+from fastattn.kernels.hooks import APPLY_MASK, block_hook, call_hook_at, data_pointer
 
 
 def _block_states(hook, heads, q_len, kv_len, block_q, block_k, states):

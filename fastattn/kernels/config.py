@@ -8,19 +8,25 @@
   cache location is writable (a read-only install with ``NUMBA_CACHE_DIR`` unset).
 - :func:`jit_helper`: the same options for the functions the kernels call.
 
-Importing this module applies :mod:`fastattn.process_settings` (the OpenMP spin
-count and the kernels' cache keys) before any kernel is compiled or loaded.
+- Cache keys: Numba invalidates a cached kernel only when the file defining it
+  changes; fastattn's kernels inline helpers from other modules of this package,
+  so before the first kernel is compiled or loaded their cache entries are keyed on
+  every source file of :mod:`fastattn.kernels` (:func:`key_caches_on_sources`).
+  The kernels import nothing outside this package (a test checks it), so that stamp
+  covers everything compiled into them.
+
+Importing this module changes nothing in the process; the process settings
+(:mod:`fastattn._runtime.settings`) are applied by the front ends at the first
+kernel call.
 """
 
 import functools
+import hashlib
+import os
 import warnings
 
 import numba
 import numpy as np
-
-from fastattn import process_settings
-
-process_settings.apply()
 
 FASTMATH_FLAGS = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
 
@@ -35,7 +41,7 @@ def kernel_per_dtype(function, signature):
     ``kernel(dtype)`` returns the compiled entry point, which skips Numba's
     per-call argument typing (about 6 us for the attention kernels' grouped
     arguments, a quarter of a tiny call): the callers build arguments of exactly
-    the signature's types (:mod:`fastattn.layout`; a test compares
+    the signature's types (:mod:`fastattn._dispatch.layout`; a test compares
     ``numba.typeof`` of every argument with the signature).
     ``kernel.dispatcher(dtype)`` is the type-checked Numba dispatcher.
     """
@@ -81,6 +87,7 @@ def jit_kernel(signature):
     disk when Numba finds a writable cache location, else compiled in memory.
     """
     def decorate(func):
+        _key_caches_once()
         try:
             return numba.njit(signature, cache=True, **_KERNEL_OPTIONS)(func)
         except RuntimeError as error:  # "cannot cache function ...: no locator available"
@@ -98,3 +105,81 @@ def _warn_no_cache():
         "fastattn: no writable Numba cache location (set NUMBA_CACHE_DIR to one); "
         "kernels are compiled in memory for this process only",
         RuntimeWarning, stacklevel=4)
+
+
+@functools.cache
+def _key_caches_once():
+    """Key the kernels' caches on the package's sources, once per process; a private
+    Numba API that changed leaves Numba's default keys, with a warning."""
+    try:
+        return key_caches_on_sources()
+    except Exception as error:  # a private Numba API changed: keep Numba's defaults
+        warnings.warn(f"fastattn: could not key Numba's kernel cache on the kernels' sources "
+                      f"({error!r}); Numba's default cache keys apply (clear NUMBA_CACHE_DIR "
+                      f"after editing a kernel helper)", RuntimeWarning, stacklevel=3)
+        return False
+
+
+def kernels_folder():
+    """Folder of :mod:`fastattn.kernels`, whose sources stamp the kernels' cache."""
+    return os.path.dirname(os.path.abspath(__file__))
+
+
+def kernel_sources_stamp():
+    """(name, mtime, size) of every module of :mod:`fastattn.kernels` and of
+    :mod:`fastattn._dispatch.layout` (the kernels' argument groups): the kernels' cache key."""
+    folder = kernels_folder()
+    paths = [os.path.join(folder, name) for name in sorted(os.listdir(folder))
+             if name.endswith(".py")]
+    stamp = []
+    for path in paths:
+        info = os.stat(path)
+        stamp.append((os.path.basename(path), info.st_mtime, info.st_size))
+    return tuple(stamp)
+
+
+def key_caches_on_sources():
+    """Make Numba's cache locators stamp fastattn kernels with the package's sources.
+
+    Locators for functions outside fastattn are left as they are. Returns False
+    (changing nothing) when Numba's private caching classes are not as expected;
+    patches once per process.
+    """
+    from numba.core import caching
+
+    def numba_class(name):  # public names since Numba 0.60-ish, underscored before
+        return getattr(caching, name, None) or getattr(caching, "_" + name, None)
+
+    names = ("UserProvidedCacheLocator", "InTreeCacheLocator", "UserWideCacheLocator")
+    bases = tuple(numba_class(name) for name in names)
+    cache_impl = numba_class("CacheImpl")
+    if (None in bases or not all(isinstance(base, type) for base in bases)
+            or not isinstance(getattr(cache_impl, "_locator_classes", None), list)):
+        return False
+    locators = cache_impl._locator_classes
+    if any(getattr(locator, "fastattn_stamp", False) for locator in locators):
+        return True  # already patched in this process
+    stamp = kernel_sources_stamp()
+    digest = hashlib.sha1(repr(stamp).encode()).hexdigest()[:12]
+    package = __name__.split(".")[0] + "."
+
+    class PackageStamp:
+        fastattn_stamp = True
+
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            if not getattr(py_func, "__module__", "").startswith(package):
+                return None
+            return super().from_function(py_func, py_file)
+
+        def get_source_stamp(self):
+            return stamp
+
+        def get_disambiguator(self):
+            # the stamp's digest in the index file's name: entries of other sources are
+            # never even unpickled (their argument types may name classes since moved)
+            return f"{super().get_disambiguator()}-{digest}"
+
+    locators[:0] = [type(f"FastattnKernel{base.__name__}", (PackageStamp, base), {})
+                    for base in bases]
+    return True

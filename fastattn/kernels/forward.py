@@ -21,10 +21,10 @@ import math
 import numpy as np
 from numba import njit, prange, types
 
-from fastattn.block_mask import EMPTY, PARTIAL
+from fastattn.kernels.tile_states import EMPTY, PARTIAL
 from fastattn.kernels.config import jit_helper, kernel_per_dtype
 from fastattn.kernels.masking import entry_rule, row_block_keys
-from fastattn.kernels.operands import (TILING_TYPE, array_type, forward_result_types,
+from fastattn.kernels.groups import (TILING_TYPE, array_type, forward_result_types,
                                       problem_types)
 from fastattn.kernels.scores import block_scores
 from fastattn.kernels.products import product_add
@@ -164,7 +164,7 @@ def _attention_forward(inputs, options, mask, bias, visibility, tiling, outputs,
 
     Entry ``b`` reads ``inputs.query[inputs.query_index[b]]`` ``(Lq, Dk)``, the key
     ``(Lk, Dk)`` and value ``(Lk, Dv)`` likewise, and ``mask`` and ``bias``
-    (:class:`fastattn.layout.ScoreOperand`) under the rule of ``visibility``; it writes
+    (:class:`fastattn._dispatch.layout.ScoreOperand`) under the rule of ``visibility``; it writes
     ``outputs.out[b]`` ``(Lq, Dv)``, ``outputs.lse[b]`` ``(Lq,)`` and, if
     ``outputs.return_weights``, ``outputs.weights[b]`` ``(Lq, Lk)`` (which must be
     zeroed).

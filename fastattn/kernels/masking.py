@@ -7,7 +7,7 @@ Key ``j`` is visible to query ``i`` of batch entry ``b`` iff
                          hi(i) = min(i + off + reach_right + 1, kv_lengths[b])
 
 and the user's mask allows it (see
-:meth:`fastattn.problem.AttentionProblem.key_reach`). ``lo`` and ``hi`` grow with
+:meth:`fastattn._contract.problem.AttentionProblem.key_reach`). ``lo`` and ``hi`` grow with
 ``i``, so the keys a block of queries can see form one interval, and so do the
 queries that can see a block of keys: blocks outside them are never visited.
 

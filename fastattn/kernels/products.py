@@ -7,10 +7,10 @@ product buffer to zero and add).
 ``gemm`` is the address of a Fortran-convention ``sgemm`` / ``dgemm`` for the
 operands' dtype (every argument by pointer, 32-bit integers: SciPy's
 ``cython_blas`` and MKL's LP64 interface alike), passed to the kernels at run time
-in :class:`fastattn.layout.ScoreOptions`, so one compiled kernel serves every BLAS.
+in :class:`fastattn._dispatch.layout.ScoreOptions`, so one compiled kernel serves every BLAS.
 The call runs on the calling thread; the BLAS must not start threads of its own
 (:mod:`fastattn.blas` sets MKL to its sequential layer;
-:class:`fastattn.threads.single_threaded_blas` keeps SciPy's at one thread).
+:class:`fastattn._runtime.threads.single_threaded_blas` keeps SciPy's at one thread).
 """
 
 from llvmlite import ir

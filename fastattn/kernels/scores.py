@@ -13,12 +13,12 @@ For query ``i`` and key ``j`` of batch entry ``b`` the score is built in this or
 4. ``s += log2(e) * bias[b, i, j]`` (a ``-inf`` bias hides the key, even where
    ``s`` is NaN);
 5. the user's ``score_mod`` and ``mask_mod``, through the block hook of
-   :mod:`fastattn.kernels.score_functions` (``score_mod`` leaves ``-inf`` alone);
+   :mod:`fastattn.kernels.hooks` (``score_mod`` leaves ``-inf`` alone);
 6. keys hidden by the visibility rule (:mod:`fastattn.kernels.masking`) or by the
    mask become ``-inf``, whatever ``s`` was, so a NaN is never taken for a hidden key.
 
 A new score option is one more step here and one more field of
-:class:`fastattn.layout.ScoreOptions` (or one more operand).
+:class:`fastattn._dispatch.layout.ScoreOptions` (or one more operand).
 """
 
 import numpy as np
@@ -26,7 +26,7 @@ import numpy as np
 from fastattn.kernels.config import jit_helper
 from fastattn.kernels.masking import block_fully_visible, visible_columns
 from fastattn.kernels.products import scaled_product
-from fastattn.kernels.score_functions import (APPLY_MASK, MULTIPLY_GRADS, WRITE_GRADS,
+from fastattn.kernels.hooks import (APPLY_MASK, MULTIPLY_GRADS, WRITE_GRADS,
                                               call_hook)
 from fastattn.kernels.vector_math import LOG2E, cast_like, full_width_vectors, tanh
 

@@ -208,6 +208,13 @@ def _tanh_overload(x):
         return tanh_float64
 
 
+@njit(inline="always")
+def exp(x):
+    """``e**x``, vectorisable (``exp2(x * log2(e))``); 0 far below ``-87`` (float32)
+    or ``-709`` (float64)."""
+    return exp2(x * LOG2E)
+
+
 def cast_like(value, array):
     """``value`` as a scalar of ``array``'s dtype (pure-Python fallback)."""
     return array.dtype.type(value)

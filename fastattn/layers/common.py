@@ -8,7 +8,7 @@ import numbers
 
 import numpy as np
 
-from fastattn.checks.arguments import as_real_array, result_dtypes
+from fastattn._contract.arguments import as_real_array, result_dtypes
 
 
 def check_state(owner, state, expected, dtype, prefix=""):

@@ -1,14 +1,14 @@
 """``x W^T + b`` for the layers, on fastattn's thread pool (see
-:mod:`fastattn.kernels.linear` for why not NumPy's ``@``)."""
+:mod:`fastattn.kernels.projection` for why not NumPy's ``@``)."""
 
 import math
 
 import numpy as np
 
 from fastattn.blas import gemm_address
-from fastattn.threads import get_num_threads, single_threaded_blas
-from fastattn.kernels.linear import MERGE_INPUT, SPLIT_OUTPUT, linear_kernel
-from fastattn.layout import placeholder
+from fastattn._runtime.threads import get_num_threads, single_threaded_blas
+from fastattn.kernels.projection import MERGE_INPUT, SPLIT_OUTPUT, linear_kernel
+from fastattn._dispatch.layout import placeholder
 
 # Rows per task: at least MIN_BLOCK_ROWS (so each BLAS product stays efficient), and
 # few enough rows that a call offers up to MAX_TASKS tasks.

@@ -2,11 +2,11 @@
 
 import numpy as np
 
-from fastattn.checks.arguments import (as_mask_array, as_real_array, check_kv_lengths,
+from fastattn._contract.arguments import (as_mask_array, as_real_array, check_kv_lengths,
                                        result_dtypes)
 from fastattn.layers.common import check_dtype, check_size, check_state
 from fastattn.layers.linear import linear
-from fastattn.problem import checked_problem
+from fastattn._contract.problem import checked_problem
 
 
 class MultiHeadAttention:
@@ -145,7 +145,7 @@ class MultiHeadAttention:
             that differ, a mask that does not fit, ``kv_lengths`` of the wrong shape or
             out of ``[0, Lk]``, or an omitted key/value that cannot stand in (above).
         """
-        from fastattn.attention import run_forward
+        from fastattn._dispatch.run import run_forward
 
         query, key, value, unbatched = self._inputs(query, key, value)
         batch, q_len, kv_len = query.shape[0], query.shape[1], key.shape[1]

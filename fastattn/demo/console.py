@@ -8,27 +8,8 @@ import time
 
 import numpy as np
 
-# 002: 3-d word embeddings of "Money Bank Grows" and "River Bank Flows" (rows).
-MONEY_RIVER_WORDS = ("Money", "Bank", "Grows", "River", "Flows")
-MONEY_RIVER_EMBEDDINGS = np.array([
-    [0.1, 0.2, 0.3],  # Money
-    [0.4, 0.5, 0.6],  # Bank
-    [0.7, 0.8, 0.9],  # Grows
-    [0.2, 0.1, 0.4],  # River
-    [0.5, 0.3, 0.2],  # Flows
-])
-SENTENCES = {
-    "Money Bank Grows": [0, 1, 2],
-    "River Bank Flows": [3, 1, 4],
-}
-
-# 001: THE, CAT, SAT with identity projections W_q = W_k = W_v = I.
-THE_CAT_SAT_WORDS = ("THE", "CAT", "SAT")
-THE_CAT_SAT_EMBEDDINGS = np.array([
-    [1.0, 0.0, 1.0, 0.0],  # THE
-    [0.0, 1.0, 0.0, 1.0],  # CAT
-    [1.0, 1.0, 1.0, 1.0],  # SAT
-])
+from fastattn.demo.examples import (MONEY_RIVER_EMBEDDINGS, MONEY_RIVER_WORDS, SENTENCES,
+                                     THE_CAT_SAT_EMBEDDINGS, THE_CAT_SAT_WORDS)
 
 # float64 results of the two implementations must agree to the contract's bound.
 AGREEMENT_TOLERANCE = 1e-10
@@ -151,7 +132,7 @@ def show_scaling(compare):
 def run_demo(plot_dir=None):
     """Print every example; return the process exit status (0 when both paths agree).
 
-    With ``plot_dir``, also write the figures of :func:`fastattn.plots.write_demo_plots`
+    With ``plot_dir``, also write the figures of :func:`fastattn.demo.plots.write_demo_plots`
     there (or say how to install matplotlib when it is missing).
     """
     import reference
@@ -176,7 +157,7 @@ def run_demo(plot_dir=None):
     print(f"largest |fastattn - reference| over every example: {compare.worst:.2e} "
           f"({'within' if agree else 'OUTSIDE'} the contract's {AGREEMENT_TOLERANCE:.0e})")
     if plot_dir is not None:
-        from fastattn.plots import write_demo_plots
+        from fastattn.demo.plots import write_demo_plots
 
         heading("Figures")
         try:

@@ -17,7 +17,7 @@ whole array before or after attention.
 from numba import prange, types
 
 from fastattn.kernels.config import jit_helper, kernel_per_dtype
-from fastattn.kernels.operands import array_type
+from fastattn.kernels.groups import array_type
 from fastattn.kernels.products import product
 from fastattn.kernels.vector_math import block_view, line_aligned_rows
 

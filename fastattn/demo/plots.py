@@ -8,7 +8,7 @@ import pathlib
 
 import numpy as np
 
-from fastattn.demo import MONEY_RIVER_EMBEDDINGS, MONEY_RIVER_WORDS, SENTENCES
+from fastattn.demo.examples import MONEY_RIVER_EMBEDDINGS, MONEY_RIVER_WORDS, SENTENCES
 
 
 def _pyplot():

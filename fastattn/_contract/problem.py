@@ -1,9 +1,11 @@
 """The attention problem: what one call computes, validated, before any layout.
 
-:func:`check_attention` turns the arguments of ``scaled_dot_product_attention`` into
-an :class:`AttentionProblem`: validated arrays, shapes, dtypes and the scalar rules
-(scale, diagonal offset, window, kv_lengths). The fused kernels
-(:mod:`fastattn.attention`) and the NumPy oracle (:mod:`reference`) both start
+:func:`check_attention` turns the arrays of a call and its
+:class:`~fastattn._contract.options.AttentionOptions` into an
+:class:`AttentionProblem`: validated arrays, shapes, dtypes and the rules that
+depend on them (default scale, diagonal offset, broadcast of the bias, ``kv_lengths``
+and ALiBi slopes, the user functions' compiled forms). The fused kernels
+(:mod:`fastattn._dispatch`) and the NumPy oracle (:mod:`reference`) both start
 from it, so the two can only differ in arithmetic, never in what they accept.
 
 This module imports NumPy only, never Numba.
@@ -15,25 +17,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fastattn.checks.arguments import (
-    as_mask_array,
-    as_real_array,
-    check_alibi_slopes,
-    check_causal_alignment,
-    check_kv_lengths,
-    check_scale,
-    check_softcap,
-    check_window,
-    result_dtypes,
-)
-from fastattn.block_mask import check_block_mask
-from fastattn.checks.functions import check_score_function
-from fastattn.checks.shapes import (
-    broadcast_batch,
-    check_score_operand,
-    gqa_group_size,
-    matrix_dims,
-)
+from fastattn._contract.arguments import (as_mask_array, as_real_array, check_alibi_slopes,
+                                          check_kv_lengths, default_scale, diagonal_offset,
+                                          result_dtypes)
+from fastattn._contract.functions import check_score_function
+from fastattn._contract.options import DEFAULT_OPTIONS, AttentionOptions
+from fastattn._contract.shapes import (broadcast_batch, check_score_operand, gqa_group_size,
+                                       matrix_dims)
 
 __all__ = ["AttentionProblem", "check_attention", "check_backward_arrays", "check_score_mod_grad",
            "checked_problem"]
@@ -43,16 +33,23 @@ __all__ = ["AttentionProblem", "check_attention", "check_backward_arrays", "chec
 class AttentionProblem:
     """A validated attention call: what to compute, not how.
 
+    The call's options are held as its checked :class:`AttentionOptions`
+    (``options``: arrays converted, broadcast and checked against the shapes below;
+    ``mask_mod`` None when a ``block_mask`` carries it), and each option is also
+    readable as an attribute of the problem (``problem.causal``,
+    ``problem.alibi_slopes``): a new option needs no change here.
+
     Attributes
     ----------
     query, key, value : ndarray
         The inputs as given (converted with ``np.asarray``, dtype unchanged).
     mask : ndarray of bool or None
         At least 2-D, trailing dims 1 or ``(Lq, Lk)``; True = may attend.
-    bias : ndarray or None
-        At least 2-D, trailing dims 1 or ``(Lq, Lk)``; not yet cast.
-    kv_lengths : ndarray of int64 or None
-        One entry per index of the first batch axis (one entry for 2-D inputs).
+    options : AttentionOptions
+        Checked: ``bias`` at least 2-D with trailing dims 1 or ``(Lq, Lk)`` (not yet
+        cast); ``kv_lengths`` int64, one entry per index of the first batch axis;
+        ``alibi_slopes`` float64 broadcast to ``batch_shape`` (a read-only view);
+        user functions checked (:mod:`fastattn._contract.functions`).
     batch_shape : tuple of int
         Broadcast batch shape of every operand; the output is ``(*batch_shape, Lq, Dv)``.
     q_len, kv_len, head_dim, value_dim : int
@@ -62,31 +59,18 @@ class AttentionProblem:
     compute_dtype, out_dtype : numpy.dtype
         Precision of the arithmetic (float32 or float64) and of the results.
     scale : float
-        Multiplier of ``query @ key^T``.
-    causal : bool
-        Whether key ``j`` must satisfy ``j <= i + diag_offset``.
+        Multiplier of ``query @ key^T`` (the option, or its default ``1/sqrt(Dk)``).
     diag_offset : int
         ``off`` of the causal and window rules (0 top-left, ``Lk - Lq`` bottom-right).
-    window : tuple of int or None
-        ``(left, right)``: key ``j`` visible iff ``i + off - left <= j <= i + off + right``.
-    softcap : float or None
-        Positive cap: scores become ``softcap * tanh(s / softcap)``.
-    alibi_slopes : ndarray of float64 or None
-        ``batch_shape``, a (possibly broadcast, read-only) view: entry ``b``'s scores
-        lose ``slope[b] * |i + off - j|``.
-    score_mod, mask_mod, score_mod_grad : numba dispatcher or None
-        The user's score functions, checked (:mod:`fastattn.checks.functions`);
-        ``score_mod_grad`` only in a backward call.
-    block_mask : BlockMask or None
-        Made for this batch shape, ``Lq`` and ``Lk``; it carries its ``mask_mod``.
+    score_mod_grad : numba dispatcher or None
+        Only in a backward call with a ``score_mod``.
     """
 
     query: np.ndarray
     key: np.ndarray
     value: np.ndarray
     mask: object
-    bias: object
-    kv_lengths: object
+    options: AttentionOptions
     batch_shape: tuple
     q_len: int
     kv_len: int
@@ -96,15 +80,18 @@ class AttentionProblem:
     compute_dtype: np.dtype
     out_dtype: np.dtype
     scale: float
-    causal: bool
     diag_offset: int
-    window: object
-    softcap: object = None
-    alibi_slopes: object = None
-    score_mod: object = None
-    mask_mod: object = None
-    block_mask: object = None
     score_mod_grad: object = None
+
+    def __getattr__(self, name):
+        """The options, as attributes of the problem (only names not found above)."""
+        if name == "options":  # not yet set (copying): no recursion
+            raise AttributeError(name)
+        return getattr(self.options, name)
+
+    def with_options(self, **changes):
+        """The problem with these options replaced (already checked values)."""
+        return dataclasses.replace(self, options=self.options.replace(**changes))
 
     @property
     def heads(self):
@@ -115,13 +102,8 @@ class AttentionProblem:
     @property
     def effective_mask_mod(self):
         """The ``mask_mod`` the call applies: its own, or its block mask's."""
-        return self.block_mask.mask_mod if self.block_mask is not None else self.mask_mod
-
-    @property
-    def has_score_functions(self):
-        """Whether a user function (score_mod, mask_mod, block mask) shapes the scores."""
-        return (self.score_mod is not None or self.mask_mod is not None
-                or self.block_mask is not None)
+        block_mask = self.options.block_mask
+        return block_mask.mask_mod if block_mask is not None else self.options.mask_mod
 
     @property
     def out_shape(self):
@@ -145,20 +127,29 @@ class AttentionProblem:
         ``i + off - left <= j <= i + off + right``. Causal sets ``right`` to at most
         0; an unbounded side is returned as ``Lq + Lk``, which reaches every key.
         """
-        unbounded = self.q_len + self.kv_len
-        left, right = self.window if self.window is not None else (unbounded, unbounded)
-        if self.causal:
-            right = min(right, 0)
-        return min(left, unbounded), min(right, unbounded)
+        return key_reach(self.options.window, self.options.causal, self.q_len, self.kv_len)
 
 
-def check_attention(query, key, value, mask=None, *, bias=None, causal=False,
-                    causal_alignment="top_left", window=None, kv_lengths=None,
-                    scale=None, enable_gqa=False, softcap=None, alibi_slopes=None,
-                    score_mod=None, mask_mod=None, block_mask=None):
-    """Validate the arguments of ``scaled_dot_product_attention``.
+def key_reach(window, causal, q_len, kv_len):
+    """``(left, right)`` of :meth:`AttentionProblem.key_reach` for a ``window`` (or
+    None), the ``causal`` flag and ``Lq``, ``Lk``: the one rule of how far a query
+    reaches, shared with :mod:`fastattn.dask`'s chunk planner."""
+    unbounded = q_len + kv_len
+    left, right = window if window is not None else (unbounded, unbounded)
+    if causal:
+        right = min(right, 0)
+    return min(left, unbounded), min(right, unbounded)
 
-    Parameters are those of :func:`fastattn.scaled_dot_product_attention`.
+
+def check_attention(query, key, value, mask=None, options=DEFAULT_OPTIONS):
+    """Validate the arrays of an attention call against its ``options``.
+
+    Parameters
+    ----------
+    query, key, value, mask
+        As given to :func:`fastattn.scaled_dot_product_attention`.
+    options : AttentionOptions
+        The call's keyword options (scalars already checked).
 
     Returns
     -------
@@ -167,40 +158,29 @@ def check_attention(query, key, value, mask=None, *, bias=None, causal=False,
     Raises
     ------
     TypeError
-        For inputs of a non-real dtype, a non-boolean mask, non-integer kv_lengths
-        or window entries, a scale or softcap that is not a real number, or
-        alibi_slopes that are not real.
-        A ``score_mod`` or ``mask_mod`` that is not a Numba-compiled function of
-        the right arity and return type, or a ``block_mask`` that is not a
-        :class:`~fastattn.block_mask.BlockMask`.
+        For inputs of a non-real dtype, a non-boolean mask, non-integer kv_lengths,
+        alibi_slopes that are not real, a ``score_mod`` or ``mask_mod`` that is not
+        a Numba-compiled function of the right arity and return type, or a
+        ``block_mask`` that is not a :class:`~fastattn.block_mask.BlockMask`.
     ValueError
-        For shapes that do not fit together, a bias holding ``+inf``, a negative
-        window, kv_lengths of the wrong length or out of range, a non-finite scale,
-        a softcap not positive and finite, alibi_slopes not finite or not
-        broadcastable to the batch shape, an unknown ``causal_alignment``, a
-        ``block_mask`` made for another shape, or a ``mask_mod`` other than the
-        ``block_mask``'s; the message names the argument and shapes.
+        For shapes that do not fit together, a bias holding ``+inf``, kv_lengths of
+        the wrong length or out of range, alibi_slopes not finite or not
+        broadcastable to the batch shape, a ``block_mask`` made for another shape,
+        or a ``mask_mod`` other than the ``block_mask``'s; the message names the
+        argument and shapes.
     """
-    if (mask is None and bias is None and kv_lengths is None and scale is None
-            and window is None and softcap is None and alibi_slopes is None
-            and score_mod is None and mask_mod is None and block_mask is None
-            and type(query) is np.ndarray and type(key) is np.ndarray
-            and type(value) is np.ndarray and type(causal) is bool
-            and type(enable_gqa) is bool and type(causal_alignment) is str):
+    if (mask is None and not options.has_operands and type(query) is np.ndarray
+            and type(key) is np.ndarray and type(value) is np.ndarray):
         # Plain ndarrays and no per-call operands: the checks depend on the shapes,
-        # dtypes and these flags only, so their outcome is looked up (tiny calls and
-        # decoding loops repeat shapes; see _plain_problem_fields).
-        return AttentionProblem(query, key, value, None, None, None, *_plain_problem_fields(
+        # dtypes and the scalar options only, so their outcome is looked up (tiny
+        # calls and decoding loops repeat shapes; see _plain_problem_fields).
+        return AttentionProblem(query, key, value, None, options, *_plain_problem_fields(
             query.shape, key.shape, value.shape, query.dtype, key.dtype, value.dtype,
-            causal, causal_alignment, enable_gqa))
-    return _checked_attention(query, key, value, mask, bias, causal, causal_alignment, window,
-                              kv_lengths, scale, enable_gqa, softcap, alibi_slopes, score_mod,
-                              mask_mod, block_mask)
+            options))
+    return _checked_attention(query, key, value, mask, options)
 
 
-def _checked_attention(query, key, value, mask, bias, causal, causal_alignment, window,
-                       kv_lengths, scale, enable_gqa, softcap, alibi_slopes, score_mod,
-                       mask_mod, block_mask):
+def _checked_attention(query, key, value, mask, options):
     """Every check of :func:`check_attention`, in full."""
     query = as_real_array("query", query)
     key = as_real_array("key", key)
@@ -210,31 +190,31 @@ def _checked_attention(query, key, value, mask, bias, causal, causal_alignment, 
 
     if mask is not None:
         mask = check_score_operand("mask", as_mask_array(mask), q_len, kv_len)
+    bias = options.bias
     if bias is not None:
         bias = check_score_operand("bias", as_real_array("bias", bias), q_len, kv_len)
         if bias.dtype.kind == "f" and np.isposinf(bias).any():
             raise ValueError("bias must not hold +inf (it would make the softmax NaN); "
                              "-inf is allowed and hides a key")
 
-    group = gqa_group_size(query, key, value, enable_gqa)
+    group = gqa_group_size(query, key, value, options.enable_gqa)
     batch_shape = broadcast_batch(query, key, value, mask, bias, group)
-    diag_offset = check_causal_alignment(causal_alignment, q_len, kv_len)
-    if score_mod is not None or mask_mod is not None or block_mask is not None:
-        score_mod, mask_mod, block_mask = check_user_functions(
-            score_mod, mask_mod, block_mask, batch_shape, q_len, kv_len, compute_dtype)
+    diag_offset = diagonal_offset(options.causal_alignment, q_len, kv_len)
+    checked = dict(bias=bias, kv_lengths=check_kv_lengths(options.kv_lengths, batch_shape, kv_len),
+                   alibi_slopes=check_alibi_slopes(options.alibi_slopes, batch_shape))
+    if options.has_score_functions:
+        checked.update(zip(("score_mod", "mask_mod", "block_mask"), check_user_functions(
+            options.score_mod, options.mask_mod, options.block_mask, batch_shape, q_len,
+            kv_len, compute_dtype)))
+    if options.has_operands or mask is not None:
+        options = options.replace(**checked)
 
     return AttentionProblem(
-        query=query, key=key, value=value, mask=mask, bias=bias,
-        kv_lengths=check_kv_lengths(kv_lengths, batch_shape, kv_len),
+        query=query, key=key, value=value, mask=mask, options=options,
         batch_shape=batch_shape, q_len=q_len, kv_len=kv_len,
         head_dim=head_dim, value_dim=value_dim, gqa_group=group,
         compute_dtype=compute_dtype, out_dtype=out_dtype,
-        scale=check_scale(scale, head_dim), causal=bool(causal),
-        diag_offset=diag_offset, window=check_window(window),
-        softcap=check_softcap(softcap),
-        alibi_slopes=check_alibi_slopes(alibi_slopes, batch_shape),
-        score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask,
-    )
+        scale=default_scale(options.scale, head_dim), diag_offset=diag_offset)
 
 
 def check_user_functions(score_mod, mask_mod, block_mask, batch_shape, q_len, kv_len,
@@ -242,6 +222,8 @@ def check_user_functions(score_mod, mask_mod, block_mask, batch_shape, q_len, kv
     """Check the user's score functions and block mask for a call of this batch shape,
     ``Lq``, ``Lk`` and compute ``dtype``; returns ``(score_mod, mask_mod,
     block_mask)`` with ``mask_mod`` None when the block mask carries it."""
+    from fastattn.block_mask import check_block_mask
+
     score_mod = check_score_function("score_mod", score_mod, dtype)
     mask_mod = check_score_function("mask_mod", mask_mod, dtype)
     block_mask = check_block_mask(block_mask, batch_shape, q_len, kv_len)
@@ -254,25 +236,23 @@ def check_user_functions(score_mod, mask_mod, block_mask, batch_shape, q_len, kv
     return score_mod, None, block_mask
 
 
-# fields of AttentionProblem after query, key, value, mask, bias and kv_lengths
+# fields of AttentionProblem after query, key, value, mask and options
 _SHAPE_FIELDS = ("batch_shape", "q_len", "kv_len", "head_dim", "value_dim", "gqa_group",
-                 "compute_dtype", "out_dtype", "scale", "causal", "diag_offset", "window")
+                 "compute_dtype", "out_dtype", "scale", "diag_offset")
 
 
 @functools.lru_cache(maxsize=256)
-def _plain_problem_fields(q_shape, k_shape, v_shape, q_dtype, k_dtype, v_dtype, causal,
-                          causal_alignment, enable_gqa):
-    """The :data:`_SHAPE_FIELDS` of a call with only query, key, value and these flags.
+def _plain_problem_fields(q_shape, k_shape, v_shape, q_dtype, k_dtype, v_dtype, options):
+    """The :data:`_SHAPE_FIELDS` of a call with only query, key, value and scalar
+    ``options`` (shared objects, see :func:`~fastattn._contract.options.options_from`).
 
     Runs the full :func:`check_attention` on stand-ins of the same shapes and dtypes
     (zero-strided views of one element, no memory), so a bad combination raises
-    exactly what it raises for real arrays (and an exception is never cached). The
-    other fields keep their defaults (None) in such a call.
+    exactly what it raises for real arrays (and an exception is never cached).
     """
     q, k, v = (np.broadcast_to(np.zeros((), dtype), shape) for shape, dtype in (
         (q_shape, q_dtype), (k_shape, k_dtype), (v_shape, v_dtype)))
-    problem = _checked_attention(q, k, v, None, None, causal, causal_alignment, None, None,
-                                 None, enable_gqa, None, None, None, None, None)
+    problem = _checked_attention(q, k, v, None, options)
     return tuple(getattr(problem, name) for name in _SHAPE_FIELDS)
 
 
@@ -289,11 +269,12 @@ def checked_problem(query, key, value, *, mask=None, kv_lengths=None, causal=Fal
     """
     dtype = query.dtype
     q_len, kv_len, head_dim, value_dim = matrix_dims(query, key, value)
+    options = AttentionOptions(causal=causal, kv_lengths=kv_lengths)
     return AttentionProblem(
-        query=query, key=key, value=value, mask=mask, bias=None, kv_lengths=kv_lengths,
+        query=query, key=key, value=value, mask=mask, options=options,
         batch_shape=query.shape[:-2], q_len=q_len, kv_len=kv_len, head_dim=head_dim,
         value_dim=value_dim, gqa_group=gqa_group, compute_dtype=dtype, out_dtype=dtype,
-        scale=check_scale(None, head_dim), causal=bool(causal), diag_offset=0, window=None)
+        scale=default_scale(None, head_dim), diag_offset=0)
 
 
 def check_score_mod_grad(problem, score_mod_grad):

@@ -1,5 +1,6 @@
-"""Checks of the scalar and small arguments of attention: dtypes, scale, window,
-causal alignment and ``kv_lengths``.
+"""Checks of the arrays and small arguments of attention against a call's shapes:
+dtypes, ``kv_lengths``, ALiBi slopes, the default scale and the diagonal offset
+(the scalar options are checked by :mod:`fastattn._contract.options`).
 
 Both implementations (the Numba kernels in :mod:`fastattn` and the NumPy
 oracle in :mod:`reference`) call these, so an argument is accepted or refused
@@ -10,8 +11,6 @@ import math
 import numbers
 
 import numpy as np
-
-CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
 
 # dtype kinds: b bool, i signed int, u unsigned int, f float.
 _REAL_KINDS = "biuf"
@@ -78,54 +77,22 @@ def result_dtypes(*operands):
     )
 
 
-def check_scale(scale, head_dim):
-    """Return the softmax scale as a Python float.
-
-    ``None`` gives ``1 / sqrt(head_dim)``; for ``head_dim == 0`` every score is an
-    empty dot product (zero), and the default scale is taken as 1.0.
-    """
+def default_scale(scale, head_dim):
+    """The softmax scale of a call: ``scale`` (a checked float) or, when None,
+    ``1 / sqrt(head_dim)``; for ``head_dim == 0`` every score is an empty dot
+    product (zero), and the default scale is taken as 1.0."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
-    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a real number; got {scale!r}")
-    scale = float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite; got {scale}")
     return scale
 
-
-def check_window(window):
-    """Return ``window`` as a ``(left, right)`` pair of non-negative ints, or None."""
-    if window is None:
-        return None
-    try:
-        left, right = window
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"window must be None or a pair (left, right) of non-negative ints; got {window!r}"
-        ) from None
-    for side, reach in (("left", left), ("right", right)):
-        if isinstance(reach, (bool, np.bool_)) or not isinstance(reach, numbers.Integral):
-            raise TypeError(f"window {side} must be an int; got {reach!r} in window={window!r}")
-        if reach < 0:
-            raise ValueError(f"window must be non-negative; got {side}={reach} in window={window!r}")
-    return int(left), int(right)
-
-
-def check_causal_alignment(causal_alignment, q_len, kv_len):
-    """Return the diagonal offset ``off`` of the causal and window rules.
+def diagonal_offset(causal_alignment, q_len, kv_len):
+    """The diagonal offset ``off`` of the causal and window rules for a checked
+    ``causal_alignment``.
 
     Key ``j`` lies on or below the diagonal of query ``i`` when ``j <= i + off``:
     ``"top_left"`` gives ``off = 0``, ``"bottom_right"`` gives ``off = Lk - Lq``.
     """
-    if causal_alignment == "top_left":
-        return 0
-    if causal_alignment == "bottom_right":
-        return kv_len - q_len
-    raise ValueError(
-        f"causal_alignment must be one of {CAUSAL_ALIGNMENTS}; got {causal_alignment!r}"
-    )
-
+    return kv_len - q_len if causal_alignment == "bottom_right" else 0
 
 def check_kv_lengths(kv_lengths, batch_shape, kv_len):
     """Return ``kv_lengths`` as a 1-D int64 array, one entry per first batch index.
@@ -149,18 +116,6 @@ def check_kv_lengths(kv_lengths, batch_shape, kv_len):
             f"got values from {kv_lengths.min()} to {kv_lengths.max()}"
         )
     return kv_lengths.astype(np.int64)
-
-
-def check_softcap(softcap):
-    """Return ``softcap`` as a positive finite Python float, or None."""
-    if softcap is None:
-        return None
-    if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, numbers.Real):
-        raise TypeError(f"softcap must be None or a positive real number; got {softcap!r}")
-    softcap = float(softcap)
-    if not (math.isfinite(softcap) and softcap > 0.0):
-        raise ValueError(f"softcap must be positive and finite; got {softcap}")
-    return softcap
 
 
 def check_alibi_slopes(alibi_slopes, batch_shape):

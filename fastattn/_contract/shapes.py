@@ -114,3 +114,21 @@ def broadcast_batch(query, key, value, mask, bias, group):
             f"{', kv heads counted as query heads' if group > 1 else ''}): {listed}"
         ) from None
 
+
+def sum_to_shape(grad, shape, group=1):
+    """Sum a gradient of the broadcast shape back to an input's own ``shape``: the
+    reverse of :func:`stack_operand`'s broadcasting.
+
+    ``grad`` is ``(*batch, L, D)``. Under grouped-query attention (``group > 1``) the
+    head axis (-3) holds ``Hkv * group`` query heads, and each kv head's group is
+    summed first; then every batch axis the input broadcast along (missing or of
+    size 1 in ``shape``) is summed.
+    """
+    if group > 1:
+        heads = grad.shape[-3] // group
+        grad = grad.reshape(grad.shape[:-3] + (heads, group) + grad.shape[-2:])  # (..., Hkv, g, L, D)
+        grad = grad.sum(axis=-3)  # (..., Hkv, L, D)
+    extra = grad.ndim - len(shape)
+    grad = grad.sum(axis=tuple(range(extra))) if extra else grad  # drop leading batch axes
+    ones = tuple(axis for axis, size in enumerate(shape) if size == 1 and grad.shape[axis] != 1)
+    return grad.sum(axis=ones, keepdims=True) if ones else grad  # (*shape)

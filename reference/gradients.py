@@ -3,13 +3,15 @@
 
 import numpy as np
 
-from fastattn.problem import check_attention, check_backward_arrays, check_score_mod_grad
-from fastattn.layout import sum_to_shape
+from fastattn._contract.options import options_from, takes_options
+from fastattn._contract.problem import check_attention, check_backward_arrays, check_score_mod_grad
+from fastattn._contract.shapes import sum_to_shape
 from reference.attention import (broadcast_inputs, call_over_grid, masked_scores,
                                  masked_softmax, scores_before_mod, softcap_derivative)
 
 
-def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse, mask=None,
+@takes_options(after=("score_mod_grad",))
+def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse, mask=None, *,
                                           score_mod_grad=None, **options):
     r"""Vector-Jacobian product of attention, in float64, written to be read.
 
@@ -35,10 +37,9 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
     ----------
     grad_out : array_like, shape ``(*batch, Lq, Dv)``
         Gradient of the loss with respect to the forward's output.
-    query, key, value, mask, **options
-        Exactly as given to the forward (``bias``, ``causal``, ``causal_alignment``,
-        ``window``, ``kv_lengths``, ``scale``, ``enable_gqa``, ``softcap``,
-        ``alibi_slopes``, ``score_mod``, ``mask_mod``, ``block_mask``).
+    query, key, value, mask
+        Exactly as given to the forward.
+    {options}
     score_mod_grad : numba-compiled function ``(s, b, h, i, j) -> float``
         ``d score_mod / d s``, required with a ``score_mod``.
     out : array_like, shape ``(*batch, Lq, Dv)``
@@ -51,7 +52,8 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
         Shaped like ``query``, ``key`` and ``value``: broadcast batch dims summed back,
         and under grouped-query attention each kv head's group summed.
     """
-    problem = check_score_mod_grad(check_attention(query, key, value, mask, **options),
+    options = options_from(options, "scaled_dot_product_attention_backward")
+    problem = check_score_mod_grad(check_attention(query, key, value, mask, options),
                                    score_mod_grad)
     grad_out = check_backward_arrays(problem, grad_out, out, lse)[0]
     q, k, v = broadcast_inputs(problem)  # (*batch, Lq, Dk), (*batch, Lk, Dk), (*batch, Lk, Dv)

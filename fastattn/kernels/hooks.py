@@ -38,6 +38,7 @@ from numba import carray, cfunc, njit, types
 from numba.extending import intrinsic
 
 from fastattn.kernels.config import FASTMATH_FLAGS, jit_helper
+from fastattn.kernels import vector_math
 from fastattn.kernels.vector_math import LN2, LOG2E, full_width_vectors
 
 # bits of a hook's ``mode``
@@ -104,7 +105,7 @@ def block_hook(score_mod, mask_mod, score_mod_grad, dtype):
     """The address of the block hook applying these user functions (each may be
     None) to scores of ``dtype``; built once per process for each combination.
 
-    The functions must already be checked (:mod:`fastattn.checks.functions`).
+    The functions must already be checked (:mod:`fastattn._contract.functions`).
     """
     cast = np.float32 if np.dtype(dtype) == np.float32 else np.float64
     has_score_mod, has_mask_mod, has_grad = (score_mod is not None, mask_mod is not None,
@@ -191,12 +192,10 @@ def _vector_math_stand_in(value):
 def _vector_math_module():
     """A stand-in for the ``math`` module: ``math``'s names, with ``tanh`` and
     ``exp`` from :mod:`fastattn.score_math`."""
-    from fastattn import score_math
-
     module = pytypes.ModuleType("math")
     module.__dict__.update(vars(math))
-    module.tanh, module.exp = score_math.tanh, score_math.exp
-    return module, {"tanh": score_math.tanh, "exp": score_math.exp}
+    module.tanh, module.exp = vector_math.tanh, vector_math.exp
+    return module, {"tanh": vector_math.tanh, "exp": vector_math.exp}
 
 
 _VECTOR_MATH_MODULE, _VECTOR_MATH = _vector_math_module()
@@ -213,7 +212,7 @@ def _unused_mask(b, h, i, j):
 
 
 def problem_hook(problem):
-    """The block hook of an :class:`~fastattn.problem.AttentionProblem`: its
+    """The block hook of an :class:`~fastattn._contract.problem.AttentionProblem`: its
     ``score_mod``, the ``mask_mod`` it applies (its own or its block mask's) and,
     in a backward problem, its ``score_mod_grad``; the placeholder without any."""
     if not problem.has_score_functions:

@@ -2,7 +2,7 @@
 ``score_mod_grad``: Numba-compiled, of the right arity, returning the right kind
 of value.
 
-Numba is imported only when a function is given, so that :mod:`fastattn.problem`
+Numba is imported only when a function is given, so that :mod:`fastattn._contract.problem`
 (and the reference) import NumPy only in calls without user functions.
 """
 

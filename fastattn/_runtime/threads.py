@@ -19,9 +19,8 @@ import threading
 
 import numba
 
-from fastattn import blas, process_settings
-
-process_settings.apply()  # the OpenMP spin count, before Numba's threads start
+from fastattn import blas
+from fastattn._runtime import settings
 
 
 def set_num_threads(count):
@@ -43,11 +42,13 @@ def set_num_threads(count):
         raise ValueError(
             f"count must be an int in [1, NUMBA_NUM_THREADS={limit}]; got {count!r} "
             "(set the environment variable NUMBA_NUM_THREADS before starting Python for more)")
+    settings.apply()  # before Numba's threads start
     numba.set_num_threads(count)
 
 
 def get_num_threads():
     """Number of threads the next fastattn call from this Python thread will use."""
+    settings.apply()  # before Numba's threads start
     return numba.get_num_threads()
 
 

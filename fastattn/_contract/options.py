@@ -1,0 +1,259 @@
+"""The options of an attention call: one frozen, keyword-only object, validated once.
+
+Every front end (the NumPy functions, their backward, :mod:`reference`,
+:mod:`fastattn.dask`, :mod:`fastattn.torch`, the Hugging Face backend, the layers)
+takes the same keyword options. They are declared once, here, as the fields of
+:class:`AttentionOptions`, with their documentation in :data:`OPTION_DOCS`; the
+front ends take them as ``**options`` and get their signature and the
+"Parameters" entries of their docstring from this module
+(:func:`takes_options`). What the options mean for a call of given shapes (the
+default scale, the diagonal offset, whether a bias broadcasts) is worked out by
+:func:`fastattn._contract.problem.check_attention`, which holds the options
+object in the :class:`~fastattn._contract.problem.AttentionProblem` it returns.
+
+Adding an option: a field and its documentation here (with its scalar checks in
+``__post_init__``), its array checks in the problem (if it is an array), its step
+in the kernels' score step and in the reference, and its tests.
+
+This module imports NumPy only.
+"""
+
+import dataclasses
+import functools
+import inspect
+import math
+import numbers
+
+import numpy as np
+
+__all__ = ["AttentionOptions", "OPTION_DOCS", "CAUSAL_ALIGNMENTS", "options_from",
+           "takes_options", "DEFAULT_OPTIONS"]
+
+CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True, eq=False)
+class AttentionOptions:
+    """The keyword options of the attention functions (see :data:`OPTION_DOCS`).
+
+    Scalars are checked and normalised when the object is made (``window`` becomes a
+    pair of ints, ``scale`` and ``softcap`` Python floats, ``causal`` and
+    ``enable_gqa`` bools); arrays and user functions are kept as given and checked
+    against the call's shapes by :func:`~fastattn._contract.problem.check_attention`.
+
+    Examples
+    --------
+    >>> from fastattn._contract.options import AttentionOptions
+    >>> AttentionOptions(causal=True, window=(4, 0)).window
+    (4, 0)
+    """
+
+    bias: object = None
+    causal: bool = False
+    causal_alignment: str = "top_left"
+    window: object = None
+    kv_lengths: object = None
+    scale: object = None
+    enable_gqa: bool = False
+    softcap: object = None
+    alibi_slopes: object = None
+    score_mod: object = None
+    mask_mod: object = None
+    block_mask: object = None
+
+    def __post_init__(self):
+        normalised = dict(
+            causal=bool(self.causal), enable_gqa=bool(self.enable_gqa),
+            causal_alignment=_check_causal_alignment(self.causal_alignment),
+            window=_check_window(self.window), scale=_check_scale(self.scale),
+            softcap=_check_softcap(self.softcap))
+        for name, value in normalised.items():
+            object.__setattr__(self, name, value)
+
+    def replace(self, **changes):
+        """A copy with ``changes`` (checked as in the constructor)."""
+        return dataclasses.replace(self, **changes)
+
+    def as_keywords(self, *, skip_defaults=True):
+        """The options as a dict of keyword arguments (those left at their default
+        omitted unless ``skip_defaults=False``), to pass on to another front end."""
+        keywords = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not skip_defaults or value is not field.default:
+                keywords[field.name] = value
+        return keywords
+
+    @property
+    def has_score_functions(self):
+        """Whether a user function (score_mod, mask_mod, block mask) shapes the scores."""
+        return (self.score_mod is not None or self.mask_mod is not None
+                or self.block_mask is not None)
+
+    @property
+    def has_operands(self):
+        """Whether any option beyond the plain scalar flags is set: such calls cannot
+        share their kernels' argument groups with other calls."""
+        return not (self.bias is None and self.kv_lengths is None and self.scale is None
+                    and self.window is None and self.softcap is None
+                    and self.alibi_slopes is None and not self.has_score_functions)
+
+
+FIELD_NAMES = tuple(field.name for field in dataclasses.fields(AttentionOptions))
+
+
+def options_from(keywords, function_name="scaled_dot_product_attention"):
+    """The :class:`AttentionOptions` of a front end's ``**keywords``.
+
+    An unknown keyword is a ``TypeError`` naming ``function_name``, as Python's own
+    message for a function with explicit parameters would. Calls repeating the same
+    scalar options (decoding loops, tiny calls) share one object.
+    """
+    if not keywords:
+        return DEFAULT_OPTIONS
+    unknown = keywords.keys() - set(FIELD_NAMES)
+    if unknown:
+        name = sorted(unknown)[0]
+        raise TypeError(f"{function_name}() got an unexpected keyword argument {name!r}")
+    try:
+        return _scalar_options(tuple(sorted(keywords.items())))
+    except TypeError as error:  # an array or another unhashable value
+        if "unhashable" not in str(error):
+            raise
+    return AttentionOptions(**keywords)
+
+
+@functools.lru_cache(maxsize=64)
+def _scalar_options(items):
+    return AttentionOptions(**dict(items))
+
+
+def _check_causal_alignment(causal_alignment):
+    if causal_alignment not in CAUSAL_ALIGNMENTS:
+        raise ValueError(
+            f"causal_alignment must be one of {CAUSAL_ALIGNMENTS}; got {causal_alignment!r}")
+    return causal_alignment
+
+
+def _check_window(window):
+    """``window`` as a ``(left, right)`` pair of non-negative ints, or None."""
+    if window is None:
+        return None
+    try:
+        left, right = window
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"window must be None or a pair (left, right) of non-negative ints; got {window!r}"
+        ) from None
+    for side, reach in (("left", left), ("right", right)):
+        if isinstance(reach, (bool, np.bool_)) or not isinstance(reach, numbers.Integral):
+            raise TypeError(f"window {side} must be an int; got {reach!r} in window={window!r}")
+        if reach < 0:
+            raise ValueError(f"window must be non-negative; got {side}={reach} in window={window!r}")
+    return int(left), int(right)
+
+
+def _check_scale(scale):
+    """``scale`` as a finite Python float, or None (the default, ``1 / sqrt(Dk)``)."""
+    if scale is None:
+        return None
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number; got {scale!r}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite; got {scale}")
+    return scale
+
+
+def _check_softcap(softcap):
+    """``softcap`` as a positive finite Python float, or None."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be None or a positive real number; got {softcap!r}")
+    softcap = float(softcap)
+    if not (math.isfinite(softcap) and softcap > 0.0):
+        raise ValueError(f"softcap must be positive and finite; got {softcap}")
+    return softcap
+
+
+# numpydoc "Parameters" entries of the options, in the order of the fields.
+OPTION_DOCS = {
+    "bias": ("array_like, optional", """
+        Real, broadcastable to ``(*batch, Lq, Lk)``, added to the scaled scores.
+        ``-inf`` hides a key; ``+inf`` is refused. Cast to the compute dtype."""),
+    "causal": ("bool, default False", """
+        Key ``j`` is visible to query ``i`` only if ``j <= i + off``."""),
+    "causal_alignment": ('{"top_left", "bottom_right"}, default "top_left"', """
+        ``off = 0`` (PyTorch ``is_causal``) or ``off = Lk - Lq`` (KV-cache decoding).
+        Also places the window."""),
+    "window": ("(int, int), optional", """
+        ``(left, right)``: key ``j`` visible iff ``i + off - left <= j <= i + off + right``."""),
+    "kv_lengths": ("array_like of int, optional", """
+        One per index of the first batch axis (one entry for 2-D inputs): keys
+        ``j >= kv_lengths[b]`` are padding."""),
+    "scale": ("float, optional", """
+        Finite; default ``1 / sqrt(Dk)`` (1.0 when ``Dk == 0``)."""),
+    "enable_gqa": ("bool, default False", """
+        Grouped-query attention: axis -3 is heads, query head ``h`` uses kv head
+        ``h // (Hq // Hkv)``."""),
+    "softcap": ("float, optional", """
+        Positive and finite: caps the scores smoothly, ``s = softcap * tanh(s /
+        softcap)`` (Gemma 2, Grok; FlashAttention's ``softcap``)."""),
+    "alibi_slopes": ("array_like, optional", """
+        Real and finite, broadcastable to the batch shape (``(H,)`` for
+        ``(B, H, L, D)`` inputs): ``s -= slope * |i + off - j|``, ``off`` as in
+        ``causal_alignment`` (ALiBi; FlashAttention's ``alibi_slopes``)."""),
+    "score_mod": ("numba-compiled function ``(s, b, h, i, j) -> float``, optional", """
+        Called on each score ``s`` of query ``i`` and key ``j`` inside the kernels
+        (no ``(Lq, Lk)`` array is built); its result is the new score. ``b`` and
+        ``h``: with two or more batch axes ``h`` indexes the last one (heads) and
+        ``b`` the others, flattened in C order; with one, ``b`` indexes it and
+        ``h = 0``; with none both are 0. A ``-inf`` score (a key hidden by a ``-inf``
+        bias) is left alone."""),
+    "mask_mod": ("numba-compiled function ``(b, h, i, j) -> bool``, optional", """
+        True where query ``i`` may attend to key ``j``; combined with the other
+        visibility rules by AND. Evaluated on every score; for masks with whole
+        empty tiles, a ``block_mask`` skips them."""),
+    "block_mask": ("BlockMask, optional", """
+        From :func:`fastattn.create_block_mask` for this batch shape, ``Lq`` and
+        ``Lk``; it carries its ``mask_mod``. Empty tiles are skipped and full ones
+        need no ``mask_mod`` calls; the kernels then work in the mask's tiles."""),
+}
+assert tuple(OPTION_DOCS) == FIELD_NAMES
+
+# the options of a call that sets none (shared)
+DEFAULT_OPTIONS = AttentionOptions()
+
+
+def options_parameters_doc(indent="    "):
+    """The numpydoc entries of every option, indented by ``indent``."""
+    lines = []
+    for name, (kind, text) in OPTION_DOCS.items():
+        lines.append(f"{indent}{name} : {kind}")
+        lines += [f"{indent}    {line}" for line in inspect.cleandoc(text).splitlines()]
+    return "\n".join(lines)
+
+
+def takes_options(*, before=(), after=()):
+    """Decorator for a front end ``f(..., **options)``: its ``__signature__`` lists the
+    options as keyword-only parameters with their defaults, between the keyword-only
+    parameters named in ``before`` and ``after`` (which keep their own defaults),
+    and ``{options}`` in its docstring becomes :func:`options_parameters_doc`."""
+    def decorate(function):
+        signature = inspect.signature(function)
+        params = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        own = {p.name: p for p in params}
+        positional = [p for p in params if p.kind is not p.KEYWORD_ONLY]
+        keyword = [own[name] for name in before]
+        keyword += [inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY,
+                                      default=field.default)
+                    for field in dataclasses.fields(AttentionOptions)]
+        keyword += [own[name] for name in after]
+        missing = {p.name for p in params if p.kind is p.KEYWORD_ONLY} - set(before) - set(after)
+        assert not missing, f"{function.__name__}: place {missing} in before= or after="
+        function.__signature__ = signature.replace(parameters=positional + keyword)
+        if function.__doc__ and "{options}" in function.__doc__:
+            function.__doc__ = function.__doc__.replace("    {options}", options_parameters_doc())
+        return function
+    return decorate

@@ -1,0 +1,1 @@
+"""From a validated problem to the kernels and back: layout, tiling, running (private)."""

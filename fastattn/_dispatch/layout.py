@@ -1,0 +1,210 @@
+"""Lay a validated :class:`~fastattn._contract.problem.AttentionProblem` out for the kernels.
+
+The kernels see every operand as a C-contiguous stack ``(n_own, rows, cols)`` of
+its own batch entries plus an int64 index ``(N,)`` over the flattened broadcast batch
+``N = prod(batch)``: entry ``b`` reads ``stack[index[b]]``. Broadcast batch dims are
+never materialised, and grouped-query heads are an index, not a copy.
+
+:func:`problem_arguments` builds the kernels' leading argument groups (declared, with
+their Numba types, in :mod:`fastattn.kernels.groups`) by field name:
+
+- ``Inputs``: the query, key and value stacks and their indices;
+- ``ScoreOptions`` (scale, softcap, ALiBi slopes, the user functions' hook, the gemm
+  address) and one ``ScoreOperand`` each for the mask and the bias: everything that
+  shapes a score. A new score option is one more field of ``ScoreOptions`` (or one
+  more operand), filled here, and one more step in
+  :func:`fastattn.kernels.scores.block_scores`;
+- ``Visibility``: the structural rule (``kv_lengths``, diagonal offset, reach, block
+  mask tiles).
+
+The kernels' signatures type the input arrays read-only (so a kernel cannot write
+them); they are called through their compiled entry points
+(:func:`fastattn.kernels.config.kernel_per_dtype`), which take writeable arrays as
+they are.
+"""
+
+import dataclasses
+import functools
+import math
+
+import numpy as np
+
+from fastattn.blas import gemm_address
+from fastattn.kernels.groups import Inputs, ScoreOperand, ScoreOptions, Visibility
+
+
+def problem_arguments(problem, hook):
+    """The kernels' leading argument groups for ``problem``:
+    ``(Inputs, ScoreOptions, mask ScoreOperand, bias ScoreOperand, Visibility)``;
+    ``hook`` is the address of the block hook of its user functions
+    (:func:`fastattn.kernels.hooks.problem_hook`)."""
+    dtype, batch, group = problem.compute_dtype, problem.batch_shape, problem.gqa_group
+    query, query_index = stack_operand(problem.query, batch, dtype)
+    key, key_index = stack_operand(problem.key, batch, dtype, group)
+    value, value_index = stack_operand(problem.value, batch, dtype, group)
+    inputs = Inputs(query=query, key=key, value=value, query_index=query_index,
+                    key_index=key_index, value_index=value_index)
+    options = problem.options
+    if problem.mask is None and not options.has_operands:
+        # no per-call operand: the other groups depend on scalars only (tiny calls
+        # and decoding loops repeat them)
+        return (inputs,) + plain_groups(dtype, problem.scale, problem.heads,
+                                        problem.diag_offset, problem.key_reach(),
+                                        gemm_address(dtype))
+    block_mask = options.block_mask
+    visibility = Visibility(
+        kv_lengths=flat_kv_lengths(problem), has_kv_lengths=options.kv_lengths is not None,
+        diag_offset=problem.diag_offset, reach_left=problem.key_reach()[0],
+        reach_right=problem.key_reach()[1],
+        block_states=block_mask.states if block_mask is not None else placeholder(np.int8),
+        has_block_mask=block_mask is not None)  # states: (N, q tiles, key tiles)
+    return (inputs, score_options(problem, hook), score_operand(problem.mask, batch, np.bool_),
+            score_operand(options.bias, batch, dtype), visibility)
+
+
+@functools.lru_cache(maxsize=256)
+def plain_groups(dtype, scale, heads, diag_offset, reach, gemm):
+    """``(ScoreOptions, mask, bias, Visibility)`` of a call without mask, bias,
+    kv_lengths, score options or user functions, shared between such calls: the
+    ``scale``, the batch axis ``heads``, the diagonal offset, the ``(left, right)``
+    reach of :meth:`~fastattn._contract.problem.AttentionProblem.key_reach` and the BLAS
+    ``gemm`` address are all they hold."""
+    options = ScoreOptions(**dict(UNSET_SCORE_OPTIONS, scale=float(scale), heads=heads,
+                                  gemm=gemm, alibi_slopes=placeholder(np.float64, 1)))
+    visibility = Visibility(kv_lengths=identity_index(1), has_kv_lengths=False,
+                            diag_offset=diag_offset, reach_left=reach[0], reach_right=reach[1],
+                            block_states=placeholder(np.int8), has_block_mask=False)
+    return (options, absent_operand(np.dtype(np.bool_)), absent_operand(np.dtype(dtype)),
+            visibility)
+
+
+# ScoreOptions fields of a call that sets no score option (scale, heads and gemm vary)
+UNSET_SCORE_OPTIONS = dict(softcap=0.0, has_softcap=False, alibi_slopes=None, has_alibi=False,
+                           hook=0, has_score_mod=False, has_mask_mod=False)
+
+
+def score_options(problem, hook):
+    """The :class:`ScoreOptions` of ``problem``, with its block ``hook``."""
+    options = problem.options
+    fields = dict(UNSET_SCORE_OPTIONS, scale=float(problem.scale), heads=problem.heads,
+                  gemm=gemm_address(problem.compute_dtype), hook=hook,
+                  has_score_mod=options.score_mod is not None,
+                  has_mask_mod=problem.effective_mask_mod is not None)
+    if options.softcap is not None:
+        fields.update(softcap=options.softcap, has_softcap=True)
+    if options.alibi_slopes is not None:
+        fields.update(alibi_slopes=np.ascontiguousarray(options.alibi_slopes.ravel(),
+                                                        np.float64),  # (N,)
+                      has_alibi=True)
+    if fields["alibi_slopes"] is None:
+        fields["alibi_slopes"] = placeholder(np.float64, 1)
+    return ScoreOptions(**fields)
+
+
+def stack_operand(array, batch_shape, dtype, group=1):
+    """Flatten an operand's own batch dims and map the broadcast batch onto them.
+
+    Returns
+    -------
+    stack : ndarray, shape ``(n_own, *array.shape[-2:])``, C-contiguous, ``dtype``
+        The operand without copies of broadcast dims (a copy only to change dtype
+        or layout).
+    index : ndarray of int64, shape ``(prod(batch_shape),)``
+        Entry ``b`` of the flattened broadcast batch reads ``stack[index[b]]``. Under
+        grouped-query attention (``group > 1``) the last batch axis is the head axis
+        and query head ``h`` reads kv head ``h // group``.
+    """
+    own_batch = array.shape[:-2]
+    stack = np.ascontiguousarray(array, dtype=dtype)
+    stack = stack.reshape((math.prod(own_batch),) + array.shape[-2:])  # (n_own, rows, cols)
+    if own_batch == batch_shape and group == 1:  # nothing broadcast: entry b is stack[b]
+        return stack, identity_index(stack.shape[0])
+    own_index = np.arange(stack.shape[0]).reshape(own_batch)  # (*own_batch)
+    if group > 1:
+        own_index = np.repeat(own_index, group, axis=-1)  # (..., Hkv * group)
+    index = np.ascontiguousarray(np.broadcast_to(own_index, batch_shape).ravel(),
+                                 dtype=np.int64)  # (N,)
+    return stack, index
+
+
+def score_operand(array, batch_shape, dtype):
+    """A mask or bias ``(..., 1 or Lq, 1 or Lk)`` as a :class:`ScoreOperand`: the stack
+    and index of :func:`stack_operand` and the steps along rows and columns (0 along
+    a broadcast axis). A missing operand becomes a ``(1, 1, 1)`` placeholder that the
+    kernel never reads."""
+    if array is None:
+        return absent_operand(np.dtype(dtype))
+    stack, index = stack_operand(array, batch_shape, dtype)
+    return ScoreOperand(stack=stack, index=index, row_step=int(array.shape[-2] != 1),
+                        col_step=int(array.shape[-1] != 1), present=True)
+
+
+@functools.cache
+def absent_operand(dtype):
+    """The :class:`ScoreOperand` of a missing mask or bias of ``dtype``, shared
+    between calls: a ``(1, 1, 1)`` placeholder the kernels never read."""
+    return ScoreOperand(stack=placeholder(dtype), index=identity_index(1), row_step=0,
+                        col_step=0, present=False)
+
+
+def flat_kv_lengths(problem):
+    """Valid key count of every entry of the flattened batch, int64 ``(N,)``.
+
+    Without ``kv_lengths`` a ``(1,)`` placeholder that the kernel never reads.
+    """
+    batch = problem.batch_shape
+    if problem.kv_lengths is None:
+        return identity_index(1)
+    per_first_axis = problem.kv_lengths.reshape(batch[:1] + (1,) * (len(batch) - 1))
+    return np.ascontiguousarray(np.broadcast_to(per_first_axis, batch).ravel(), np.int64)
+
+
+@functools.lru_cache(maxsize=16)
+def identity_index(size):
+    """Read-only int64 ``[0, 1, ..., size - 1]``, shared between calls."""
+    index = np.arange(size, dtype=np.int64)
+    index.flags.writeable = False
+    return index
+
+
+@functools.cache
+def placeholder(dtype, ndim=3, writeable=False):
+    """``(1,) * ndim`` zeros standing in for an operand the kernel will not touch
+    (a missing mask or bias; an output that was not asked for), shared between
+    calls. Read-only unless the kernel's signature wants a writable array, which it
+    then never writes."""
+    array = np.zeros((1,) * ndim, np.dtype(dtype))
+    array.flags.writeable = writeable
+    return array
+
+
+def fold_query_groups(problem):
+    """Decoding under grouped-query attention: the query heads of each kv group as
+    the rows of one query block, so each kv head's keys and values are read once,
+    not once per query head. Returns the folded problem, or None where folding
+    would change the result.
+
+    With one query per head (``Lq == 1``) every head of a group has the same
+    position, so the rows may share a block as long as neither visibility nor the
+    scores depend on the row: no mask or bias (they may differ per head), no ALiBi
+    slopes (per head, and the bias they give depends on the row position), no user
+    score functions (they see ``h`` and ``i``), no window, no top-left causal rule (row ``r`` would see ``r + 1`` keys), and
+    ``kv_lengths`` indexed by a batch axis other than the heads. A softcap depends on
+    the score alone and folds. ``(*batch, Hq, 1, D)`` queries become
+    ``(*batch, Hkv, group, D)``; the results reshape back, since query head
+    ``h = kv * group + g``.
+    """
+    group = problem.gqa_group
+    if (group == 1 or problem.q_len != 1 or problem.mask is not None
+            or problem.bias is not None or problem.alibi_slopes is not None
+            or problem.has_score_functions
+            or problem.window is not None
+            or (problem.causal and problem.diag_offset < problem.kv_len - 1)
+            or (problem.kv_lengths is not None and len(problem.batch_shape) < 2)):
+        return None
+    query = problem.query
+    kv_heads = query.shape[-3] // group
+    query = query.reshape(query.shape[:-3] + (kv_heads, group, problem.head_dim))
+    return dataclasses.replace(
+        problem, query=query, gqa_group=1, q_len=group,
+        batch_shape=problem.batch_shape[:-1] + (kv_heads,))

@@ -1,0 +1,142 @@
+"""Run a validated attention problem through the kernels, and shape their results.
+
+The front ends (:mod:`fastattn.attention`, the layers, the integrations) check a
+call into an :class:`~fastattn._contract.problem.AttentionProblem`; the functions
+here lay it out (:mod:`fastattn._dispatch.layout`), tile it
+(:mod:`fastattn._dispatch.tiling`), apply the process settings before the first
+kernel call (:mod:`fastattn._runtime.settings`), run the kernels with the BLAS kept
+at one thread, and fold the results back to the problem's shapes.
+"""
+
+import dataclasses
+import math
+
+import numpy as np
+
+from fastattn._contract.shapes import sum_to_shape
+from fastattn._dispatch import tiling
+from fastattn._dispatch.layout import fold_query_groups, placeholder, problem_arguments
+from fastattn._runtime import settings
+from fastattn._runtime.threads import get_num_threads, single_threaded_blas
+from fastattn.kernels.backward import backward_kernel
+from fastattn.kernels.forward import exact_rows_kernel, forward_kernel
+from fastattn.kernels.groups import BackwardInputs, ForwardOutputs, Gradients, KeySpans, Tiling
+from fastattn.kernels.hooks import problem_hook
+
+
+def run_forward(problem, return_weights):
+    """Lay a validated :class:`~fastattn._contract.problem.AttentionProblem` out for the kernel,
+    run it, and shape the results: ``(out, weights, lse)`` (``weights`` a placeholder
+    unless ``return_weights``)."""
+    folded = fold_query_groups(problem)
+    if folded is not None:  # GQA decoding: one pass over each kv head
+        out, weights, lse = run_forward(folded, return_weights)
+        if return_weights:
+            weights = weights.reshape(problem.weights_shape)  # (*batch, Hq, 1, Lk)
+        return out.reshape(problem.out_shape), weights, lse.reshape(problem.lse_shape)
+    dtype = problem.compute_dtype
+    n_batch = math.prod(problem.batch_shape)
+    out = np.empty((n_batch, problem.q_len, problem.value_dim), dtype)  # (N, Lq, Dv)
+    lse = np.empty((n_batch, problem.q_len), dtype)  # (N, Lq)
+    if return_weights:
+        weights = np.zeros((n_batch, problem.q_len, problem.kv_len), dtype)  # (N, Lq, Lk)
+    else:
+        weights = placeholder(dtype, 3, writeable=True)  # never written
+
+    block_size = problem.block_mask.block_size if problem.block_mask is not None else None
+    (block_q, block_k), split_len, n_splits, blas_threads = tiling.forward_plan(
+        n_batch, problem.q_len, problem.kv_len, problem.head_dim, problem.value_dim,
+        bool(return_weights), block_size)
+    if n_splits > 1:
+        split_out = np.empty((n_splits, n_batch, problem.q_len, problem.value_dim),
+                             dtype)  # (splits, N, Lq, Dv)
+        split_lse = np.empty((n_splits, n_batch, problem.q_len), dtype)  # (splits, N, Lq)
+    else:
+        split_out = placeholder(dtype, 4, writeable=True)  # never written
+        split_lse = placeholder(dtype, 3, writeable=True)
+    if n_batch and problem.q_len:
+        settings.apply()
+        arguments = problem_arguments(problem, problem_hook(problem))
+        outputs = ForwardOutputs(out, lse, weights, bool(return_weights))
+        blocks = Tiling(block_q=block_q, block_k=block_k, slots=get_num_threads())  # a slot per thread
+        with single_threaded_blas(blas_threads):
+            marked = forward_kernel(dtype)(*arguments, blocks, outputs,
+                                           KeySpans(split_len, split_out, split_lse))
+            if marked:  # rows where a NaN met the block products (their lse is NaN):
+                # again, summing visible keys only, so that a hidden NaN stays out
+                rows = np.ascontiguousarray(np.argwhere(np.isnan(lse)), np.int64)  # (K, 2)
+                exact_rows_kernel(dtype)(*arguments, blocks, outputs, rows)
+
+    out_dtype = problem.out_dtype
+    out = out.reshape(problem.out_shape)  # (*batch, Lq, Dv)
+    lse = lse.reshape(problem.lse_shape)  # (*batch, Lq)
+    if out_dtype != dtype:  # float16 inputs: computed in float32
+        out, lse = out.astype(out_dtype), lse.astype(out_dtype)
+    if return_weights:
+        weights = weights.reshape(problem.weights_shape).astype(out_dtype, copy=False)
+    return out, weights, lse
+
+
+def run_backward(problem, grad_out, out, lse):
+    """The gradients ``(grad_query, grad_key, grad_value)`` of a validated backward
+    ``problem`` (with its ``score_mod_grad``) from the checked ``grad_out``, ``out``
+    and ``lse`` of the forward, shaped like the problem's inputs."""
+    dtype, batch = problem.compute_dtype, problem.batch_shape
+    n_batch, q_len, kv_len = math.prod(batch), problem.q_len, problem.kv_len
+
+    grad_out = np.ascontiguousarray(grad_out, dtype).reshape(n_batch, q_len, problem.value_dim)
+    out = np.asarray(out, dtype).reshape(n_batch, q_len, problem.value_dim)
+    lse = np.ascontiguousarray(lse, dtype).reshape(n_batch, q_len)
+    delta = np.einsum("nqd,nqd->nq", grad_out, out)  # (N, Lq) D_i = rowsum(dO * O)
+    extra = BackwardInputs(grad_out, lse, np.ascontiguousarray(delta))
+    query_grad_parts, grad_key, grad_value, nan_met = _run_backward(problem, extra)
+    if nan_met.any():  # a NaN query or key: again, with those NaNs entering as 0
+        query_grad_parts, grad_key, grad_value, _ = _run_backward(
+            dataclasses.replace(problem, query=without_nan(problem.query),
+                                key=without_nan(problem.key)), extra)
+    grad_query = query_grad_parts[0]  # (N, Lq, Dk)
+    for part in query_grad_parts[1:]:  # a fixed order, whatever the thread count
+        grad_query += part
+    grad_query *= problem.scale
+
+    group, out_dtype = problem.gqa_group, problem.out_dtype
+    grad_query = grad_query.reshape(batch + (q_len, problem.head_dim))  # (*batch, Lq, Dk)
+    grad_key = grad_key.reshape(batch + (kv_len, problem.head_dim))  # (*batch, Lk, Dk)
+    grad_value = grad_value.reshape(batch + (kv_len, problem.value_dim))  # (*batch, Lk, Dv)
+    return (sum_to_shape(grad_query, problem.query.shape).astype(out_dtype, copy=False),
+            sum_to_shape(grad_key, problem.key.shape, group).astype(out_dtype, copy=False),
+            sum_to_shape(grad_value, problem.value.shape, group).astype(out_dtype, copy=False))
+
+
+def _run_backward(problem, extra):
+    """Run the backward kernel on ``problem``; returns its :class:`Gradients`."""
+    dtype = problem.compute_dtype
+    n_batch, q_len, kv_len = math.prod(problem.batch_shape), problem.q_len, problem.kv_len
+    if problem.block_mask is not None:  # the kernel works in the mask's tiles
+        block_q, block_k = problem.block_mask.block_size
+    else:
+        block_q, block_k = tiling.BACKWARD_BLOCK_Q, tiling.BACKWARD_BLOCK_K
+    n_groups = tiling.choose_key_groups(n_batch, kv_len, block_k)
+    gradients = Gradients(
+        np.zeros((n_groups, n_batch, q_len, problem.head_dim),
+                 dtype),  # (G, N, Lq, Dk) shares of dQ / scale
+        np.zeros((n_batch, kv_len, problem.head_dim), dtype),  # (N, Lk, Dk)
+        np.zeros((n_batch, kv_len, problem.value_dim), dtype),  # (N, Lk, Dv)
+        np.zeros(n_batch * n_groups, np.bool_))  # (N * G,)
+    if n_batch and q_len and kv_len:
+        settings.apply()
+        with single_threaded_blas():
+            backward_kernel(dtype)(*problem_arguments(problem, problem_hook(problem)),
+                                   Tiling(block_q, block_k, get_num_threads()), extra,
+                                   gradients)  # a slot per thread
+    return gradients
+
+
+def without_nan(array):
+    """``array`` with NaN replaced by 0 (a copy)."""
+    return np.where(np.isnan(array), 0, array).astype(array.dtype, copy=False)
+
+
+def without_nan(array):
+    """``array`` with NaN replaced by 0 (a copy)."""
+    return np.where(np.isnan(array), 0, array).astype(array.dtype, copy=False)

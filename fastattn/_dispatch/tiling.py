@@ -1,0 +1,81 @@
+"""How the kernels tile a call: block sizes, key spans and key groups, from the shape alone.
+
+Every choice here depends on the problem's shape, never on the thread count, so
+results are bitwise identical however many threads run.
+"""
+
+import functools
+
+# Forward: keys per inner block, and the most query rows per prange task. Large
+# blocks keep the two BLAS products per block efficient; see choose_block_q for
+# smaller ones.
+FORWARD_BLOCK_K = 512
+FORWARD_BLOCK_Q = 256
+# Fewest prange tasks a forward call should offer before query blocks are made smaller.
+FORWARD_MIN_TASKS = 16
+# Below this many multiply-adds per matrix product no BLAS starts threads of its own
+# (OpenBLAS's threshold is 4x larger), so tiny calls skip the BLAS thread switch.
+SERIAL_BLAS_WORK = 65536
+
+# Backward: rows and keys per block.
+BACKWARD_BLOCK_Q = 256
+BACKWARD_BLOCK_K = 256
+# Fewest parallel tasks a backward call should offer; the keys are cut into up to
+# this many groups, each adding its share of dQ into a buffer of its own, to reach
+# it. Each extra group costs one more dQ-sized buffer, fresh memory on every call,
+# so this is kept lower than the forward's (B=1, H=8, L=512: 16 -> 8 took a backward
+# call from about 16 to 9 ms, most of the difference spent in page faults).
+BACKWARD_MIN_TASKS = 8
+
+
+@functools.lru_cache(maxsize=256)
+def forward_plan(n_batch, q_len, kv_len, head_dim, value_dim, return_weights, block_size=None):
+    """How the forward kernel tiles a call, from its shape alone (cached, so repeated
+    shapes skip it): ``((block_q, block_k), split_len, n_splits, blas_threads)``.
+
+    ``block_size`` is a block mask's ``(block_q, block_k)`` (the kernels then work in
+    its tiles), else None: ``choose_block_q`` and ``FORWARD_BLOCK_K``. Keys are split into
+    spans of ``split_len`` (:func:`choose_split_len`), unless the weights are returned
+    (they need each row's whole softmax in one task). ``blas_threads``: whether a
+    block product is large enough for BLAS to thread (see :data:`SERIAL_BLAS_WORK`).
+    """
+    block_q, block_k = block_size or (choose_block_q(n_batch, q_len), FORWARD_BLOCK_K)
+    split_len = kv_len
+    if not return_weights:
+        split_len = choose_split_len(n_batch * -(-q_len // block_q), kv_len, block_k)
+    split_len = max(split_len, 1)  # keys per span; the kernel reads the count off split_out
+    n_splits = max(1, -(-kv_len // split_len))
+    largest_product = block_q * min(kv_len, block_k) * max(head_dim, value_dim)
+    return ((block_q, block_k), split_len, n_splits,
+            largest_product > SERIAL_BLAS_WORK)
+
+
+def choose_split_len(n_tasks, kv_len, block_k=FORWARD_BLOCK_K):
+    """Keys per span when a call's ``n_tasks`` query blocks are fewer than
+    ``FORWARD_MIN_TASKS``: the keys are cut into spans of whole ``block_k`` blocks so that
+    query blocks x spans reaches ``FORWARD_MIN_TASKS`` (decoding one token against a long
+    cache, say), and the spans' results are merged by their log-sum-exp. Returns
+    ``kv_len`` (no split) when the call has enough tasks or too few keys. Depends on
+    the shape only, so results are bitwise identical for every thread count."""
+    n_key_blocks = -(-kv_len // block_k)
+    if n_tasks >= FORWARD_MIN_TASKS or n_key_blocks < 2:
+        return kv_len
+    wanted_splits = -(-FORWARD_MIN_TASKS // max(n_tasks, 1))
+    return max(1, n_key_blocks // wanted_splits) * block_k
+
+
+def choose_block_q(n_batch, q_len):
+    """Query rows per task: ``FORWARD_BLOCK_Q``, halved (down to 16) until the call has
+    ``FORWARD_MIN_TASKS`` tasks. Depends on the shape only, never on the thread count, so
+    results are bitwise identical however many threads run."""
+    block_q = FORWARD_BLOCK_Q
+    while block_q > 16 and n_batch * -(-q_len // block_q) < FORWARD_MIN_TASKS:
+        block_q //= 2
+    return block_q
+
+
+def choose_key_groups(n_batch, kv_len, block_k=BACKWARD_BLOCK_K):
+    """Key groups per batch entry: enough for ``BACKWARD_MIN_TASKS`` tasks, at most one per key
+    block of ``block_k``. Depends on the shape only, never on the thread count."""
+    n_key_blocks = -(-kv_len // block_k)
+    return max(1, min(-(-BACKWARD_MIN_TASKS // max(n_batch, 1)), n_key_blocks))

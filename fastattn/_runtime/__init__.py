@@ -1,0 +1,1 @@
+"""What fastattn runs with: BLAS routes, threads and the process settings (private)."""

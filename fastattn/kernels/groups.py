@@ -1,0 +1,154 @@
+"""The kernels' argument groups: each a named tuple, and its Numba type, from one table.
+
+The kernels take their operands in a few named groups (built from a validated
+problem by :mod:`fastattn._dispatch.layout`) and read their fields by name
+(``inputs.key``, ``bias.present``). Each group is declared once below, as a list of
+``(field, kind)`` pairs; the named-tuple class and its Numba type for a dtype are
+both derived from that list, so the two cannot drift apart. A new field of a group
+is one line here, the code that fills it and the code that reads it.
+
+Arrays are typed C-contiguous and read-only unless marked ``writable`` (results), so
+one compiled kernel per dtype serves every call. Groups are not nested: Numba's
+parallel loops cannot take a tuple holding a tuple of arrays.
+"""
+
+from typing import NamedTuple
+
+import numba
+import numpy as np
+from numba import types
+
+__all__ = ["Inputs", "ScoreOperand", "ScoreOptions", "Visibility", "Tiling", "ForwardOutputs",
+           "KeySpans", "BackwardInputs", "Gradients", "array_type", "group_type",
+           "problem_types", "forward_result_types", "backward_types", "TILING_TYPE"]
+
+
+def array_type(dtype, ndim, readonly=True):
+    """Numba type of a C-contiguous array of ``dtype``."""
+    return types.Array(numba.from_dtype(np.dtype(dtype)), ndim, "C", readonly=readonly)
+
+
+# Kinds of field. Each is a function of the group's data dtype to a Numba type.
+def data(ndim, writable=False):
+    """An array of the group's data dtype (float32 or float64)."""
+    return lambda dtype: array_type(dtype, ndim, readonly=not writable)
+
+
+def fixed(array_dtype, ndim, writable=False):
+    """An array of a fixed dtype (an index, a flag per task)."""
+    return lambda dtype: array_type(array_dtype, ndim, readonly=not writable)
+
+
+INT = lambda dtype: types.int64  # noqa: E731  (a size, an offset, an address)
+FLOAT = lambda dtype: types.float64  # noqa: E731  (a scalar option)
+FLAG = lambda dtype: types.boolean  # noqa: E731
+INDEX = fixed(np.int64, 1)  # int64 (N,): entry b of the flattened batch reads stack[index[b]]
+
+
+def declare(name, doc, fields):
+    """The named-tuple class of a group from its ``(field, kind)`` table; the table
+    stays on the class (``_kinds``) for :func:`group_type`."""
+    group = NamedTuple(name, [(field, object) for field, _ in fields])
+    group.__doc__ = doc
+    group.__module__ = __name__
+    group._kinds = tuple(kind for _, kind in fields)
+    return group
+
+
+def group_type(group, dtype):
+    """Numba type of ``group`` for data of ``dtype``, as :func:`numba.typeof` gives it
+    for an instance built by the layout (homogeneous fields make a ``NamedUniTuple``)."""
+    return types.BaseTuple.from_types(tuple(kind(dtype) for kind in group._kinds), group)
+
+
+Inputs = declare("Inputs", """Query, key and value stacks ``(n_own, L, D)`` and their
+int64 ``(N,)`` indices.""", [
+    ("query", data(3)), ("key", data(3)), ("value", data(3)),
+    ("query_index", INDEX), ("key_index", INDEX), ("value_index", INDEX),
+])
+
+ScoreOperand = declare("ScoreOperand", """A mask or bias: its ``stack (n_own, 1 or Lq,
+1 or Lk)`` and ``index (N,)``; positions are multiplied by ``row_step`` and
+``col_step`` (0 along a broadcast axis); ``present`` is False for a placeholder the
+kernels never read. Its data dtype is bool for a mask.""", [
+    ("stack", data(3)), ("index", INDEX), ("row_step", INT), ("col_step", INT),
+    ("present", FLAG),
+])
+
+ScoreOptions = declare("ScoreOptions", """The options that turn ``q.k`` into a score,
+besides the mask and bias operands: the ``scale``; the ``softcap`` (read only when
+``has_softcap``); the ALiBi slope of every entry of the flattened batch, float64
+``alibi_slopes (N,)`` (a ``(1,)`` placeholder unless ``has_alibi``); the address of
+the block ``hook`` applying the user's ``score_mod`` (``has_score_mod``) and
+``mask_mod`` (``has_mask_mod``) (:mod:`fastattn.kernels.hooks`); ``heads``, the size
+of the batch axis that the user functions' ``h`` indexes (``b, h = divmod(entry,
+heads)``); and the address of the BLAS ``gemm`` that forms the block products
+(:mod:`fastattn.kernels.products`).""", [
+    ("scale", FLOAT), ("softcap", FLOAT), ("has_softcap", FLAG),
+    ("alibi_slopes", fixed(np.float64, 1)), ("has_alibi", FLAG),
+    ("hook", INT), ("has_score_mod", FLAG), ("has_mask_mod", FLAG),
+    ("heads", INT), ("gemm", INT),
+])
+
+Visibility = declare("Visibility", """The structural visibility rule (see
+:mod:`fastattn.kernels.masking`): ``kv_lengths (N,)`` when ``has_kv_lengths``, the
+diagonal offset and how far left and right of the diagonal a query reaches; with
+``has_block_mask``, the block mask's int8 ``block_states (N, q tiles, key tiles)``
+(:mod:`fastattn.kernels.tile_states`; the kernels' tiling is then the mask's).""", [
+    ("kv_lengths", INDEX), ("has_kv_lengths", FLAG), ("diag_offset", INT),
+    ("reach_left", INT), ("reach_right", INT),
+    ("block_states", fixed(np.int8, 3)), ("has_block_mask", FLAG),
+])
+
+Tiling = declare("Tiling", """Query rows and keys per block of a kernel's loops, and the
+forward's and backward's parallel ``slots`` (the thread count): each slot runs an
+equal contiguous share of the tasks one after another, with scratch memory of its
+own.""", [("block_q", INT), ("block_k", INT), ("slots", INT)])
+
+ForwardOutputs = declare("ForwardOutputs", """The forward's results: ``out (N, Lq, Dv)``,
+``lse (N, Lq)`` and, when ``return_weights``, ``weights (N, Lq, Lk)`` (zeroed; else a
+placeholder).""", [
+    ("out", data(3, writable=True)), ("lse", data(2, writable=True)),
+    ("weights", data(3, writable=True)), ("return_weights", FLAG),
+])
+
+KeySpans = declare("KeySpans", """Split keys: spans of ``span_len`` keys, each span's
+normalised output ``out (spans, N, Lq, Dv)`` and log2-sum-exp ``lse (spans, N, Lq)``.
+The span count is ``out.shape[0]``: 1 (a placeholder, never written) when not
+split.""", [
+    ("span_len", INT), ("out", data(4, writable=True)), ("lse", data(3, writable=True)),
+])
+
+BackwardInputs = declare("BackwardInputs", """What the backward needs besides the
+problem: ``grad_out (N, Lq, Dv)``, the forward's ``lse (N, Lq)`` and ``delta =
+rowsum(grad_out * out)`` ``(N, Lq)``.""", [
+    ("grad_out", data(3)), ("lse", data(2)), ("delta", data(2)),
+])
+
+Gradients = declare("Gradients", """The backward's results: ``query_parts (G, N, Lq,
+Dk)``, one share of ``dQ / scale`` per key group, ``key (N, Lk, Dk)``, ``value (N,
+Lk, Dv)``, and ``nan_met (N * G,)``: which tasks met a NaN query or key.""", [
+    ("query_parts", data(4, writable=True)), ("key", data(3, writable=True)),
+    ("value", data(3, writable=True)), ("nan_met", fixed(np.bool_, 1, writable=True)),
+])
+
+
+def problem_types(dtype):
+    """Types of the leading groups ``(Inputs, ScoreOptions, mask, bias, Visibility)``
+    for data of ``dtype``."""
+    return (group_type(Inputs, dtype), group_type(ScoreOptions, dtype),
+            group_type(ScoreOperand, np.bool_), group_type(ScoreOperand, dtype),
+            group_type(Visibility, dtype))
+
+
+TILING_TYPE = group_type(Tiling, np.float64)
+
+
+def forward_result_types(dtype):
+    """Types of ``(ForwardOutputs, KeySpans)`` for data of ``dtype``."""
+    return group_type(ForwardOutputs, dtype), group_type(KeySpans, dtype)
+
+
+def backward_types(dtype):
+    """Types of ``(BackwardInputs, Gradients)`` for data of ``dtype``."""
+    return group_type(BackwardInputs, dtype), group_type(Gradients, dtype)
