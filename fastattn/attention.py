@@ -25,11 +25,7 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, return_weights
         \mathrm{out} = \mathrm{softmax}\!\left(\mathrm{scale}\cdot QK^\top + B,
         \text{masked}\right) V, \qquad \mathrm{scale} = 1/\sqrt{d_k}\ \text{by default}
 
-    A score is built in this order: ``s = scale * q.k``; with ``softcap``,
-    ``s = softcap * tanh(s / softcap)``; with ``alibi_slopes``,
-    ``s -= slope * |i + off - j|``; then the bias is added; then
-    ``s = score_mod(s, b, h, i, j)``; finally keys hidden by the mask, the
-    structural rules or ``mask_mod`` become ``-inf``.
+    {score_order}
 
     This function checks and broadcasts the arguments, then calls a kernel that
     computes the masked softmax and the weighted sum in one tiled pass (online
@@ -91,7 +87,7 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
     With a ``softcap`` :math:`c`, :math:`dS` is multiplied by the cap's derivative
     :math:`1 - \tanh^2(s / c)` at the score :math:`s` before the cap, and with a
     ``score_mod`` by ``score_mod_grad`` at the score before ``score_mod``;
-    ``alibi_slopes``, ``bias`` and ``mask_mod`` get no gradient.
+    the ALiBi term, the bias and ``mask_mod`` get no gradient.
 
     Parameters
     ----------

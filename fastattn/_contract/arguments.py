@@ -116,30 +116,3 @@ def check_kv_lengths(kv_lengths, batch_shape, kv_len):
             f"got values from {kv_lengths.min()} to {kv_lengths.max()}"
         )
     return kv_lengths.astype(np.int64)
-
-
-def check_alibi_slopes(alibi_slopes, batch_shape):
-    """Return ``alibi_slopes`` as a float64 array broadcast to ``batch_shape``, or None.
-
-    The slopes must be real, finite and broadcastable to the batch shape (``(H,)``
-    for ``(B, H, L, D)`` inputs, a scalar for 2-D inputs).
-    """
-    if alibi_slopes is None:
-        return None
-    slopes = np.asarray(alibi_slopes)
-    if slopes.dtype.kind not in "iuf":
-        raise TypeError(f"alibi_slopes must hold real numbers (int or float); "
-                        f"got dtype {slopes.dtype}")
-    try:
-        broadcast = np.broadcast_shapes(slopes.shape, batch_shape)
-    except ValueError:
-        broadcast = None
-    if broadcast != tuple(batch_shape):
-        raise ValueError(
-            f"alibi_slopes of shape {slopes.shape} does not broadcast to the batch shape "
-            f"{tuple(batch_shape)} (for (B, H, L, D) inputs pass one slope per head, (H,))")
-    slopes = slopes.astype(np.float64)
-    if not np.isfinite(slopes).all():
-        raise ValueError("alibi_slopes must be finite; got "
-                         f"{slopes[~np.isfinite(slopes)].ravel()[:3].tolist()} among them")
-    return np.broadcast_to(slopes, batch_shape)

@@ -26,6 +26,8 @@ import numbers
 
 import numpy as np
 
+from fastattn._contract.arguments import check_kv_lengths
+
 __all__ = ["AttentionOptions", "OPTION_DOCS", "CAUSAL_ALIGNMENTS", "options_from",
            "takes_options", "DEFAULT_OPTIONS"]
 
@@ -83,6 +85,14 @@ class AttentionOptions:
             if not skip_defaults or value is not field.default:
                 keywords[field.name] = value
         return keywords
+
+    def checked_arrays(self, batch_shape, kv_len):
+        """The array options that depend only on the batch shape and ``Lk``, checked:
+        ``kv_lengths`` as int64, one entry per index of the first batch axis; ALiBi
+        slopes as float64 broadcast to ``batch_shape`` (a read-only view). A dict of
+        the new values, to :meth:`replace` with."""
+        return dict(kv_lengths=check_kv_lengths(self.kv_lengths, batch_shape, kv_len),
+                    alibi_slopes=_check_alibi_slopes(self.alibi_slopes, batch_shape))
 
     @property
     def has_score_functions(self):
@@ -177,6 +187,42 @@ def _check_softcap(softcap):
     return softcap
 
 
+def _check_alibi_slopes(alibi_slopes, batch_shape):
+    """Return ``alibi_slopes`` as a float64 array broadcast to ``batch_shape``, or None.
+
+    The slopes must be real, finite and broadcastable to the batch shape (``(H,)``
+    for ``(B, H, L, D)`` inputs, a scalar for 2-D inputs).
+    """
+    if alibi_slopes is None:
+        return None
+    slopes = np.asarray(alibi_slopes)
+    if slopes.dtype.kind not in "iuf":
+        raise TypeError(f"alibi_slopes must hold real numbers (int or float); "
+                        f"got dtype {slopes.dtype}")
+    try:
+        broadcast = np.broadcast_shapes(slopes.shape, batch_shape)
+    except ValueError:
+        broadcast = None
+    if broadcast != tuple(batch_shape):
+        raise ValueError(
+            f"alibi_slopes of shape {slopes.shape} does not broadcast to the batch shape "
+            f"{tuple(batch_shape)} (for (B, H, L, D) inputs pass one slope per head, (H,))")
+    slopes = slopes.astype(np.float64)
+    if not np.isfinite(slopes).all():
+        raise ValueError("alibi_slopes must be finite; got "
+                         f"{slopes[~np.isfinite(slopes)].ravel()[:3].tolist()} among them")
+    return np.broadcast_to(slopes, batch_shape)
+
+
+# How the options build a score, in order (the contract's order; the kernels' score step
+# and the reference follow it). Indented for a docstring.
+SCORE_ORDER_DOC = """\
+    A score is built in this order: ``s = scale * q.k``; with ``softcap``,
+    ``s = softcap * tanh(s / softcap)``; with ALiBi slopes (``alibi_slopes``),
+    ``s -= slope * |i + off - j|``; then the bias is added; then
+    ``s = score_mod(s, b, h, i, j)``; finally keys hidden by the mask, the
+    structural rules or ``mask_mod`` become ``-inf``."""
+
 # numpydoc "Parameters" entries of the options, in the order of the fields.
 OPTION_DOCS = {
     "bias": ("array_like, optional", """
@@ -239,7 +285,8 @@ def takes_options(*, before=(), after=()):
     """Decorator for a front end ``f(..., **options)``: its ``__signature__`` lists the
     options as keyword-only parameters with their defaults, between the keyword-only
     parameters named in ``before`` and ``after`` (which keep their own defaults),
-    and ``{options}`` in its docstring becomes :func:`options_parameters_doc`."""
+    and in its docstring ``{options}`` becomes :func:`options_parameters_doc` and
+    ``{score_order}`` the order in which a score is built (:data:`SCORE_ORDER_DOC`)."""
     def decorate(function):
         signature = inspect.signature(function)
         params = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
@@ -253,7 +300,9 @@ def takes_options(*, before=(), after=()):
         missing = {p.name for p in params if p.kind is p.KEYWORD_ONLY} - set(before) - set(after)
         assert not missing, f"{function.__name__}: place {missing} in before= or after="
         function.__signature__ = signature.replace(parameters=positional + keyword)
-        if function.__doc__ and "{options}" in function.__doc__:
-            function.__doc__ = function.__doc__.replace("    {options}", options_parameters_doc())
+        if function.__doc__:
+            function.__doc__ = (function.__doc__
+                                .replace("    {options}", options_parameters_doc())
+                                .replace("    {score_order}", SCORE_ORDER_DOC))
         return function
     return decorate

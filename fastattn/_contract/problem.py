@@ -17,9 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fastattn._contract.arguments import (as_mask_array, as_real_array, check_alibi_slopes,
-                                          check_kv_lengths, default_scale, diagonal_offset,
-                                          result_dtypes)
+from fastattn._contract.arguments import (as_mask_array, as_real_array, default_scale,
+                                          diagonal_offset, result_dtypes)
 from fastattn._contract.functions import check_score_function
 from fastattn._contract.options import DEFAULT_OPTIONS, AttentionOptions
 from fastattn._contract.shapes import (broadcast_batch, check_score_operand, gqa_group_size,
@@ -37,7 +36,7 @@ class AttentionProblem:
     (``options``: arrays converted, broadcast and checked against the shapes below;
     ``mask_mod`` None when a ``block_mask`` carries it), and each option is also
     readable as an attribute of the problem (``problem.causal``,
-    ``problem.alibi_slopes``): a new option needs no change here.
+    ``problem.window``): a new option needs no change here.
 
     Attributes
     ----------
@@ -47,9 +46,8 @@ class AttentionProblem:
         At least 2-D, trailing dims 1 or ``(Lq, Lk)``; True = may attend.
     options : AttentionOptions
         Checked: ``bias`` at least 2-D with trailing dims 1 or ``(Lq, Lk)`` (not yet
-        cast); ``kv_lengths`` int64, one entry per index of the first batch axis;
-        ``alibi_slopes`` float64 broadcast to ``batch_shape`` (a read-only view);
-        user functions checked (:mod:`fastattn._contract.functions`).
+        cast); the arrays of :meth:`AttentionOptions.checked_arrays`; user functions
+        checked (:mod:`fastattn._contract.functions`).
     batch_shape : tuple of int
         Broadcast batch shape of every operand; the output is ``(*batch_shape, Lq, Dv)``.
     q_len, kv_len, head_dim, value_dim : int
@@ -159,12 +157,12 @@ def check_attention(query, key, value, mask=None, options=DEFAULT_OPTIONS):
     ------
     TypeError
         For inputs of a non-real dtype, a non-boolean mask, non-integer kv_lengths,
-        alibi_slopes that are not real, a ``score_mod`` or ``mask_mod`` that is not
+        ALiBi slopes that are not real, a ``score_mod`` or ``mask_mod`` that is not
         a Numba-compiled function of the right arity and return type, or a
         ``block_mask`` that is not a :class:`~fastattn.block_mask.BlockMask`.
     ValueError
         For shapes that do not fit together, a bias holding ``+inf``, kv_lengths of
-        the wrong length or out of range, alibi_slopes not finite or not
+        the wrong length or out of range, ALiBi slopes not finite or not
         broadcastable to the batch shape, a ``block_mask`` made for another shape,
         or a ``mask_mod`` other than the ``block_mask``'s; the message names the
         argument and shapes.
@@ -200,8 +198,7 @@ def _checked_attention(query, key, value, mask, options):
     group = gqa_group_size(query, key, value, options.enable_gqa)
     batch_shape = broadcast_batch(query, key, value, mask, bias, group)
     diag_offset = diagonal_offset(options.causal_alignment, q_len, kv_len)
-    checked = dict(bias=bias, kv_lengths=check_kv_lengths(options.kv_lengths, batch_shape, kv_len),
-                   alibi_slopes=check_alibi_slopes(options.alibi_slopes, batch_shape))
+    checked = dict(options.checked_arrays(batch_shape, kv_len), bias=bias)
     if options.has_score_functions:
         checked.update(zip(("score_mod", "mask_mod", "block_mask"), check_user_functions(
             options.score_mod, options.mask_mod, options.block_mask, batch_shape, q_len,
