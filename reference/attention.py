@@ -8,6 +8,7 @@ import numpy as np
 
 from fastattn._contract.options import options_from, takes_options
 from fastattn._contract.problem import check_attention
+from reference.dropout import dropout_factors
 
 
 @takes_options(after=("return_weights", "return_lse"))
@@ -44,7 +45,8 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, return_weights
 
     scores = masked_scores(problem, q, k)  # (*batch, Lq, Lk), -inf where hidden
     weights, lse = masked_softmax(scores)  # (*batch, Lq, Lk), (*batch, Lq)
-    out = visible_sum(weights, scores != -np.inf, v)  # (*batch, Lq, Dv)
+    dropped = weights * dropout_factors(problem)  # (*batch, Lq, Lk) after dropout
+    out = visible_sum(dropped, scores != -np.inf, v)  # (*batch, Lq, Dv)
 
     results = (out.astype(problem.out_dtype),)
     if return_weights:

@@ -6,6 +6,7 @@ import numpy as np
 from fastattn._contract.options import options_from, takes_options
 from fastattn._contract.problem import check_attention, check_backward_arrays, check_score_mod_grad
 from fastattn._contract.shapes import sum_to_shape
+from reference.dropout import dropout_factors
 from reference.attention import (broadcast_inputs, call_over_grid, masked_scores,
                                  masked_softmax, scores_before_mod, softcap_derivative)
 
@@ -63,10 +64,12 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
     visible = scores != -np.inf  # (*batch, Lq, Lk)
     weights, _ = masked_softmax(scores)  # (*batch, Lq, Lk) P, zero rows where nothing is visible
 
-    grad_value = weights.swapaxes(-1, -2) @ grad_out  # (*batch, Lk, Dv) P^T dO
-    # dP = dO V^T, kept only where a key is visible: a NaN value must not reach the
-    # rows that cannot see it through a hidden key's exact 0
-    grad_weights = np.where(visible, grad_out @ v.swapaxes(-1, -2), 0.0)  # (*batch, Lq, Lk)
+    factors = dropout_factors(problem)  # (*batch, Lq, Lk) 0 or 1/(1-p); 1.0 without dropout
+    grad_value = (weights * factors).swapaxes(-1, -2) @ grad_out  # (*batch, Lk, Dv) P_drop^T dO
+    # dP = (dO V^T) * factors, kept only where a key is visible: a NaN value must not
+    # reach the rows that cannot see it through a hidden key's exact 0
+    grad_weights = np.where(visible, (grad_out @ v.swapaxes(-1, -2)) * factors,
+                            0.0)  # (*batch, Lq, Lk)
     # softmax Jacobian applied row by row: dS = P * (dP - sum_j P_j dP_j)
     row_dot = (weights * grad_weights).sum(axis=-1, keepdims=True)  # (*batch, Lq, 1)
     grad_scores = np.where(visible, weights * (grad_weights - row_dot), 0.0)  # (*batch, Lq, Lk)

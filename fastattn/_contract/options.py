@@ -62,13 +62,17 @@ class AttentionOptions:
     score_mod: object = None
     mask_mod: object = None
     block_mask: object = None
+    dropout_p: float = 0.0
+    dropout_seed: object = None
 
     def __post_init__(self):
+        dropout_p = _check_dropout_p(self.dropout_p)
         normalised = dict(
             causal=bool(self.causal), enable_gqa=bool(self.enable_gqa),
             causal_alignment=_check_causal_alignment(self.causal_alignment),
             window=_check_window(self.window), scale=_check_scale(self.scale),
-            softcap=_check_softcap(self.softcap))
+            softcap=_check_softcap(self.softcap), dropout_p=dropout_p,
+            dropout_seed=_check_dropout_seed(self.dropout_seed, dropout_p))
         for name, value in normalised.items():
             object.__setattr__(self, name, value)
 
@@ -106,7 +110,8 @@ class AttentionOptions:
         share their kernels' argument groups with other calls."""
         return not (self.bias is None and self.kv_lengths is None and self.scale is None
                     and self.window is None and self.softcap is None
-                    and self.alibi_slopes is None and not self.has_score_functions)
+                    and self.alibi_slopes is None and not self.has_score_functions
+                    and self.dropout_p == 0.0)
 
 
 FIELD_NAMES = tuple(field.name for field in dataclasses.fields(AttentionOptions))
@@ -175,6 +180,35 @@ def _check_scale(scale):
     return scale
 
 
+def _check_dropout_p(dropout_p):
+    """``dropout_p`` as a Python float in ``[0, 1)``."""
+    if isinstance(dropout_p, (bool, np.bool_)) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a real number in [0, 1); got {dropout_p!r}")
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must lie in [0, 1); got {dropout_p}")
+    return dropout_p
+
+
+def _check_dropout_seed(dropout_seed, dropout_p):
+    """``dropout_seed`` as a Python int in ``[0, 2**64)``; required when
+    ``dropout_p > 0`` (the backward regenerates the decisions from it)."""
+    if dropout_seed is None:
+        if dropout_p > 0.0:
+            raise ValueError(
+                f"dropout_p={dropout_p} needs dropout_seed=, an int in [0, 2**64): the "
+                "backward regenerates the same dropout decisions from it (pass the same "
+                "seed to scaled_dot_product_attention_backward)")
+        return None
+    if isinstance(dropout_seed, (bool, np.bool_)) or not isinstance(dropout_seed,
+                                                                     numbers.Integral):
+        raise TypeError(f"dropout_seed must be an int in [0, 2**64); got {dropout_seed!r}")
+    dropout_seed = int(dropout_seed)
+    if not 0 <= dropout_seed < 2 ** 64:
+        raise ValueError(f"dropout_seed must lie in [0, 2**64); got {dropout_seed}")
+    return dropout_seed
+
+
 def _check_softcap(softcap):
     """``softcap`` as a positive finite Python float, or None."""
     if softcap is None:
@@ -221,7 +255,9 @@ SCORE_ORDER_DOC = """\
     ``s = softcap * tanh(s / softcap)``; with ALiBi slopes (``alibi_slopes``),
     ``s -= slope * |i + off - j|``; then the bias is added; then
     ``s = score_mod(s, b, h, i, j)``; finally keys hidden by the mask, the
-    structural rules or ``mask_mod`` become ``-inf``."""
+    structural rules or ``mask_mod`` become ``-inf``. With ``dropout_p``, each
+    probability of the softmax is then kept with probability ``1 - dropout_p`` and
+    scaled by ``1 / (1 - dropout_p)`` (weights and lse are before dropout)."""
 
 # numpydoc "Parameters" entries of the options, in the order of the fields.
 OPTION_DOCS = {
@@ -265,6 +301,15 @@ OPTION_DOCS = {
         From :func:`fastattn.create_block_mask` for this batch shape, ``Lq`` and
         ``Lk``; it carries its ``mask_mod``. Empty tiles are skipped and full ones
         need no ``mask_mod`` calls; the kernels then work in the mask's tiles."""),
+    "dropout_p": ("float, default 0.0", """
+        Attention dropout, in ``[0, 1)``: each probability ``P[i, j]`` is kept with
+        probability ``1 - dropout_p`` and scaled by ``1 / (1 - dropout_p)`` (PyTorch's
+        ``dropout_p``). ``return_weights`` and ``lse`` are before dropout."""),
+    "dropout_seed": ("int, optional", """
+        Required when ``dropout_p > 0``, below ``2**64``. Each decision is a pure
+        function of ``(dropout_seed, b, h, i, j)`` (Philox4x32-10, a counter-based
+        generator), so the backward regenerates it from the same seed, and it is the
+        same for every thread count and tiling and in :mod:`reference`."""),
 }
 assert tuple(OPTION_DOCS) == FIELD_NAMES
 

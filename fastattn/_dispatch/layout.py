@@ -80,7 +80,9 @@ def plain_groups(dtype, scale, heads, diag_offset, reach, gemm):
 
 # ScoreOptions fields of a call that sets no score option (scale, heads and gemm vary)
 UNSET_SCORE_OPTIONS = dict(softcap=0.0, has_softcap=False, alibi_slopes=None, has_alibi=False,
-                           hook=0, has_score_mod=False, has_mask_mod=False)
+                           hook=0, has_score_mod=False, has_mask_mod=False,
+                           has_dropout=False, dropout_threshold=0, dropout_keep_scale=1.0,
+                           dropout_seed_low=0, dropout_seed_high=0)
 
 
 def score_options(problem, hook):
@@ -96,6 +98,11 @@ def score_options(problem, hook):
         fields.update(alibi_slopes=np.ascontiguousarray(options.alibi_slopes.ravel(),
                                                         np.float64),  # (N,)
                       has_alibi=True)
+    if options.dropout_p > 0.0:
+        fields.update(has_dropout=True, dropout_threshold=round(options.dropout_p * 2.0 ** 32),
+                      dropout_keep_scale=1.0 / (1.0 - options.dropout_p),
+                      dropout_seed_low=options.dropout_seed & 0xFFFFFFFF,
+                      dropout_seed_high=options.dropout_seed >> 32)
     if fields["alibi_slopes"] is None:
         fields["alibi_slopes"] = placeholder(np.float64, 1)
     return ScoreOptions(**fields)
@@ -197,7 +204,7 @@ def fold_query_groups(problem):
     group = problem.gqa_group
     if (group == 1 or problem.q_len != 1 or problem.mask is not None
             or problem.bias is not None or problem.alibi_slopes is not None
-            or problem.has_score_functions
+            or problem.has_score_functions or problem.dropout_p > 0.0
             or problem.window is not None
             or (problem.causal and problem.diag_offset < problem.kv_len - 1)
             or (problem.kv_lengths is not None and len(problem.batch_shape) < 2)):

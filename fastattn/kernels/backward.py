@@ -34,6 +34,7 @@ from numba import njit, prange, types
 
 from fastattn.kernels.tile_states import EMPTY, PARTIAL
 from fastattn.kernels.config import jit_helper, kernel_per_dtype
+from fastattn.kernels.dropout import drop_in_place
 from fastattn.kernels.masking import entry_rule, key_block_rows
 from fastattn.kernels.groups import TILING_TYPE, backward_types, problem_types
 from fastattn.kernels.scores import block_scores
@@ -195,9 +196,13 @@ def backward_task(task, b, group, inputs, options, mask, bias, visibility, tilin
             block_scores(probs, q_rows, keys, row_start, key_start, b, rule, options, mask,
                          bias, chain, has_chain, check_mask_mod)
             product(options.gemm, grad_rows, values.T, score_grads)  # dP, then dS
+            if options.has_dropout:  # the gradient of the kept, rescaled probabilities
+                drop_in_place(score_grads, row_start, key_start, b, options)
             # P, and dS with respect to scale * q.k, before the softcap and score_mod
             probabilities_and_score_grads(probs, score_grads, row_start, lse[b], delta[b],
                                           values_have_nan, chain, has_chain)
+            if options.has_dropout:  # dV takes the probabilities the forward used
+                drop_in_place(probs, row_start, key_start, b, options)
             # accumulating products (gemm with beta = 1: no product buffer to zero and add)
             product_add(options.gemm, probs.T, grad_rows, value_grad)  # dV += P^T dO
             product_add(options.gemm, score_grads.T, q_rows, key_grad)  # dK / scale += dS^T Q

@@ -23,6 +23,7 @@ from numba import njit, prange, types
 
 from fastattn.kernels.tile_states import EMPTY, PARTIAL
 from fastattn.kernels.config import jit_helper, kernel_per_dtype
+from fastattn.kernels.dropout import drop_in_place, keep_factor
 from fastattn.kernels.masking import entry_rule, row_block_keys
 from fastattn.kernels.groups import (TILING_TYPE, array_type, forward_result_types,
                                       problem_types)
@@ -108,6 +109,8 @@ def attend_key_range(q_rows, row_start, key_first, key_last, keys, values, entry
         block_scores(scores, q_rows, keys[key_start:key_stop], row_start, key_start, entry,
                      rule, options, mask, bias, scores, False, check_mask_mod)
         online_softmax_block(scores, row_max, row_sum, acc)  # scores -> probabilities
+        if options.has_dropout:  # after the row sums: they (and lse) are before dropout
+            drop_in_place(scores, row_start, key_start, entry, options)
         product_add(options.gemm, scores, values[key_start:key_stop], acc)  # (rows, Dv)
 
 
@@ -145,10 +148,12 @@ def exact_row(q_row, row, key_first, key_last, keys, values, entry, rule, option
                 elif score != -np.inf:  # hidden keys count neither weight nor value
                     p = np.nan if nan_score else exp2(score - top)
                     total += p
+                    if options.has_dropout:
+                        p *= keep_factor(row, key_start + c, entry, options)
                     for d in range(out_row.shape[0]):
                         out_row[d] += p * values[key_start + c, d]
-                    if return_weights:
-                        weights_row[key_start + c] = p
+                    if return_weights:  # before dropout
+                        weights_row[key_start + c] = np.nan if nan_score else exp2(score - top)
     inverse_total = 1.0 / total
     for d in range(out_row.shape[0]):
         out_row[d] *= inverse_total

@@ -82,12 +82,16 @@ besides the mask and bias operands: the ``scale``; the ``softcap`` (read only wh
 the block ``hook`` applying the user's ``score_mod`` (``has_score_mod``) and
 ``mask_mod`` (``has_mask_mod``) (:mod:`fastattn.kernels.hooks`); ``heads``, the size
 of the batch axis that the user functions' ``h`` indexes (``b, h = divmod(entry,
-heads)``); and the address of the BLAS ``gemm`` that forms the block products
-(:mod:`fastattn.kernels.products`).""", [
+heads)``); the address of the BLAS ``gemm`` that forms the block products
+(:mod:`fastattn.kernels.products`); and, with ``has_dropout``, the dropout
+decisions' ``dropout_threshold`` (``round(p * 2**32)``), ``dropout_keep_scale``
+(``1 / (1 - p)``) and the seed's 32-bit halves (:mod:`fastattn.kernels.dropout`).""", [
     ("scale", FLOAT), ("softcap", FLOAT), ("has_softcap", FLAG),
     ("alibi_slopes", fixed(np.float64, 1)), ("has_alibi", FLAG),
     ("hook", INT), ("has_score_mod", FLAG), ("has_mask_mod", FLAG),
     ("heads", INT), ("gemm", INT),
+    ("has_dropout", FLAG), ("dropout_threshold", INT), ("dropout_keep_scale", FLOAT),
+    ("dropout_seed_low", INT), ("dropout_seed_high", INT),
 ])
 
 Visibility = declare("Visibility", """The structural visibility rule (see
