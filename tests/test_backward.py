@@ -8,7 +8,10 @@ from conftest import (FASTATTN, REFERENCE, assert_gradients_match_reference,
 
 import fastattn
 import reference
-from fastattn._dispatch.tiling import BACKWARD_BLOCK_K as BLOCK_K, BACKWARD_BLOCK_Q as BLOCK_Q, BACKWARD_MIN_TASKS as MIN_TASKS, choose_key_groups
+from fastattn._dispatch.tiling import BACKWARD_BLOCK_K as BLOCK_K
+from fastattn._dispatch.tiling import BACKWARD_BLOCK_Q as BLOCK_Q
+from fastattn._dispatch.tiling import BACKWARD_MIN_TASKS as MIN_TASKS
+from fastattn._dispatch.tiling import choose_key_groups
 
 
 

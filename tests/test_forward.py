@@ -5,7 +5,10 @@ import pytest
 from conftest import assert_close_to_reference, random_inputs
 
 import fastattn
-from fastattn._dispatch.tiling import FORWARD_BLOCK_K as BLOCK_K, FORWARD_BLOCK_Q as BLOCK_Q, FORWARD_MIN_TASKS as MIN_TASKS, choose_block_q, choose_split_len
+from fastattn._dispatch.tiling import FORWARD_BLOCK_K as BLOCK_K
+from fastattn._dispatch.tiling import FORWARD_BLOCK_Q as BLOCK_Q
+from fastattn._dispatch.tiling import FORWARD_MIN_TASKS as MIN_TASKS
+from fastattn._dispatch.tiling import choose_block_q, choose_split_len
 
 # Awkward lengths: 1, and one below, at and one past each block size.
 Q_LENGTHS = [1, BLOCK_Q - 1, BLOCK_Q, BLOCK_Q + 1]

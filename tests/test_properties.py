@@ -5,7 +5,8 @@ from conftest import assert_close_to_reference, assert_gradients_match_reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastattn._dispatch.tiling import FORWARD_BLOCK_K as BLOCK_K, FORWARD_BLOCK_Q as BLOCK_Q
+from fastattn._dispatch.tiling import FORWARD_BLOCK_K as BLOCK_K
+from fastattn._dispatch.tiling import FORWARD_BLOCK_Q as BLOCK_Q
 
 
 @st.composite
