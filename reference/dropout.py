@@ -2,7 +2,7 @@
 
 The same generator as the kernels' (:mod:`fastattn.kernels.dropout`), vectorised
 over whole arrays of counters: the decision for query ``i`` and key ``j`` of batch
-entry ``(b, h)`` is word ``j % 4`` of Philox4x32-10 at counter ``(j // 4, i, h, b)``
+entry ``(b, h)`` is word ``i % 4`` of Philox4x32-10 at counter ``(j, i // 4, h, b)``
 with the seed as key; the probability is kept iff ``word >= round(p * 2**32)``.
 """
 
@@ -44,9 +44,9 @@ def keep_mask(seed, p, batch_shape, q_len, kv_len, heads):
     keys = np.arange(kv_len, dtype=np.uint64)[None, None, :]  # (1, 1, Lk)
     b, h = entry // np.uint64(heads), entry % np.uint64(heads)  # (N, 1, 1) each
     shape = (n_batch, q_len, kv_len)
-    counter = [np.broadcast_to(word, shape) for word in (keys >> np.uint64(2), rows, h, b)]
+    counter = [np.broadcast_to(word, shape) for word in (keys, rows >> np.uint64(2), h, b)]
     words = np.stack(philox4x32(counter, seed), axis=-1)  # (N, Lq, Lk, 4)
-    lane = (keys % np.uint64(4)).astype(np.intp)  # (1, 1, Lk)
+    lane = (rows % np.uint64(4)).astype(np.intp)  # (1, Lq, 1)
     chosen = np.take_along_axis(words, np.broadcast_to(lane, shape)[..., None], axis=-1)[..., 0]
     return (chosen >= np.uint64(threshold(p))).reshape(tuple(batch_shape) + (q_len, kv_len))
 
