@@ -9,7 +9,10 @@ it out for the kernels (:mod:`fastattn.kernels`) and shapes their results.
 """
 
 from fastattn._contract.options import options_from, takes_options
-from fastattn._contract.problem import check_attention, check_backward_arrays, check_score_mod_grad
+import numpy as np
+
+from fastattn._contract.problem import (check_attention, check_backward_arrays,
+                                       check_bias_grad_request, check_score_mod_grad)
 from fastattn._dispatch.run import run_backward, run_forward
 
 __all__ = ["scaled_dot_product_attention", "scaled_dot_product_attention_backward"]
@@ -69,9 +72,10 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, return_weights
     return selected_results(out, weights, lse, return_weights, return_lse)
 
 
-@takes_options(after=("score_mod_grad",))
+@takes_options(after=("score_mod_grad", "return_bias_grad"))
 def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse, mask=None, *,
-                                          score_mod_grad=None, **options):
+                                          score_mod_grad=None, return_bias_grad=False,
+                                          **options):
     r"""Gradients of :func:`fastattn.scaled_dot_product_attention`, by a fused kernel.
 
     The vector-Jacobian product of the forward under the same options, given the
@@ -101,6 +105,10 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
     {options}
     score_mod_grad : numba-compiled function ``(s, b, h, i, j) -> float``
         ``d score_mod(s, b, h, i, j) / d s``; required with a ``score_mod``.
+    return_bias_grad : bool, default False
+        Also return the gradient of ``bias`` (learned relative-position biases,
+        ALiBi-style tables). Needs a ``bias``; not with both ``softcap`` and
+        ``score_mod``.
 
     Returns
     -------
@@ -109,7 +117,11 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
         along are summed back, and under grouped-query attention each kv head gets the
         sum over its group of query heads. Rows that saw no key give zero gradients.
         dtypes follow the forward's rules (float16 computed in float32, integers in
-        float64). No gradient is returned for ``bias``.
+        float64).
+    grad_bias : ndarray, only if ``return_bias_grad``
+        ``d loss / d bias`` in the bias's own shape and the compute dtype: ``dS`` at
+        the score the bias is added to, summed over the axes the bias broadcasts
+        along; 0 where the bias is ``-inf`` or the key is hidden.
 
     See Also
     --------
@@ -118,8 +130,12 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
     options = options_from(options, "scaled_dot_product_attention_backward")
     problem = check_score_mod_grad(check_attention(query, key, value, mask, options),
                                    score_mod_grad)
+    check_bias_grad_request(problem, return_bias_grad)
     grad_out, out, lse = check_backward_arrays(problem, grad_out, out, lse)
-    return run_backward(problem, grad_out, out, lse)
+    grads = run_backward(problem, grad_out, out, lse, return_bias_grad)
+    if return_bias_grad:  # the bias as the caller gave it (before any added leading 1s)
+        grads = grads[:3] + (grads[3].reshape(np.shape(options.bias)),)
+    return grads
 
 
 def selected_results(out, weights, lse, return_weights, return_lse):

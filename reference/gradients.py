@@ -4,16 +4,18 @@
 import numpy as np
 
 from fastattn._contract.options import options_from, takes_options
-from fastattn._contract.problem import check_attention, check_backward_arrays, check_score_mod_grad
+from fastattn._contract.problem import (check_attention, check_backward_arrays,
+                                       check_bias_grad_request, check_score_mod_grad)
 from fastattn._contract.shapes import sum_to_shape
 from reference.dropout import dropout_factors
 from reference.attention import (broadcast_inputs, call_over_grid, masked_scores,
                                  masked_softmax, scores_before_mod, softcap_derivative)
 
 
-@takes_options(after=("score_mod_grad",))
+@takes_options(after=("score_mod_grad", "return_bias_grad"))
 def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse, mask=None, *,
-                                          score_mod_grad=None, **options):
+                                          score_mod_grad=None, return_bias_grad=False,
+                                          **options):
     r"""Vector-Jacobian product of attention, in float64, written to be read.
 
     With :math:`S = \mathrm{cap}(\mathrm{scale}\, QK^\top) - A + B` (hidden keys at
@@ -56,6 +58,7 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
     options = options_from(options, "scaled_dot_product_attention_backward")
     problem = check_score_mod_grad(check_attention(query, key, value, mask, options),
                                    score_mod_grad)
+    check_bias_grad_request(problem, return_bias_grad)
     grad_out = check_backward_arrays(problem, grad_out, out, lse)[0]
     q, k, v = broadcast_inputs(problem)  # (*batch, Lq, Dk), (*batch, Lk, Dk), (*batch, Lk, Dv)
     grad_out = np.broadcast_to(grad_out.astype(np.float64), problem.out_shape)  # (*batch, Lq, Dv)
@@ -78,6 +81,9 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
         before_mod = np.where(before_mod == -np.inf, 0.0, before_mod)  # (*batch, Lq, Lk)
         mod_grad = call_over_grid(problem.score_mod_grad, problem, before_mod)  # (*batch, Lq, Lk)
         grad_scores = np.where(visible, grad_scores * mod_grad, 0.0)  # (*batch, Lq, Lk)
+    # the bias is added after the softcap and before score_mod: dbias = dS here, summed
+    # over the axes it broadcasts along
+    grad_bias = grad_scores  # (*batch, Lq, Lk)
     if problem.softcap is not None:  # chain rule through s = c * tanh(raw / c)
         grad_scores = np.where(visible, grad_scores * softcap_derivative(problem, q, k),
                                0.0)  # (*batch, Lq, Lk)
@@ -88,6 +94,10 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
                 @ np.where(np.isnan(q), 0.0, q))  # (*batch, Lk, Dk)
 
     group, dtype = problem.gqa_group, problem.out_dtype
-    return (sum_to_shape(grad_query, problem.query.shape).astype(dtype),
-            sum_to_shape(grad_key, problem.key.shape, group).astype(dtype),
-            sum_to_shape(grad_value, problem.value.shape, group).astype(dtype))
+    grads = (sum_to_shape(grad_query, problem.query.shape).astype(dtype),
+             sum_to_shape(grad_key, problem.key.shape, group).astype(dtype),
+             sum_to_shape(grad_value, problem.value.shape, group).astype(dtype))
+    if return_bias_grad:  # in the bias's own shape and the compute dtype
+        grad_bias = sum_to_shape(grad_bias, problem.bias.shape)  # (*bias.shape)
+        grads += (grad_bias.reshape(np.shape(options.bias)).astype(problem.compute_dtype),)
+    return grads

@@ -24,8 +24,8 @@ from fastattn._contract.options import DEFAULT_OPTIONS, AttentionOptions
 from fastattn._contract.shapes import (broadcast_batch, check_score_operand, gqa_group_size,
                                        matrix_dims)
 
-__all__ = ["AttentionProblem", "check_attention", "check_backward_arrays", "check_score_mod_grad",
-           "checked_problem"]
+__all__ = ["AttentionProblem", "check_attention", "check_backward_arrays",
+           "check_bias_grad_request", "check_score_mod_grad", "checked_problem"]
 
 
 @dataclass(slots=True)
@@ -288,6 +288,20 @@ def check_score_mod_grad(problem, score_mod_grad):
             "score_mod_grad=")
     grad = check_score_function("score_mod_grad", score_mod_grad, problem.compute_dtype)
     return dataclasses.replace(problem, score_mod_grad=grad)
+
+
+def check_bias_grad_request(problem, return_bias_grad):
+    """Refuse a bias gradient the backward cannot give: without a bias, or with both a
+    softcap and a ``score_mod`` (the bias sits between them in the score's order)."""
+    if not return_bias_grad:
+        return
+    if problem.bias is None:
+        raise ValueError("return_bias_grad=True needs the bias= the forward was given; "
+                         "this call has no bias")
+    if problem.softcap is not None and problem.score_mod is not None:
+        raise ValueError(
+            "return_bias_grad=True is not supported with both softcap= and score_mod=: "
+            "apply the cap inside score_mod (fastattn.score_math.tanh) instead")
 
 
 def check_backward_arrays(problem, grad_out, out, lse):

@@ -15,7 +15,8 @@ import numpy as np
 
 from fastattn._contract.shapes import sum_to_shape
 from fastattn._dispatch import tiling
-from fastattn._dispatch.layout import fold_query_groups, placeholder, problem_arguments
+from fastattn._dispatch.layout import (fold_query_groups, identity_index, placeholder,
+                                       problem_arguments)
 from fastattn._runtime import settings
 from fastattn._runtime.threads import get_num_threads, single_threaded_blas
 from fastattn.kernels.backward import backward_kernel
@@ -77,10 +78,12 @@ def run_forward(problem, return_weights):
     return out, weights, lse
 
 
-def run_backward(problem, grad_out, out, lse):
+def run_backward(problem, grad_out, out, lse, return_bias_grad=False):
     """The gradients ``(grad_query, grad_key, grad_value)`` of a validated backward
     ``problem`` (with its ``score_mod_grad``) from the checked ``grad_out``, ``out``
-    and ``lse`` of the forward, shaped like the problem's inputs."""
+    and ``lse`` of the forward, shaped like the problem's inputs; with
+    ``return_bias_grad``, also the bias gradient, shaped like the checked bias (at
+    least 2-D) in the compute dtype."""
     dtype, batch = problem.compute_dtype, problem.batch_shape
     n_batch, q_len, kv_len = math.prod(batch), problem.q_len, problem.kv_len
 
@@ -88,12 +91,14 @@ def run_backward(problem, grad_out, out, lse):
     out = np.asarray(out, dtype).reshape(n_batch, q_len, problem.value_dim)
     lse = np.ascontiguousarray(lse, dtype).reshape(n_batch, q_len)
     delta = np.einsum("nqd,nqd->nq", grad_out, out)  # (N, Lq) D_i = rowsum(dO * O)
-    extra = BackwardInputs(grad_out, lse, np.ascontiguousarray(delta))
-    query_grad_parts, grad_key, grad_value, nan_met = _run_backward(problem, extra)
-    if nan_met.any():  # a NaN query or key: again, with those NaNs entering as 0
-        query_grad_parts, grad_key, grad_value, _ = _run_backward(
+    gradients = _run_backward(problem, grad_out, lse, np.ascontiguousarray(delta),
+                              return_bias_grad)
+    if gradients.nan_met.any():  # a NaN query or key: again, with those NaNs entering as 0
+        gradients = _run_backward(
             dataclasses.replace(problem, query=without_nan(problem.query),
-                                key=without_nan(problem.key)), extra)
+                                key=without_nan(problem.key)),
+            grad_out, lse, np.ascontiguousarray(delta), return_bias_grad)
+    query_grad_parts = gradients.query_parts  # (G, N, Lq, Dk)
     grad_query = query_grad_parts[0]  # (N, Lq, Dk)
     for part in query_grad_parts[1:]:  # a fixed order, whatever the thread count
         grad_query += part
@@ -101,14 +106,17 @@ def run_backward(problem, grad_out, out, lse):
 
     group, out_dtype = problem.gqa_group, problem.out_dtype
     grad_query = grad_query.reshape(batch + (q_len, problem.head_dim))  # (*batch, Lq, Dk)
-    grad_key = grad_key.reshape(batch + (kv_len, problem.head_dim))  # (*batch, Lk, Dk)
-    grad_value = grad_value.reshape(batch + (kv_len, problem.value_dim))  # (*batch, Lk, Dv)
-    return (sum_to_shape(grad_query, problem.query.shape).astype(out_dtype, copy=False),
-            sum_to_shape(grad_key, problem.key.shape, group).astype(out_dtype, copy=False),
-            sum_to_shape(grad_value, problem.value.shape, group).astype(out_dtype, copy=False))
+    grad_key = gradients.key.reshape(batch + (kv_len, problem.head_dim))  # (*batch, Lk, Dk)
+    grad_value = gradients.value.reshape(batch + (kv_len, problem.value_dim))  # (*batch, Lk, Dv)
+    grads = (sum_to_shape(grad_query, problem.query.shape).astype(out_dtype, copy=False),
+             sum_to_shape(grad_key, problem.key.shape, group).astype(out_dtype, copy=False),
+             sum_to_shape(grad_value, problem.value.shape, group).astype(out_dtype, copy=False))
+    if return_bias_grad:
+        grads += (gradients.bias.reshape(problem.bias.shape),)  # the bias's own shape
+    return grads
 
 
-def _run_backward(problem, extra):
+def _run_backward(problem, grad_out, lse, delta, return_bias_grad):
     """Run the backward kernel on ``problem``; returns its :class:`Gradients`."""
     dtype = problem.compute_dtype
     n_batch, q_len, kv_len = math.prod(problem.batch_shape), problem.q_len, problem.kv_len
@@ -116,25 +124,38 @@ def _run_backward(problem, extra):
         block_q, block_k = problem.block_mask.block_size
     else:
         block_q, block_k = tiling.BACKWARD_BLOCK_Q, tiling.BACKWARD_BLOCK_K
-    n_groups = tiling.choose_key_groups(n_batch, kv_len, block_k)
+    arguments = problem_arguments(problem, problem_hook(problem))
+    bias = arguments[3]  # the bias ScoreOperand
+    if return_bias_grad:
+        # one task writes each bias entry: the entries sharing it run in it, in order
+        entry_order = np.argsort(bias.index, kind="stable").astype(np.int64)  # (N,)
+        entry_starts = np.flatnonzero(np.diff(bias.index[entry_order], prepend=-1,
+                                              append=-2)).astype(np.int64)  # (E + 1,)
+        bias_grad = np.zeros(bias.stack.shape, dtype)  # (n_own, 1 or Lq, 1 or Lk)
+        # a bias broadcast over the keys is written by every key group: only one then
+        n_groups = 1 if bias.col_step == 0 else tiling.choose_key_groups(n_batch, kv_len,
+                                                                         block_k)
+    else:
+        entry_order = identity_index(n_batch)  # (N,) one entry per task
+        entry_starts = identity_index(n_batch + 1)  # (N + 1,)
+        bias_grad = placeholder(dtype, 3, writeable=True)
+        n_groups = tiling.choose_key_groups(n_batch, kv_len, block_k)
+    extra = BackwardInputs(grad_out=grad_out, lse=lse, delta=delta, entry_order=entry_order,
+                           entry_starts=entry_starts)
     gradients = Gradients(
-        np.zeros((n_groups, n_batch, q_len, problem.head_dim),
-                 dtype),  # (G, N, Lq, Dk) shares of dQ / scale
-        np.zeros((n_batch, kv_len, problem.head_dim), dtype),  # (N, Lk, Dk)
-        np.zeros((n_batch, kv_len, problem.value_dim), dtype),  # (N, Lk, Dv)
-        np.zeros(n_batch * n_groups, np.bool_))  # (N * G,)
+        query_parts=np.zeros((n_groups, n_batch, q_len, problem.head_dim),
+                             dtype),  # (G, N, Lq, Dk) shares of dQ / scale
+        key=np.zeros((n_batch, kv_len, problem.head_dim), dtype),  # (N, Lk, Dk)
+        value=np.zeros((n_batch, kv_len, problem.value_dim), dtype),  # (N, Lk, Dv)
+        nan_met=np.zeros(n_batch * n_groups, np.bool_),  # (N * G,)
+        bias=bias_grad, has_bias=bool(return_bias_grad))
     if n_batch and q_len and kv_len:
         settings.apply()
         with single_threaded_blas():
-            backward_kernel(dtype)(*problem_arguments(problem, problem_hook(problem)),
-                                   Tiling(block_q, block_k, get_num_threads()), extra,
-                                   gradients)  # a slot per thread
+            backward_kernel(dtype)(*arguments, Tiling(block_q=block_q, block_k=block_k,
+                                                      slots=get_num_threads()),
+                                   extra, gradients)  # a slot per thread
     return gradients
-
-
-def without_nan(array):
-    """``array`` with NaN replaced by 0 (a copy)."""
-    return np.where(np.isnan(array), 0, array).astype(array.dtype, copy=False)
 
 
 def without_nan(array):

@@ -21,6 +21,11 @@ its own; the ``G`` shares are summed afterwards in a fixed order. No two tasks w
 the same memory, and ``G`` depends on the problem's shape only, so the result is the
 same for every thread count. Extra memory: ``G`` copies of ``dQ``, O(L*D).
 
+The bias gradient ``dbias = dS`` (summed over the axes the bias broadcasts over) is
+added into the bias's own shape: a task then runs, one after another in a fixed
+order, every batch entry that shares the bias entry it writes (and ``G = 1`` when the
+bias broadcasts over keys), so again no two tasks write the same memory.
+
 NaN: ``P`` and ``dS`` are exactly 0 at hidden keys, so a NaN value (through ``dP``)
 reaches exactly the gradients that depend on it. A NaN query or key would still
 spread through the ``dK`` and ``dQ`` products (0 * NaN), so the kernel reports the
@@ -103,8 +108,9 @@ def _attention_backward(inputs, options, mask, bias, visibility, tiling, extra, 
     Sets ``gradients.nan_met[task]`` ``(N * G,)`` when a query or key block holding a
     NaN entered the task's products.
     """
-    n_groups, n_batch = gradients.query_parts.shape[:2]
-    n_tasks, slots = n_batch * n_groups, tiling.slots
+    n_groups = gradients.query_parts.shape[0]
+    n_entry_groups = extra.entry_starts.shape[0] - 1
+    n_tasks, slots = n_entry_groups * n_groups, tiling.slots
     # Scratch memory of each slot (thread), allocated once per call: buffers
     # allocated per task become fresh, page-faulting mmaps when the allocator is told
     # to trim (MALLOC_TRIM_THRESHOLD_, as in Dask's workers). Slot s takes an equal
@@ -114,9 +120,13 @@ def _attention_backward(inputs, options, mask, bias, visibility, tiling, extra, 
         options.has_softcap or options.has_score_mod), gradients.key)
     for slot in prange(slots):
         for task in range(slot * n_tasks // slots, (slot + 1) * n_tasks // slots):
-            b = task // n_groups
-            backward_task(task, b, task - b * n_groups, inputs, options, mask, bias,
-                          visibility, tiling, extra, gradients, scratch[slot])
+            entry_group = task // n_groups
+            group = task - entry_group * n_groups
+            for position in range(extra.entry_starts[entry_group],
+                                  extra.entry_starts[entry_group + 1]):
+                b = extra.entry_order[position]
+                backward_task(b * n_groups + group, b, group, inputs, options, mask, bias,
+                              visibility, tiling, extra, gradients, scratch[slot])
 
 
 @jit_helper
@@ -124,8 +134,9 @@ def backward_task(task, b, group, inputs, options, mask, bias, visibility, tilin
                   gradients, scratch):
     """Task ``task`` of :func:`_attention_backward`: key group ``group`` of batch entry
     ``b``, its buffers carved from the thread's ``scratch`` (:func:`task_scratch_size`)."""
-    query_grad_parts, grad_key, grad_value, nan_met = gradients
-    grad_out, lse, delta = extra
+    query_grad_parts, grad_key, grad_value = gradients.query_parts, gradients.key, gradients.value
+    nan_met = gradients.nan_met
+    grad_out, lse, delta = extra.grad_out, extra.lse, extra.delta
     n_groups, _, q_len, _ = query_grad_parts.shape
     kv_len = grad_key.shape[1]
     block_q, block_k = tiling.block_q, tiling.block_k
@@ -198,9 +209,18 @@ def backward_task(task, b, group, inputs, options, mask, bias, visibility, tilin
             product(options.gemm, grad_rows, values.T, score_grads)  # dP, then dS
             if options.has_dropout:  # the gradient of the kept, rescaled probabilities
                 drop_in_place(score_grads, row_start, key_start, b, options)
-            # P, and dS with respect to scale * q.k, before the softcap and score_mod
+            # P, and dS with respect to scale * q.k, before the softcap and score_mod;
+            # for the bias gradient (the score after score_mod's chain, before the
+            # softcap's) the softcap's factor comes after (softcap with score_mod and a
+            # bias gradient is refused by the front end)
+            chain_now = has_chain and not (gradients.has_bias and options.has_softcap)
             probabilities_and_score_grads(probs, score_grads, row_start, lse[b], delta[b],
-                                          values_have_nan, chain, has_chain)
+                                          values_have_nan, chain, chain_now)
+            if gradients.has_bias:
+                add_bias_grads(score_grads, gradients.bias[bias.index[b]], bias, row_start,
+                               key_start)
+                if has_chain and not chain_now:
+                    multiply_in_place(score_grads, chain)
             if options.has_dropout:  # dV takes the probabilities the forward used
                 drop_in_place(probs, row_start, key_start, b, options)
             # accumulating products (gemm with beta = 1: no product buffer to zero and add)
@@ -214,6 +234,28 @@ def backward_task(task, b, group, inputs, options, mask, bias, visibility, tilin
         for c in range(cols):
             for d in range(value_dim):
                 grad_value[b, key_start + c, d] = value_grad[c, d]
+
+
+@jit_helper
+def add_bias_grads(score_grads, bias_grad, bias, row_start, key_start):
+    """Add ``score_grads`` ``(rows, cols)`` (``dS`` of queries ``row_start + r``, keys
+    ``key_start + c``) into the bias gradient ``bias_grad`` ``(1 or Lq, 1 or Lk)`` of
+    the entry's bias, summed along the axes the bias broadcasts over (its steps)."""
+    rows, cols = score_grads.shape
+    for r in range(rows):
+        row = (row_start + r) * bias.row_step
+        for c in range(cols):
+            bias_grad[row, (key_start + c) * bias.col_step] += score_grads[r, c]
+
+
+@jit_helper
+def multiply_in_place(block, factors):
+    """``block *= factors``, both ``(rows, cols)``."""
+    full_width_vectors()
+    rows, cols = block.shape
+    for r in range(rows):
+        for c in range(cols):
+            block[r, c] *= factors[r, c]
 
 
 @njit(inline="always")

@@ -125,15 +125,22 @@ split.""", [
 
 BackwardInputs = declare("BackwardInputs", """What the backward needs besides the
 problem: ``grad_out (N, Lq, Dv)``, the forward's ``lse (N, Lq)`` and ``delta =
-rowsum(grad_out * out)`` ``(N, Lq)``.""", [
+rowsum(grad_out * out)`` ``(N, Lq)``; and how batch entries are grouped into tasks:
+entries ``entry_order[entry_starts[e]:entry_starts[e + 1]]`` (int64) run one after
+another in one task per key group (one entry per group, unless a bias gradient is
+wanted: then the entries sharing a bias entry, so that one task writes it).""", [
     ("grad_out", data(3)), ("lse", data(2)), ("delta", data(2)),
+    ("entry_order", INDEX), ("entry_starts", INDEX),
 ])
 
 Gradients = declare("Gradients", """The backward's results: ``query_parts (G, N, Lq,
 Dk)``, one share of ``dQ / scale`` per key group, ``key (N, Lk, Dk)``, ``value (N,
-Lk, Dv)``, and ``nan_met (N * G,)``: which tasks met a NaN query or key.""", [
+Lk, Dv)``, ``nan_met (N * G,)``: which (entry, key group) met a NaN query or key;
+and, with ``has_bias``, the bias gradient ``bias`` in the bias operand's stack shape
+``(n_own, 1 or Lq, 1 or Lk)`` (a placeholder otherwise).""", [
     ("query_parts", data(4, writable=True)), ("key", data(3, writable=True)),
     ("value", data(3, writable=True)), ("nan_met", fixed(np.bool_, 1, writable=True)),
+    ("bias", data(3, writable=True)), ("has_bias", FLAG),
 ])
 
 
