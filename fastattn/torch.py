@@ -31,7 +31,7 @@ WIDENED_DTYPES = (torch.float16, torch.bfloat16)
 
 def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, kv_lengths=None,
                                  return_weights=False, return_lse=False, score_mod_grad=None,
-                                 **options):
+                                 dropout_p=0.0, generator=None, **options):
     r"""fastattn's fused attention on CPU ``torch.Tensor``\ s, differentiable.
 
     .. math::
@@ -57,8 +57,9 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, kv_
         ``torch.nn.functional.scaled_dot_product_attention``). A mask never
         has a gradient; one that requires grad is an error.
     bias : torch.Tensor or array_like, optional
-        Added to the scaled scores. fastattn computes no gradient for the bias, so a
-        bias that requires grad is an error (pass ``bias.detach()`` if it is constant).
+        Added to the scaled scores. A bias tensor that requires grad gets its gradient
+        (learned relative-position biases: T5, Swin, ALiBi-style tables), in its own
+        shape, summed over the axes it broadcasts along.
     kv_lengths : torch.Tensor or array_like of int, optional
         Keys ``j >= kv_lengths[b]`` of batch entry ``b`` are padding.
     return_weights : bool, default False
@@ -69,6 +70,13 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, kv_
     score_mod_grad : numba-compiled function, optional
         With a ``score_mod``, its derivative, for the backward (see
         :func:`fastattn.scaled_dot_product_attention_backward`).
+    dropout_p : float, default 0.0
+        Attention dropout (PyTorch's ``dropout_p``). Unless ``dropout_seed=`` is
+        given, the seed of the dropout decisions is drawn from ``generator`` (default:
+        PyTorch's default CPU generator), so ``torch.manual_seed`` repeats a run; the
+        backward regenerates the same decisions from it.
+    generator : torch.Generator, optional
+        Where the dropout seed is drawn from, leaving the default generator untouched.
     **options
         Any other keyword of :func:`fastattn.scaled_dot_product_attention`
         (``causal``, ``causal_alignment``, ``window``, ``scale``, ``enable_gqa``,
@@ -97,15 +105,22 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, kv_
     """
     dtype = _check_tensors(query, key, value)
     mask = _as_constant_array(mask, "mask")
-    bias = _as_constant_array(bias, "bias")
     kv_lengths = _as_constant_array(kv_lengths, "kv_lengths")
-    options = dict(options, bias=bias, kv_lengths=kv_lengths)
+    options = dict(options, kv_lengths=kv_lengths, dropout_p=dropout_p)
+    if dropout_p and options.get("dropout_seed") is None:  # PyTorch's random stream
+        options["dropout_seed"] = int(torch.randint(0, 2 ** 63 - 1, (1,), dtype=torch.int64,
+                                                    generator=generator).item())
     inputs = (query, key, value)
+    bias_tensor = bias if isinstance(bias, torch.Tensor) else None
+    if bias_tensor is not None:
+        _check_device(bias_tensor, "bias")
 
-    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in inputs):
-        out, weights, lse = _FusedAttention.apply(query, key, value, mask, options,
+    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in inputs
+                                       + ((bias_tensor,) if bias_tensor is not None else ())):
+        out, weights, lse = _FusedAttention.apply(query, key, value, mask, bias, options,
                                                   bool(return_weights), score_mod_grad)
     else:
+        options["bias"] = _bias_array(bias)
         arrays = [_compute_array(tensor) for tensor in inputs]
         results = fastattn.scaled_dot_product_attention(
             *arrays, mask, return_weights=return_weights, return_lse=True, **options)
@@ -119,13 +134,15 @@ class _FusedAttention(torch.autograd.Function):
     """The autograd node: forward and backward are fastattn's fused kernels.
 
     Saves ``query``, ``key``, ``value`` and the forward's ``out`` and ``lse`` in the
-    compute dtype (float32 for float16/bfloat16 inputs); the mask and other options
-    travel on ``ctx`` as NumPy arrays and Python values.
+    compute dtype (float32 for float16/bfloat16 inputs); the mask, the bias and the
+    other options travel on ``ctx`` as NumPy arrays and Python values. A bias tensor is
+    an input of the node: it gets a gradient when it requires one.
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, mask, options, return_weights, score_mod_grad):
+    def forward(ctx, query, key, value, mask, bias, options, return_weights, score_mod_grad):
         dtype = query.dtype
+        options = dict(options, bias=_bias_array(bias))
         arrays = [_compute_array(tensor) for tensor in (query, key, value)]
         results = fastattn.scaled_dot_product_attention(
             *arrays, mask, return_weights=return_weights, return_lse=True, **options)
@@ -134,6 +151,7 @@ class _FusedAttention(torch.autograd.Function):
         lse_compute = torch.from_numpy(lse)  # (*batch, Lq)
         ctx.save_for_backward(query, key, value, out_compute, lse_compute)
         ctx.mask, ctx.options = mask, dict(options)
+        ctx.bias_like = bias if isinstance(bias, torch.Tensor) else None
         if score_mod_grad is not None:
             ctx.options["score_mod_grad"] = score_mod_grad
 
@@ -148,11 +166,17 @@ class _FusedAttention(torch.autograd.Function):
         query, key, value, out, lse = ctx.saved_tensors
         arrays = [_compute_array(tensor) for tensor in (query, key, value)]
         grad_out = _compute_array(grad_out.to(out.dtype))  # (*batch, Lq, Dv)
+        bias_needed = ctx.needs_input_grad[4]
         grads = fastattn.scaled_dot_product_attention_backward(
-            grad_out, *arrays, out.numpy(), lse.numpy(), ctx.mask, **ctx.options)
-        grads = [_as_tensor(grad, source.dtype) if needed else None
-                 for grad, source, needed in zip(grads, (query, key, value), ctx.needs_input_grad)]
-        return (*grads, None, None, None, None)
+            grad_out, *arrays, out.numpy(), lse.numpy(), ctx.mask,
+            return_bias_grad=bias_needed, **ctx.options)
+        sources = (query, key, value) + ((ctx.bias_like,) if bias_needed else ())
+        needed = ctx.needs_input_grad[:3] + ((True,) if bias_needed else ())
+        grads = [_as_tensor(grad, source.dtype) if wanted else None
+                 for grad, source, wanted in zip(grads, sources, needed)]
+        if not bias_needed:
+            grads.append(None)
+        return (*grads[:3], None, grads[3], None, None, None)
 
 
 def _check_tensors(query, key, value):
@@ -193,6 +217,17 @@ def _as_constant_array(value, name):
     if value.dtype == torch.bfloat16:
         value = value.float()
     return value.numpy()
+
+
+def _bias_array(bias):
+    """The bias as fastattn takes it: a NumPy view of a tensor (float32 for a bfloat16
+    one, which NumPy cannot hold), anything else unchanged."""
+    if not isinstance(bias, torch.Tensor):
+        return bias
+    bias = bias.detach()
+    if bias.dtype == torch.bfloat16:
+        bias = bias.float()
+    return bias.numpy()
 
 
 def _compute_array(tensor):

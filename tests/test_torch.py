@@ -212,8 +212,9 @@ def test_errors():
     float_mask = torch.zeros((5, 6), requires_grad=True)
     with pytest.raises(ValueError, match="mask requires grad"):
         fastattn_torch.scaled_dot_product_attention(query, key, value, float_mask)
-    with pytest.raises(ValueError, match="no gradient for bias"):
-        fastattn_torch.scaled_dot_product_attention(query, key, value, bias=float_mask)
+    with pytest.raises(ValueError, match="bias is on device meta"):
+        fastattn_torch.scaled_dot_product_attention(query, key, value,
+                                                    bias=torch.empty((5, 6), device="meta"))
     with pytest.raises(TypeError, match="one dtype"):
         fastattn_torch.scaled_dot_product_attention(query, key.double(), value)
     with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64"):
@@ -239,3 +240,52 @@ def test_huggingface_import_without_transformers_names_the_extra():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
     assert 'pip install "fastattn[huggingface]"' in result.stdout
+
+
+def test_bias_gradient_gradcheck():
+    """A bias that requires grad gets its gradient, for each way it broadcasts."""
+    generator = torch.Generator().manual_seed(3)
+    query, key, value = random_tensors((2, 3, 5, 4), (2, 3, 6, 4), requires_grad=True)
+    for bias_shape in ((3, 5, 6), (1, 1, 1, 6), (5, 1)):
+        bias = torch.randn(bias_shape, generator=generator, dtype=torch.float64,
+                           requires_grad=True)
+
+        def attention(query, key, value, bias):
+            return fastattn_torch.scaled_dot_product_attention(query, key, value, bias=bias,
+                                                               causal=True)
+        assert torch.autograd.gradcheck(attention, (query, key, value, bias))
+
+
+def test_bias_gradient_alone_matches_autograd():
+    query, key, value = random_tensors((2, 3, 7, 8), (2, 3, 9, 8), dtype=torch.float32)
+    bias = torch.randn(3, 7, 9, requires_grad=True)
+    out = fastattn_torch.scaled_dot_product_attention(query, key, value, bias=bias)
+    out.square().sum().backward()
+    expected_bias = bias.detach().clone().requires_grad_(True)
+    expected = torch.nn.functional.scaled_dot_product_attention(query, key, value,
+                                                                attn_mask=expected_bias)
+    expected.square().sum().backward()
+    torch.testing.assert_close(bias.grad, expected_bias.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_dropout_seed_from_pytorch_generator():
+    """torch.manual_seed repeats a dropout run; a generator= leaves the default one
+    untouched; gradients regenerate the forward's decisions (gradcheck)."""
+    query, key, value = random_tensors((2, 3, 16, 8), (2, 3, 20, 8), requires_grad=True)
+    torch.manual_seed(11)
+    first = fastattn_torch.scaled_dot_product_attention(query, key, value, dropout_p=0.3)
+    torch.manual_seed(11)
+    again = fastattn_torch.scaled_dot_product_attention(query, key, value, dropout_p=0.3)
+    other = fastattn_torch.scaled_dot_product_attention(query, key, value, dropout_p=0.3)
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    assert (first - other).abs().max() > 1e-3
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    fastattn_torch.scaled_dot_product_attention(query, key, value, dropout_p=0.3,
+                                                generator=torch.Generator().manual_seed(1))
+    assert torch.equal(state, torch.get_rng_state())
+
+    def attention(query, key, value):
+        return fastattn_torch.scaled_dot_product_attention(query, key, value, dropout_p=0.3,
+                                                           dropout_seed=1234)
+    assert torch.autograd.gradcheck(attention, (query, key, value))
