@@ -32,7 +32,8 @@ fewer kv heads than query heads   ``enable_gqa=True`` (K and V are not repeated)
 ``output_attentions=True``        ``return_weights=True``
 a 4-D boolean / float mask        ``mask`` / ``bias``
 ``softcap``                       ``softcap`` (Gemma 2's ``attn_logit_softcapping``)
-``dropout > 0``                   ``ValueError`` naming the config field
+``dropout`` (training mode)       ``dropout_p``, its seed drawn from PyTorch's generator
+``position_bias`` (T5)            ``bias``, with its gradient when it requires one
 ================================  ==============================================
 
 PyTorch and transformers are optional dependencies:
@@ -62,10 +63,6 @@ __all__ = ["register", "attention_forward", "attention_mask", "StructuralMask"]
 # The transformers releases this module is tested with (pyproject's "huggingface" extra):
 # from the first to before the second.
 TESTED_TRANSFORMERS = ((5, 24), (5, 25))
-
-# Config fields that hold a model's attention dropout, for the error message.
-DROPOUT_FIELDS = ("attention_dropout", "attention_probs_dropout_prob", "attn_pdrop", "dropout")
-
 
 def register(name="fastattn"):
     """Register fastattn with transformers under ``name``.
@@ -191,7 +188,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         (True = may attend) or additive float. ``None`` means causal (top-left, as
         PyTorch's ``is_causal``) when the layer is causal and ``Lq > 1``, else no mask.
     dropout : float
-        Must be 0: fastattn has no attention dropout.
+        Attention dropout (models pass their configured rate in training mode, 0 in
+        eval mode): fastattn's ``dropout_p``, its seed drawn from PyTorch's default
+        generator, so ``torch.manual_seed`` repeats a training step.
     scaling : float, optional
         The score scale; default ``1 / sqrt(D)``.
     is_causal : bool, optional
@@ -203,15 +202,14 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     output_attentions : bool
         Also return the attention weights ``(B, Hq, Lq, Lk)`` from the fused kernel.
     position_bias : torch.Tensor, optional
-        An additive score bias (T5-style); no gradient flows to it.
+        An additive score bias (T5-style); it gets its gradient when it requires one
+        (a learned relative-position bias trains).
 
     Returns
     -------
     attn_output : torch.Tensor, shape ``(B, Lq, Hq, D)``
     attn_weights : torch.Tensor or None
     """
-    if dropout and dropout > 0:
-        raise ValueError(_dropout_message(module, dropout))
     options = _score_options(softcap)
     q_length = query.shape[-2]
     mask = bias = None
@@ -240,7 +238,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     results = fastattn.torch.scaled_dot_product_attention(
         query.contiguous(), key, value, mask, bias=bias, scale=scaling,
         enable_gqa=key.shape[-3] != query.shape[-3], return_weights=bool(output_attentions),
-        **options)
+        dropout_p=float(dropout or 0.0), **options)
     out, weights = results if output_attentions else (results, None)  # out (B, Hq, Lq, D)
     return out.transpose(1, 2).contiguous(), weights  # (B, Lq, Hq, D)
 
@@ -252,14 +250,6 @@ def _score_options(softcap):
     ``attn_logit_softcapping`` arrives as ``softcap``, fastattn's keyword of the same
     meaning (``s = softcap * tanh(s / softcap)``), differentiated in the backward."""
     return {} if softcap is None else {"softcap": softcap}
-
-
-def _dropout_message(module, dropout):
-    config = getattr(module, "config", None)
-    fields = [field for field in DROPOUT_FIELDS if getattr(config, field, None) == dropout]
-    field = fields[0] if fields else "attention_dropout"
-    return (f"fastattn has no attention dropout, but this model asks for dropout={dropout} in "
-            f"training; set config.{field} = 0.0 (or call model.eval())")
 
 
 # ---------------------------------------------------------------- masks

@@ -234,15 +234,80 @@ def test_mask_function_equals_sdpa_mask(pattern, q_length, kv_length, q_offset, 
     assert torch.equal(weights > 0, expected.expand_as(weights))
 
 
-@pytest.mark.parametrize("name,field", [("llama", "attention_dropout"),
-                                        ("bert", "attention_probs_dropout_prob")])
-def test_attention_dropout_in_training_is_an_error(name, field):
-    model = make_models(name, ("fastattn",), **{field: 0.1})["fastattn"].train()
+def test_bert_fine_tunes_with_its_default_dropout():
+    """BERT with its default config (attention and hidden dropout 0.1) trains through
+    fastattn: the loss falls over a few steps, torch.manual_seed repeats a step
+    exactly, and eval-mode logits equal eager's on the same weights."""
+    config = make_config("bert", attention_probs_dropout_prob=0.1, hidden_dropout_prob=0.1)
+    assert config.attention_probs_dropout_prob == 0.1
+    torch.manual_seed(0)
+    model = transformers.AutoModelForMaskedLM.from_config(
+        copy.deepcopy(config), attn_implementation="fastattn")
     ids, attention_mask = batch("right")
-    with pytest.raises(ValueError, match=f"config.{field} = 0.0"):
-        model(ids, attention_mask=attention_mask)
-    model.eval()  # no dropout in eval mode: runs
-    model(ids, attention_mask=attention_mask)
+    labels = ids.masked_fill(attention_mask == 0, -100)
+    model.train()
+    losses = []
+    for seed in (1, 1):  # the same seed twice: the same dropout decisions, the same loss
+        torch.manual_seed(seed)
+        losses.append(model(ids, attention_mask=attention_mask, labels=labels).loss.item())
+    assert losses[0] == losses[1]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(8):
+        torch.manual_seed(100 + step)
+        loss = model(ids, attention_mask=attention_mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[2]
+    eager = transformers.AutoModelForMaskedLM.from_config(
+        copy.deepcopy(config), attn_implementation="eager")
+    eager.load_state_dict(model.state_dict())
+    model.eval(), eager.eval()
+    with torch.no_grad():
+        got = model(ids, attention_mask=attention_mask).logits
+        expected = eager(ids, attention_mask=attention_mask).logits
+    tokens = attention_mask.bool()
+    record("bert (dropout 0.1) eval logits after fine-tuning", got[tokens], expected[tokens])
+
+
+def test_attention_dropout_applies_in_training_only():
+    model = make_models("llama", ("fastattn",), attention_dropout=0.5)["fastattn"]
+    ids, attention_mask = batch("right")
+    with torch.no_grad():
+        evaluated = [model(ids, attention_mask=attention_mask).logits for _ in range(2)]
+        model.train()
+        trained = model(ids, attention_mask=attention_mask).logits
+    assert torch.equal(evaluated[0], evaluated[1])
+    assert (trained - evaluated[0]).abs().max() > 1e-3
+
+
+def test_t5_relative_position_bias_trains():
+    """T5's learned relative-position bias reaches fastattn as ``position_bias``, a
+    tensor that requires grad: one training step's loss and every parameter gradient,
+    ``relative_attention_bias`` included, equal eager's."""
+    config = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64,
+                                   num_layers=2, num_decoder_layers=2, num_heads=4,
+                                   dropout_rate=0.0, pad_token_id=0, decoder_start_token_id=0)
+    ids, attention_mask = batch("right")
+    labels = torch.randint(1, VOCAB, (3, 10), generator=torch.Generator().manual_seed(2))
+    results = {}
+    for implementation in ("eager", "fastattn"):
+        torch.manual_seed(0)
+        model = transformers.T5ForConditionalGeneration._from_config(
+            copy.deepcopy(config), attn_implementation=implementation).train()
+        loss = model(input_ids=ids, attention_mask=attention_mask, labels=labels).loss
+        loss.backward()
+        results[implementation] = (loss.detach(), {
+            name: parameter.grad for name, parameter in model.named_parameters()
+            if parameter.grad is not None})
+    record("t5 loss", results["fastattn"][0], results["eager"][0])
+    grads, eager_grads = results["fastattn"][1], results["eager"][1]
+    assert grads.keys() == eager_grads.keys()
+    bias_names = [name for name in grads if "relative_attention_bias" in name]
+    assert bias_names and all(grads[name].abs().max() > 0 for name in bias_names)
+    for name, gradient in grads.items():
+        record("t5 gradients (relative_attention_bias included)", gradient, eager_grads[name])
 
 
 def test_gemma2_softcap():
