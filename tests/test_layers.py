@@ -475,3 +475,51 @@ def test_linear_merges_heads(shape, dtype):
     assert got.shape == (batch, length, 40) and got.dtype == dtype
     tolerance = 1e-4 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(got, expected, rtol=tolerance, atol=tolerance * heads * head_dim)
+
+
+# ---------------------------------------------------------------- dropout
+
+def test_attention_dropout_in_training_mode_only(rng):
+    """In training mode each call draws a seed from the layer's rng and drops with it;
+    the result equals the kernel called on the layer's projections with that seed."""
+    layer = fastattn.MultiHeadAttention(16, 4, dtype=np.float64, seed=3, dropout=0.3,
+                                        rng=np.random.default_rng(9))
+    x = rng.standard_normal((2, 12, 16))
+    evaluated = layer(x, causal=True)
+    np.testing.assert_array_equal(evaluated, layer(x, causal=True))  # eval: no dropout
+    layer.train()
+    trained = [layer(x, causal=True) for _ in range(2)]
+    assert np.abs(trained[0] - evaluated).max() > 1e-3
+    assert np.abs(trained[0] - trained[1]).max() > 1e-3  # a new seed per call
+    seeds = np.random.default_rng(9)
+    for out in trained:
+        seed = int(seeds.integers(0, 2 ** 63, dtype=np.int64))
+        heads = lambda w, b: (x @ w.T + b).reshape(2, 12, 4, 4).transpose(0, 2, 1, 3)  # noqa: E731
+        attended = reference.scaled_dot_product_attention(
+            heads(layer.w_query, layer.b_query), heads(layer.w_key, layer.b_key),
+            heads(layer.w_value, layer.b_value), causal=True, dropout_p=0.3,
+            dropout_seed=seed)  # (2, H, L, d)
+        expected = attended.transpose(0, 2, 1, 3).reshape(2, 12, 16) @ layer.w_out.T + layer.b_out
+        np.testing.assert_allclose(out, expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(layer.eval()(x, causal=True), evaluated)
+
+
+def test_transformer_layers_switch_their_attentions(rng):
+    encoder = fastattn.TransformerEncoderLayer(16, 4, 32, dropout=0.5, seed=1, dtype=np.float64)
+    decoder = fastattn.TransformerDecoderLayer(16, 4, 32, dropout=0.5, seed=1, dtype=np.float64)
+    x = rng.standard_normal((2, 6, 16))
+    for layer, call in ((encoder, lambda: encoder(x)), (decoder, lambda: decoder(x, x))):
+        before = call()
+        assert layer.train() is layer
+        assert np.abs(call() - before).max() > 1e-3
+        np.testing.assert_array_equal(layer.eval()(*((x,) if layer is encoder else (x, x))),
+                                      before)
+
+
+@pytest.mark.parametrize("dropout, error", [(1.0, ValueError), (-0.5, ValueError),
+                                            ("0.1", TypeError)])
+def test_bad_dropout_is_refused(dropout, error):
+    with pytest.raises(error, match="dropout_p"):
+        fastattn.MultiHeadAttention(16, 4, dropout=dropout)
+    with pytest.raises(TypeError, match="rng must be a numpy.random.Generator"):
+        fastattn.MultiHeadAttention(16, 4, dropout=0.1, rng=42)

@@ -254,7 +254,7 @@ def _plain_problem_fields(q_shape, k_shape, v_shape, q_dtype, k_dtype, v_dtype, 
 
 
 def checked_problem(query, key, value, *, mask=None, kv_lengths=None, causal=False,
-                    gqa_group=1):
+                    gqa_group=1, dropout_p=0.0, dropout_seed=None):
     """An :class:`AttentionProblem` from operands a caller has already checked.
 
     For the layers, which check their inputs, mask and ``kv_lengths`` (with messages
@@ -262,11 +262,12 @@ def checked_problem(query, key, value, *, mask=None, kv_lengths=None, causal=Fal
     second pass over the same checks. ``query`` ``(B, H, Lq, d)``, ``key`` and
     ``value`` ``(B, Hkv, Lk, d)`` share one float dtype; ``mask`` broadcasts to
     ``(B, H, Lq, Lk)``; ``kv_lengths`` is int64 ``(B,)``; the scale is the default
-    and the causal rule top-left.
+    and the causal rule top-left; ``dropout_p`` and ``dropout_seed`` as the options.
     """
     dtype = query.dtype
     q_len, kv_len, head_dim, value_dim = matrix_dims(query, key, value)
-    options = AttentionOptions(causal=causal, kv_lengths=kv_lengths)
+    options = AttentionOptions(causal=causal, kv_lengths=kv_lengths, dropout_p=dropout_p,
+                               dropout_seed=dropout_seed)
     return AttentionProblem(
         query=query, key=key, value=value, mask=mask, options=options,
         batch_shape=query.shape[:-2], q_len=q_len, kv_len=kv_len, head_dim=head_dim,

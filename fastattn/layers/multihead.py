@@ -6,6 +6,7 @@ from fastattn._contract.arguments import (as_mask_array, as_real_array, check_kv
                                        result_dtypes)
 from fastattn.layers.common import check_dtype, check_size, check_state
 from fastattn.layers.linear import linear
+from fastattn._contract.options import AttentionOptions
 from fastattn._contract.problem import checked_problem
 
 
@@ -38,6 +39,13 @@ class MultiHeadAttention:
         Of the parameters (float32 or float64); see Notes for the computation's.
     seed : int, optional
         Seeds the initial weights (Xavier-uniform projections, zero biases, as PyTorch).
+    dropout : float, default 0.0
+        Attention dropout in ``[0, 1)``, applied while the layer is in training mode
+        (:meth:`train`; a new layer is in evaluation mode, as it serves inference).
+        Each call then draws a dropout seed from ``rng``
+        (see ``dropout_p`` of :func:`fastattn.scaled_dot_product_attention`).
+    rng : numpy.random.Generator, optional
+        Where the dropout seeds come from (default: a generator seeded with ``seed``).
 
     Notes
     -----
@@ -63,7 +71,7 @@ class MultiHeadAttention:
     """
 
     def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, kdim=None, vdim=None,
-                 bias=True, dtype=np.float32, seed=None):
+                 bias=True, dtype=np.float32, seed=None, dropout=0.0, rng=None):
         embed_dim = check_size("embed_dim", embed_dim)
         num_heads = check_size("num_heads", num_heads)
         num_kv_heads = num_heads if num_kv_heads is None else check_size("num_kv_heads",
@@ -81,6 +89,12 @@ class MultiHeadAttention:
         self.head_dim = embed_dim // num_heads
         self.kv_dim = self.head_dim * num_kv_heads
         self.has_bias = bias
+        # checked as the kernel checks dropout_p (a ValueError naming it)
+        self.dropout = AttentionOptions(dropout_p=dropout, dropout_seed=0).dropout_p
+        self.training = False
+        self.rng = np.random.default_rng(seed) if rng is None else rng
+        if not isinstance(self.rng, np.random.Generator):
+            raise TypeError(f"rng must be a numpy.random.Generator; got {type(rng).__name__}")
 
         rng = np.random.default_rng(seed)
 
@@ -95,6 +109,16 @@ class MultiHeadAttention:
         zeros = (lambda size: np.zeros(size, self.dtype)) if bias else (lambda size: None)
         self.b_query, self.b_key = zeros(embed_dim), zeros(self.kv_dim)
         self.b_value, self.b_out = zeros(self.kv_dim), zeros(embed_dim)
+
+    def train(self, mode=True):
+        """Training mode (``mode=True``: dropout applies) or evaluation mode; returns
+        the layer, as PyTorch's ``Module.train``."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Evaluation mode: no dropout. Returns the layer."""
+        return self.train(False)
 
     # ------------------------------------------------------------ forward
 
@@ -163,8 +187,12 @@ class MultiHeadAttention:
         v = linear(value, self.w_value, self.b_value,
                    split_heads=self.num_kv_heads)  # (B, Hkv, Lk, d_h)
         # the mask and kv_lengths are checked above: the problem is built, not re-checked
+        dropout = {}
+        if self.training and self.dropout > 0.0:  # a fresh seed per call
+            dropout = dict(dropout_p=self.dropout,
+                           dropout_seed=int(self.rng.integers(0, 2 ** 63, dtype=np.int64)))
         problem = checked_problem(q, k, v, mask=mask, kv_lengths=kv_lengths, causal=causal,
-                                  gqa_group=self.num_heads // self.num_kv_heads)
+                                  gqa_group=self.num_heads // self.num_kv_heads, **dropout)
         heads, weights, _ = run_forward(problem, return_weights)  # (B, H, Lq, d_h)
         weights = weights if return_weights else None
         out = linear(heads, self.w_out, self.b_out, merge_heads=True)  # (B, Lq, E)

@@ -12,9 +12,24 @@ def _prefixed(state, prefix):
 
 
 class _LayerBase:
-    """Sub-layers stored under PyTorch's state_dict prefixes."""
+    """Sub-layers stored under PyTorch's state_dict prefixes; training mode switches
+    the attention dropout of every attention sub-layer."""
 
     _parts = ()  # (prefix, attribute) pairs
+
+    def train(self, mode=True):
+        """Training mode (attention dropout applies) or evaluation mode (the default,
+        ``mode=False``); returns the layer. Only the attention's dropout is modelled
+        (the ``dropout`` argument), not PyTorch's residual and feed-forward dropouts."""
+        for _, attribute in self._parts:
+            part = getattr(self, attribute)
+            if isinstance(part, MultiHeadAttention):
+                part.train(mode)
+        return self
+
+    def eval(self):
+        """Evaluation mode: no dropout. Returns the layer."""
+        return self.train(False)
 
     def state_dict(self):
         state = {}
@@ -60,17 +75,19 @@ class TransformerEncoderLayer(_LayerBase):
 
     Matches ``torch.nn.TransformerEncoderLayer(batch_first=True)`` in evaluation mode
     (no dropout), whose state_dict it loads (``self_attn.*``, ``linear1.*``,
-    ``linear2.*``, ``norm1.*``, ``norm2.*``).
+    ``linear2.*``, ``norm1.*``, ``norm2.*``). ``dropout=p`` gives the attention
+    dropout ``p`` in training mode (:meth:`train`); see :class:`MultiHeadAttention`.
     """
 
     _parts = (("self_attn.", "self_attn"), ("norm1.", "norm1"), ("norm2.", "norm2"))
 
     def __init__(self, d_model, nhead, dim_feedforward=2048, *, norm_first=False,
-                 activation="relu", layer_norm_eps=1e-5, dtype=np.float32, seed=None):
+                 activation="relu", layer_norm_eps=1e-5, dtype=np.float32, seed=None,
+                 dropout=0.0):
         rng = np.random.default_rng(seed)
         self.norm_first = norm_first
         self.self_attn = MultiHeadAttention(d_model, nhead, dtype=dtype,
-                                            seed=int(rng.integers(2 ** 31)))
+                                            seed=int(rng.integers(2 ** 31)), dropout=dropout)
         self.feed_forward = FeedForward(d_model, dim_feedforward, activation=activation,
                                         dtype=dtype, rng=rng)
         self.norm1 = LayerNorm(d_model, layer_norm_eps, dtype=dtype)
@@ -115,19 +132,21 @@ class TransformerDecoderLayer(_LayerBase):
 
     Matches ``torch.nn.TransformerDecoderLayer(batch_first=True)`` in evaluation mode;
     state keys ``self_attn.*``, ``multihead_attn.*``, ``linear1/2.*``, ``norm1/2/3.*``.
+    ``dropout=p`` gives both attentions dropout ``p`` in training mode (:meth:`train`).
     """
 
     _parts = (("self_attn.", "self_attn"), ("multihead_attn.", "cross_attn"),
               ("norm1.", "norm1"), ("norm2.", "norm2"), ("norm3.", "norm3"))
 
     def __init__(self, d_model, nhead, dim_feedforward=2048, *, norm_first=False,
-                 activation="relu", layer_norm_eps=1e-5, dtype=np.float32, seed=None):
+                 activation="relu", layer_norm_eps=1e-5, dtype=np.float32, seed=None,
+                 dropout=0.0):
         rng = np.random.default_rng(seed)
         self.norm_first = norm_first
         self.self_attn = MultiHeadAttention(d_model, nhead, dtype=dtype,
-                                            seed=int(rng.integers(2 ** 31)))
+                                            seed=int(rng.integers(2 ** 31)), dropout=dropout)
         self.cross_attn = MultiHeadAttention(d_model, nhead, dtype=dtype,
-                                             seed=int(rng.integers(2 ** 31)))
+                                             seed=int(rng.integers(2 ** 31)), dropout=dropout)
         self.feed_forward = FeedForward(d_model, dim_feedforward, activation=activation,
                                         dtype=dtype, rng=rng)
         self.norm1, self.norm2, self.norm3 = (LayerNorm(d_model, layer_norm_eps, dtype=dtype)
