@@ -1,7 +1,7 @@
 """Interleaved cost of score options and user score functions (issue 11's goals).
 
 usage: python asv_benchmarks/score_ratios.py [--groups builtins score_mod window documents
-                                              flex compile] [--rounds 15]
+                                              dropout bias_grad flex compile] [--rounds 15]
 
 float32 ``(B=1, H=8, L, D=64)`` forwards, 2 threads. Within a group, each round times
 every case once in turn, and each ratio is taken within the round, so machine drift
@@ -19,6 +19,10 @@ cancels; the script prints the median of the per-round ratios with their min and
   with ``math.tanh``, and with ``fastattn.score_math.tanh``) against PyTorch's
   FlexAttention under ``torch.compile`` with the same ``score_mod`` (inference),
   each in a process of its own, timed in turn; goal <= 1.0 x.
+- ``dropout`` (L = 2048): attention dropout p = 0.1 over the same call without it,
+  forward (goal <= 1.20 x) and backward (goal <= 1.25 x).
+- ``bias_grad`` (L = 2048, a per-head ``(H, L, L)`` bias): the backward that also
+  returns the bias gradient over the same backward without it (goal <= 1.30 x).
 - ``compile``: seconds to the first result of a call with a new ``score_mod``, in a
   new process, with the kernels compiled (cold cache) and cached; and with a
   module-level ``cache=True`` ``score_mod`` compiled in an earlier process. Goals
@@ -75,6 +79,20 @@ def group_cases(group):
     if group == "documents":
         return 8192, block_and_dense(score_functions.documents(DOCUMENT), 8192), [
             ("dense mask", "block mask", ">= 6")]
+    if group == "dropout":
+        dropout = dict(dropout_p=0.1, dropout_seed=12345)
+        return 2048, {"plain": {}, "dropout": dropout,
+                      "plain backward": dict(kind="backward"),
+                      "dropout backward": dict(dropout, kind="backward")}, [
+            ("dropout", "plain", "<= 1.20"), ("dropout backward", "plain backward", "<= 1.25")]
+    if group == "bias_grad":
+        length = 2048
+        bias = np.random.default_rng(2).standard_normal((HEADS, length, length)).astype(
+            np.float32)  # (H, L, L)
+        return length, {"bias backward": dict(bias=bias, kind="backward"),
+                        "bias backward + bias grad": dict(bias=bias, kind="backward",
+                                                          return_bias_grad=True)}, [
+            ("bias backward + bias grad", "bias backward", "<= 1.30")]
     raise ValueError(group)
 
 
@@ -98,6 +116,17 @@ def run_group(group, rounds):
     for name, options in cases.items():
         options = dict(options)
         mask = options.pop("mask", None)
+        kind = options.pop("kind", "forward")
+        return_bias_grad = options.pop("return_bias_grad", False)
+        if kind == "backward":  # the gradients alone, given the forward's out and lse
+            out, lse = fastattn.scaled_dot_product_attention(query, key, value, mask,
+                                                             return_lse=True, **options)
+            calls[name] = (lambda mask=mask, options=options, out=out, lse=lse,
+                           return_bias_grad=return_bias_grad:
+                           fastattn.scaled_dot_product_attention_backward(
+                               out, query, key, value, out, lse, mask,
+                               return_bias_grad=return_bias_grad, **options))
+            continue
         calls[name] = (lambda mask=mask, options=options:
                        fastattn.scaled_dot_product_attention(query, key, value, mask, **options))
     for call in calls.values():  # compile or load, warm up
@@ -255,8 +284,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--groups", nargs="+",
                         default=["builtins", "score_mod", "window", "documents"],
-                        choices=["builtins", "score_mod", "window", "documents", "flex",
-                                 "compile"])
+                        choices=["builtins", "score_mod", "window", "documents", "dropout",
+                                 "bias_grad", "flex", "compile"])
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
     for group in args.groups:

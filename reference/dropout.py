@@ -2,8 +2,9 @@
 
 The same generator as the kernels' (:mod:`fastattn.kernels.dropout`), vectorised
 over whole arrays of counters: the decision for query ``i`` and key ``j`` of batch
-entry ``(b, h)`` is word ``i % 4`` of Philox4x32-10 at counter ``(j, i // 4, h, b)``
-with the seed as key; the probability is kept iff ``word >= round(p * 2**32)``.
+entry ``(b, h)`` is 16-bit half ``i % 8`` (of word ``(i % 8) // 2``, the low half for
+even ``i``) of Philox4x32-10 at counter ``(j, i // 8, h, b)`` with the seed as key;
+the probability is kept iff that half is ``>= min(round(p * 2**16), 2**16 - 1)``.
 """
 
 import numpy as np
@@ -28,8 +29,8 @@ def philox4x32(counter, seed):
 
 
 def threshold(p):
-    """The 32-bit threshold of drop probability ``p``: ``round(p * 2**32)``."""
-    return int(round(p * 2.0 ** 32))
+    """The 16-bit threshold of drop probability ``p``: ``min(round(p * 2**16), 2**16 - 1)``."""
+    return min(int(round(p * 65536.0)), 65535)
 
 
 def keep_mask(seed, p, batch_shape, q_len, kv_len, heads):
@@ -44,11 +45,13 @@ def keep_mask(seed, p, batch_shape, q_len, kv_len, heads):
     keys = np.arange(kv_len, dtype=np.uint64)[None, None, :]  # (1, 1, Lk)
     b, h = entry // np.uint64(heads), entry % np.uint64(heads)  # (N, 1, 1) each
     shape = (n_batch, q_len, kv_len)
-    counter = [np.broadcast_to(word, shape) for word in (keys, rows >> np.uint64(2), h, b)]
+    counter = [np.broadcast_to(word, shape) for word in (keys, rows >> np.uint64(3), h, b)]
     words = np.stack(philox4x32(counter, seed), axis=-1)  # (N, Lq, Lk, 4)
-    lane = (rows % np.uint64(4)).astype(np.intp)  # (1, Lq, 1)
-    chosen = np.take_along_axis(words, np.broadcast_to(lane, shape)[..., None], axis=-1)[..., 0]
-    return (chosen >= np.uint64(threshold(p))).reshape(tuple(batch_shape) + (q_len, kv_len))
+    lane = rows % np.uint64(8)  # (1, Lq, 1) which 16-bit half of the four words
+    word_index = np.broadcast_to((lane >> np.uint64(1)).astype(np.intp), shape)  # (N, Lq, Lk)
+    chosen = np.take_along_axis(words, word_index[..., None], axis=-1)[..., 0]  # (N, Lq, Lk)
+    half = (chosen >> (np.uint64(16) * (lane & np.uint64(1)))) & np.uint64(0xFFFF)  # (N, Lq, Lk)
+    return (half >= np.uint64(threshold(p))).reshape(tuple(batch_shape) + (q_len, kv_len))
 
 
 def dropout_factors(problem):

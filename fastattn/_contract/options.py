@@ -304,7 +304,8 @@ OPTION_DOCS = {
     "dropout_p": ("float, default 0.0", """
         Attention dropout, in ``[0, 1)``: each probability ``P[i, j]`` is kept with
         probability ``1 - dropout_p`` and scaled by ``1 / (1 - dropout_p)`` (PyTorch's
-        ``dropout_p``). ``return_weights`` and ``lse`` are before dropout."""),
+        ``dropout_p``); the drop probability is applied at a resolution of ``2**-16``
+        (at most ``7.7e-6`` off). ``return_weights`` and ``lse`` are before dropout."""),
     "dropout_seed": ("int, optional", """
         Required when ``dropout_p > 0``, below ``2**64``. Each decision is a pure
         function of ``(dropout_seed, b, h, i, j)`` (Philox4x32-10, a counter-based

@@ -30,6 +30,7 @@ import math
 import numpy as np
 
 from fastattn.blas import gemm_address
+from fastattn.kernels.dropout import dropout_threshold
 from fastattn.kernels.groups import Inputs, ScoreOperand, ScoreOptions, Visibility
 
 
@@ -99,7 +100,7 @@ def score_options(problem, hook):
                                                         np.float64),  # (N,)
                       has_alibi=True)
     if options.dropout_p > 0.0:
-        fields.update(has_dropout=True, dropout_threshold=round(options.dropout_p * 2.0 ** 32),
+        fields.update(has_dropout=True, dropout_threshold=dropout_threshold(options.dropout_p),
                       dropout_keep_scale=1.0 / (1.0 - options.dropout_p),
                       dropout_seed_low=options.dropout_seed & 0xFFFFFFFF,
                       dropout_seed_high=options.dropout_seed >> 32)

@@ -5,14 +5,18 @@ backward regenerate the same decisions without storing them, and they do not dep
 on the thread count, the tiling or the dtype. Philox4x32-10 (Salmon et al., "Parallel
 random numbers: as easy as 1, 2, 3", SC 2011; the generator of PyTorch's and
 FlashAttention's dropout) maps a 128-bit counter and a 64-bit key to four 32-bit
-words; fastattn's counter for key ``j`` and queries ``4q .. 4q + 3`` of batch entry
-``(b, h)`` is ``(j, q, h, b)``, its key the seed, and word ``i % 4`` decides query
-``i``: kept iff ``word >= threshold`` with ``threshold = round(p * 2**32)``. Kept
-probabilities are scaled by ``1 / (1 - p)``.
+words, eight 16-bit halves. fastattn's counter for key ``j`` and queries ``8o .. 8o +
+7`` of batch entry ``(b, h)`` is ``(j, o, h, b)``, its key the seed; query ``i`` takes
+half ``i % 8`` (word ``(i % 8) // 2``, low half for even ``i``) and its probability is
+dropped iff that half is below ``threshold = min(round(p * 2**16), 2**16 - 1)``: the
+drop probability is ``p`` rounded to a multiple of ``2**-16`` (at most ``7.7e-6``
+off). Kept probabilities are scaled by ``1 / (1 - p)``.
 
-One counter serves four rows of a key's column, so the loop over a block's columns
-computes one Philox per column for each quad of rows, branch-free, at the CPU's
-vector width. ``reference.dropout`` computes the same words with NumPy.
+One counter serves eight rows of a key's column: the loop over a block's columns
+computes one Philox per column for each octet of rows, branch-free, at the CPU's
+vector width (16-bit halves rather than whole words halve that work, as
+FlashAttention's 8-bit ones quarter it at a coarser resolution).
+``reference.dropout`` computes the same decisions with NumPy.
 """
 
 import numpy as np
@@ -28,6 +32,8 @@ PHILOX_W0, PHILOX_W1 = np.uint64(0x9E3779B9), np.uint64(0xBB67AE85)
 PHILOX_ROUNDS = 10
 WORD = np.uint64(0xFFFFFFFF)
 SHIFT = np.uint64(32)
+HALF = np.uint64(0xFFFF)
+HALF_SHIFT = np.uint64(16)
 
 
 @njit(inline="always")
@@ -82,10 +88,10 @@ def drop_in_place(block, row_start, key_start, entry, options):
     kept one.
 
     ``options`` (the kernels' ``ScoreOptions``) carries ``dropout_seed_low``,
-    ``dropout_seed_high`` (the seed's two 32-bit halves), ``dropout_threshold``
-    (``round(p * 2**32)``) and ``dropout_keep_scale``. Rows go by quads of absolute
-    positions ``4q .. 4q + 3`` (one counter per key and quad): the quad's words are
-    computed into a small buffer, then applied row by row; a quad the block cuts is
+    ``dropout_seed_high`` (the seed's two 32-bit halves), ``dropout_threshold`` (the
+    16-bit threshold) and ``dropout_keep_scale``. Rows go by octets of absolute
+    positions ``8o .. 8o + 7`` (one counter per key and octet): the octet's halves are
+    computed into a small buffer, then applied row by row; an octet the block cuts is
     computed whole and only its rows inside the block are touched.
     """
     full_width_vectors()
@@ -96,38 +102,51 @@ def drop_in_place(block, row_start, key_start, entry, options):
     head = np.uint64(entry % options.heads) & WORD
     key0 = np.uint64(options.dropout_seed_low) & WORD
     key1 = np.uint64(options.dropout_seed_high) & WORD
-    threshold = np.uint64(options.dropout_threshold)
+    threshold = np.uint16(options.dropout_threshold)
     keep_scale = cast_like(options.dropout_keep_scale, block)
     zero = cast_like(0.0, block)
-    words = np.empty((4, cols), np.uint32)  # a quad's words, one row of them per query
-    for quad in range(row_start >> 2, ((row_start + rows - 1) >> 2) + 1):
-        first = quad * 4 - row_start  # block row of the quad's query 4 * quad
-        fill_quad_words(words, quad, key_start, head, batch, key0, key1)
-        for lane in range(4):
+    halves = np.empty((8, cols), np.uint16)  # an octet's decisions, one row per query
+    for octet in range(row_start >> 3, ((row_start + rows - 1) >> 3) + 1):
+        first = octet * 8 - row_start  # block row of the octet's query 8 * octet
+        fill_octet_halves(halves, octet, key_start, head, batch, key0, key1)
+        for lane in range(8):
             r = first + lane
-            if 0 <= r < rows:  # all four but in a quad the block cuts
+            if 0 <= r < rows:  # all eight but in an octet the block cuts
                 for c in range(cols):
-                    block[r, c] *= keep_scale if np.uint64(words[lane, c]) >= threshold else zero
+                    block[r, c] *= keep_scale if halves[lane, c] >= threshold else zero
 
 
 @jit_helper
-def fill_quad_words(words, quad, key_start, head, batch, key0, key1):
-    """``words`` ``(4, cols)``: the Philox words of queries ``4 * quad + lane`` and keys
-    ``key_start + c`` (a loop with no branch and no aliasing store: it vectorises)."""
+def fill_octet_halves(halves, octet, key_start, head, batch, key0, key1):
+    """``halves`` ``(8, cols)``: the Philox halves of queries ``8 * octet + lane`` and
+    keys ``key_start + c`` (a loop with no branch and no aliasing store: it
+    vectorises)."""
     full_width_vectors()
-    quad_word = np.uint64(quad) & WORD
-    for c in range(words.shape[1]):
-        w0, w1, w2, w3 = philox10(np.uint64(key_start + c) & WORD, quad_word, head, batch,
+    octet_word = np.uint64(octet) & WORD
+    for c in range(halves.shape[1]):
+        w0, w1, w2, w3 = philox10(np.uint64(key_start + c) & WORD, octet_word, head, batch,
                                   key0, key1)
-        words[0, c] = np.uint32(w0)
-        words[1, c] = np.uint32(w1)
-        words[2, c] = np.uint32(w2)
-        words[3, c] = np.uint32(w3)
+        halves[0, c] = np.uint16(w0 & HALF)
+        halves[1, c] = np.uint16(w0 >> HALF_SHIFT)
+        halves[2, c] = np.uint16(w1 & HALF)
+        halves[3, c] = np.uint16(w1 >> HALF_SHIFT)
+        halves[4, c] = np.uint16(w2 & HALF)
+        halves[5, c] = np.uint16(w2 >> HALF_SHIFT)
+        halves[6, c] = np.uint16(w3 & HALF)
+        halves[7, c] = np.uint16(w3 >> HALF_SHIFT)
 
 
 @jit_helper
 def keep_factor(row, key, entry, options):
     """The dropout factor of one probability (see :func:`drop_in_place`), as a float."""
-    words = philox_words(key, row >> 2, entry % options.heads, entry // options.heads,
+    words = philox_words(key, row >> 3, entry % options.heads, entry // options.heads,
                          options.dropout_seed_low, options.dropout_seed_high)
-    return options.dropout_keep_scale if words[row & 3] >= options.dropout_threshold else 0.0
+    lane = row & 7
+    half = (words[lane >> 1] >> (16 * (lane & 1))) & 0xFFFF
+    return options.dropout_keep_scale if half >= options.dropout_threshold else 0.0
+
+
+def dropout_threshold(dropout_p):
+    """The 16-bit threshold of drop probability ``dropout_p`` (a half below it drops):
+    ``min(round(p * 2**16), 2**16 - 1)``."""
+    return min(round(dropout_p * 65536.0), 65535)

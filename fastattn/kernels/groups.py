@@ -84,7 +84,7 @@ the block ``hook`` applying the user's ``score_mod`` (``has_score_mod``) and
 of the batch axis that the user functions' ``h`` indexes (``b, h = divmod(entry,
 heads)``); the address of the BLAS ``gemm`` that forms the block products
 (:mod:`fastattn.kernels.products`); and, with ``has_dropout``, the dropout
-decisions' ``dropout_threshold`` (``round(p * 2**32)``), ``dropout_keep_scale``
+decisions' 16-bit ``dropout_threshold``, ``dropout_keep_scale``
 (``1 / (1 - p)``) and the seed's 32-bit halves (:mod:`fastattn.kernels.dropout`).""", [
     ("scale", FLOAT), ("softcap", FLOAT), ("has_softcap", FLAG),
     ("alibi_slopes", fixed(np.float64, 1)), ("has_alibi", FLAG),
