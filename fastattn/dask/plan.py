@@ -4,11 +4,13 @@ The arguments are checked by the local call's own rules, with nothing computed a
 no kernel run: :func:`~fastattn._contract.problem.check_attention` (and, for the
 backward, :func:`~fastattn._contract.problem.check_backward_arrays`) checks the
 NumPy operands as they are and each Dask operand through a stand-in of its shape and
-dtype that holds no data (a zero-strided view of one zero). A bad call therefore
-raises what :func:`fastattn.scaled_dot_product_attention` raises for the same
-arguments, with its message, when the graph is built; only what lies in the data of
-a Dask operand (a ``+inf`` in a Dask ``bias``) is left to the task that reads it. A
-Dask ``kv_lengths`` is computed here, since it decides which tasks exist.
+dtype that holds no data (a zero-strided view of one zero; a Dask bias's last two
+dims, once they fit ``(Lq, Lk)``, cut to 1 so that the check for ``+inf`` builds no
+``(*batch, Lq, Lk)`` array). A bad call therefore raises what
+:func:`fastattn.scaled_dot_product_attention` raises for the same arguments, with
+its message, when the graph is built; only what lies in the data of a Dask operand
+(a ``+inf`` in a Dask ``bias``) is left to the task that reads it. A Dask
+``kv_lengths`` is computed here, since it decides which tasks exist.
 
 The checked problem (:class:`~fastattn._contract.problem.AttentionProblem`) gives
 the sizes, dtypes, diagonal offset and key reach; :mod:`fastattn.dask.chunks`
@@ -42,8 +44,8 @@ class ChunkPlan:
     ----------
     problem : AttentionProblem
         The call as checked by the local call's rules, on stand-ins of its Dask
-        operands (so ``problem.query`` and the like hold no data; use the arrays
-        below). It gives the batch shape, ``Lq``, ``Lk``, ``Dk``, ``Dv``, the GQA
+        operands (so ``problem.query``, ``problem.mask`` and ``problem.options.bias``
+        may be stand-ins that hold no data; use the arrays below). It gives the batch shape, ``Lq``, ``Lk``, ``Dk``, ``Dv``, the GQA
         group, the compute and result dtypes, the diagonal offset ``diag_offset``
         and the checked options (``options.kv_lengths``: int64, one entry per index
         of the first batch axis, or None).
