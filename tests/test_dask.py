@@ -318,6 +318,26 @@ def test_invisible_chunk_pairs_make_no_task(rng):
                for g in backward)
 
 
+@pytest.mark.parametrize("options", [{}, {"causal": True, "causal_alignment": "bottom_right"},
+                                     {"window": (3, 40)}])
+def test_the_plan_takes_the_problem_s_rules(rng, options):
+    """One reach rule and one diagonal offset: the plan's are the contract's."""
+    from fastattn._contract.arguments import diagonal_offset
+    from fastattn._contract.options import AttentionOptions
+    from fastattn._contract.problem import key_reach
+    from fastattn.dask.plan import plan_attention
+
+    query = da.from_array(normal(rng, (2, 37, 8)), chunks=(1, 10, 8))
+    key = da.from_array(normal(rng, (2, 53, 8)), chunks=(1, 16, 8))
+    checked = AttentionOptions(**options)
+    plan = plan_attention(query, key, key, None, checked)
+    assert plan.reach == key_reach(checked.window, checked.causal, 37, 53)
+    assert plan.problem.diag_offset == diagonal_offset(checked.causal_alignment, 37, 53)
+    assert (plan.q_chunks, plan.kv_chunks) == ((10, 10, 10, 7), (16, 16, 16, 5))
+    with pytest.raises(AttributeError):  # frozen
+        plan.reach = (0, 0)
+
+
 def test_merge_tree_keeps_each_task_small(rng):
     query = da.from_array(normal(rng, (1, 4, 8)), chunks=(1, 4, 8))
     key = da.from_array(normal(rng, (1, 64, 8)), chunks=(1, 4, 8))  # 16 key chunks
