@@ -26,6 +26,7 @@ cloudpickle = pytest.importorskip("cloudpickle")
 
 import fastattn  # noqa: E402
 import fastattn.dask as fdask  # noqa: E402
+from fastattn.dask.tasks import task_threads  # noqa: E402
 import reference  # noqa: E402
 from conftest import TOLERANCE  # noqa: E402
 
@@ -317,6 +318,26 @@ def test_invisible_chunk_pairs_make_no_task(rng):
                for g in backward)
 
 
+@pytest.mark.parametrize("options", [{}, {"causal": True, "causal_alignment": "bottom_right"},
+                                     {"window": (3, 40)}])
+def test_the_plan_takes_the_problem_s_rules(rng, options):
+    """One reach rule and one diagonal offset: the plan's are the contract's."""
+    from fastattn._contract.arguments import diagonal_offset
+    from fastattn._contract.options import AttentionOptions
+    from fastattn._contract.problem import key_reach
+    from fastattn.dask.plan import plan_attention
+
+    query = da.from_array(normal(rng, (2, 37, 8)), chunks=(1, 10, 8))
+    key = da.from_array(normal(rng, (2, 53, 8)), chunks=(1, 16, 8))
+    checked = AttentionOptions(**options)
+    plan = plan_attention(query, key, key, None, checked)
+    assert plan.reach == key_reach(checked.window, checked.causal, 37, 53)
+    assert plan.problem.diag_offset == diagonal_offset(checked.causal_alignment, 37, 53)
+    assert (plan.q_chunks, plan.kv_chunks) == ((10, 10, 10, 7), (16, 16, 16, 5))
+    with pytest.raises(AttributeError):  # frozen
+        plan.reach = (0, 0)
+
+
 def test_merge_tree_keeps_each_task_small(rng):
     query = da.from_array(normal(rng, (1, 4, 8)), chunks=(1, 4, 8))
     key = da.from_array(normal(rng, (1, 64, 8)), chunks=(1, 4, 8))  # 16 key chunks
@@ -369,6 +390,87 @@ def test_bad_input_gets_the_local_error_when_the_graph_is_built(bad):
 
 def _refuse_to_compute(*args, **kwargs):
     raise AssertionError("a graph ran while the error should come from building it")
+
+
+# Bad arguments given as Dask arrays (or options next to them): (query dtype, mask,
+# options). The mask, bias and kv_lengths named "lazy" are Dask arrays.
+BAD_LAZY_CALLS = {
+    "query dtype": (np.complex128, None, {}),
+    "query dtype object": (object, None, {}),
+    "mask dtype": (np.float64, "lazy float mask", {}),
+    "bias dtype": (np.float64, None, {"bias": "lazy complex bias"}),
+    "bias trailing dims": (np.float64, None, {"bias": "lazy bias (5, 5)"}),
+    "bias batch": (np.float64, None, {"bias": "lazy bias (3, 5, 6)"}),
+    "window negative": (np.float64, None, {"window": (2, -1)}),
+    "window not an int": (np.float64, None, {"window": (1.5, 2)}),
+    "window not a pair": (np.float64, None, {"window": 3}),
+    "kv_lengths dtype": (np.float64, None, {"kv_lengths": "lazy float kv_lengths"}),
+    "kv_lengths range": (np.float64, None, {"kv_lengths": "lazy kv_lengths [1, 7]"}),
+    "kv_lengths shape": (np.float64, None, {"kv_lengths": [[1, 2]]}),
+}
+
+
+def lazy_argument(description):
+    """The NumPy value of a "lazy ..." description, and its Dask version."""
+    values = {"lazy float mask": np.ones((2, 5, 6)),
+              "lazy complex bias": np.zeros((5, 6), complex),
+              "lazy bias (5, 5)": np.zeros((5, 5)),
+              "lazy bias (3, 5, 6)": np.zeros((3, 5, 6)),
+              "lazy float kv_lengths": np.array([1.0, 2.0]),
+              "lazy kv_lengths [1, 7]": np.array([1, 7])}
+    if not isinstance(description, str) or description not in values:
+        return description, description
+    return values[description], da.from_array(values[description], chunks=1)
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_LAZY_CALLS))
+def test_bad_dask_arguments_get_the_local_call_s_exact_message(bad):
+    """Checked by the local rules on stand-ins of the Dask operands: the local call's
+    exception type and message, with no kernel run and nothing computed (a Dask
+    kv_lengths excepted)."""
+    dtype, mask, options = BAD_LAZY_CALLS[bad]
+    arrays = [np.zeros(shape, dtype) for shape in ((2, 5, 8), (2, 6, 8), (2, 6, 8))]
+    local_mask, lazy_mask = lazy_argument(mask)
+    local_options = {name: lazy_argument(value)[0] for name, value in options.items()}
+    lazy_options = {name: lazy_argument(value)[1] for name, value in options.items()}
+    want = local_error(*arrays, local_mask, **local_options)
+    lazy = [da.from_array(array, chunks=1) for array in arrays]
+    compute_allowed = "kv_lengths" in options and isinstance(lazy_options["kv_lengths"],
+                                                             da.Array)
+    with dask.config.set(scheduler="sync" if compute_allowed else _refuse_to_compute):
+        with pytest.raises(want.type) as raised:
+            fdask.scaled_dot_product_attention(*lazy, lazy_mask, **lazy_options)
+    assert str(raised.value) == str(want.value)
+
+
+@pytest.mark.parametrize("bad", ["grad_out dtype", "lse dtype", "out shape"])
+def test_bad_backward_arrays_get_the_local_backward_s_exact_message(bad):
+    query = np.zeros((2, 5, 4))
+    grad_out, out, lse = np.zeros((2, 5, 4)), np.zeros((2, 5, 4)), np.zeros((2, 5))
+    if bad == "grad_out dtype":
+        grad_out = grad_out.astype(complex)
+    elif bad == "lse dtype":
+        lse = lse.astype("U1")
+    else:
+        out = np.zeros((2, 4, 4))
+    with pytest.raises((TypeError, ValueError)) as want:
+        fastattn.scaled_dot_product_attention_backward(grad_out, query, query, query, out, lse)
+    lazy = [da.from_array(array, chunks=1) for array in (grad_out, query, out, lse)]
+    with dask.config.set(scheduler=_refuse_to_compute):
+        with pytest.raises(want.type) as raised:
+            fdask.scaled_dot_product_attention_backward(lazy[0], lazy[1], lazy[1], lazy[1],
+                                                        lazy[2], lazy[3])
+    assert str(raised.value) == str(want.value)
+
+
+def test_a_large_dask_bias_is_checked_without_reading_its_size():
+    """The checks see a Dask bias of ``(Lq, Lk) = (2**17, 2**17)`` (128 GiB of float64)
+    through a stand-in: building the graph takes no memory of that size."""
+    length = 2 ** 17
+    query = da.zeros((1, length, 8), chunks=(1, 2 ** 14, 8))
+    bias = da.zeros((1, length, length), chunks=(1, 2 ** 14, 2 ** 14))
+    out = fdask.scaled_dot_product_attention(query, query, query, bias=bias, causal=True)
+    assert len(pair_tasks(out)) == 8 * 9 // 2
 
 
 def test_mask_chunked_unlike_the_scores_is_refused(rng):
@@ -469,13 +571,13 @@ def test_kernels_use_one_thread_per_task_on_workers(client):
 
 
 def _threads_in_task():
-    with fdask._task_threads():
+    with task_threads():
         inside = fastattn.get_num_threads()
     return inside, distributed.get_worker().state.nthreads
 
 
 def _threads_in_task_local():
-    with fdask._task_threads():
+    with task_threads():
         return fastattn.get_num_threads()
 
 

@@ -1,0 +1,213 @@
+"""The Dask graphs of a :mod:`fastattn.dask` call, built from its plan.
+
+:func:`forward_graph` makes one task per visible chunk pair (:mod:`fastattn.dask.pairs`),
+running :func:`~fastattn.dask.tasks.forward_pair`, and merges the key chunks of each
+query chunk in a tree of ``split_every`` parts per task
+(:func:`~fastattn.dask.tasks.merge_parts`); a query chunk that sees no key gets
+:func:`~fastattn.dask.tasks.unseen_rows`. :func:`backward_graph` makes one
+:func:`~fastattn.dask.tasks.backward_pair` task per visible chunk pair and sums each
+input block's gradient shares in a tree (:func:`~fastattn.dask.tasks.sum_shares`);
+a block no pair touches gets zeros.
+
+The graphs are :class:`~dask.highlevelgraph.HighLevelGraph` objects of materialized
+layers over the operands' own graphs; layer names carry the plan's token, so the
+same call builds the same keys.
+"""
+
+import functools
+import operator
+
+import dask.array as da
+import dask.base
+import numpy as np
+from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+
+from fastattn.dask.pairs import chunk_pairs
+from fastattn.dask.tasks import backward_pair, forward_pair, merge_parts, sum_shares, unseen_rows
+
+__all__ = ["forward_graph", "backward_graph"]
+
+
+# ------------------------------------------------------------------ forward
+
+def forward_graph(plan, split_every):
+    """The forward's ``(out, lse)`` as Dask arrays, for a
+    :class:`~fastattn.dask.plan.ChunkPlan` and the merge tree's ``split_every``."""
+    problem = plan.problem
+    token = dask.base.tokenize(plan.token, split_every)
+    pair_name = f"fastattn-attention-pair-{token}"
+    merge_name = f"fastattn-attention-merge-{token}"
+    out_name = f"fastattn-attention-out-{token}"
+    lse_name = f"fastattn-attention-lse-{token}"
+    n_batch = len(problem.batch_shape)
+    pair_tasks, merge_tasks, out_tasks, lse_tasks = {}, {}, {}, {}
+    parts = {}  # (batch index, query chunk, batch shape) -> keys of its pairs' results
+    for pair in chunk_pairs(plan):
+        chunk = (pair.batch_index, pair.q_index, pair.batch_shape)
+        parts.setdefault(chunk, [])
+        if pair.block is None:
+            continue
+        pair_key = (pair_name,) + pair.batch_index + (pair.q_index, pair.kv_index)
+        arguments = [_block_key(plan.query, pair.batch_index, n_batch, pair.q_index, 0),
+                     _block_key(plan.key, pair.batch_index, n_batch, pair.kv_index, 0),
+                     _block_key(plan.value, pair.batch_index, n_batch, pair.kv_index, 0)]
+        pair_tasks[pair_key] = (_pair_function(forward_pair, plan, pair),
+                                *arguments, *_score_keys(plan, pair, n_batch))
+        parts[chunk].append(pair_key)
+
+    for (batch_index, q_index, batch_shape), keys in parts.items():
+        merged_key = (merge_name,) + batch_index + (q_index,)
+        n_rows = plan.q_chunks[q_index]
+        if keys:
+            finish = functools.partial(merge_parts, out_dtype=problem.out_dtype, n_rows=n_rows)
+            merge_tasks[merged_key] = _tree(merge_tasks, (merge_name + "-tree",) + batch_index
+                                            + (q_index,), keys, split_every, merge_parts, finish)
+        else:  # no key chunk visible to this query chunk
+            merge_tasks[merged_key] = (functools.partial(
+                unseen_rows, shape=batch_shape + (n_rows,), value_dim=problem.value_dim,
+                out_dtype=problem.out_dtype),)
+        out_tasks[(out_name,) + batch_index + (q_index, 0)] = (operator.getitem, merged_key, 0)
+        lse_tasks[(lse_name,) + batch_index + (q_index,)] = (operator.getitem, merged_key, 1)
+
+    inputs = [plan.query, plan.key, plan.value, plan.mask, plan.bias]
+    layers = [(pair_name, pair_tasks), (merge_name, merge_tasks)]
+    out = da.Array(_graph(layers + [(out_name, out_tasks)], inputs), out_name, plan.out_chunks,
+                   meta=np.empty((0,) * (n_batch + 2), problem.out_dtype))
+    lse = da.Array(_graph(layers + [(lse_name, lse_tasks)], inputs), lse_name, plan.lse_chunks,
+                   meta=np.empty((0,) * (n_batch + 1), problem.out_dtype))
+    return out, lse
+
+
+# ------------------------------------------------------------------ backward
+
+def backward_graph(plan, grad_out, out, lse, split_every):
+    """The gradients ``(grad_query, grad_key, grad_value)`` as Dask arrays chunked like
+    the plan's query, key and value, for ``grad_out``, ``out`` and ``lse`` already
+    checked and chunked like the forward's results
+    (:func:`~fastattn.dask.plan.checked_backward_arrays`)."""
+    problem = plan.problem
+    token = dask.base.tokenize(plan.token, grad_out, out, lse, split_every)
+    pair_name = f"fastattn-attention-grad-pair-{token}"
+    share_name = f"fastattn-attention-grad-share-{token}"
+    sum_name = f"fastattn-attention-grad-sum-{token}"
+    names = [f"fastattn-attention-grad-{operand}-{token}"
+             for operand in ("query", "key", "value")]
+    n_batch = len(problem.batch_shape)
+    pair_tasks, share_tasks, sum_tasks = {}, {}, {}
+    targets = [plan.query, plan.key, plan.value]
+    shares = [{}, {}, {}]  # per target: its block's key -> keys of its shares
+    for pair in chunk_pairs(plan):
+        if pair.block is None:
+            continue
+        batch_index, q_index, kv_index = pair.batch_index, pair.q_index, pair.kv_index
+        pair_key = (pair_name,) + batch_index + (q_index, kv_index)
+        arguments = [_block_key(grad_out, batch_index, n_batch, q_index, 0),
+                     _block_key(plan.query, batch_index, n_batch, q_index, 0),
+                     _block_key(plan.key, batch_index, n_batch, kv_index, 0),
+                     _block_key(plan.value, batch_index, n_batch, kv_index, 0),
+                     _block_key(out, batch_index, n_batch, q_index, 0),
+                     _block_key(lse, batch_index, n_batch, q_index)]
+        pair_tasks[pair_key] = (_pair_function(backward_pair, plan, pair),
+                                *arguments, *_score_keys(plan, pair, n_batch))
+        for which, (target, length_index) in enumerate(((plan.query, q_index),
+                                                        (plan.key, kv_index),
+                                                        (plan.value, kv_index))):
+            share_key = (share_name,) + batch_index + (q_index, kv_index, which)
+            share_tasks[share_key] = (operator.getitem, pair_key, which)
+            target_key = _block_key(target, batch_index, n_batch, length_index, 0)
+            shares[which].setdefault(target_key, []).append(share_key)
+
+    grad_tasks = [{}, {}, {}]
+    finish = functools.partial(sum_shares, out_dtype=problem.out_dtype)
+    for which, (target, name) in enumerate(zip(targets, names)):
+        for block_index in np.ndindex(*target.numblocks):
+            keys = shares[which].get((target.name,) + block_index, [])
+            if keys:
+                task = _tree(sum_tasks, (sum_name, which) + block_index, keys, split_every,
+                             sum_shares, finish)
+            else:  # no query sees these keys, or these queries see no key
+                shape = tuple(target.chunks[axis][i] for axis, i in enumerate(block_index))
+                task = (functools.partial(np.zeros, shape, problem.out_dtype),)
+            grad_tasks[which][(name,) + block_index] = task
+
+    inputs = [grad_out, plan.query, plan.key, plan.value, out, lse, plan.mask, plan.bias]
+    layers = [(pair_name, pair_tasks), (share_name, share_tasks), (sum_name, sum_tasks)]
+    return tuple(da.Array(_graph(layers + [(name, tasks)], inputs), name, target.chunks,
+                          meta=np.empty((0,) * target.ndim, problem.out_dtype))
+                 for target, name, tasks in zip(targets, names, grad_tasks))
+
+
+# ------------------------------------------------------------------ pieces
+
+def _pair_function(task_function, plan, pair):
+    """``task_function`` (:func:`~fastattn.dask.tasks.forward_pair` or
+    :func:`~fastattn.dask.tasks.backward_pair`) bound to one chunk pair's sub-block
+    and the local call's options for it: what its task calls."""
+    checked = plan.problem.options
+    local_options = dict(causal=pair.block.causal, window=pair.block.window,
+                         kv_lengths=pair.kv_lengths, scale=checked.scale,
+                         enable_gqa=checked.enable_gqa)
+    return functools.partial(
+        task_function, span=pair.block.span, options=local_options,
+        compute_dtype=plan.problem.compute_dtype, has_mask=plan.mask is not None,
+        has_bias=plan.bias is not None)
+
+
+def _block_key(array, batch_index, n_batch, *trailing):
+    """Key of ``array``'s block for an output batch block and trailing block indices
+    (block 0 along a batch axis the array has one block of)."""
+    own = array.ndim - len(trailing)
+    index = tuple(0 if array.numblocks[axis] == 1 else batch_index[axis + n_batch - own]
+                  for axis in range(own))
+    return (array.name,) + index + trailing
+
+
+def _score_keys(plan, pair, n_batch):
+    """Keys of the mask's and the bias's blocks for a chunk pair (those present)."""
+    keys = []
+    for array in (plan.mask, plan.bias):
+        if array is not None:
+            rows, cols = array.numblocks[-2:]
+            keys.append(_block_key(array, pair.batch_index, n_batch,
+                                   pair.q_index if rows > 1 else 0,
+                                   pair.kv_index if cols > 1 else 0))
+    return keys
+
+
+def _tree(tasks, prefix, parts, split_every, combine, final):
+    """Combine ``parts`` (keys) in a tree of ``split_every`` per task.
+
+    While more than ``split_every`` parts remain, groups of them are combined by
+    ``combine`` in tasks added to ``tasks`` under the keys ``prefix + (level, index)``.
+    Returns the last task, ``final`` over the remaining parts, for the caller to place
+    under its own key.
+    """
+    level = 0
+    while len(parts) > split_every:
+        grouped = []
+        for start in range(0, len(parts), split_every):
+            group = parts[start:start + split_every]
+            if len(group) == 1:
+                grouped.append(group[0])
+                continue
+            key = prefix + (level, start // split_every)
+            tasks[key] = (combine,) + tuple(group)
+            grouped.append(key)
+        parts, level = grouped, level + 1
+    return (final,) + tuple(parts)
+
+
+def _graph(name_layers, inputs):
+    """A HighLevelGraph of new layers (``(name, tasks)`` in dependency order) over the
+    input arrays (None entries skipped)."""
+    layers, dependencies = {}, {}
+    inputs = [array for array in inputs if array is not None]
+    for array in inputs:
+        layers.update(array.dask.layers)
+        dependencies.update(array.dask.dependencies)
+    previous = {layer for array in inputs for layer in array.__dask_layers__()}
+    for name, tasks in name_layers:
+        layers[name] = MaterializedLayer(tasks)
+        dependencies[name] = set(previous)
+        previous = previous | {name}
+    return HighLevelGraph(layers, dependencies)
