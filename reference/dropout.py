@@ -33,25 +33,22 @@ def threshold(p):
     return min(int(round(p * 65536.0)), 65535)
 
 
-def keep_mask(seed, p, batch_shape, q_len, kv_len, heads):
-    """Whether each probability ``(*batch, Lq, Lk)`` is kept under dropout ``p``.
-
-    Batch entry ``n`` of the flattened batch is ``(b, h) = divmod(n, heads)`` (the
-    convention of the score functions).
-    """
-    n_batch = int(np.prod(batch_shape, dtype=np.int64))
-    entry = np.arange(n_batch, dtype=np.uint64)[:, None, None]  # (N, 1, 1)
-    rows = np.arange(q_len, dtype=np.uint64)[None, :, None]  # (1, Lq, 1)
-    keys = np.arange(kv_len, dtype=np.uint64)[None, None, :]  # (1, 1, Lk)
-    b, h = entry // np.uint64(heads), entry % np.uint64(heads)  # (N, 1, 1) each
-    shape = (n_batch, q_len, kv_len)
+def keep_mask(seed, p, batch_index, head_index, rows, keys):
+    """Whether each probability ``(N, Lq, Lk)`` is kept under dropout ``p``, for batch
+    entries ``(batch_index[n], head_index[n])`` ``(N,)``, queries at positions ``rows``
+    ``(Lq,)`` and keys at ``keys`` ``(Lk,)``."""
+    b = np.asarray(batch_index, np.uint64)[:, None, None]  # (N, 1, 1)
+    h = np.asarray(head_index, np.uint64)[:, None, None]  # (N, 1, 1)
+    rows = np.asarray(rows, np.uint64)[None, :, None]  # (1, Lq, 1)
+    keys = np.asarray(keys, np.uint64)[None, None, :]  # (1, 1, Lk)
+    shape = (b.shape[0], rows.shape[1], keys.shape[2])
     counter = [np.broadcast_to(word, shape) for word in (keys, rows >> np.uint64(3), h, b)]
     words = np.stack(philox4x32(counter, seed), axis=-1)  # (N, Lq, Lk, 4)
     lane = rows % np.uint64(8)  # (1, Lq, 1) which 16-bit half of the four words
     word_index = np.broadcast_to((lane >> np.uint64(1)).astype(np.intp), shape)  # (N, Lq, Lk)
     chosen = np.take_along_axis(words, word_index[..., None], axis=-1)[..., 0]  # (N, Lq, Lk)
     half = (chosen >> (np.uint64(16) * (lane & np.uint64(1)))) & np.uint64(0xFFFF)  # (N, Lq, Lk)
-    return (half >= np.uint64(threshold(p))).reshape(tuple(batch_shape) + (q_len, kv_len))
+    return half >= np.uint64(threshold(p))  # (N, Lq, Lk)
 
 
 def dropout_factors(problem):
@@ -59,6 +56,10 @@ def dropout_factors(problem):
     by: ``1 / (1 - p)`` where kept, 0 where dropped; the scalar 1.0 without dropout."""
     if problem.dropout_p == 0.0:
         return 1.0
-    kept = keep_mask(problem.dropout_seed, problem.dropout_p, problem.batch_shape,
-                     problem.q_len, problem.kv_len, problem.heads)  # (*batch, Lq, Lk)
+    batch, head, row_offset, key_offset = problem.options.dropout_positions(
+        problem.batch_shape, problem.heads)  # (N,), (N,), int, int
+    kept = keep_mask(problem.dropout_seed, problem.dropout_p, batch, head,
+                     row_offset + np.arange(problem.q_len),
+                     key_offset + np.arange(problem.kv_len))  # (N, Lq, Lk)
+    kept = kept.reshape(problem.batch_shape + (problem.q_len, problem.kv_len))  # (*batch, Lq, Lk)
     return np.where(kept, 1.0 / (1.0 - problem.dropout_p), 0.0)  # (*batch, Lq, Lk)

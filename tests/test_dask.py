@@ -223,6 +223,8 @@ def test_random_chunkings_and_options_match_the_local_call(rng):
             options["window"] = tuple(int(n) for n in rng.integers(0, 12, size=2))
         if rng.integers(2):
             options["kv_lengths"] = rng.integers(0, kv_len + 1, size=batch)
+        if rng.integers(2):  # the local call's decisions at its global (b, h, i, j)
+            options.update(dropout_p=0.3, dropout_seed=int(rng.integers(2 ** 62)))
         query = normal(rng, (batch, heads, q_len, 8))
         key, value = normal(rng, (batch, heads, kv_len, 8)), normal(rng, (batch, heads, kv_len, 3))
         mask = rng.random((batch, 1, q_len, kv_len)) < 0.8 if rng.integers(2) else None
@@ -250,6 +252,30 @@ def test_random_chunkings_and_options_match_the_local_call(rng):
                                    err_msg=where)
         for got, want in zip(got_grads, want_grads):
             np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10, err_msg=where)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_decisions_are_the_local_call_s(client, rng, causal):
+    """Chunked along the batch, the heads (unevenly), the queries and the keys, on a
+    LocalCluster: the same dropout decisions as one local call, forward and backward."""
+    query, key, value = (normal(rng, (2, 3, length, 8)) for length in (37, 53, 53))
+    options = dict(causal=causal, dropout_p=0.25, dropout_seed=2 ** 50 + 3)
+    want_out, want_lse = fastattn.scaled_dot_product_attention(query, key, value,
+                                                               return_lse=True, **options)
+    grad_out = normal(rng, want_out.shape)
+    want_grads = fastattn.scaled_dot_product_attention_backward(
+        grad_out, query, key, value, want_out, want_lse, **options)
+    lazy = [da.from_array(array, chunks=(1, (2, 1), chunks, 8)) for array, chunks in
+            ((query, (10, 27)), (key, (20, 20, 13)), (value, (20, 20, 13)))]
+    out, lse = fdask.scaled_dot_product_attention(*lazy, return_lse=True, **options)
+    grads = fdask.scaled_dot_product_attention_backward(grad_out, *lazy, out, lse, **options)
+    got_out, got_lse, *got_grads = client.compute([out, lse, *grads], sync=True)
+    np.testing.assert_allclose(got_out, want_out, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(got_lse, want_lse, rtol=1e-10, atol=1e-10)
+    for got, want in zip(got_grads, want_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+    plain = fastattn.scaled_dot_product_attention(query, key, value, causal=causal)
+    assert np.abs(got_out - plain).max() > 0.1  # dropout did act
 
 
 def test_results_keep_the_query_chunks(rng):

@@ -13,7 +13,16 @@ from conftest import TOLERANCE, random_inputs
 import fastattn
 import reference
 from fastattn._dispatch.tiling import BACKWARD_BLOCK_K, FORWARD_BLOCK_K
-from reference.dropout import keep_mask, philox4x32
+from reference.dropout import keep_mask as keep_mask_at
+from reference.dropout import philox4x32
+
+
+def keep_mask(seed, p, batch_shape, q_len, kv_len, heads):
+    """The reference's decisions over a whole call ``(*batch, Lq, Lk)``."""
+    entries = np.arange(int(np.prod(batch_shape)))  # (N,)
+    kept = keep_mask_at(seed, p, entries // heads, entries % heads, np.arange(q_len),
+                        np.arange(kv_len))  # (N, Lq, Lk)
+    return kept.reshape(tuple(batch_shape) + (q_len, kv_len))
 
 
 def test_philox_known_answers():

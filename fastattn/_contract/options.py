@@ -23,6 +23,7 @@ import functools
 import inspect
 import math
 import numbers
+import operator
 
 import numpy as np
 
@@ -64,6 +65,7 @@ class AttentionOptions:
     block_mask: object = None
     dropout_p: float = 0.0
     dropout_seed: object = None
+    chunk_of: object = None
 
     def __post_init__(self):
         dropout_p = _check_dropout_p(self.dropout_p)
@@ -72,7 +74,8 @@ class AttentionOptions:
             causal_alignment=_check_causal_alignment(self.causal_alignment),
             window=_check_window(self.window), scale=_check_scale(self.scale),
             softcap=_check_softcap(self.softcap), dropout_p=dropout_p,
-            dropout_seed=_check_dropout_seed(self.dropout_seed, dropout_p))
+            dropout_seed=_check_dropout_seed(self.dropout_seed, dropout_p),
+            chunk_of=_check_chunk_of(self.chunk_of))
         for name, value in normalised.items():
             object.__setattr__(self, name, value)
 
@@ -95,8 +98,34 @@ class AttentionOptions:
         ``kv_lengths`` as int64, one entry per index of the first batch axis; ALiBi
         slopes as float64 broadcast to ``batch_shape`` (a read-only view). A dict of
         the new values, to :meth:`replace` with."""
+        if self.chunk_of is not None:
+            whole_batch, batch_start = self.chunk_of[:2]
+            if (len(whole_batch) != len(batch_shape)
+                    or any(start + size > whole for start, size, whole
+                           in zip(batch_start, batch_shape, whole_batch))):
+                raise ValueError(
+                    f"chunk_of: a batch of shape {tuple(batch_shape)} starting at "
+                    f"{batch_start} is not a block of the batch shape {whole_batch}")
         return dict(kv_lengths=check_kv_lengths(self.kv_lengths, batch_shape, kv_len),
                     alibi_slopes=_check_alibi_slopes(self.alibi_slopes, batch_shape))
+
+    def dropout_positions(self, batch_shape, heads):
+        """Where the dropout decisions of a call with this (local) ``batch_shape`` are
+        taken: ``(b, h, row_offset, key_offset)``, the int64 ``(N,)`` arrays ``b`` and
+        ``h`` of every entry of the flattened batch and the offsets added to query
+        and key positions. Those of the call itself (``divmod(entry, heads)``, no
+        offsets), or, with ``chunk_of``, of the larger call this one is a chunk of."""
+        n_batch = int(np.prod(batch_shape, dtype=np.int64))
+        if self.chunk_of is None:
+            entries = np.arange(n_batch, dtype=np.int64)  # (N,)
+            return entries // heads, entries % heads, 0, 0
+        whole_batch, batch_start, row_offset, key_offset = self.chunk_of
+        local = np.unravel_index(np.arange(n_batch), batch_shape)  # per axis (N,)
+        entries = np.ravel_multi_index(tuple(index + start for index, start
+                                             in zip(local, batch_start)),
+                                       whole_batch).astype(np.int64)  # (N,) of the whole
+        whole_heads = whole_batch[-1] if len(whole_batch) >= 2 else 1
+        return entries // whole_heads, entries % whole_heads, row_offset, key_offset
 
     @property
     def has_score_functions(self):
@@ -111,7 +140,7 @@ class AttentionOptions:
         return not (self.bias is None and self.kv_lengths is None and self.scale is None
                     and self.window is None and self.softcap is None
                     and self.alibi_slopes is None and not self.has_score_functions
-                    and self.dropout_p == 0.0)
+                    and self.dropout_p == 0.0 and self.chunk_of is None)
 
 
 FIELD_NAMES = tuple(field.name for field in dataclasses.fields(AttentionOptions))
@@ -207,6 +236,27 @@ def _check_dropout_seed(dropout_seed, dropout_p):
     if not 0 <= dropout_seed < 2 ** 64:
         raise ValueError(f"dropout_seed must lie in [0, 2**64); got {dropout_seed}")
     return dropout_seed
+
+
+def _check_chunk_of(chunk_of):
+    """``chunk_of`` as ``(batch_shape, batch_start, row_start, key_start)`` of
+    non-negative Python ints (two tuples, two ints), or None."""
+    if chunk_of is None:
+        return None
+    try:
+        whole_batch, batch_start, row_start, key_start = chunk_of
+        whole_batch = tuple(operator.index(size) for size in whole_batch)
+        batch_start = tuple(operator.index(start) for start in batch_start)
+        row_start, key_start = operator.index(row_start), operator.index(key_start)
+    except (TypeError, ValueError):
+        raise ValueError(f"chunk_of must be (batch_shape, batch_start, row_start, key_start) "
+                         f"of non-negative ints; got {chunk_of!r}") from None
+    if (len(batch_start) != len(whole_batch) or min(whole_batch + batch_start, default=0) < 0
+            or row_start < 0 or key_start < 0):
+        raise ValueError(f"chunk_of must be (batch_shape, batch_start, row_start, key_start) "
+                         f"of non-negative ints, batch_start as long as batch_shape; got "
+                         f"{chunk_of!r}")
+    return whole_batch, batch_start, row_start, key_start
 
 
 def _check_softcap(softcap):
@@ -311,6 +361,13 @@ OPTION_DOCS = {
         function of ``(dropout_seed, b, h, i, j)`` (Philox4x32-10, a counter-based
         generator), so the backward regenerates it from the same seed, and it is the
         same for every thread count and tiling and in :mod:`reference`."""),
+    "chunk_of": ("(tuple, tuple, int, int), optional", """
+        ``(batch_shape, batch_start, row_start, key_start)``: this call computes the
+        block of a larger call of batch shape ``batch_shape`` whose batch starts at
+        index ``batch_start`` (one entry per batch axis), whose queries start at
+        ``row_start`` and keys at ``key_start``; dropout decisions are then the larger
+        call's, at its ``(b, h, i, j)``. For code that splits one call into pieces
+        (:mod:`fastattn.dask` passes it); without dropout it changes nothing."""),
 }
 assert tuple(OPTION_DOCS) == FIELD_NAMES
 

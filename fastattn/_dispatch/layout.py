@@ -71,7 +71,9 @@ def plain_groups(dtype, scale, heads, diag_offset, reach, gemm):
     reach of :meth:`~fastattn._contract.problem.AttentionProblem.key_reach` and the BLAS
     ``gemm`` address are all they hold."""
     options = ScoreOptions(**dict(UNSET_SCORE_OPTIONS, scale=float(scale), heads=heads,
-                                  gemm=gemm, alibi_slopes=placeholder(np.float64, 1)))
+                                  gemm=gemm, alibi_slopes=placeholder(np.float64, 1),
+                                  dropout_batch=identity_index(1),
+                                  dropout_head=identity_index(1)))
     visibility = Visibility(kv_lengths=identity_index(1), has_kv_lengths=False,
                             diag_offset=diag_offset, reach_left=reach[0], reach_right=reach[1],
                             block_states=placeholder(np.int8), has_block_mask=False)
@@ -83,7 +85,8 @@ def plain_groups(dtype, scale, heads, diag_offset, reach, gemm):
 UNSET_SCORE_OPTIONS = dict(softcap=0.0, has_softcap=False, alibi_slopes=None, has_alibi=False,
                            hook=0, has_score_mod=False, has_mask_mod=False,
                            has_dropout=False, dropout_threshold=0, dropout_keep_scale=1.0,
-                           dropout_seed_low=0, dropout_seed_high=0)
+                           dropout_seed_low=0, dropout_seed_high=0, dropout_row_offset=0,
+                           dropout_key_offset=0)
 
 
 def score_options(problem, hook):
@@ -99,11 +102,16 @@ def score_options(problem, hook):
         fields.update(alibi_slopes=np.ascontiguousarray(options.alibi_slopes.ravel(),
                                                         np.float64),  # (N,)
                       has_alibi=True)
+    fields.update(dropout_batch=identity_index(1), dropout_head=identity_index(1))
     if options.dropout_p > 0.0:
+        batch, head, row_offset, key_offset = options.dropout_positions(problem.batch_shape,
+                                                                        problem.heads)
         fields.update(has_dropout=True, dropout_threshold=dropout_threshold(options.dropout_p),
                       dropout_keep_scale=1.0 / (1.0 - options.dropout_p),
                       dropout_seed_low=options.dropout_seed & 0xFFFFFFFF,
-                      dropout_seed_high=options.dropout_seed >> 32)
+                      dropout_seed_high=options.dropout_seed >> 32,
+                      dropout_batch=batch, dropout_head=head,  # (N,) each
+                      dropout_row_offset=row_offset, dropout_key_offset=key_offset)
     if fields["alibi_slopes"] is None:
         fields["alibi_slopes"] = placeholder(np.float64, 1)
     return ScoreOptions(**fields)

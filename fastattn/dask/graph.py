@@ -147,6 +147,15 @@ def _pair_function(task_function, plan, pair):
     local_options = dict(causal=pair.block.causal, window=pair.block.window,
                          kv_lengths=pair.kv_lengths, scale=checked.scale,
                          enable_gqa=checked.enable_gqa)
+    if checked.dropout_p > 0.0:  # the whole call's decisions, at its (b, h, i, j)
+        row_lo, _, key_lo, _ = pair.block.span
+        batch_start = tuple(sum(chunks[:index]) for chunks, index
+                            in zip(plan.batch_chunks, pair.batch_index))
+        local_options.update(
+            dropout_p=checked.dropout_p, dropout_seed=checked.dropout_seed,
+            chunk_of=(plan.problem.batch_shape, batch_start,
+                      sum(plan.q_chunks[:pair.q_index]) + row_lo,
+                      sum(plan.kv_chunks[:pair.kv_index]) + key_lo))
     return functools.partial(
         task_function, span=pair.block.span, options=local_options,
         compute_dtype=plan.problem.compute_dtype, has_mask=plan.mask is not None,

@@ -84,8 +84,8 @@ def philox_words(c0, c1, c2, c3, key0, key1):
 def drop_in_place(block, row_start, key_start, entry, options):
     """Multiply ``block`` ``(rows, cols)`` by the dropout factor of query
     ``row_start + r`` and key ``key_start + c`` of batch entry ``entry`` (``(b, h) =
-    divmod(entry, options.heads)``): 0 for a dropped probability, ``1 / (1 - p)`` for a
-    kept one.
+    (options.dropout_batch[entry], options.dropout_head[entry])``, positions shifted by
+    the options' offsets): 0 for a dropped probability, ``1 / (1 - p)`` for a kept one.
 
     ``options`` (the kernels' ``ScoreOptions``) carries ``dropout_seed_low``,
     ``dropout_seed_high`` (the seed's two 32-bit halves), ``dropout_threshold`` (the
@@ -98,8 +98,10 @@ def drop_in_place(block, row_start, key_start, entry, options):
     rows, cols = block.shape
     if rows == 0 or cols == 0:
         return
-    batch = np.uint64(entry // options.heads) & WORD
-    head = np.uint64(entry % options.heads) & WORD
+    batch = np.uint64(options.dropout_batch[entry]) & WORD
+    head = np.uint64(options.dropout_head[entry]) & WORD
+    row_start += options.dropout_row_offset  # the positions of the decisions
+    key_start += options.dropout_key_offset
     key0 = np.uint64(options.dropout_seed_low) & WORD
     key1 = np.uint64(options.dropout_seed_high) & WORD
     threshold = np.uint16(options.dropout_threshold)
@@ -139,8 +141,11 @@ def fill_octet_halves(halves, octet, key_start, head, batch, key0, key1):
 @jit_helper
 def keep_factor(row, key, entry, options):
     """The dropout factor of one probability (see :func:`drop_in_place`), as a float."""
-    words = philox_words(key, row >> 3, entry % options.heads, entry // options.heads,
-                         options.dropout_seed_low, options.dropout_seed_high)
+    row += options.dropout_row_offset
+    key += options.dropout_key_offset
+    words = philox_words(key, row >> 3, options.dropout_head[entry],
+                         options.dropout_batch[entry], options.dropout_seed_low,
+                         options.dropout_seed_high)
     lane = row & 7
     half = (words[lane >> 1] >> (16 * (lane & 1))) & 0xFFFF
     return options.dropout_keep_scale if half >= options.dropout_threshold else 0.0
