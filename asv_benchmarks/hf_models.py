@@ -23,6 +23,9 @@ Cases (the issue's goals):
   8192 tokens; goal <= 0.5 x sdpa.
 - ``llama-decode``: greedy decoding of 128 new tokens after a 1024-token prompt, the time
   per new token ``(t(128 new) - t(1 new)) / 127``; goal <= 1.0 x sdpa.
+- ``bert-train``: one fine-tuning step (forward, backward, SGD update) of BERT with its
+  default config (bert-base: 12 layers, hidden 768, attention and hidden dropout 0.1)
+  in training mode, a masked-LM batch of 8 x 128 tokens; goal <= 1.0 x sdpa.
 """
 
 import argparse
@@ -41,6 +44,7 @@ CASES = {
     "llama-2048-weights": ("eager", 0.5),
     "mistral-8192": ("sdpa", 0.5),
     "llama-decode": ("sdpa", 1.0),
+    "bert-train": ("sdpa", 1.0),
 }
 
 WORKER = r'''
@@ -140,6 +144,21 @@ def make(case):
             return time.perf_counter() - start
 
         return lambda: (generate(128) - generate(1)) / 127
+    if case == "bert-train":
+        torch.manual_seed(0)
+        model = transformers.BertForMaskedLM(transformers.BertConfig(
+            attn_implementation=implementation)).train()
+        assert model.config.attention_probs_dropout_prob == 0.1
+        ids = tokens(128, batch=8).remainder(model.config.vocab_size)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+        def step():
+            with torch.enable_grad():
+                loss = model(ids, labels=ids).loss
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        return step
     raise SystemExit(f"unknown case {case}")
 
 

@@ -188,3 +188,42 @@ def test_numpy_integer_seed_and_zero_p(rng):
     np.testing.assert_array_equal(
         fastattn.scaled_dot_product_attention(query, key, value, dropout_p=0.0, dropout_seed=4),
         fastattn.scaled_dot_product_attention(query, key, value))
+
+
+def test_a_chunk_takes_the_whole_call_s_decisions(rng):
+    """Rows 13:40 of heads 1:3 of batch entry 1, computed alone with ``chunk_of``,
+    equal those rows of the whole call (all keys), forward and backward."""
+    query, key, value = random_inputs(rng, (2, 3, 50, 8), (2, 3, 70, 8))
+    options = dict(dropout_p=0.4, dropout_seed=31, causal=True)
+    out, lse = fastattn.scaled_dot_product_attention(query, key, value, return_lse=True,
+                                                     **options)
+    part = np.s_[1:2, 1:3, 13:40]
+    # causal from row 13 on: query r of the chunk (row 13 + r) sees keys j <= r + 13
+    chunk = dict(dropout_p=0.4, dropout_seed=31, window=(70, 13),
+                 chunk_of=((2, 3), (1, 1), 13, 0))
+    sub_out, sub_lse = fastattn.scaled_dot_product_attention(
+        query[part], key[1:2, 1:3], value[1:2, 1:3], return_lse=True, **chunk)
+    np.testing.assert_allclose(sub_out, out[part], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(sub_lse, lse[part], rtol=1e-12, atol=1e-12)
+    expected = reference.scaled_dot_product_attention(query[part], key[1:2, 1:3],
+                                                      value[1:2, 1:3], **chunk)
+    np.testing.assert_allclose(sub_out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_of, message", [
+    (((2, 3), (1,), 0, 0), "batch_start as long as batch_shape"),
+    (((2, 3), (1, 2), -1, 0), "non-negative"),
+    ("no", "chunk_of must be"),
+])
+def test_bad_chunk_of_is_refused(chunk_of, message):
+    query = np.zeros((1, 1, 4, 8))
+    with pytest.raises(ValueError, match=message):
+        fastattn.scaled_dot_product_attention(query, query, query, dropout_p=0.1,
+                                              dropout_seed=1, chunk_of=chunk_of)
+
+
+def test_chunk_outside_its_whole_is_refused():
+    query = np.zeros((2, 3, 4, 8))
+    with pytest.raises(ValueError, match="is not a block of the batch shape"):
+        fastattn.scaled_dot_product_attention(query, query, query, dropout_p=0.1,
+                                              dropout_seed=1, chunk_of=((2, 3), (1, 0), 0, 0))

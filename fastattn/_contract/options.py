@@ -97,7 +97,8 @@ class AttentionOptions:
         """The array options that depend only on the batch shape and ``Lk``, checked:
         ``kv_lengths`` as int64, one entry per index of the first batch axis; ALiBi
         slopes as float64 broadcast to ``batch_shape`` (a read-only view). A dict of
-        the new values, to :meth:`replace` with."""
+        the new values, to :meth:`replace` with. Also checks that ``chunk_of`` places
+        this batch shape inside its larger one (a ``ValueError`` naming it)."""
         if self.chunk_of is not None:
             whole_batch, batch_start = self.chunk_of[:2]
             if (len(whole_batch) != len(batch_shape)
@@ -120,10 +121,12 @@ class AttentionOptions:
             entries = np.arange(n_batch, dtype=np.int64)  # (N,)
             return entries // heads, entries % heads, 0, 0
         whole_batch, batch_start, row_offset, key_offset = self.chunk_of
-        local = np.unravel_index(np.arange(n_batch), batch_shape)  # per axis (N,)
-        entries = np.ravel_multi_index(tuple(index + start for index, start
-                                             in zip(local, batch_start)),
-                                       whole_batch).astype(np.int64)  # (N,) of the whole
+        entries = np.zeros(n_batch, np.int64)  # (N,) entries of the whole call, C order
+        if batch_shape:
+            local = np.unravel_index(np.arange(n_batch), batch_shape)  # per axis (N,)
+            entries = np.ravel_multi_index(tuple(index + start for index, start
+                                                 in zip(local, batch_start)),
+                                           whole_batch).astype(np.int64)  # (N,)
         whole_heads = whole_batch[-1] if len(whole_batch) >= 2 else 1
         return entries // whole_heads, entries % whole_heads, row_offset, key_offset
 
