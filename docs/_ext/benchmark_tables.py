@@ -27,7 +27,6 @@ import pathlib
 
 from docutils import nodes
 from docutils.parsers.rst import directives
-from docutils.statemachine import StringList
 from sphinx.util.docutils import SphinxDirective
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -173,8 +172,7 @@ class _ResultsDirective(SphinxDirective):
     def fallback(self):
         """The directive's content, parsed: what to show when nothing was measured."""
         container = nodes.container()
-        self.state.nested_parse(StringList(list(self.content), self.content.parent),
-                                self.content_offset, container)
+        self.state.nested_parse(self.content, self.content_offset, container)
         return container.children
 
 
