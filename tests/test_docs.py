@@ -147,3 +147,41 @@ def test_page_examples_run(page):
     result = doctest.DocTestRunner(optionflags=OPTION_FLAGS).run(test, out=report.append)
     assert result.attempted > 0
     assert not result.failed, "".join(report)
+
+
+def test_benchmark_tables_read_asv_and_peer_results(tmp_path, monkeypatch):
+    """The performance page's tables (docs/_ext/benchmark_tables.py) read the files
+    that asv and asv_benchmarks/peer_comparison.py write, in their formats."""
+    pytest.importorskip("sphinx")
+    monkeypatch.syspath_prepend(str(DOCS / "_ext"))
+    tables = importlib.import_module("benchmark_tables")
+    import json
+
+    benchmark = "forward.TimeForward.time_forward"
+    results = tmp_path / "results"
+    (results / "machine-a").mkdir(parents=True)
+    (results / "benchmarks.json").write_text(json.dumps(
+        {benchmark: {"param_names": ["impl", "length"]}}))
+    (results / "machine-a" / "machine.json").write_text("{}")
+    columns = ["result", "params", "version"]
+    params = [["'fastattn'", "'torch'"], ["128", "512"]]
+    for date, values in ((1, [1.0, 2.0, 3.0, 4.0]), (2, [0.001, None, 0.004, float("nan")])):
+        (results / "machine-a" / f"run{date}.json").write_text(json.dumps({
+            "commit_hash": f"{date}" * 40, "date": date, "params": {"machine": "machine-a"},
+            "result_columns": columns, "results": {benchmark: [values, params, "v"]}}))
+    (run,) = tables.asv_runs(benchmark, results)
+    assert run["commit"] == "2" * 40  # the newest run
+    header, rows = tables.asv_table_rows(run, "impl")
+    assert header == ["length", "fastattn", "torch"]
+    assert rows == [["128", "1 ms", "4 ms"]]  # unmeasured (None, NaN) entries left out
+
+    peer = tmp_path / "peer"
+    peer.mkdir()
+    row = {"case": "L512-D64", "first": "fastattn", "other": "torch", "first_ms": 2.5,
+           "other_ms": 3.5, "ratio": 0.714, "ratio_min": 0.6, "ratio_max": 0.8, "share": 0.5}
+    (peer / "peer.json").write_text(json.dumps({"rounds": 3, "threads": 2, "rows": [row]}))
+    (peer / "memory.json").write_text(json.dumps({"rounds": 3, "rows": []}))  # no table
+    ((path, saved),) = tables.peer_results(peer)
+    header, rows = tables.peer_table_rows(saved)
+    assert rows == [["L512-D64", "fastattn", "torch", "2.5", "3.5", "0.714 [0.60, 0.80]",
+                     "0.50"]]
