@@ -106,9 +106,13 @@ def format_seconds(seconds):
 
 
 def table_node(header, rows, caption):
-    """A docutils table with a title, a header row and body rows of strings."""
+    """A docutils table with a title (a string, or a list of strings and inline
+    nodes), a header row and body rows of strings."""
     table = nodes.table()
-    table += nodes.title(text=caption)
+    title = nodes.title()
+    for part in [caption] if isinstance(caption, str) else caption:
+        title += nodes.Text(part) if isinstance(part, str) else part
+    table += title
     group = nodes.tgroup(cols=len(header))
     table += group
     for _ in header:
@@ -169,6 +173,14 @@ def peer_table_rows(saved):
 class _ResultsDirective(SphinxDirective):
     has_content = True
 
+    def run(self):
+        # results appear and change outside the sources: read this page again at
+        # every build (see _always_outdated)
+        if not hasattr(self.env, "benchmark_table_docs"):
+            self.env.benchmark_table_docs = set()
+        self.env.benchmark_table_docs.add(self.env.docname)
+        return self.tables() or self.fallback()
+
     def fallback(self):
         """The directive's content, parsed: what to show when nothing was measured."""
         container = nodes.container()
@@ -180,10 +192,9 @@ class AsvTable(_ResultsDirective):
     required_arguments = 1
     option_spec = {"pivot": directives.unchanged}
 
-    def run(self):
+    def tables(self):
         benchmark = self.arguments[0]
         pivot = self.options.get("pivot", "impl")
-        self.env.note_dependency(str(ASV_RESULTS / "benchmarks.json"))
         tables = []
         for run in asv_runs(benchmark):
             header, rows = asv_table_rows(run, pivot)
@@ -192,27 +203,43 @@ class AsvTable(_ResultsDirective):
                        f"({machine.get('cpu')}, {machine.get('num_cpu')} CPUs), commit "
                        f"{run['commit'][:8]}, {run['date']:%Y-%m-%d}")
             tables.append(table_node(header, rows, caption))
-        return tables or self.fallback()
+        return tables
 
 
 class PeerComparisonTable(_ResultsDirective):
     option_spec = {"directory": directives.unchanged}
 
-    def run(self):
+    def tables(self):
         directory = self.options.get("directory")
         if directory:
             directory = ROOT / directory
         tables = []
         for path, saved in peer_results(directory):
             header, rows = peer_table_rows(saved)
-            caption = (f"{path.name}: {saved.get('rounds')} interleaved rounds, "
-                       f"{saved.get('threads')} threads (peer_comparison.py "
-                       f"{' '.join(saved.get('argv', []))})")
+            command = " ".join(["peer_comparison.py", *saved.get("argv", [])])
+            caption = [f"{path.name}: {saved.get('rounds')} interleaved rounds, "
+                       f"{saved.get('threads')} threads (", nodes.literal(text=command), ")"]
             tables.append(table_node(header, rows, caption))
-        return tables or self.fallback()
+        return tables
+
+
+def _always_outdated(app, env, added, changed, removed):
+    return sorted(getattr(env, "benchmark_table_docs", set()) - set(removed))
+
+
+def _purge(app, env, docname):
+    getattr(env, "benchmark_table_docs", set()).discard(docname)
+
+
+def _merge(app, env, docnames, other):
+    env.benchmark_table_docs = (getattr(env, "benchmark_table_docs", set())
+                                | getattr(other, "benchmark_table_docs", set()))
 
 
 def setup(app):
+    app.connect("env-get-outdated", _always_outdated)
+    app.connect("env-purge-doc", _purge)
+    app.connect("env-merge-info", _merge)
     app.add_directive("asv-table", AsvTable)
     app.add_directive("peer-comparison-table", PeerComparisonTable)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
