@@ -112,7 +112,7 @@ def main(argv=None):
     parser.add_argument("--scheduler", help="address of a running scheduler (default: a "
                         "LocalCluster of --workers processes)")
     parser.add_argument("--malloc-top-pad", type=int, default=0, metavar="MIB",
-                        help="MALLOC_TOP_PAD_ of the LocalCluster's workers (see README)")
+                        help="MALLOC_TOP_PAD_ of the LocalCluster's workers (see docs/guide/dask.rst)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 

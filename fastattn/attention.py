@@ -65,6 +65,36 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, return_weights
     See Also
     --------
     reference.scaled_dot_product_attention : the plain NumPy oracle.
+
+    Examples
+    --------
+    >>> import numpy as np, fastattn
+    >>> rng = np.random.default_rng(0)
+    >>> q = rng.standard_normal((2, 4, 16, 8))      # (batch, heads, Lq, Dk)
+    >>> k = rng.standard_normal((2, 4, 32, 8))      # (batch, heads, Lk, Dk)
+    >>> v = rng.standard_normal((2, 4, 32, 6))      # (batch, heads, Lk, Dv)
+    >>> out = fastattn.scaled_dot_product_attention(q, k, v)
+    >>> out.shape
+    (2, 4, 16, 6)
+
+    The same attention written out in NumPy:
+
+    >>> scores = q @ np.swapaxes(k, -1, -2) / np.sqrt(8)
+    >>> weights = np.exp(scores - scores.max(-1, keepdims=True))
+    >>> weights /= weights.sum(-1, keepdims=True)
+    >>> bool(np.allclose(out, weights @ v))
+    True
+
+    Decoding the last 4 queries against all 32 keys: bottom-right alignment puts
+    them at the end of the sequence, so the last query sees every key.
+
+    >>> out, weights, lse = fastattn.scaled_dot_product_attention(
+    ...     q[:, :, :4], k, v, causal=True, causal_alignment="bottom_right",
+    ...     return_weights=True, return_lse=True)
+    >>> (weights[0, 0] > 0).sum(axis=-1)
+    array([29, 30, 31, 32])
+    >>> lse.shape
+    (2, 4, 4)
     """
     problem = check_attention(query, key, value, mask,
                               options_from(options, "scaled_dot_product_attention"))
@@ -126,6 +156,24 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
     See Also
     --------
     reference.scaled_dot_product_attention_backward : the plain NumPy oracle.
+
+    Examples
+    --------
+    >>> import numpy as np, fastattn
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((2, 16, 8)) for _ in range(3))   # (batch, L, D)
+    >>> out, lse = fastattn.scaled_dot_product_attention(q, k, v, causal=True, return_lse=True)
+    >>> grad_out = np.ones_like(out)                  # the gradient of loss = out.sum()
+    >>> grad_q, grad_k, grad_v = fastattn.scaled_dot_product_attention_backward(
+    ...     grad_out, q, k, v, out, lse, causal=True)
+    >>> grad_q.shape, grad_k.shape, grad_v.shape
+    ((2, 16, 8), (2, 16, 8), (2, 16, 8))
+
+    Each query's weights sum to 1, so ``dV`` sums, over the keys, to the number of
+    queries:
+
+    >>> bool(np.allclose(grad_v.sum(axis=1), 16))
+    True
     """
     options = options_from(options, "scaled_dot_product_attention_backward")
     problem = check_score_mod_grad(check_attention(query, key, value, mask, options),

@@ -73,7 +73,14 @@ def gemm_address(dtype):
 
 def current():
     """The BLAS the kernels call: ``{"name": "mkl" or "scipy", "library": path}``;
-    chooses it first if no call has yet (see the module docstring)."""
+    chooses it first if no call has yet (see the module docstring).
+
+    Examples
+    --------
+    >>> import fastattn.blas
+    >>> fastattn.blas.current()["name"] in ("mkl", "scipy")
+    True
+    """
     backend = _current()
     return {"name": backend.name, "library": backend.library}
 
@@ -84,7 +91,17 @@ def current_name():
 
 
 def available():
-    """``{name: None if it loads, else why not}`` for every backend (loading each)."""
+    """``{name: None if it loads, else why not}`` for every backend (loading each).
+
+    Examples
+    --------
+    >>> import fastattn.blas
+    >>> why_not = fastattn.blas.available()
+    >>> sorted(why_not)
+    ['mkl', 'scipy']
+    >>> why_not["scipy"] is None                     # SciPy's BLAS always loads
+    True
+    """
     return {name: _why_not(_load(name)) for name in BACKENDS}
 
 
@@ -98,6 +115,20 @@ def use(name):
         If ``name`` is none of those.
     RuntimeError
         If ``"mkl"`` was asked for and cannot be used (the message says why).
+
+    Examples
+    --------
+    Run the next calls on SciPy's BLAS, then go back to the previous choice:
+
+    >>> import numpy as np, fastattn, fastattn.blas
+    >>> previous = fastattn.blas.use("scipy")
+    >>> fastattn.blas.current()["name"]
+    'scipy'
+    >>> x = np.random.default_rng(0).standard_normal((8, 4))
+    >>> on_scipy = fastattn.scaled_dot_product_attention(x, x, x)
+    >>> _ = fastattn.blas.use(previous or "auto")
+    >>> bool(np.allclose(on_scipy, fastattn.scaled_dot_product_attention(x, x, x)))
+    True
     """
     global _chosen
     backend = _choose(name, "name")

@@ -85,6 +85,21 @@ def register(name="fastattn"):
     -----
     UserWarning
         When the installed transformers is outside the tested releases.
+
+    Examples
+    --------
+    >>> import torch, transformers, fastattn.huggingface
+    >>> fastattn.huggingface.register()
+    'fastattn'
+    >>> config = transformers.LlamaConfig(
+    ...     vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    ...     num_attention_heads=4, num_key_value_heads=2)
+    >>> model = transformers.AutoModelForCausalLM.from_config(
+    ...     config, attn_implementation="fastattn").eval()
+    >>> with torch.no_grad():
+    ...     logits = model(torch.arange(1, 9)[None]).logits
+    >>> logits.shape
+    torch.Size([1, 8, 64])
     """
     version = tuple(int(part) for part in transformers.__version__.split(".")[:2])
     oldest, too_new = TESTED_TRANSFORMERS
@@ -114,6 +129,13 @@ class StructuralMask:
         was not recognised.
     shape : tuple of int
         ``(B, 1, Lq, Lk)``, the shape of the dense mask this stands for.
+
+    Examples
+    --------
+    >>> import fastattn.huggingface
+    >>> mask = fastattn.huggingface.attention_mask(1, 5, 5)      # causal, no padding
+    >>> sorted(mask.options.items()), mask.mask, mask.shape, mask.ndim
+    ([('causal', True), ('causal_alignment', 'bottom_right')], None, (1, 1, 5, 5), 4)
     """
 
     options: dict
@@ -146,6 +168,17 @@ def attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0,
         for any other ``mask_function``. A ``StructuralMask`` given as
         ``attention_mask`` (one ``generate`` built ahead for a static cache) is
         returned as it is, as transformers returns a 4-D tensor mask.
+
+    Examples
+    --------
+    Transformers' causal mask function with a right-padded batch becomes options,
+    not a dense mask:
+
+    >>> import torch, fastattn.huggingface
+    >>> padding = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
+    >>> mask = fastattn.huggingface.attention_mask(2, 4, 4, attention_mask=padding)
+    >>> mask.options["causal"], mask.options["kv_lengths"].tolist(), mask.mask
+    (True, [4, 2], None)
     """
     if isinstance(attention_mask, StructuralMask):  # built already (generate, static cache)
         return attention_mask
@@ -209,6 +242,22 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     -------
     attn_output : torch.Tensor, shape ``(B, Lq, Hq, D)``
     attn_weights : torch.Tensor or None
+
+    Examples
+    --------
+    Called the way a transformers attention layer calls it, with the query heads'
+    ``(B, H, L, D)`` tensors and a mask from :func:`attention_mask`:
+
+    >>> import torch, fastattn.huggingface
+    >>> generator = torch.Generator().manual_seed(0)
+    >>> query = torch.randn(1, 4, 6, 8, generator=generator)
+    >>> key, value = (torch.randn(1, 2, 6, 8, generator=generator) for _ in range(2))
+    >>> layer = torch.nn.Module()
+    >>> layer.is_causal = True
+    >>> mask = fastattn.huggingface.attention_mask(1, 6, 6)
+    >>> out, weights = fastattn.huggingface.attention_forward(layer, query, key, value, mask)
+    >>> out.shape, weights                              # (B, L, H, D)
+    (torch.Size([1, 6, 4, 8]), None)
     """
     options = _score_options(softcap)
     q_length = query.shape[-2]

@@ -13,6 +13,28 @@ Python (as the reference does), they are ``math``'s functions.
     @numba.njit
     def softcap(s, b, h, i, j):
         return 30.0 * tanh(s / 30.0)
+
+Examples
+--------
+A soft cap written as a ``score_mod`` with :func:`tanh` gives the built-in
+``softcap``'s result:
+
+>>> import numba, numpy as np, fastattn
+>>> from fastattn.score_math import exp, exp2, tanh
+>>> @numba.njit
+... def capped(s, b, h, i, j):
+...     return 30.0 * tanh(s / 30.0)
+>>> rng = np.random.default_rng(0)
+>>> q, k, v = (rng.standard_normal((1, 2, 64, 16)) for _ in range(3))
+>>> by_function = fastattn.scaled_dot_product_attention(q, k, v, score_mod=capped)
+>>> built_in = fastattn.scaled_dot_product_attention(q, k, v, softcap=30.0)
+>>> bool(np.allclose(by_function, built_in))
+True
+
+From plain Python they are :mod:`math`'s functions:
+
+>>> float(tanh(0.5)) == float(np.tanh(0.5)), float(exp2(3.0))
+(True, 8.0)
 """
 
 from fastattn.kernels.vector_math import exp, exp2, tanh

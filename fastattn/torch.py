@@ -102,6 +102,21 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, kv_
     ``Lq*Lk`` is kept between the two. ``torch.autograd.gradcheck`` passes in
     float64. Under ``torch.no_grad()`` (or when no input requires grad) no autograd
     node is recorded.
+
+    Examples
+    --------
+    >>> import torch, fastattn.torch
+    >>> generator = torch.Generator().manual_seed(0)
+    >>> q, k, v = (torch.randn(2, 4, 64, 16, generator=generator, requires_grad=True)
+    ...            for _ in range(3))
+    >>> out = fastattn.torch.scaled_dot_product_attention(q, k, v, causal=True)
+    >>> out.shape
+    torch.Size([2, 4, 64, 16])
+    >>> out.sum().backward()                           # fastattn's fused backward
+    >>> expected = torch.nn.functional.scaled_dot_product_attention(
+    ...     q.detach(), k.detach(), v.detach(), is_causal=True)
+    >>> bool(torch.allclose(out, expected, atol=1e-5)), q.grad.shape
+    (True, torch.Size([2, 4, 64, 16]))
     """
     dtype = _check_tensors(query, key, value)
     mask = _as_constant_array(mask, "mask")

@@ -1,33 +1,52 @@
-"""The README's recipes run as written (its Python blocks, section by section)."""
+"""The README is a front page that works: short, its two quick-start commands are the
+ones a fresh clone needs (and the ones CI runs), its Python example runs as written,
+and its links lead to pages that exist."""
 
 import pathlib
 import re
 
-import pytest
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+MAX_LINES = 150
 
-README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
-SECTIONS = {
-    "softcap and ALiBi": ("## Softcap and ALiBi", "<!-- end section: softcap and ALiBi -->"),
-    "user score functions": ("## User score functions and block masks",
-                             "<!-- end section: user score functions -->"),
-}
-
-
-def python_blocks(start, end):
-    text = README.read_text()
-    section = text[text.index(start):text.index(end)]
-    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+TEST_COMMAND = ('pip install torch==2.13.0 && pip install -e '
+                '".[test,bench,dask,huggingface,mkl]" && python -m pytest')
+DEMO_COMMAND = "python -m fastattn demo"
 
 
-@pytest.mark.parametrize("section", list(SECTIONS))
-def test_recipes_run(section, capsys):
-    blocks = python_blocks(*SECTIONS[section])
+def fenced_blocks(language):
+    return re.findall(rf"```{language}\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_readme_is_a_front_page():
+    assert len(README.read_text().splitlines()) <= MAX_LINES
+
+
+def test_quick_start_is_the_two_commands():
+    quick_start = fenced_blocks("bash")[0].strip().splitlines()
+    assert quick_start == [TEST_COMMAND, DEMO_COMMAND]
+
+
+def test_ci_installs_the_extras_of_the_test_command():
+    """.ci/run installs what the README's test command installs, then runs pytest."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    extras = re.search(r'-e "\.\[(.*?)\]"', TEST_COMMAND).group(1).split(",")
+    installed = re.search(r'pip install .*-e "\.\[(.*?)\]"', ci).group(1).split(",")
+    assert set(extras) <= set(installed)
+    assert '"torch==2.13.0"' in ci and "python -m pytest" in ci
+
+
+def test_example_runs():
+    blocks = fenced_blocks("python")
     assert blocks
     namespace = {}
     for block in blocks:  # one after the other, as a reader would paste them
-        exec(compile(block, f"README {section}", "exec"), namespace)
-    if section == "user score functions":
-        printed = capsys.readouterr().out
-        comment = re.search(r"print\(documents\)\s+# (BlockMask\(.*?\)) for this input",
-                            "".join(blocks)).group(1)
-        assert printed.strip().endswith(comment.split("..., ")[1])
+        exec(compile(block, "README example", "exec"), namespace)
+
+
+def test_links_lead_to_files_that_exist():
+    links = re.findall(r"\]\(([^)#]+)\)", README.read_text())
+    local = [link for link in links if "://" not in link]
+    assert local
+    missing = [link for link in local if not (ROOT / link).exists()]
+    assert not missing, missing

@@ -68,6 +68,22 @@ class MultiHeadAttention:
     A query that can see no key (every key masked, ``kv_lengths`` 0) gets zero from
     every head, as the kernel's rule says, so its output is the output bias
     ``b_o``; PyTorch returns NaN for such rows.
+
+    Examples
+    --------
+    Grouped-query self-attention (8 query heads sharing 2 key/value heads), then
+    cross-attention to another sequence:
+
+    >>> import numpy as np, fastattn
+    >>> mha = fastattn.MultiHeadAttention(embed_dim=32, num_heads=8, num_kv_heads=2, seed=0)
+    >>> x = np.random.default_rng(0).standard_normal((2, 10, 32)).astype(np.float32)
+    >>> y = mha(x, causal=True, kv_lengths=[10, 6])       # (batch, L, embed_dim)
+    >>> y.shape, y.dtype
+    ((2, 10, 32), dtype('float32'))
+    >>> memory = np.random.default_rng(1).standard_normal((2, 5, 32)).astype(np.float32)
+    >>> out, weights = mha(y, memory, return_weights=True)
+    >>> out.shape, weights.shape
+    ((2, 10, 32), (2, 8, 10, 5))
     """
 
     def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, kdim=None, vdim=None,

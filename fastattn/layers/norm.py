@@ -15,6 +15,14 @@ class LayerNorm:
     .. math:: y = \frac{x - \mathrm{mean}(x)}{\sqrt{\mathrm{var}(x) + \epsilon}} \cdot w + b
 
     (biased variance, as in PyTorch's ``nn.LayerNorm``; state keys ``weight``, ``bias``).
+
+    Examples
+    --------
+    >>> import numpy as np, fastattn
+    >>> norm = fastattn.LayerNorm(4)
+    >>> y = norm(np.array([[1.0, 2.0, 3.0, 4.0]], dtype=np.float32))
+    >>> np.round(y, 3)
+    array([[-1.342, -0.447,  0.447,  1.342]], dtype=float32)
     """
 
     def __init__(self, d_model, eps=1e-5, *, dtype=np.float32):
@@ -61,6 +69,16 @@ class FeedForward:
 
     Weights in PyTorch's ``nn.Linear`` layout ``(out, in)``; state keys
     ``linear1.weight``, ``linear1.bias``, ``linear2.weight``, ``linear2.bias``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastattn.layers import FeedForward
+    >>> ffn = FeedForward(16, 64, activation="gelu", rng=np.random.default_rng(0))
+    >>> ffn(np.ones((2, 5, 16), dtype=np.float32)).shape
+    (2, 5, 16)
+    >>> sorted(ffn.state_dict())
+    ['linear1.bias', 'linear1.weight', 'linear2.bias', 'linear2.weight']
     """
 
     def __init__(self, d_model, dim_feedforward, *, activation="relu", dtype=np.float32,

@@ -77,6 +77,18 @@ class TransformerEncoderLayer(_LayerBase):
     (no dropout), whose state_dict it loads (``self_attn.*``, ``linear1.*``,
     ``linear2.*``, ``norm1.*``, ``norm2.*``). ``dropout=p`` gives the attention
     dropout ``p`` in training mode (:meth:`train`); see :class:`MultiHeadAttention`.
+
+    Examples
+    --------
+    >>> import numpy as np, fastattn
+    >>> encoder = fastattn.TransformerEncoderLayer(32, 4, 64, norm_first=True, seed=0)
+    >>> x = np.random.default_rng(0).standard_normal((3, 12, 32)).astype(np.float32)
+    >>> y = encoder(x, kv_lengths=[12, 7, 3])          # padded batch: later keys ignored
+    >>> y.shape
+    (3, 12, 32)
+    >>> padded_tail = encoder(x[1:2, :7])              # entry 1's tokens alone
+    >>> bool(np.allclose(y[1:2, :7], padded_tail, atol=1e-5))
+    True
     """
 
     _parts = (("self_attn.", "self_attn"), ("norm1.", "norm1"), ("norm2.", "norm2"))
@@ -133,6 +145,24 @@ class TransformerDecoderLayer(_LayerBase):
     Matches ``torch.nn.TransformerDecoderLayer(batch_first=True)`` in evaluation mode;
     state keys ``self_attn.*``, ``multihead_attn.*``, ``linear1/2.*``, ``norm1/2/3.*``.
     ``dropout=p`` gives both attentions dropout ``p`` in training mode (:meth:`train`).
+
+    Examples
+    --------
+    >>> import numpy as np, fastattn
+    >>> decoder = fastattn.TransformerDecoderLayer(32, 4, 64, seed=0)
+    >>> rng = np.random.default_rng(0)
+    >>> target = rng.standard_normal((2, 6, 32)).astype(np.float32)
+    >>> memory = rng.standard_normal((2, 9, 32)).astype(np.float32)   # the encoder's output
+    >>> y = decoder(target, memory)                    # causal self-attention, then cross
+    >>> y.shape
+    (2, 6, 32)
+
+    Causal: a position's output does not depend on later target positions.
+
+    >>> changed = target.copy()
+    >>> changed[:, 4:] = 0.0
+    >>> bool(np.allclose(decoder(changed, memory)[:, :4], y[:, :4], atol=1e-5))
+    True
     """
 
     _parts = (("self_attn.", "self_attn"), ("multihead_attn.", "cross_attn"),
