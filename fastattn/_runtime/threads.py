@@ -17,8 +17,6 @@ import functools
 import os
 import threading
 
-import numba
-
 from fastattn import blas
 from fastattn._runtime import settings
 
@@ -37,6 +35,8 @@ def set_num_threads(count):
     ValueError
         If ``count`` is outside ``[1, NUMBA_NUM_THREADS]``.
     """
+    import numba
+
     limit = numba.config.NUMBA_NUM_THREADS
     if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= limit:
         raise ValueError(
@@ -48,6 +48,8 @@ def set_num_threads(count):
 
 def get_num_threads():
     """Number of threads the next fastattn call from this Python thread will use."""
+    import numba
+
     settings.apply()  # before Numba's threads start
     return numba.get_num_threads()
 
@@ -67,7 +69,7 @@ def _openblas_thread_functions(controller):
 
 
 @functools.cache
-def _kernel_blas_thread_functions():
+def blas_thread_functions():
     """``(get, set)`` thread-count functions of the BLAS that the kernels call.
 
     The kernels' SciPy backend is ``scipy.linalg.cython_blas``; importing it loads that
@@ -87,6 +89,7 @@ def _kernel_blas_thread_functions():
         functions.append(_openblas_thread_functions(controller) or (
             lambda controller=controller: controller.num_threads, controller.set_num_threads))
     return tuple(functions)
+
 
 
 class single_threaded_blas:
@@ -117,7 +120,7 @@ class single_threaded_blas:
         shared = single_threaded_blas
         with shared._lock:
             if shared._users == 0:
-                for get, set_ in _kernel_blas_thread_functions():
+                for get, set_ in blas_thread_functions():
                     count = get()
                     if count != 1:
                         set_(1)
