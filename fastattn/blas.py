@@ -160,23 +160,32 @@ def _choose_measured():
         ranked, record = routes.measured_ranking(libraries, _usable_addresses)
     else:
         ranked, record = list(libraries), None
-    passed_over = []
+    chosen, passed_over = None, {}
     for name in ranked + [name for name in BACKENDS if name not in ranked]:
         backend = _load(name)
         if isinstance(backend, _Backend):
-            if record is None:
-                reason = "the only route that loads here"
-            else:
-                reason = ("fastest measured on this machine" if record["source"] == "measured"
-                          else "fastest measured on this machine (stored figures)")
-            if passed_over:
-                reason += "; passed over " + "; ".join(passed_over)
-            return backend, reason, record
-        passed_over.append(f"{name}: {backend}")
-        if name in _failed_self_test:
-            warnings.warn(f"fastattn: BLAS route {name!r} failed its self-test ({backend}); "
-                          "the kernels use the next route", RuntimeWarning, stacklevel=2)
-    raise RuntimeError("fastattn: no BLAS route can be used: " + "; ".join(passed_over))
+            chosen = backend
+            break
+        passed_over[name] = backend
+    # routes that failed their self-test while being measured are passed over too
+    passed_over.update((name, _loaded[name]) for name in sorted(_failed_self_test)
+                       if name in libraries and name not in passed_over)
+    for name in passed_over.keys() & _failed_self_test:
+        warnings.warn(f"fastattn: BLAS route {name!r} failed its self-test "
+                      f"({passed_over[name]}); the kernels use the next route",
+                      RuntimeWarning, stacklevel=2)
+    details = "; ".join(f"{name}: {why}" for name, why in passed_over.items())
+    if chosen is None:
+        raise RuntimeError("fastattn: no BLAS route can be used: " + details)
+    if record is None:
+        reason = "the only route that loads here"
+    elif record["source"] == "measured":
+        reason = "fastest measured on this machine"
+    else:
+        reason = "fastest measured on this machine (stored figures)"
+    if passed_over:
+        reason += "; passed over " + details
+    return chosen, reason, record
 
 
 def _usable_addresses():

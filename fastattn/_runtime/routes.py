@@ -124,19 +124,17 @@ def self_test(address, dtype):
     b_c = rng.integers(-4, 5, (5, 3)).astype(dtype)  # (k, n) C
     b_f = np.asfortranarray(b_c)  # (k, n) F: passed as 't'
     function = gemm_function(address)
+    product = a.astype(np.float64) @ b_c.astype(np.float64)  # (7, 3), exact
     for b in (b_c, b_f):
         out = np.full((7, 3), np.nan, dtype)
-        keep, arguments = gemm_arguments(a, b, out, pad=-1)
-        function(*arguments)
-        keep, accumulate = gemm_arguments(a, b, out, alpha=2.0, beta=1.0, pad=-1)
-        function(*accumulate)
-        del keep
-        expected = 3 * (a.astype(np.float64) @ b_c.astype(np.float64))
-        if not np.array_equal(out.astype(np.float64), expected):
-            layout = "F" if b is b_f else "C"
-            return (f"its {dtype.name} gemm gave a wrong (7, 5) @ (5, 3) product ({layout} "
-                    "right operand): a 64-bit-integer (ILP64) build, or not a gemm of this "
-                    "dtype")
+        for alpha, beta, expected in ((1.0, 0.0, product), (2.0, 1.0, 3 * product)):
+            keep, arguments = gemm_arguments(a, b, out, alpha, beta, pad=-1)
+            function(*arguments)
+            del keep
+            if not np.array_equal(out.astype(np.float64), expected):
+                return (f"its {dtype.name} gemm gave a wrong (7, 5) @ (5, 3) product "
+                        f"({'F' if b is b_f else 'C'} right operand, beta {beta:g}): a "
+                        "64-bit-integer (ILP64) build, or not a gemm of this dtype")
     return None
 
 
