@@ -360,7 +360,8 @@ def test_overlapping_calls_share_one_blas_thread_switch():
     """The BLAS thread count is process-wide: it stays at 1 until the last of several
     overlapping kernel calls has left, then returns to what it was (the kernels
     calling SciPy's BLAS; MKL runs sequential, and the switch does nothing then)."""
-    from fastattn._runtime.threads import blas_thread_functions, single_threaded_blas
+    from fastattn._runtime.blas_threads import blas_thread_functions
+    from fastattn._runtime.threads import single_threaded_blas
 
     functions = blas_thread_functions()
     before = [get() for get, _ in functions]

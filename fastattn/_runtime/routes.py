@@ -157,7 +157,7 @@ def measure(addresses, budget_s=MEASUREMENT_BUDGET_S, max_rounds=MAX_ROUNDS):
     and stop after ``max_rounds`` or once ``budget_s`` seconds were spent; each
     case's best time counts.
     """
-    from fastattn._runtime.threads import blas_thread_functions
+    from fastattn._runtime.blas_threads import blas_thread_functions
 
     rng = np.random.default_rng(0)
     calls = []  # (route, label, flops, function, arguments)
