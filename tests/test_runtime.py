@@ -13,9 +13,11 @@ import fastattn.blas as blas
 
 
 def run_python(code, **environment):
-    """Run ``code`` in a fresh interpreter with ``environment`` added; its stdout."""
+    """Run ``code`` in a fresh interpreter with ``environment`` added (and this
+    process's fastattn variables and spin count, which its kernel calls set, left
+    out); its stdout."""
     env = {name: value for name, value in os.environ.items()
-           if not name.startswith("FASTATTN_")}
+           if not name.startswith("FASTATTN_") and name != "GOMP_SPINCOUNT"}
     env.update(environment)
     finished = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
                               capture_output=True, text=True, timeout=120)
@@ -49,6 +51,19 @@ def test_show_config_prints_by_default(capsys):
     printed = capsys.readouterr().out
     assert f"in use: {blas.current_name()}" in printed
     assert "process settings:" in printed and "  spin count: " in printed
+
+
+def test_show_config_is_public_and_its_examples_run():
+    import doctest
+
+    from fastattn._runtime import config_report
+
+    assert "show_config" in fastattn.__all__
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    for example in doctest.DocTestFinder().find(config_report.show_config, "show_config",
+                                                globs={}):
+        runner.run(example)
+    assert runner.tries >= 3 and runner.failures == 0
 
 
 @pytest.mark.parametrize("mode", ["dict", "", None, "STDOUT"])
