@@ -201,7 +201,7 @@ def test_figures_are_kept_per_route_environment(fresh_choice, monkeypatch):
     monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
     blas.use("auto")
     assert len(list(fresh_choice.iterdir())) == 2
-    assert blas._measurement["key"]["environment"] == {"OPENBLAS_CORETYPE": "Haswell"}
+    assert blas._measurement["key"]["environment"]["OPENBLAS_CORETYPE"] == "Haswell"
     assert os.environ["OPENBLAS_CORETYPE"] == "Haswell"
 
 
