@@ -38,8 +38,9 @@ asked for by name.
 Switching MKL to its sequential layer is process-wide: another library in the same
 process that calls the same ``libmkl_rt`` (a NumPy built against it, say) then runs
 single-threaded too; without a stored measurement ``auto`` loads MKL to time it,
-whichever route wins. ``auto`` does not take an MKL that some other library already
-initialised with another threading layer (the switch would be refused); set
+whichever route wins. ``auto`` leaves alone an MKL that some other library already
+loaded (on Linux, where ``/proc/self/maps`` tells), and no request takes an MKL
+already initialised with another threading layer (the switch would be refused); set
 ``FASTATTN_BLAS=scipy`` to leave MKL alone entirely.
 
 Results differ between the routes by rounding only (each is within the accuracy
@@ -69,6 +70,7 @@ _reason = None  # why _chosen was chosen (str), for show_config
 _measurement = None  # the routes' figures behind an "auto" choice (dict), or None
 _loaded = {}  # name -> _Backend or the reason it could not load (str)
 _failed_self_test = set()  # names of routes that loaded but failed their self-test
+_opened_mkl = set()  # real paths of the libmkl_rt files fastattn loaded
 
 
 class _Backend:
@@ -162,14 +164,16 @@ def _choose_measured():
         ranked, record = list(libraries), None
     chosen, passed_over = None, {}
     for name in ranked + [name for name in BACKENDS if name not in ranked]:
-        backend = _load(name)
+        backend = _load_unless_loaded_elsewhere(name)
         if isinstance(backend, _Backend):
             chosen = backend
             break
         passed_over[name] = backend
-    # routes that failed their self-test while being measured are passed over too
-    passed_over.update((name, _loaded[name]) for name in sorted(_failed_self_test)
-                       if name in libraries and name not in passed_over)
+    # routes left out of the measurement, or that would have been, are passed over too
+    for name in libraries:
+        why = None if chosen is not None and name == chosen.name else _why_auto_skips(name)
+        if why is not None and name not in passed_over:
+            passed_over[name] = why
     for name in passed_over.keys() & _failed_self_test:
         warnings.warn(f"fastattn: BLAS route {name!r} failed its self-test "
                       f"({passed_over[name]}); the kernels use the next route",
@@ -191,9 +195,41 @@ def _choose_measured():
 def _usable_addresses():
     """``{route: {dtype: gemm address}}`` of the routes that load and pass their
     self-test (loading each)."""
-    loaded = {name: _load(name) for name in BACKENDS}
+    loaded = {name: _load_unless_loaded_elsewhere(name) for name in BACKENDS}
     return {name: backend.addresses for name, backend in loaded.items()
             if isinstance(backend, _Backend)}
+
+
+def _why_auto_skips(name):
+    """Why ``auto`` cannot use route ``name`` as things stand (loading nothing), or
+    None if it can or that is not known without loading it."""
+    if name in _loaded:
+        return _why_not(_loaded[name])
+    return _mkl_loaded_elsewhere() if name == "mkl" else None
+
+
+def _mkl_loaded_elsewhere():
+    """Why ``auto`` leaves MKL alone if another library of the process loaded a
+    ``libmkl_rt`` (from ``/proc/self/maps``: Linux only), else None."""
+    from fastattn._runtime.settings import loaded_libraries
+
+    elsewhere = [path for path in loaded_libraries("libmkl_rt")
+                 if os.path.realpath(path) not in _opened_mkl]
+    if elsewhere:
+        return (f"{elsewhere[0]} was loaded by another library in this process; auto "
+                f"leaves it as it is ({ENVIRONMENT_VARIABLE}=mkl takes it)")
+    return None
+
+
+def _load_unless_loaded_elsewhere(name):
+    """:func:`_load` for ``auto``, which leaves alone an MKL that another library of
+    the process loaded (switching it to its sequential layer would make that library
+    single-threaded too); asking for ``"mkl"`` by name still takes it."""
+    if name == "mkl" and name not in _loaded:
+        why_not = _mkl_loaded_elsewhere()
+        if why_not is not None:
+            return why_not
+    return _load(name)
 
 
 def _route_libraries():
@@ -277,6 +313,9 @@ def _load_mkl():
         except OSError as error:
             errors.append(f"{path}: {error}")
             continue
+        from fastattn._runtime.settings import loaded_libraries
+
+        _opened_mkl.update(os.path.realpath(loaded) for loaded in loaded_libraries("libmkl_rt"))
         set_threading = library.MKL_Set_Threading_Layer
         set_interface = library.MKL_Set_Interface_Layer
         set_threading.restype = set_interface.restype = ctypes.c_int

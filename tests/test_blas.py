@@ -128,6 +128,26 @@ def test_mkl_set_up_by_another_library_is_left_alone():
     assert "already set up by another library" in message and "sequential" in message
 
 
+@needs_mkl
+@pytest.mark.skipif("not sys.platform.startswith('linux')", reason="reads /proc/self/maps")
+def test_auto_leaves_alone_an_mkl_another_library_loaded():
+    """An MKL another library loaded but has not used yet keeps its threading layer
+    under ``auto`` (switching it would make that library single-threaded); asking
+    for ``mkl`` by name still takes it."""
+    code = """
+        import ctypes, fastattn.blas as b
+        ctypes.CDLL(b._mkl_candidates()[0])  # loaded, not initialised: as NumPy-MKL would
+        print(b.current_name(), "mkl" in b._loaded)
+        print(b._reason)
+        b.use("mkl")
+        print(b.current_name())
+    """
+    chosen, reason, forced = run_python(code).split("\n")
+    assert chosen == "scipy False"
+    assert "was loaded by another library in this process; auto leaves it" in reason
+    assert forced == "mkl"
+
+
 def test_reachable_as_an_attribute_of_the_package():
     code = "import fastattn; print(fastattn.blas.current_name() in fastattn.blas.BACKENDS)"
     assert run_python(code) == "True"

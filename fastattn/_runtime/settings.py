@@ -119,15 +119,21 @@ def prefer_openmp_threads():
 
 
 def loaded_libgomp():
-    """Paths of the GNU OpenMP libraries (``libgomp*``) loaded in this process, from
-    ``/proc/self/maps``; an empty list where that file does not exist (not Linux)."""
+    """Paths of the GNU OpenMP libraries (``libgomp*``) loaded in this process."""
+    return loaded_libraries("libgomp")
+
+
+def loaded_libraries(prefix):
+    """Paths of the shared libraries whose file name starts with ``prefix`` that are
+    loaded in this process, from ``/proc/self/maps``; an empty list where that file
+    does not exist (not Linux)."""
     paths = []
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
                 fields = line.split(maxsplit=5)  # address, mode, offset, device, inode, path
                 path = fields[5].strip() if len(fields) == 6 else ""
-                if os.path.basename(path).startswith("libgomp") and path not in paths:
+                if os.path.basename(path).startswith(prefix) and path not in paths:
                     paths.append(path)
     except OSError:
         pass
