@@ -77,7 +77,6 @@ def test_show_config_says_why_the_route_was_chosen():
     try:
         config = fastattn.show_config(mode="dicts")
         assert config["blas"]["reason"] == "forced by fastattn.blas.use('scipy')"
-        assert "measurement" not in config["blas"]  # nothing was measured for this choice
     finally:
         blas.use(previous or "auto")
     if len([why for why in blas.available().values() if why is None]) > 1:
@@ -86,6 +85,25 @@ def test_show_config_says_why_the_route_was_chosen():
         assert config["blas"]["reason"].startswith("fastest measured on this machine")
         for route in config["blas"]["routes"].values():
             assert all(value > 0 for value in route["GFLOP/s"].values())
+
+
+def test_show_config_of_a_forced_route_measures_nothing(monkeypatch, tmp_path):
+    """A route forced by name is not timed; show_config shows stored figures if the
+    machine has them, and measures none itself."""
+    from fastattn._runtime import routes
+
+    def no_measuring(addresses):
+        raise AssertionError("measured")
+
+    monkeypatch.setattr(routes, "measure", no_measuring)
+    monkeypatch.setattr(routes, "cache_folder", lambda: str(tmp_path))
+    previous = blas.use("scipy")
+    try:
+        config = fastattn.show_config(mode="dicts")["blas"]
+        assert "measurement" not in config
+        assert all("GFLOP/s" not in route for route in config["routes"].values())
+    finally:
+        blas.use(previous or "auto")
 
 
 def test_show_config_without_cpu_information(monkeypatch):

@@ -85,7 +85,7 @@ def _blas_routes():
     from fastattn import blas
 
     in_use = blas.current()  # chooses, measuring once per machine, if nothing has yet
-    measurement = blas._measurement
+    measurement = blas._measurement or _stored_figures()
     routes = {}
     for name, why_not in blas.available().items():
         route = {"usable": why_not is None}
@@ -107,6 +107,19 @@ def _blas_routes():
             "one thread, shapes": "attention's block products, float32 and float64",
         }
     return report
+
+
+def _stored_figures():
+    """The figures stored for this machine and configuration (a route forced by name
+    is not measured), or None; measures nothing."""
+    from fastattn import blas
+    from fastattn._runtime import routes
+
+    libraries = {name: path for name, path in blas._route_libraries().items() if path}
+    key = routes.machine_key(libraries)
+    path = routes.cache_file(key)
+    stored = routes.read_cached(path, key, libraries)
+    return None if stored is None else dict(stored, source="cache file", cache_file=path)
 
 
 def _library_details(route, library):
