@@ -103,6 +103,7 @@ def test_show_config_of_a_forced_route_measures_nothing(monkeypatch, tmp_path):
         assert "measurement" not in config
         assert all("GFLOP/s" not in route for route in config["routes"].values())
     finally:
+        monkeypatch.undo()
         blas.use(previous or "auto")
 
 
