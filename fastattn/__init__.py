@@ -27,6 +27,7 @@ _PUBLIC = {
     "BlockMask": "fastattn.block_mask",
     "set_num_threads": "fastattn._runtime.threads",
     "get_num_threads": "fastattn._runtime.threads",
+    "show_config": "fastattn._runtime.config_report",
 }
 
 # submodules reachable as attributes without their own import (cheap to import)

@@ -203,22 +203,26 @@ def test_set_num_threads_refuses_bad_counts(count):
         fastattn.set_num_threads(count)
 
 
-@pytest.mark.parametrize("user_value, opt_out, expected",
-                         [(None, None, "10000"), ("5", None, "5"), (None, "0", "unset")])
-def test_openmp_spin_count_default_keeps_the_users(user_value, opt_out, expected):
+@pytest.mark.parametrize("user_value, switch, expected", [
+    (None, None, "10000"), ("5", None, "5"),
+    (None, ("FASTATTN_PROCESS_SETTINGS", "0"), "unset"),
+    (None, ("FASTATTN_SPINCOUNT", "off"), "unset"),
+    (None, ("FASTATTN_THREADING_LAYER", "0"), "10000"),  # another setting's switch
+])
+def test_openmp_spin_count_default_keeps_the_users(user_value, switch, expected):
     """fastattn shortens OpenMP's idle spinning at its first kernel call unless the
-    user chose a value or opted out of the process settings; importing fastattn, its
-    front ends or its kernels changes nothing."""
+    user chose a value or switched the setting (or all settings) off; importing
+    fastattn, its front ends or its kernels changes nothing."""
     import os
     import subprocess
     import sys
 
     env = {name: value for name, value in os.environ.items()
-           if name not in ("GOMP_SPINCOUNT", "FASTATTN_PROCESS_SETTINGS")}
+           if name != "GOMP_SPINCOUNT" and not name.startswith("FASTATTN_")}
     if user_value is not None:
         env["GOMP_SPINCOUNT"] = user_value
-    if opt_out is not None:
-        env["FASTATTN_PROCESS_SETTINGS"] = opt_out
+    if switch is not None:
+        env[switch[0]] = switch[1]
     code = ("import os, numpy as np, fastattn, fastattn.attention, fastattn.kernels.forward, "
             "fastattn._runtime.threads; imported = os.environ.get('GOMP_SPINCOUNT', 'unset'); "
             "q = np.ones((1, 4, 4)); fastattn.scaled_dot_product_attention(q, q, q); "
@@ -233,6 +237,8 @@ def test_openmp_spin_count_default_keeps_the_users(user_value, opt_out, expected
     ("NUMBA_THREADING_LAYER_PRIORITY", "workqueue omp tbb", "workqueue"),
     ("NUMBA_THREADING_LAYER", "workqueue", "workqueue"),
     ("FASTATTN_PROCESS_SETTINGS", "0", None),  # Numba's own order: TBB if installed
+    ("FASTATTN_THREADING_LAYER", "0", None),
+    ("FASTATTN_SPINCOUNT", "0", "omp"),  # another setting's switch
 ])
 def test_kernels_run_on_openmp_unless_the_user_chose(variable, value, expected):
     """Numba would take TBB whenever the tbb package is installed (MKL's wheel brings
@@ -242,7 +248,7 @@ def test_kernels_run_on_openmp_unless_the_user_chose(variable, value, expected):
     import sys
 
     env = {name: v for name, v in os.environ.items()
-           if not name.startswith("NUMBA_THREADING") and name != "FASTATTN_PROCESS_SETTINGS"}
+           if not name.startswith(("NUMBA_THREADING", "FASTATTN_"))}
     if variable is not None:
         env[variable] = value
     code = ("import numba, numpy as np, fastattn; q = np.ones((1, 4, 4)); "
@@ -255,6 +261,38 @@ def test_kernels_run_on_openmp_unless_the_user_chose(variable, value, expected):
         expected = subprocess.run([sys.executable, "-c", numba_alone], env=env,
                                   capture_output=True, text=True, check=True).stdout.strip()
     assert result.stdout.split() == [expected]
+
+
+@pytest.mark.skipif("not sys.platform.startswith('linux')", reason="reads /proc/self/maps")
+@pytest.mark.parametrize("first", ["torch", None])
+def test_spin_count_reported_as_not_taking_effect_after_an_earlier_libgomp(first):
+    """libgomp reads GOMP_SPINCOUNT when it is loaded: a library that loaded it before
+    fastattn's first call (PyTorch's wheel ships one, which Numba then shares) keeps
+    its spin count, and fastattn says so."""
+    import os
+    import subprocess
+    import sys
+
+    if first is not None:
+        pytest.importorskip(first)
+    env = {name: v for name, v in os.environ.items()
+           if name != "GOMP_SPINCOUNT" and not name.startswith("FASTATTN_")}
+    code = ((f"import {first}; " if first else "") +
+            "import numpy as np, fastattn; from fastattn._runtime import settings; "
+            "q = np.ones((1, 4, 4)); fastattn.scaled_dot_product_attention(q, q, q); "
+            "report = settings.report(); print(report['spin count took effect'], "
+            "len(report['libgomp loaded before the spin count']))")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, check=True)
+    took_effect, count = result.stdout.split()
+    if first is None:
+        assert (took_effect, count) == ("True", "0")
+    else:
+        loaded = subprocess.run([sys.executable, "-c", f"import {first}; from fastattn._runtime."
+                                 "settings import loaded_libgomp; print(len(loaded_libgomp()))"],
+                                env=env, capture_output=True, text=True, check=True)
+        assert took_effect == str(loaded.stdout.strip() == "0")
+        assert count == loaded.stdout.strip()
 
 
 def test_cache_keys_fall_back_when_numba_changes(monkeypatch):
@@ -322,9 +360,10 @@ def test_overlapping_calls_share_one_blas_thread_switch():
     """The BLAS thread count is process-wide: it stays at 1 until the last of several
     overlapping kernel calls has left, then returns to what it was (the kernels
     calling SciPy's BLAS; MKL runs sequential, and the switch does nothing then)."""
-    from fastattn._runtime.threads import _kernel_blas_thread_functions, single_threaded_blas
+    from fastattn._runtime.blas_threads import blas_thread_functions
+    from fastattn._runtime.threads import single_threaded_blas
 
-    functions = _kernel_blas_thread_functions()
+    functions = blas_thread_functions()
     before = [get() for get, _ in functions]
     previous_backend = fastattn.blas.use("scipy")
     try:

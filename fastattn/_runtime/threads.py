@@ -12,15 +12,11 @@ oversubscribe the cores. MKL is loaded with its sequential layer; SciPy's BLAS i
 kept at one thread by :class:`single_threaded_blas`.
 """
 
-import ctypes
-import functools
-import os
 import threading
-
-import numba
 
 from fastattn import blas
 from fastattn._runtime import settings
+from fastattn._runtime.blas_threads import blas_thread_functions
 
 
 def set_num_threads(count):
@@ -37,6 +33,8 @@ def set_num_threads(count):
     ValueError
         If ``count`` is outside ``[1, NUMBA_NUM_THREADS]``.
     """
+    import numba
+
     limit = numba.config.NUMBA_NUM_THREADS
     if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= limit:
         raise ValueError(
@@ -48,45 +46,10 @@ def set_num_threads(count):
 
 def get_num_threads():
     """Number of threads the next fastattn call from this Python thread will use."""
+    import numba
+
     settings.apply()  # before Numba's threads start
     return numba.get_num_threads()
-
-
-def _openblas_thread_functions(controller):
-    """ctypes ``(get, set)`` thread-count functions of an OpenBLAS, or None."""
-    if controller.internal_api != "openblas":
-        return None
-    for prefix in ("", "scipy_"):  # SciPy's wheels rename OpenBLAS's symbols
-        for suffix in ("", "64_"):
-            get = getattr(controller.dynlib, f"{prefix}openblas_get_num_threads{suffix}", None)
-            set_ = getattr(controller.dynlib, f"{prefix}openblas_set_num_threads{suffix}", None)
-            if get is not None and set_ is not None:
-                get.restype, set_.argtypes = ctypes.c_int, [ctypes.c_int]
-                return get, set_
-    return None
-
-
-@functools.cache
-def _kernel_blas_thread_functions():
-    """``(get, set)`` thread-count functions of the BLAS that the kernels call.
-
-    The kernels' SciPy backend is ``scipy.linalg.cython_blas``; importing it loads that
-    BLAS, which threadpoolctl can only see once it is loaded. SciPy's own copy is
-    picked out by its folder (``scipy.libs``); if none is recognised, every BLAS in
-    the process is handled. OpenBLAS is driven through ctypes directly (about a
-    microsecond), other libraries through threadpoolctl.
-    """
-    import scipy.linalg.cython_blas  # noqa: F401
-    from threadpoolctl import ThreadpoolController
-
-    controllers = ThreadpoolController().select(user_api="blas").lib_controllers
-    scipy_owned = [controller for controller in controllers
-                   if os.path.basename(os.path.dirname(controller.filepath)).startswith("scipy")]
-    functions = []
-    for controller in scipy_owned or controllers:
-        functions.append(_openblas_thread_functions(controller) or (
-            lambda controller=controller: controller.num_threads, controller.set_num_threads))
-    return tuple(functions)
 
 
 class single_threaded_blas:
@@ -117,7 +80,7 @@ class single_threaded_blas:
         shared = single_threaded_blas
         with shared._lock:
             if shared._users == 0:
-                for get, set_ in _kernel_blas_thread_functions():
+                for get, set_ in blas_thread_functions():
                     count = get()
                     if count != 1:
                         set_(1)

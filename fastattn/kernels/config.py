@@ -142,10 +142,20 @@ def key_caches_on_sources():
     """Make Numba's cache locators stamp fastattn kernels with the package's sources.
 
     Locators for functions outside fastattn are left as they are. Returns False
-    (changing nothing) when Numba's private caching classes are not as expected;
-    patches once per process.
+    (changing nothing) when Numba's private caching classes are not as expected, or,
+    with a warning, when Numba is outside the releases this was tested with (the
+    ``numba`` pin in pyproject.toml); patches once per process.
     """
     from numba.core import caching
+
+    tested = ((0, 59), (0, 69))  # pyproject.toml: numba>=0.59,<0.69
+    version = tuple(int(part) for part in numba.__version__.split(".")[:2])
+    if not tested[0] <= version < tested[1]:
+        warnings.warn(f"fastattn: Numba {numba.__version__} is outside the releases fastattn "
+                      "was tested with (>=0.59,<0.69); the kernels' cache keeps Numba's "
+                      "default keys (clear NUMBA_CACHE_DIR after editing a kernel helper)",
+                      RuntimeWarning, stacklevel=3)
+        return False
 
     def numba_class(name):  # public names since Numba 0.60-ish, underscored before
         return getattr(caching, name, None) or getattr(caching, "_" + name, None)
