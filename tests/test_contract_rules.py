@@ -304,6 +304,7 @@ def test_cache_keys_fall_back_when_numba_changes(monkeypatch):
 
     from fastattn.kernels import config
 
+    config._key_caches_once()  # patched as by any kernel compiled before this test
     locators = list(caching.CacheImpl._locator_classes)
     for name in ("UserProvidedCacheLocator", "_UserProvidedCacheLocator"):
         monkeypatch.delattr(caching, name, raising=False)
