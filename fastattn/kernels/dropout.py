@@ -47,26 +47,12 @@ def philox_round(c0, c1, c2, c3, k0, k1):
 
 @njit(inline="always")
 def philox10(c0, c1, c2, c3, k0, k1):
-    """Philox4x32-10 of counter ``(c0, c1, c2, c3)`` under key ``(k0, k1)``, the ten
-    rounds written out (a loop-free body the column loop can vectorise)."""
-    c0, c1, c2, c3 = philox_round(c0, c1, c2, c3, k0, k1)
-    k0, k1 = (k0 + PHILOX_W0) & WORD, (k1 + PHILOX_W1) & WORD
-    c0, c1, c2, c3 = philox_round(c0, c1, c2, c3, k0, k1)
-    k0, k1 = (k0 + PHILOX_W0) & WORD, (k1 + PHILOX_W1) & WORD
-    c0, c1, c2, c3 = philox_round(c0, c1, c2, c3, k0, k1)
-    k0, k1 = (k0 + PHILOX_W0) & WORD, (k1 + PHILOX_W1) & WORD
-    c0, c1, c2, c3 = philox_round(c0, c1, c2, c3, k0, k1)
-    k0, k1 = (k0 + PHILOX_W0) & WORD, (k1 + PHILOX_W1) & WORD
-    c0, c1, c2, c3 = philox_round(c0, c1, c2, c3, k0, k1)
-    k0, k1 = (k0 + PHILOX_W0) & WORD, (k1 + PHILOX_W1) & WORD
-    c0, c1, c2, c3 = philox_round(c0, c1, c2, c3, k0, k1)
-    k0, k1 = (k0 + PHILOX_W0) & WORD, (k1 + PHILOX_W1) & WORD
-    c0, c1, c2, c3 = philox_round(c0, c1, c2, c3, k0, k1)
-    k0, k1 = (k0 + PHILOX_W0) & WORD, (k1 + PHILOX_W1) & WORD
-    c0, c1, c2, c3 = philox_round(c0, c1, c2, c3, k0, k1)
-    k0, k1 = (k0 + PHILOX_W0) & WORD, (k1 + PHILOX_W1) & WORD
-    c0, c1, c2, c3 = philox_round(c0, c1, c2, c3, k0, k1)
-    k0, k1 = (k0 + PHILOX_W0) & WORD, (k1 + PHILOX_W1) & WORD
+    """Philox4x32-10 of counter ``(c0, c1, c2, c3)`` under key ``(k0, k1)`` (the loop
+    of ten rounds is unrolled by LLVM, leaving a loop-free body the column loop can
+    vectorise)."""
+    for _ in range(PHILOX_ROUNDS - 1):
+        c0, c1, c2, c3 = philox_round(c0, c1, c2, c3, k0, k1)
+        k0, k1 = (k0 + PHILOX_W0) & WORD, (k1 + PHILOX_W1) & WORD
     return philox_round(c0, c1, c2, c3, k0, k1)
 
 
