@@ -206,7 +206,8 @@ def main():
     def median(values):
         return sorted(values)[len(values) // 2]
 
-    print(f"threads={arguments.threads}, rounds={arguments.rounds}, float32, eval mode")
+    print(f"threads={arguments.threads}, rounds={arguments.rounds}, float32, eval mode "
+          "(bert-train: training mode, dropout 0.1)")
     print(f"{'case':<22}{'fastattn ms':>13}{'peer ms':>11}  peer   ratio med [min max]   goal")
     shares = []
     for case in arguments.cases:
