@@ -1,5 +1,6 @@
-"""Whole Hugging Face model forwards with attn_implementation="fastattn" against
-transformers' "sdpa" or "eager", in float32, eval mode.
+"""Whole Hugging Face model forwards (and one training step) with
+attn_implementation="fastattn" against transformers' "sdpa" or "eager", in float32,
+eval mode (the training step in training mode).
 
     python asv_benchmarks/hf_models.py                      # every case
     python asv_benchmarks/hf_models.py --cases llama-2048 --rounds 9
