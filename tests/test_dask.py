@@ -636,3 +636,14 @@ def test_memory_bank_example_runs_small():
     assert "agreement with the local call" in result.stdout
     assert "within float32 tolerance: True" in result.stdout
 
+
+
+@pytest.mark.parametrize("option", [dict(softcap=2.0), dict(alibi_slopes=[0.5]),
+                                    dict(chunk_of=((1,), (0,), 0, 0))])
+def test_options_the_chunks_are_not_given_are_refused(option):
+    """An option fastattn.dask does not carry to its chunks raises, naming it, rather
+    than being dropped."""
+    query = da.zeros((1, 8, 4), chunks=(1, 4, 4))
+    name = next(iter(option))
+    with pytest.raises(NotImplementedError, match=f"does not support {name}"):
+        fdask.scaled_dot_product_attention(query, query, query, **option)

@@ -103,10 +103,11 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, return_weights
         like the scores ``(*batch, Lq, Lk)`` (the query's chunks along batch axes and
         ``Lq``, the key's along ``Lk``; one chunk along a broadcast axis of size 1),
         since rechunking an ``(Lq, Lk)`` operand moves more data than the attention.
-    causal, causal_alignment, window, kv_lengths, scale, enable_gqa
+    causal, causal_alignment, window, kv_lengths, scale, enable_gqa, dropout_p, dropout_seed
         As in :func:`fastattn.scaled_dot_product_attention`. ``kv_lengths`` may be a
         Dask array; it is computed when the graph is built (it decides which tasks
-        exist).
+        exist). Dropout decisions are the local call's, at the global ``(b, h, i, j)``
+        of each chunk's entries.
     return_weights : bool, default False
         Must be False: the weights are ``(*batch, Lq, Lk)`` and would need every key
         chunk of a row in one place. Use the local call on a slice for them.
@@ -114,8 +115,9 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, return_weights
         Also return the log-sum-exp of each row, ``(*batch, Lq)``.
     split_every : int, optional
         Parts merged per task of the merge tree (at least 2; default 8).
-    softcap, alibi_slopes, score_mod, mask_mod, block_mask
-        Not supported yet: anything but None raises ``NotImplementedError``.
+    other options
+        The score options (softcap, ALiBi slopes, user functions, block masks) are
+        not supported yet: setting one raises ``NotImplementedError`` naming it.
 
     Returns
     -------
@@ -185,12 +187,14 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
     lse : dask.array.Array or array_like, shape ``(*batch, Lq)``
         The forward's results (``return_lse=True``). ``grad_out``, ``out`` and
         ``lse`` are rechunked like the forward's output where they differ.
-    bias, causal, causal_alignment, window, kv_lengths, scale, enable_gqa
+    bias, causal, causal_alignment, window, kv_lengths, scale, enable_gqa, dropout_p, \
+dropout_seed
         Exactly as given to the forward.
     split_every : int, optional
         Shares summed per task (at least 2; default 8).
-    softcap, alibi_slopes, score_mod, mask_mod, block_mask, score_mod_grad
-        Not supported yet: anything but None raises ``NotImplementedError``.
+    other options
+        As for the forward, the score options and ``score_mod_grad`` raise
+        ``NotImplementedError``.
 
     Returns
     -------

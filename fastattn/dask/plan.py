@@ -94,22 +94,28 @@ class ChunkPlan:
         return self.batch_chunks + (self.q_chunks,)
 
 
+# The options a chunked call carries to its chunks; any other option set is refused,
+# so that an option added to the local call is never dropped silently here.
+CHUNKED_OPTIONS = frozenset({"bias", "causal", "causal_alignment", "window", "kv_lengths",
+                             "scale", "enable_gqa", "dropout_p", "dropout_seed"})
+
+
 def refuse_score_options(options, **extra):
-    """Raise ``NotImplementedError`` for a score option set in ``options`` (or in
-    ``extra``, the backward's ``score_mod_grad``).
+    """Raise ``NotImplementedError`` for an option set in ``options`` (or in ``extra``,
+    the backward's ``score_mod_grad``) that the chunks are not given
+    (:data:`CHUNKED_OPTIONS`).
 
     The score options are not carried to the chunks yet: ALiBi and the user's score
     functions need each chunk's batch entries and positions shifted to the chunk (the
     local call sees chunk-local ``b``, ``h``, ``i`` and ``j``).
     """
-    refused = dict(softcap=options.softcap, alibi_slopes=options.alibi_slopes,
-                   score_mod=options.score_mod, mask_mod=options.mask_mod,
-                   block_mask=options.block_mask, **extra)
-    for name, value in refused.items():
-        if value is not None:
-            raise NotImplementedError(
-                f"fastattn.dask does not support {name} yet; call "
-                f"fastattn.scaled_dot_product_attention on NumPy arrays for it")
+    refused = {name: value for name, value in options.as_keywords().items()
+               if name not in CHUNKED_OPTIONS}
+    refused.update((name, value) for name, value in extra.items() if value is not None)
+    for name in refused:
+        raise NotImplementedError(
+            f"fastattn.dask does not support {name} yet; call "
+            f"fastattn.scaled_dot_product_attention on NumPy arrays for it")
 
 
 def check_split_every(split_every):
