@@ -86,7 +86,7 @@ def choose_key_groups(n_batch, kv_len, block_k=BACKWARD_BLOCK_K):
 # cost a pass over keys and values of their own.
 DECODE_MAX_ROWS = 8
 # Keys per block of the decode kernel (its scores are one (rows, block) buffer).
-DECODE_BLOCK_K = 64
+DECODE_BLOCK_K = 256
 # Fewest tasks (batch entries x key spans) a decode call should offer, and the fewest
 # keys a span may hold: a span's merge costs a pass over its (rows, Dv) output.
 DECODE_MIN_TASKS = 16
