@@ -98,11 +98,12 @@ def decode_plan(n_batch, kv_len):
     """How the decode kernel tiles a call, from its shape alone (cached):
     ``(block_k, span_len, n_spans)``. The keys of each batch entry are cut into
     spans of whole ``DECODE_BLOCK_K`` blocks, of at least ``DECODE_MIN_SPAN`` keys,
-    until entries x spans reaches ``DECODE_MIN_TASKS``; never by thread count, so
+    until entries x spans reaches ``DECODE_MIN_TASKS`` (one span more where the
+    blocks do not divide evenly, the last one short); never by thread count, so
     results are bitwise identical however many threads run."""
     n_blocks = max(-(-kv_len // DECODE_BLOCK_K), 1)
     most_spans = max(kv_len // DECODE_MIN_SPAN, 1)
     n_spans = min(-(-DECODE_MIN_TASKS // max(n_batch, 1)), most_spans)
-    span_len = -(-n_blocks // n_spans) * DECODE_BLOCK_K  # whole blocks per span
+    span_len = max(n_blocks // n_spans, 1) * DECODE_BLOCK_K  # whole blocks per span
     n_spans = max(-(-kv_len // span_len), 1)
     return DECODE_BLOCK_K, span_len, n_spans
