@@ -83,9 +83,12 @@ def choose_key_groups(n_batch, kv_len, block_k=BACKWARD_BLOCK_K):
 
 # Decode: the streaming kernel (fastattn.kernels.decode) takes calls of at most this
 # many query rows per batch entry, where the forward kernel's packed block products
-# cost a pass over keys and values of their own.
+# cost a pass over keys and values of their own. Measured (H=32, D=128, float32, 2
+# threads, Zen 3, its time over the forward kernel's, Lk 512 / 4096): 4 rows
+# 0.41 / 0.42, 8 rows 0.60 / 0.54, 16 rows 1.02 / 0.93, 32 rows 1.44 / 1.47.
 DECODE_MAX_ROWS = 8
-# Keys per block of the decode kernel (its scores are one (rows, block) buffer).
+# Keys per block of the decode kernel (its scores are one (rows, block) buffer):
+# 256 took 5-15% less time than 32 or 64 (one row and four), as much as 512 or 1024.
 DECODE_BLOCK_K = 256
 # Fewest tasks (batch entries x key spans) a decode call should offer, and the fewest
 # keys a span may hold: a span's merge costs a pass over its (rows, Dv) output.
