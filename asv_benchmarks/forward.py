@@ -106,6 +106,30 @@ class TimeDecodeFewHeads:
         self.call()
 
 
+class TimeDecodeRows:
+    """Decoding with a few query rows per head (speculative decoding's draft tokens,
+    ``Lq`` of 1 to 8; the streaming decode kernel takes up to 8) and grouped-query
+    decoding over a batch (B = 8, 32 query heads on 8 kv heads: four rows per kv
+    head once folded), D = 128, no mask (PyTorch's causal rule is top-left only)."""
+
+    params = [IMPLEMENTATIONS, ["B1-H32-Lq1-L4096", "B1-H32-Lq4-L4096", "B1-H32-Lq8-L4096",
+                                "B8-H32-KV8-Lq1-L2048"]]
+    param_names = ["impl", "case"]
+    timeout = 300
+    CASES = {"B1-H32-Lq1-L4096": (1, 32, 32, 1, 4096), "B1-H32-Lq4-L4096": (1, 32, 32, 4, 4096),
+             "B1-H32-Lq8-L4096": (1, 32, 32, 8, 4096),
+             "B8-H32-KV8-Lq1-L2048": (8, 32, 8, 1, 2048)}
+
+    def setup(self, impl, case):
+        batch, heads, kv_heads, q_len, kv_len = self.CASES[case]
+        query, key, value = random_qkv((batch, heads, q_len, 128), (batch, heads, kv_len, 128),
+                                       "float32", kv_heads=kv_heads)
+        self.call = attention_call(impl, query, key, value, enable_gqa=kv_heads != heads)
+
+    def time_decode_rows(self, impl, case):
+        self.call()
+
+
 class MemoryForward:
     """Memory over sequence length (H = 1, D = 64, float32): fastattn's extra memory
     grows like O(L*D), the reference's like O(L^2).

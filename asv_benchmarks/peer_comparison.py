@@ -128,6 +128,13 @@ GROUPS = {  # issue 14's goal table, group by group
                   impls=_TRIM_IMPLS)],
 }
 GOAL_GROUPS = list(GROUPS)
+GROUPS["streaming-decode"] = [  # issue 20: the decode kernel's cases (not goals here)
+    Case("decode-B1-H32-L4096", heads=32, kv_heads=32, q_len=1, kv_len=4096, dim=128),
+    Case("decode-gqa-B8-H32-KV8-L2048", batch=8, heads=32, kv_heads=8, q_len=1, kv_len=2048,
+         dim=128),
+    Case("spec-Lq4-H32-L4096", heads=32, kv_heads=32, q_len=4, kv_len=4096, dim=128),
+    Case("spec-Lq8-H32-L4096", heads=32, kv_heads=32, q_len=8, kv_len=4096, dim=128),
+]
 GROUPS["extra"] = [  # not goals: context for the table
     Case("decode-H1", heads=1, kv_heads=1, q_len=1, kv_len=32768, dim=128),
     Case("L4096-D64-1thread", q_len=4096, kv_len=4096,

@@ -89,7 +89,9 @@ class AttentionOptions:
         keywords = {}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if not skip_defaults or value is not field.default:
+            at_default = value is field.default or (
+                type(value) in (bool, int, float, str) and value == field.default)
+            if not (skip_defaults and at_default):
                 keywords[field.name] = value
         return keywords
 

@@ -20,6 +20,7 @@ from fastattn._dispatch.layout import (fold_query_groups, identity_index, placeh
 from fastattn._runtime import settings
 from fastattn._runtime.threads import get_num_threads, single_threaded_blas
 from fastattn.kernels.backward import backward_kernel
+from fastattn.kernels.decode import decode_kernel
 from fastattn.kernels.forward import exact_rows_kernel, forward_kernel
 from fastattn.kernels.groups import BackwardInputs, ForwardOutputs, Gradients, KeySpans, Tiling
 from fastattn.kernels.hooks import problem_hook
@@ -35,6 +36,8 @@ def run_forward(problem, return_weights):
         if return_weights:
             weights = weights.reshape(problem.weights_shape)  # (*batch, Hq, 1, Lk)
         return out.reshape(problem.out_shape), weights, lse.reshape(problem.lse_shape)
+    if decode_supported(problem, return_weights):
+        return run_decode(problem)
     dtype = problem.compute_dtype
     n_batch = math.prod(problem.batch_shape)
     out = np.empty((n_batch, problem.q_len, problem.value_dim), dtype)  # (N, Lq, Dv)
@@ -76,6 +79,57 @@ def run_forward(problem, return_weights):
     if return_weights:
         weights = weights.reshape(problem.weights_shape).astype(out_dtype, copy=False)
     return out, weights, lse
+
+
+def decode_supported(problem, return_weights):
+    """Whether the streaming decode kernel (:mod:`fastattn.kernels.decode`) takes
+    ``problem``: at most :data:`~fastattn._dispatch.tiling.DECODE_MAX_ROWS` query rows
+    per batch entry (after :func:`fold_query_groups`), and no option it does not
+    implements (:data:`DECODE_OPTIONS`: scale, softcap, causal in either alignment,
+    window, ``kv_lengths``, GQA); no weights asked for and no mask. Everything else
+    (bias, ALiBi slopes, user functions, block masks, dropout, any option added later)
+    goes to the forward kernel."""
+    return (0 < problem.q_len <= tiling.DECODE_MAX_ROWS and not return_weights
+            and problem.mask is None
+            and DECODE_OPTIONS.issuperset(problem.options.as_keywords()))
+
+
+# The options the decode kernel implements (any other one set sends a call elsewhere).
+DECODE_OPTIONS = frozenset({"scale", "softcap", "causal", "causal_alignment", "window",
+                            "kv_lengths", "enable_gqa"})
+
+
+def run_decode(problem):
+    """Run a ``problem`` that :func:`decode_supported` accepts through the decode
+    kernel; returns ``(out, weights placeholder, lse)`` shaped like
+    :func:`run_forward`'s."""
+    dtype = problem.compute_dtype
+    n_batch = math.prod(problem.batch_shape)
+    out = np.empty((n_batch, problem.q_len, problem.value_dim), dtype)  # (N, Lq, Dv)
+    lse = np.empty((n_batch, problem.q_len), dtype)  # (N, Lq)
+    block_k, span_len, n_spans = tiling.decode_plan(n_batch, problem.kv_len)
+    if n_spans > 1:
+        split_out = np.empty((n_spans, n_batch, problem.q_len, problem.value_dim),
+                             dtype)  # (spans, N, Lq, Dv)
+        split_lse = np.empty((n_spans, n_batch, problem.q_len), dtype)  # (spans, N, Lq)
+    else:
+        split_out = placeholder(dtype, 4, writeable=True)  # never written
+        split_lse = placeholder(dtype, 3, writeable=True)
+    if n_batch:
+        settings.apply()
+        inputs, options, _, _, visibility = problem_arguments(problem, 0)  # no user hook
+        decode_kernel(dtype)(inputs, options, visibility,
+                             Tiling(block_q=problem.q_len, block_k=block_k,
+                                    slots=get_num_threads()),  # a slot per thread
+                             ForwardOutputs(out, lse, placeholder(dtype, 3, writeable=True),
+                                            False),
+                             KeySpans(span_len, split_out, split_lse))
+    out_dtype = problem.out_dtype
+    out = out.reshape(problem.out_shape)  # (*batch, Lq, Dv)
+    lse = lse.reshape(problem.lse_shape)  # (*batch, Lq)
+    if out_dtype != dtype:  # float16 inputs: computed in float32
+        out, lse = out.astype(out_dtype), lse.astype(out_dtype)
+    return out, placeholder(out_dtype, 3, writeable=True), lse
 
 
 def run_backward(problem, grad_out, out, lse, return_bias_grad=False):

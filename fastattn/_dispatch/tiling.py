@@ -79,3 +79,34 @@ def choose_key_groups(n_batch, kv_len, block_k=BACKWARD_BLOCK_K):
     block of ``block_k``. Depends on the shape only, never on the thread count."""
     n_key_blocks = -(-kv_len // block_k)
     return max(1, min(-(-BACKWARD_MIN_TASKS // max(n_batch, 1)), n_key_blocks))
+
+
+# Decode: the streaming kernel (fastattn.kernels.decode) takes calls of at most this
+# many query rows per batch entry, where the forward kernel's packed block products
+# cost a pass over keys and values of their own. Measured (H=32, D=128, float32, 2
+# threads, Zen 3, its time over the forward kernel's, Lk 512 / 4096): 4 rows
+# 0.41 / 0.42, 8 rows 0.60 / 0.54, 16 rows 1.02 / 0.93, 32 rows 1.44 / 1.47.
+DECODE_MAX_ROWS = 8
+# Keys per block of the decode kernel (its scores are one (rows, block) buffer):
+# 256 took 5-15% less time than 32 or 64 (one row and four), as much as 512 or 1024.
+DECODE_BLOCK_K = 256
+# Fewest tasks (batch entries x key spans) a decode call should offer, and the fewest
+# keys a span may hold: a span's merge costs a pass over its (rows, Dv) output.
+DECODE_MIN_TASKS = 16
+DECODE_MIN_SPAN = 512
+
+
+@functools.lru_cache(maxsize=256)
+def decode_plan(n_batch, kv_len):
+    """How the decode kernel tiles a call, from its shape alone (cached):
+    ``(block_k, span_len, n_spans)``. The keys of each batch entry are cut into
+    spans of whole ``DECODE_BLOCK_K`` blocks, of at least ``DECODE_MIN_SPAN`` keys,
+    until entries x spans reaches ``DECODE_MIN_TASKS`` (one span more where the
+    blocks do not divide evenly, the last one short); never by thread count, so
+    results are bitwise identical however many threads run."""
+    n_blocks = max(-(-kv_len // DECODE_BLOCK_K), 1)
+    most_spans = max(kv_len // DECODE_MIN_SPAN, 1)
+    n_spans = min(-(-DECODE_MIN_TASKS // max(n_batch, 1)), most_spans)
+    span_len = max(n_blocks // n_spans, 1) * DECODE_BLOCK_K  # whole blocks per span
+    n_spans = max(-(-kv_len // span_len), 1)
+    return DECODE_BLOCK_K, span_len, n_spans

@@ -1,0 +1,249 @@
+"""Streaming decode kernel: a few query rows against a long key/value cache.
+
+Decoding attends 1 to 8 query rows per head (one token; a grouped-query group's
+heads folded into rows by :func:`fastattn._dispatch.layout.fold_query_groups`;
+speculative decoding's draft tokens) to ``Lk`` keys. The forward kernel's block
+products go through the BLAS, which packs every key block before multiplying it:
+an extra pass over the very bytes a decode exists to read once. This kernel reads
+each key and value row once, straight from the cache, with loops that LLVM
+vectorises at the CPU's full width, and keeps everything else in the L1 cache.
+
+For the rows ``i`` of a batch entry and the keys ``j`` each row may see (the
+structural rule of :mod:`fastattn.kernels.masking`: causal, its alignment, a
+window, ``kv_lengths``), in log2 units
+
+.. math::
+
+    s_{ij} = c \\tanh\\Big(\\frac{\\log_2(e)\\, \\mathrm{scale}\\; q_i \\cdot k_j}{c}\\Big)
+    \\quad (\\text{or } \\log_2(e)\\, \\mathrm{scale}\\; q_i \\cdot k_j
+    \\text{ without a softcap}; c = \\log_2(e)\\,\\mathrm{softcap}),
+
+    \\mathrm{out}_i = \\frac{\\sum_j 2^{s_{ij} - m_i} v_j}{\\sum_j 2^{s_{ij} - m_i}},
+    \\qquad \\mathrm{lse}_i = \\ln 2 \\,\\big(m_i + \\log_2 \\sum_j 2^{s_{ij} - m_i}\\big),
+
+with ``m_i`` the row's largest score, kept as a running maximum over blocks of
+``block_k`` keys (:data:`fastattn._dispatch.tiling.DECODE_BLOCK_K`; online softmax:
+the running sum and accumulator are rescaled by ``2^{m_old - m_new}`` when a block
+raises it).
+
+Work: one task per batch entry and key span (spans of whole blocks, cut by
+:func:`fastattn._dispatch.tiling.decode_plan` from the shape alone); each thread
+runs an equal contiguous share of the tasks, and the spans of an entry are merged
+by their log-sum-exp in span order (:func:`fastattn.kernels.forward.merge_key_spans`),
+so results are bitwise identical for every thread count.
+
+Per task and block: the scores of every row, key by key (each key row read from
+memory once, in order, and dotted with every query row while it is in L1); the
+softmax of each row over the keys it sees; then the weighted values, value row by
+value row (each read once and added into every row that sees it). Only visible
+keys are ever added: a hidden key's score is never used and its value never
+multiplied, so a NaN behind it cannot leak; a NaN score a row sees makes that
+row's output and lse NaN, a NaN value makes the output columns it meets NaN. Rows
+with no visible key get output 0 and lse ``-inf``. (Loops sharing each load between
+two rows, or taking four keys per pass, measured 5-30% slower on a Zen 3 CPU, one
+row at a time included; so did blocks of 32-128 keys.)
+
+Options honoured: ``scale``, ``softcap``, ``causal`` (both alignments), ``window``,
+``kv_lengths``. Calls with a mask, a bias, ALiBi slopes, user score functions, a
+block mask, or ``return_weights`` go to the forward kernel
+(:func:`fastattn._dispatch.run.decode_supported` decides).
+"""
+
+import math
+
+import numpy as np
+from numba import prange, types
+
+from fastattn.kernels.config import jit_helper, kernel_per_dtype
+from fastattn.kernels.forward import merge_key_spans
+from fastattn.kernels.groups import (TILING_TYPE, Inputs, ScoreOptions, Visibility,
+                                      forward_result_types, group_type)
+from fastattn.kernels.masking import entry_rule, row_block_keys, visible_columns
+from fastattn.kernels.scores import apply_softcap
+from fastattn.kernels.vector_math import (LN2, LOG2E, block_view, cast_like,
+                                          full_width_vectors, line_aligned_rows, softmax_exp2,
+                                          whole_lines)
+
+def _decode_forward(inputs, options, visibility, tiling, outputs, spans):
+    """Attention of the few rows of every batch entry ``b`` of the flattened batch.
+
+    Entry ``b`` reads ``inputs.query[inputs.query_index[b]]`` ``(Lq, Dk)``, the key
+    ``(Lk, Dk)`` and value ``(Lk, Dv)`` stacks likewise, under the rule of
+    ``visibility`` (no block mask), with ``options``' scale and softcap; it writes
+    ``outputs.out[b]`` ``(Lq, Dv)`` and ``outputs.lse[b]`` ``(Lq,)`` (natural log).
+    ``outputs.weights`` is never written (weights go to the forward kernel).
+
+    Keys are cut into spans of ``spans.span_len`` keys (a multiple of
+    ``tiling.block_k``); with more than one span (``spans.out.shape[0]``) each task
+    writes its span's normalised output to ``spans.out[s, b]`` ``(Lq, Dv)`` and its
+    log2-sum-exp to ``spans.lse[s, b]`` ``(Lq,)``, merged in span order afterwards.
+    ``tiling.slots`` threads each run an equal contiguous share of the
+    ``N * spans`` tasks, with scratch memory of their own.
+    """
+    n_batch, q_len, value_dim = outputs.out.shape
+    head_dim = inputs.query.shape[2]
+    n_spans = spans.out.shape[0]  # 1 for the placeholder: no split
+    n_tasks, slots = n_batch * n_spans, tiling.slots
+    block_k = min(tiling.block_k, max(inputs.key.shape[1], 1))
+    scratch = line_aligned_rows(slots, decode_scratch_size(q_len, head_dim, value_dim, block_k),
+                                outputs.out)  # (slots, entries)
+    for slot in prange(slots):
+        for task in range(slot * n_tasks // slots, (slot + 1) * n_tasks // slots):
+            b = task // n_spans
+            decode_task(b, task - b * n_spans, n_spans, block_k, inputs, options, visibility,
+                        outputs, spans, scratch[slot])
+    if n_spans > 1:
+        merge_key_spans(spans.out, spans.lse, outputs.out, outputs.lse)
+
+
+@jit_helper
+def decode_task(b, span, n_spans, block_k, inputs, options, visibility, outputs, spans,
+                scratch):
+    """One task of :func:`_decode_forward`: every query row of batch entry ``b`` over
+    key span ``span`` of ``n_spans``, in blocks of ``block_k`` keys, its buffers
+    carved from the thread's ``scratch`` (:func:`decode_scratch_size`)."""
+    query, key, value = inputs.query, inputs.key, inputs.value
+    rows, head_dim = query.shape[1], query.shape[2]
+    kv_len, value_dim = key.shape[1], value.shape[2]
+    rule = entry_rule(visibility, b, kv_len)
+    keys = key[inputs.key_index[b]]  # (Lk, Dk)
+    values = value[inputs.value_index[b]]  # (Lk, Dv)
+    query_rows = query[inputs.query_index[b]]  # (rows, Dk)
+
+    taken = 0
+    q_scaled = block_view(scratch, rows, head_dim)  # (rows, Dk) log2(e) * scale * q
+    taken += whole_lines(rows * head_dim)
+    scores = block_view(scratch[taken:], rows, block_k)  # (rows, block_k) log2 units
+    taken += whole_lines(rows * block_k)
+    acc = block_view(scratch[taken:], rows, value_dim)  # (rows, Dv) unnormalised output
+    taken += whole_lines(rows * value_dim)
+    row_max = scratch[taken:taken + rows]  # (rows,) running max, log2 units
+    row_sum = scratch[taken + rows:taken + 2 * rows]  # (rows,) running sum of 2**(s - max)
+
+    score_scale = cast_like(options.scale * LOG2E, scratch)
+    for r in range(rows):
+        for d in range(head_dim):
+            q_scaled[r, d] = query_rows[r, d] * score_scale
+        for d in range(value_dim):
+            acc[r, d] = 0.0
+        row_max[r] = -np.inf
+        row_sum[r] = 0.0
+
+    span_first = span * spans.span_len
+    span_last = min(kv_len, span_first + spans.span_len)
+    first_key, last_key = row_block_keys(0, rows, rule)[:2]  # keys some row may see
+    first_key, last_key = max(first_key, span_first), min(last_key, span_last)
+    cap = cast_like(options.softcap * LOG2E, scratch)
+    for key_start in range(first_key, last_key, block_k):
+        cols = min(block_k, last_key - key_start)
+        decode_block_scores(q_scaled, keys[key_start:key_start + cols], scores, cols)
+        if options.has_softcap:  # the whole buffer: columns past cols are never read
+            apply_softcap(scores, cap, scores, False)
+        for r in range(rows):
+            first, stop = visible_columns(r, key_start, cols, rule)
+            decode_row_softmax(scores[r], first, stop, r, row_max, row_sum, acc)
+        decode_block_values(scores, values[key_start:key_start + cols], key_start, rule, acc,
+                            cols)
+
+    if n_spans == 1:
+        out_rows = outputs.out[b]  # (rows, Dv)
+        lse_rows = outputs.lse[b]  # (rows,) natural log
+        lse_unit = LN2
+    else:
+        out_rows = spans.out[span, b]  # (rows, Dv) this span's share
+        lse_rows = spans.lse[span, b]  # (rows,) log2 units, merged afterwards
+        lse_unit = 1.0
+    for r in range(rows):
+        if row_sum[r] > 0.0 or row_sum[r] != row_sum[r]:  # a visible key (or a NaN)
+            inverse_sum = 1.0 / row_sum[r]
+            for d in range(value_dim):
+                out_rows[r, d] = acc[r, d] * inverse_sum
+            lse_rows[r] = (row_max[r] + math.log2(row_sum[r])) * lse_unit
+        else:  # no visible key: output 0, lse -inf
+            out_rows[r, :] = 0.0
+            lse_rows[r] = -np.inf
+
+
+@jit_helper
+def decode_block_scores(q_scaled, keys, scores, cols):
+    """``scores[r, c] = q_scaled[r] . keys[c]`` for ``c < cols``: ``q_scaled``
+    ``(rows, Dk)``, ``keys`` ``(cols, Dk)``, ``scores`` ``(rows, block_k)``. Each key
+    row is read from memory once and stays in L1 while every row takes its dot
+    product, a reduction LLVM vectorises at full width."""
+    full_width_vectors()
+    rows, head_dim = q_scaled.shape
+    for c in range(cols):
+        for r in range(rows):
+            total = cast_like(0.0, scores)
+            for d in range(head_dim):
+                total += q_scaled[r, d] * keys[c, d]
+            scores[r, c] = total
+
+
+@jit_helper
+def decode_row_softmax(scores, first, stop, r, row_max, row_sum, acc):
+    """Fold columns ``[first, stop)`` of row ``r``'s block ``scores`` ``(cols,)`` (log2
+    units) into its running maximum ``row_max[r]``, sum ``row_sum[r]`` and
+    accumulator ``acc[r]`` ``(Dv,)``; overwrite them with ``2**(s - max)``. A larger
+    maximum rescales the sum and accumulator by ``2**(old - new)``. NaN scores are
+    skipped by the maximum and make the sum NaN."""
+    full_width_vectors()
+    top = row_max[r]
+    for c in range(first, stop):
+        score = scores[c]
+        top = score if score > top else top  # NaN never wins
+    if top == -np.inf:  # nothing seen yet but -inf or NaN scores
+        for c in range(first, stop):
+            if scores[c] != scores[c]:
+                row_sum[r] = np.nan  # a NaN score the row sees: the row is NaN
+            scores[c] = 0.0
+        return
+    reference = row_max[r]
+    if top > reference:  # a new maximum: rescale what the row holds
+        correction = softmax_exp2(reference - top)  # 0 when the reference was -inf
+        row_sum[r] *= correction
+        if reference != -np.inf:  # before, acc holds only 0 (or NaN)
+            for d in range(acc.shape[1]):
+                acc[r, d] *= correction
+        row_max[r] = top
+    total = row_sum[r] - row_sum[r]  # 0 of the dtype (or NaN)
+    for c in range(first, stop):
+        p = softmax_exp2(scores[c] - top)  # in [0, 1], NaN stays
+        scores[c] = p
+        total += p
+    row_sum[r] += total
+
+
+@jit_helper
+def decode_block_values(probabilities, values, key_start, rule, acc, cols):
+    """``acc[r] += sum_c probabilities[r, c] * values[c]`` over the columns ``c < cols``
+    row ``r`` sees (keys ``key_start + c``): ``probabilities`` ``(rows, block_k)``,
+    ``values`` ``(cols, Dv)``, ``acc`` ``(rows, Dv)``. Each value row is read from
+    memory once and added into every row that sees it; a hidden key's value is never
+    multiplied, so its NaN cannot reach a row."""
+    full_width_vectors()
+    rows, value_dim = acc.shape
+    for c in range(cols):
+        for r in range(rows):
+            first, stop = visible_columns(r, key_start, cols, rule)
+            if first <= c < stop:
+                p = probabilities[r, c]
+                for d in range(value_dim):
+                    acc[r, d] += p * values[c, d]
+
+
+@jit_helper
+def decode_scratch_size(rows, head_dim, value_dim, block_k):
+    """Scratch entries of a decode task: the scaled queries, the score block, the
+    accumulator, the running maxima and sums, each whole 64-byte lines."""
+    return (whole_lines(rows * head_dim) + whole_lines(rows * block_k)
+            + whole_lines(rows * value_dim) + whole_lines(2 * rows))
+
+
+def _decode_signature(dtype):
+    return types.void(group_type(Inputs, dtype), group_type(ScoreOptions, dtype),
+                      group_type(Visibility, dtype), TILING_TYPE,
+                      *forward_result_types(dtype))
+
+
+decode_kernel = kernel_per_dtype(_decode_forward, _decode_signature)
