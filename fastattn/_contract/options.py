@@ -66,6 +66,9 @@ class AttentionOptions:
     dropout_p: float = 0.0
     dropout_seed: object = None
     chunk_of: object = None
+    # derived once, in __post_init__ (read on every call)
+    has_score_functions: bool = dataclasses.field(init=False, repr=False, default=False)
+    has_operands: bool = dataclasses.field(init=False, repr=False, default=False)
 
     def __post_init__(self):
         dropout_p = _check_dropout_p(self.dropout_p)
@@ -78,6 +81,16 @@ class AttentionOptions:
             chunk_of=_check_chunk_of(self.chunk_of))
         for name, value in normalised.items():
             object.__setattr__(self, name, value)
+        # whether a user function (score_mod, mask_mod, block mask) shapes the scores
+        has_score_functions = (self.score_mod is not None or self.mask_mod is not None
+                               or self.block_mask is not None)
+        object.__setattr__(self, "has_score_functions", has_score_functions)
+        # whether any option beyond the plain scalar flags is set: such calls cannot
+        # share their kernels' argument groups with other calls
+        object.__setattr__(self, "has_operands", not (
+            self.bias is None and self.kv_lengths is None and self.scale is None
+            and self.window is None and self.softcap is None and self.alibi_slopes is None
+            and not has_score_functions and self.dropout_p == 0.0 and self.chunk_of is None))
 
     def replace(self, **changes):
         """A copy with ``changes`` (checked as in the constructor)."""
@@ -88,6 +101,8 @@ class AttentionOptions:
         omitted unless ``skip_defaults=False``), to pass on to another front end."""
         keywords = {}
         for field in dataclasses.fields(self):
+            if not field.init:  # derived
+                continue
             value = getattr(self, field.name)
             at_default = value is field.default or (
                 type(value) in (bool, int, float, str) and value == field.default)
@@ -132,23 +147,10 @@ class AttentionOptions:
         whole_heads = whole_batch[-1] if len(whole_batch) >= 2 else 1
         return entries // whole_heads, entries % whole_heads, row_offset, key_offset
 
-    @property
-    def has_score_functions(self):
-        """Whether a user function (score_mod, mask_mod, block mask) shapes the scores."""
-        return (self.score_mod is not None or self.mask_mod is not None
-                or self.block_mask is not None)
 
-    @property
-    def has_operands(self):
-        """Whether any option beyond the plain scalar flags is set: such calls cannot
-        share their kernels' argument groups with other calls."""
-        return not (self.bias is None and self.kv_lengths is None and self.scale is None
-                    and self.window is None and self.softcap is None
-                    and self.alibi_slopes is None and not self.has_score_functions
-                    and self.dropout_p == 0.0 and self.chunk_of is None)
-
-
-FIELD_NAMES = tuple(field.name for field in dataclasses.fields(AttentionOptions))
+FIELD_NAMES = tuple(field.name for field in dataclasses.fields(AttentionOptions)
+                    if field.init)
+FIELD_SET = frozenset(FIELD_NAMES)
 
 
 def options_from(keywords, function_name="scaled_dot_product_attention"):
@@ -156,20 +158,24 @@ def options_from(keywords, function_name="scaled_dot_product_attention"):
 
     An unknown keyword is a ``TypeError`` naming ``function_name``, as Python's own
     message for a function with explicit parameters would. Calls repeating the same
-    scalar options (decoding loops, tiny calls) share one object.
+    scalar options (decoding loops, tiny calls) share one object, looked up by the
+    keywords as given.
     """
     if not keywords:
         return DEFAULT_OPTIONS
-    unknown = keywords.keys() - set(FIELD_NAMES)
-    if unknown:
-        name = sorted(unknown)[0]
-        raise TypeError(f"{function_name}() got an unexpected keyword argument {name!r}")
     try:
-        return _scalar_options(tuple(sorted(keywords.items())))
-    except TypeError as error:  # an array or another unhashable value
-        if "unhashable" not in str(error):
-            raise
-    return AttentionOptions(**keywords)
+        try:
+            return _scalar_options(tuple(keywords.items()))
+        except TypeError as error:  # an array or another unhashable value
+            if "unhashable" not in str(error):
+                raise
+        return AttentionOptions(**keywords)
+    except TypeError:
+        unknown = sorted(keywords.keys() - FIELD_SET)
+        if unknown:
+            raise TypeError(f"{function_name}() got an unexpected keyword argument "
+                            f"{unknown[0]!r}") from None
+        raise
 
 
 @functools.lru_cache(maxsize=64)

@@ -32,13 +32,27 @@ import numpy as np
 from fastattn.blas import gemm_address
 from fastattn.kernels.dropout import dropout_threshold
 from fastattn.kernels.groups import Inputs, ScoreOperand, ScoreOptions, Visibility
+from fastattn.kernels.hooks import block_hook, no_hook
+
+
+def problem_hook(problem):
+    """The address of the block hook of an
+    :class:`~fastattn._contract.problem.AttentionProblem`: its ``score_mod``, the
+    ``mask_mod`` it applies (its own or its block mask's) and, in a backward problem,
+    its ``score_mod_grad`` (:mod:`fastattn.kernels.hooks`); the placeholder without
+    any."""
+    options = problem.options
+    if not options.has_score_functions:
+        return no_hook(problem.compute_dtype)
+    return block_hook(options.score_mod, problem.effective_mask_mod, problem.score_mod_grad,
+                      problem.compute_dtype)
 
 
 def problem_arguments(problem, hook):
     """The kernels' leading argument groups for ``problem``:
     ``(Inputs, ScoreOptions, mask ScoreOperand, bias ScoreOperand, Visibility)``;
     ``hook`` is the address of the block hook of its user functions
-    (:func:`fastattn.kernels.hooks.problem_hook`)."""
+    (:func:`problem_hook`)."""
     dtype, batch, group = problem.compute_dtype, problem.batch_shape, problem.gqa_group
     query, query_index = stack_operand(problem.query, batch, dtype)
     key, key_index = stack_operand(problem.key, batch, dtype, group)
@@ -72,14 +86,17 @@ def plain_groups(dtype, scale, heads, diag_offset, reach, gemm):
     ``gemm`` address are all they hold."""
     options = ScoreOptions(**dict(UNSET_SCORE_OPTIONS, scale=float(scale), heads=heads,
                                   gemm=gemm, alibi_slopes=placeholder(np.float64, 1),
-                                  dropout_batch=identity_index(1),
-                                  dropout_head=identity_index(1)))
+                                  dropout_entries=UNSET_DROPOUT_ENTRIES))
     visibility = Visibility(kv_lengths=identity_index(1), has_kv_lengths=False,
                             diag_offset=diag_offset, reach_left=reach[0], reach_right=reach[1],
                             block_states=placeholder(np.int8), has_block_mask=False)
     return (options, absent_operand(np.dtype(np.bool_)), absent_operand(np.dtype(dtype)),
             visibility)
 
+
+# ScoreOptions' (b, h) of each entry when there is no dropout: a placeholder never read
+UNSET_DROPOUT_ENTRIES = np.zeros((1, 2), np.int64)
+UNSET_DROPOUT_ENTRIES.flags.writeable = False
 
 # ScoreOptions fields of a call that sets no score option (scale, heads and gemm vary)
 UNSET_SCORE_OPTIONS = dict(softcap=0.0, has_softcap=False, alibi_slopes=None, has_alibi=False,
@@ -102,7 +119,7 @@ def score_options(problem, hook):
         fields.update(alibi_slopes=np.ascontiguousarray(options.alibi_slopes.ravel(),
                                                         np.float64),  # (N,)
                       has_alibi=True)
-    fields.update(dropout_batch=identity_index(1), dropout_head=identity_index(1))
+    fields.update(dropout_entries=UNSET_DROPOUT_ENTRIES)
     if options.dropout_p > 0.0:
         batch, head, row_offset, key_offset = options.dropout_positions(problem.batch_shape,
                                                                         problem.heads)
@@ -110,7 +127,7 @@ def score_options(problem, hook):
                       dropout_keep_scale=1.0 / (1.0 - options.dropout_p),
                       dropout_seed_low=options.dropout_seed & 0xFFFFFFFF,
                       dropout_seed_high=options.dropout_seed >> 32,
-                      dropout_batch=batch, dropout_head=head,  # (N,) each
+                      dropout_entries=np.stack([batch, head], axis=1),  # (N, 2)
                       dropout_row_offset=row_offset, dropout_key_offset=key_offset)
     if fields["alibi_slopes"] is None:
         fields["alibi_slopes"] = placeholder(np.float64, 1)
@@ -194,6 +211,12 @@ def placeholder(dtype, ndim=3, writeable=False):
     return array
 
 
+# Options under which the query heads of a group may share one block when decoding
+# (any other option set, or added later, keeps them apart: see fold_query_groups).
+FOLDABLE_OPTIONS = frozenset({"causal", "causal_alignment", "kv_lengths", "scale",
+                              "enable_gqa", "softcap"})
+
+
 def fold_query_groups(problem):
     """Decoding under grouped-query attention: the query heads of each kv group as
     the rows of one query block, so each kv head's keys and values are read once,
@@ -204,19 +227,20 @@ def fold_query_groups(problem):
     position, so the rows may share a block as long as neither visibility nor the
     scores depend on the row: no mask or bias (they may differ per head), no ALiBi
     slopes (per head, and the bias they give depends on the row position), no user
-    score functions (they see ``h`` and ``i``), no window, no top-left causal rule (row ``r`` would see ``r + 1`` keys), and
-    ``kv_lengths`` indexed by a batch axis other than the heads. A softcap depends on
-    the score alone and folds. ``(*batch, Hq, 1, D)`` queries become
+    score functions (they see ``h`` and ``i``), no window, no dropout (its decisions
+    depend on ``h`` and ``i``), no top-left causal rule (row ``r`` would see ``r + 1``
+    keys), and ``kv_lengths`` indexed by a batch axis other than the heads: only the
+    options of :data:`FOLDABLE_OPTIONS`. A softcap depends on the score alone and folds. ``(*batch, Hq, 1, D)`` queries become
     ``(*batch, Hkv, group, D)``; the results reshape back, since query head
     ``h = kv * group + g``.
     """
     group = problem.gqa_group
-    if (group == 1 or problem.q_len != 1 or problem.mask is not None
-            or problem.bias is not None or problem.alibi_slopes is not None
-            or problem.has_score_functions or problem.dropout_p > 0.0
-            or problem.window is not None
-            or (problem.causal and problem.diag_offset < problem.kv_len - 1)
-            or (problem.kv_lengths is not None and len(problem.batch_shape) < 2)):
+    if group == 1 or problem.q_len != 1 or problem.mask is not None:
+        return None
+    options = problem.options
+    if (not FOLDABLE_OPTIONS.issuperset(options.as_keywords())
+            or (options.causal and problem.diag_offset < problem.kv_len - 1)
+            or (options.kv_lengths is not None and len(problem.batch_shape) < 2)):
         return None
     query = problem.query
     kv_heads = query.shape[-3] // group

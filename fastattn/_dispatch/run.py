@@ -12,18 +12,18 @@ import dataclasses
 import math
 
 import numpy as np
+from numba import get_num_threads  # each call applies the process settings first
 
 from fastattn._contract.shapes import sum_to_shape
 from fastattn._dispatch import tiling
 from fastattn._dispatch.layout import (fold_query_groups, identity_index, placeholder,
-                                       problem_arguments)
+                                       problem_arguments, problem_hook)
 from fastattn._runtime import settings
-from fastattn._runtime.threads import get_num_threads, single_threaded_blas
+from fastattn._runtime.threads import single_threaded_blas
 from fastattn.kernels.backward import backward_kernel
 from fastattn.kernels.decode import decode_kernel
 from fastattn.kernels.forward import exact_rows_kernel, forward_kernel
 from fastattn.kernels.groups import BackwardInputs, ForwardOutputs, Gradients, KeySpans, Tiling
-from fastattn.kernels.hooks import problem_hook
 
 
 def run_forward(problem, return_weights):
@@ -47,7 +47,8 @@ def run_forward(problem, return_weights):
     else:
         weights = placeholder(dtype, 3, writeable=True)  # never written
 
-    block_size = problem.block_mask.block_size if problem.block_mask is not None else None
+    block_mask = problem.options.block_mask
+    block_size = block_mask.block_size if block_mask is not None else None
     (block_q, block_k), split_len, n_splits, blas_threads = tiling.forward_plan(
         n_batch, problem.q_len, problem.kv_len, problem.head_dim, problem.value_dim,
         bool(return_weights), block_size)
@@ -62,7 +63,7 @@ def run_forward(problem, return_weights):
         settings.apply()
         arguments = problem_arguments(problem, problem_hook(problem))
         outputs = ForwardOutputs(out, lse, weights, bool(return_weights))
-        blocks = Tiling(block_q=block_q, block_k=block_k, slots=get_num_threads())  # a slot per thread
+        blocks = Tiling(block_q, block_k, get_num_threads())  # a slot per thread
         with single_threaded_blas(blas_threads):
             marked = forward_kernel(dtype)(*arguments, blocks, outputs,
                                            KeySpans(split_len, split_out, split_lse))
@@ -174,8 +175,8 @@ def _run_backward(problem, grad_out, lse, delta, return_bias_grad):
     """Run the backward kernel on ``problem``; returns its :class:`Gradients`."""
     dtype = problem.compute_dtype
     n_batch, q_len, kv_len = math.prod(problem.batch_shape), problem.q_len, problem.kv_len
-    if problem.block_mask is not None:  # the kernel works in the mask's tiles
-        block_q, block_k = problem.block_mask.block_size
+    if problem.options.block_mask is not None:  # the kernel works in the mask's tiles
+        block_q, block_k = problem.options.block_mask.block_size
     else:
         block_q, block_k = tiling.BACKWARD_BLOCK_Q, tiling.BACKWARD_BLOCK_K
     arguments = problem_arguments(problem, problem_hook(problem))

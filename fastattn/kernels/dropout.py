@@ -70,7 +70,7 @@ def philox_words(c0, c1, c2, c3, key0, key1):
 def drop_in_place(block, row_start, key_start, entry, options):
     """Multiply ``block`` ``(rows, cols)`` by the dropout factor of query
     ``row_start + r`` and key ``key_start + c`` of batch entry ``entry`` (``(b, h) =
-    (options.dropout_batch[entry], options.dropout_head[entry])``, positions shifted by
+    options.dropout_entries[entry]``, positions shifted by
     the options' offsets): 0 for a dropped probability, ``1 / (1 - p)`` for a kept one.
 
     ``options`` (the kernels' ``ScoreOptions``) carries ``dropout_seed_low``,
@@ -84,8 +84,8 @@ def drop_in_place(block, row_start, key_start, entry, options):
     rows, cols = block.shape
     if rows == 0 or cols == 0:
         return
-    batch = np.uint64(options.dropout_batch[entry]) & WORD
-    head = np.uint64(options.dropout_head[entry]) & WORD
+    batch = np.uint64(options.dropout_entries[entry, 0]) & WORD
+    head = np.uint64(options.dropout_entries[entry, 1]) & WORD
     row_start += options.dropout_row_offset  # the positions of the decisions
     key_start += options.dropout_key_offset
     key0 = np.uint64(options.dropout_seed_low) & WORD
@@ -129,8 +129,8 @@ def keep_factor(row, key, entry, options):
     """The dropout factor of one probability (see :func:`drop_in_place`), as a float."""
     row += options.dropout_row_offset
     key += options.dropout_key_offset
-    words = philox_words(key, row >> 3, options.dropout_head[entry],
-                         options.dropout_batch[entry], options.dropout_seed_low,
+    words = philox_words(key, row >> 3, options.dropout_entries[entry, 1],
+                         options.dropout_entries[entry, 0], options.dropout_seed_low,
                          options.dropout_seed_high)
     lane = row & 7
     half = (words[lane >> 1] >> (16 * (lane & 1))) & 0xFFFF

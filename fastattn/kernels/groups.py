@@ -86,8 +86,8 @@ heads)``); the address of the BLAS ``gemm`` that forms the block products
 (:mod:`fastattn.kernels.products`); and, with ``has_dropout``, the dropout
 decisions' 16-bit ``dropout_threshold``, ``dropout_keep_scale`` (``1 / (1 - p)``),
 the seed's 32-bit halves, and where decisions are taken: entry ``n``'s ``(b, h)`` =
-``(dropout_batch[n], dropout_head[n])`` (int64 ``(N,)``), query and key positions
-shifted by ``dropout_row_offset`` and ``dropout_key_offset``
+``dropout_entries[n]`` (int64 ``(N, 2)``), query and key positions shifted by
+``dropout_row_offset`` and ``dropout_key_offset``
 (:mod:`fastattn.kernels.dropout`).""", [
     ("scale", FLOAT), ("softcap", FLOAT), ("has_softcap", FLAG),
     ("alibi_slopes", fixed(np.float64, 1)), ("has_alibi", FLAG),
@@ -95,7 +95,7 @@ shifted by ``dropout_row_offset`` and ``dropout_key_offset``
     ("heads", INT), ("gemm", INT),
     ("has_dropout", FLAG), ("dropout_threshold", INT), ("dropout_keep_scale", FLOAT),
     ("dropout_seed_low", INT), ("dropout_seed_high", INT),
-    ("dropout_batch", INDEX), ("dropout_head", INDEX),
+    ("dropout_entries", fixed(np.int64, 2)),
     ("dropout_row_offset", INT), ("dropout_key_offset", INT),
 ])
 

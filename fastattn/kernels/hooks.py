@@ -209,13 +209,3 @@ def _unused_score(score, b, h, i, j):
 @njit
 def _unused_mask(b, h, i, j):
     return True
-
-
-def problem_hook(problem):
-    """The block hook of an :class:`~fastattn._contract.problem.AttentionProblem`: its
-    ``score_mod``, the ``mask_mod`` it applies (its own or its block mask's) and,
-    in a backward problem, its ``score_mod_grad``; the placeholder without any."""
-    if not problem.has_score_functions:
-        return no_hook(problem.compute_dtype)
-    return block_hook(problem.score_mod, problem.effective_mask_mod, problem.score_mod_grad,
-                      problem.compute_dtype)
