@@ -103,11 +103,13 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, return_weights
         like the scores ``(*batch, Lq, Lk)`` (the query's chunks along batch axes and
         ``Lq``, the key's along ``Lk``; one chunk along a broadcast axis of size 1),
         since rechunking an ``(Lq, Lk)`` operand moves more data than the attention.
-    causal, causal_alignment, window, kv_lengths, scale, enable_gqa, dropout_p, dropout_seed
+    causal, causal_alignment, window, kv_lengths, scale, enable_gqa
         As in :func:`fastattn.scaled_dot_product_attention`. ``kv_lengths`` may be a
         Dask array; it is computed when the graph is built (it decides which tasks
-        exist). Dropout decisions are the local call's, at the global ``(b, h, i, j)``
-        of each chunk's entries.
+        exist).
+    dropout_p, dropout_seed
+        As in the local call, with its decisions: each chunk takes them at the global
+        ``(b, h, i, j)`` of its entries.
     return_weights : bool, default False
         Must be False: the weights are ``(*batch, Lq, Lk)`` and would need every key
         chunk of a row in one place. Use the local call on a slice for them.
@@ -187,9 +189,10 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
     lse : dask.array.Array or array_like, shape ``(*batch, Lq)``
         The forward's results (``return_lse=True``). ``grad_out``, ``out`` and
         ``lse`` are rechunked like the forward's output where they differ.
-    bias, causal, causal_alignment, window, kv_lengths, scale, enable_gqa, dropout_p, \
-dropout_seed
+    bias, causal, causal_alignment, window, kv_lengths, scale, enable_gqa
         Exactly as given to the forward.
+    dropout_p, dropout_seed
+        Exactly as given to the forward: the same decisions.
     split_every : int, optional
         Shares summed per task (at least 2; default 8).
     other options
