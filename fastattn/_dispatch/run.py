@@ -40,8 +40,7 @@ def run_forward(problem, return_weights):
         return run_decode(problem)
     dtype = problem.compute_dtype
     n_batch = math.prod(problem.batch_shape)
-    out = np.empty((n_batch, problem.q_len, problem.value_dim), dtype)  # (N, Lq, Dv)
-    lse = np.empty((n_batch, problem.q_len), dtype)  # (N, Lq)
+    out, lse = result_buffers(problem, n_batch)  # (N, Lq, Dv), (N, Lq)
     if return_weights:
         weights = np.zeros((n_batch, problem.q_len, problem.kv_len), dtype)  # (N, Lq, Lk)
     else:
@@ -52,31 +51,21 @@ def run_forward(problem, return_weights):
     (block_q, block_k), split_len, n_splits, blas_threads = tiling.forward_plan(
         n_batch, problem.q_len, problem.kv_len, problem.head_dim, problem.value_dim,
         bool(return_weights), block_size)
-    if n_splits > 1:
-        split_out = np.empty((n_splits, n_batch, problem.q_len, problem.value_dim),
-                             dtype)  # (splits, N, Lq, Dv)
-        split_lse = np.empty((n_splits, n_batch, problem.q_len), dtype)  # (splits, N, Lq)
-    else:
-        split_out = placeholder(dtype, 4, writeable=True)  # never written
-        split_lse = placeholder(dtype, 3, writeable=True)
+    spans = key_spans(problem, n_batch, split_len, n_splits)
     if n_batch and problem.q_len:
         settings.apply()
         arguments = problem_arguments(problem, problem_hook(problem))
         outputs = ForwardOutputs(out, lse, weights, bool(return_weights))
         blocks = Tiling(block_q, block_k, get_num_threads())  # a slot per thread
         with single_threaded_blas(blas_threads):
-            marked = forward_kernel(dtype)(*arguments, blocks, outputs,
-                                           KeySpans(split_len, split_out, split_lse))
+            marked = forward_kernel(dtype)(*arguments, blocks, outputs, spans)
             if marked:  # rows where a NaN met the block products (their lse is NaN):
                 # again, summing visible keys only, so that a hidden NaN stays out
                 rows = np.ascontiguousarray(np.argwhere(np.isnan(lse)), np.int64)  # (K, 2)
                 exact_rows_kernel(dtype)(*arguments, blocks, outputs, rows)
 
+    out, lse = shaped_results(problem, out, lse)
     out_dtype = problem.out_dtype
-    out = out.reshape(problem.out_shape)  # (*batch, Lq, Dv)
-    lse = lse.reshape(problem.lse_shape)  # (*batch, Lq)
-    if out_dtype != dtype:  # float16 inputs: computed in float32
-        out, lse = out.astype(out_dtype), lse.astype(out_dtype)
     if return_weights:
         weights = weights.reshape(problem.weights_shape).astype(out_dtype, copy=False)
     return out, weights, lse
@@ -106,16 +95,9 @@ def run_decode(problem):
     :func:`run_forward`'s."""
     dtype = problem.compute_dtype
     n_batch = math.prod(problem.batch_shape)
-    out = np.empty((n_batch, problem.q_len, problem.value_dim), dtype)  # (N, Lq, Dv)
-    lse = np.empty((n_batch, problem.q_len), dtype)  # (N, Lq)
+    out, lse = result_buffers(problem, n_batch)  # (N, Lq, Dv), (N, Lq)
     block_k, span_len, n_spans = tiling.decode_plan(n_batch, problem.kv_len)
-    if n_spans > 1:
-        split_out = np.empty((n_spans, n_batch, problem.q_len, problem.value_dim),
-                             dtype)  # (spans, N, Lq, Dv)
-        split_lse = np.empty((n_spans, n_batch, problem.q_len), dtype)  # (spans, N, Lq)
-    else:
-        split_out = placeholder(dtype, 4, writeable=True)  # never written
-        split_lse = placeholder(dtype, 3, writeable=True)
+    spans = key_spans(problem, n_batch, span_len, n_spans)
     if n_batch:
         settings.apply()
         inputs, options, _, _, visibility = problem_arguments(problem, 0)  # no user hook
@@ -124,13 +106,41 @@ def run_decode(problem):
                                     slots=get_num_threads()),  # a slot per thread
                              ForwardOutputs(out, lse, placeholder(dtype, 3, writeable=True),
                                             False),
-                             KeySpans(span_len, split_out, split_lse))
-    out_dtype = problem.out_dtype
+                             spans)
+    out, lse = shaped_results(problem, out, lse)
+    return out, placeholder(problem.out_dtype, 3, writeable=True), lse
+
+
+def result_buffers(problem, n_batch):
+    """The forward's ``out (N, Lq, Dv)`` and ``lse (N, Lq)``, uninitialised, in the
+    compute dtype."""
+    dtype = problem.compute_dtype
+    return (np.empty((n_batch, problem.q_len, problem.value_dim), dtype),  # (N, Lq, Dv)
+            np.empty((n_batch, problem.q_len), dtype))  # (N, Lq)
+
+
+def key_spans(problem, n_batch, span_len, n_spans):
+    """The :class:`KeySpans` of a call whose keys are cut into ``n_spans`` spans of
+    ``span_len``: each span's ``out (spans, N, Lq, Dv)`` and ``lse (spans, N, Lq)``, or
+    placeholders the kernels never write when there is one span."""
+    dtype = problem.compute_dtype
+    if n_spans > 1:
+        return KeySpans(span_len, np.empty((n_spans, n_batch, problem.q_len, problem.value_dim),
+                                           dtype),  # (spans, N, Lq, Dv)
+                        np.empty((n_spans, n_batch, problem.q_len), dtype))  # (spans, N, Lq)
+    return KeySpans(span_len, placeholder(dtype, 4, writeable=True),
+                    placeholder(dtype, 3, writeable=True))
+
+
+def shaped_results(problem, out, lse):
+    """``out`` and ``lse`` of the flattened batch in the problem's shapes
+    ``(*batch, Lq, Dv)`` and ``(*batch, Lq)`` and its result dtype (float16 inputs are
+    computed in float32)."""
     out = out.reshape(problem.out_shape)  # (*batch, Lq, Dv)
     lse = lse.reshape(problem.lse_shape)  # (*batch, Lq)
-    if out_dtype != dtype:  # float16 inputs: computed in float32
-        out, lse = out.astype(out_dtype), lse.astype(out_dtype)
-    return out, placeholder(out_dtype, 3, writeable=True), lse
+    if problem.out_dtype != problem.compute_dtype:
+        out, lse = out.astype(problem.out_dtype), lse.astype(problem.out_dtype)
+    return out, lse
 
 
 def run_backward(problem, grad_out, out, lse, return_bias_grad=False):
