@@ -67,10 +67,10 @@ def problem_arguments(problem, hook):
                                         problem.diag_offset, problem.key_reach(),
                                         gemm_address(dtype))
     block_mask = options.block_mask
+    reach_left, reach_right = problem.key_reach()
     visibility = Visibility(
         kv_lengths=flat_kv_lengths(problem), has_kv_lengths=options.kv_lengths is not None,
-        diag_offset=problem.diag_offset, reach_left=problem.key_reach()[0],
-        reach_right=problem.key_reach()[1],
+        diag_offset=problem.diag_offset, reach_left=reach_left, reach_right=reach_right,
         block_states=block_mask.states if block_mask is not None else placeholder(np.int8),
         has_block_mask=block_mask is not None)  # states: (N, q tiles, key tiles)
     return (inputs, score_options(problem, hook), score_operand(problem.mask, batch, np.bool_),
