@@ -15,18 +15,48 @@ import numpy as np
 # dtype kinds: b bool, i signed int, u unsigned int, f float.
 _REAL_KINDS = "biuf"
 _FLOAT32, _FLOAT64 = np.dtype(np.float32), np.dtype(np.float64)
+# 16-bit float formats read as stored by the kernels' 16-bit variant, and the value of
+# its half_format flag for each (fastattn.kernels.half.BFLOAT16, FLOAT16)
+HALF_FORMATS = {"bfloat16": 0, "float16": 1}
+_UINT16 = np.dtype(np.uint16)
+
+
+def is_bfloat16(dtype):
+    """Whether ``dtype`` is bfloat16 (``ml_dtypes.bfloat16``, the dtype NumPy users and
+    JAX hold bfloat16 in); told by its name, so ml_dtypes need not be installed."""
+    return dtype.kind == "V" and dtype.itemsize == 2 and dtype.name == "bfloat16"
+
+
+def half_format(*dtypes):
+    """The kernels' ``half_format`` flag when all ``dtypes`` are one native 16-bit
+    float dtype (bfloat16 or float16), read as stored; else None (float32, float64 and
+    mixed inputs are converted to the compute dtype)."""
+    first = dtypes[0]
+    if any(dtype != first for dtype in dtypes[1:]) or not first.isnative:
+        return None
+    return HALF_FORMATS.get(first.name) if first.itemsize == 2 else None
+
+
+def kernel_dtype(compute_dtype, *dtypes):
+    """The kernels' variant for inputs of ``dtypes``: ``uint16`` (16-bit storage,
+    computed in float32) when :func:`half_format` finds one 16-bit format, else
+    ``compute_dtype``."""
+    return _UINT16 if half_format(*dtypes) is not None else compute_dtype
 
 
 def as_real_array(name, array):
     """Return ``array`` as an ndarray of a real dtype, or raise ``TypeError``.
 
-    Complex, object, string and other non-numeric inputs are refused rather than
-    silently cast, since attention of such values has no meaning here.
+    bfloat16 (``ml_dtypes.bfloat16``) counts as real. Complex, object, string and
+    other non-numeric inputs (other ml_dtypes formats, such as float8, included) are
+    refused rather than silently cast, since attention of such values has no meaning
+    here.
     """
     array = np.asarray(array)
-    if array.dtype.kind not in _REAL_KINDS:
+    if array.dtype.kind not in _REAL_KINDS and not is_bfloat16(array.dtype):
         raise TypeError(
-            f"{name} must hold real numbers (bool, int or float); got dtype {array.dtype}"
+            f"{name} must hold real numbers (bool, int, float or bfloat16); got dtype "
+            f"{array.dtype}"
         )
     return array
 
@@ -45,9 +75,10 @@ def as_mask_array(mask):
 def result_dtypes(*operands):
     """Choose the compute dtype and the output dtype of an attention call.
 
-    Rules of the contract: float32 and float64 are computed natively; float16 is
-    computed in float32 and returned as float16; integer and bool inputs are
-    promoted to float64; mixed inputs follow ``np.result_type``.
+    Rules of the contract: float32 and float64 are computed natively; float16 and
+    bfloat16 are computed in float32 and returned in their own dtype; integer and
+    bool inputs are promoted to float64; mixed inputs follow ``np.result_type``
+    (with ml_dtypes' promotions: bfloat16 with float16 or float32 gives float32).
 
     Parameters
     ----------
@@ -67,13 +98,13 @@ def result_dtypes(*operands):
         return _FLOAT64, _FLOAT64
     if not common.isnative:  # big-endian data: computed and returned in native order
         common = common.newbyteorder("=")
-    if common.kind == "f" and common.itemsize == 2:
+    if (common.kind == "f" and common.itemsize == 2) or is_bfloat16(common):
         return _FLOAT32, common
     if common.kind == "f" and common.itemsize in (4, 8):
         return common, common
     raise TypeError(
         f"the inputs (query, key and value) combine to dtype {common}, which is not "
-        "supported; use float16, float32 or float64"
+        "supported; use bfloat16, float16, float32 or float64"
     )
 
 

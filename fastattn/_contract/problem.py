@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from fastattn._contract.arguments import (as_mask_array, as_real_array, default_scale,
-                                          diagonal_offset, result_dtypes)
+                                          diagonal_offset, half_format, kernel_dtype,
+                                          result_dtypes)
 from fastattn._contract.functions import check_score_function
 from fastattn._contract.options import DEFAULT_OPTIONS, AttentionOptions
 from fastattn._contract.shapes import (broadcast_batch, check_score_operand, gqa_group_size,
@@ -102,6 +103,20 @@ class AttentionProblem:
         """The ``mask_mod`` the call applies: its own, or its block mask's."""
         block_mask = self.options.block_mask
         return block_mask.mask_mod if block_mask is not None else self.options.mask_mod
+
+    @property
+    def kernel_dtype(self):
+        """The kernels' compiled variant: ``uint16`` when query, key and value share one
+        16-bit float dtype (read as stored, computed in float32:
+        :mod:`fastattn.kernels.half`), else the compute dtype."""
+        return kernel_dtype(self.compute_dtype, self.query.dtype, self.key.dtype,
+                            self.value.dtype)
+
+    @property
+    def half_format(self):
+        """How the 16-bit variant reads the inputs (0 bfloat16, 1 float16; 0 when the
+        inputs are not 16-bit)."""
+        return half_format(self.query.dtype, self.key.dtype, self.value.dtype) or 0
 
     @property
     def out_shape(self):

@@ -29,6 +29,7 @@ import math
 
 import numpy as np
 
+from fastattn._contract.arguments import half_format
 from fastattn.blas import gemm_address
 from fastattn.kernels.dropout import dropout_threshold
 from fastattn.kernels.groups import Inputs, ScoreOperand, ScoreOptions, Visibility
@@ -54,11 +55,13 @@ def problem_arguments(problem, hook):
     ``hook`` is the address of the block hook of its user functions
     (:func:`problem_hook`)."""
     dtype, batch, group = problem.compute_dtype, problem.batch_shape, problem.gqa_group
-    query, query_index = stack_operand(problem.query, batch, dtype)
-    key, key_index = stack_operand(problem.key, batch, dtype, group)
-    value, value_index = stack_operand(problem.value, batch, dtype, group)
+    stored = problem.kernel_dtype  # uint16 for 16-bit inputs, read as they are
+    query, query_index = stack_operand(problem.query, batch, stored)
+    key, key_index = stack_operand(problem.key, batch, stored, group)
+    value, value_index = stack_operand(problem.value, batch, stored, group)
     inputs = Inputs(query=query, key=key, value=value, query_index=query_index,
-                    key_index=key_index, value_index=value_index)
+                    key_index=key_index, value_index=value_index,
+                    half_format=problem.half_format)
     options = problem.options
     if problem.mask is None and not options.has_operands:
         # no per-call operand: the other groups depend on scalars only (tiny calls
@@ -141,14 +144,14 @@ def stack_operand(array, batch_shape, dtype, group=1):
     -------
     stack : ndarray, shape ``(n_own, *array.shape[-2:])``, C-contiguous, ``dtype``
         The operand without copies of broadcast dims (a copy only to change dtype
-        or layout).
+        or layout). ``dtype`` uint16 views 16-bit float data as its bits.
     index : ndarray of int64, shape ``(prod(batch_shape),)``
         Entry ``b`` of the flattened broadcast batch reads ``stack[index[b]]``. Under
         grouped-query attention (``group > 1``) the last batch axis is the head axis
         and query head ``h`` reads kv head ``h // group``.
     """
     own_batch = array.shape[:-2]
-    stack = np.ascontiguousarray(array, dtype=dtype)
+    stack = as_stored(array, dtype)
     stack = stack.reshape((math.prod(own_batch),) + array.shape[-2:])  # (n_own, rows, cols)
     if own_batch == batch_shape and group == 1:  # nothing broadcast: entry b is stack[b]
         return stack, identity_index(stack.shape[0])
@@ -158,6 +161,17 @@ def stack_operand(array, batch_shape, dtype, group=1):
     index = np.ascontiguousarray(np.broadcast_to(own_index, batch_shape).ravel(),
                                  dtype=np.int64)  # (N,)
     return stack, index
+
+
+def as_stored(array, dtype):
+    """``array`` C-contiguous as the kernels read it: ``dtype`` uint16 views 16-bit
+    float data as its bits (a copy only to change the layout); any other ``dtype``
+    converts (a copy only to change dtype or layout)."""
+    if dtype == np.uint16:
+        if half_format(array.dtype) is None:
+            raise TypeError(f"16-bit storage needs bfloat16 or float16 data; got {array.dtype}")
+        return np.ascontiguousarray(array).view(np.uint16)
+    return np.ascontiguousarray(array, dtype=dtype)
 
 
 def score_operand(array, batch_shape, dtype):

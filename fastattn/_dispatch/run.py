@@ -16,8 +16,8 @@ from numba import get_num_threads  # each call applies the process settings firs
 
 from fastattn._contract.shapes import sum_to_shape
 from fastattn._dispatch import tiling
-from fastattn._dispatch.layout import (fold_query_groups, identity_index, placeholder,
-                                       problem_arguments, problem_hook)
+from fastattn._dispatch.layout import (as_stored, fold_query_groups, identity_index,
+                                       placeholder, problem_arguments, problem_hook)
 from fastattn._runtime import settings
 from fastattn._runtime.threads import single_threaded_blas
 from fastattn.kernels.backward import backward_kernel
@@ -58,17 +58,36 @@ def run_forward(problem, return_weights):
         outputs = ForwardOutputs(out, lse, weights, bool(return_weights))
         blocks = Tiling(block_q, block_k, get_num_threads())  # a slot per thread
         with single_threaded_blas(blas_threads):
-            marked = forward_kernel(dtype)(*arguments, blocks, outputs, spans)
+            marked = forward_kernel(problem.kernel_dtype)(*arguments, blocks, outputs, spans)
             if marked:  # rows where a NaN met the block products (their lse is NaN):
                 # again, summing visible keys only, so that a hidden NaN stays out
                 rows = np.ascontiguousarray(np.argwhere(np.isnan(lse)), np.int64)  # (K, 2)
-                exact_rows_kernel(dtype)(*arguments, blocks, outputs, rows)
+                exact_rows(problem, arguments, blocks, outputs, rows)
 
     out, lse = shaped_results(problem, out, lse)
     out_dtype = problem.out_dtype
     if return_weights:
         weights = weights.reshape(problem.weights_shape).astype(out_dtype, copy=False)
     return out, weights, lse
+
+
+def exact_rows(problem, arguments, blocks, outputs, rows):
+    """Compute the forward's ``rows`` ``(K, 2)`` of ``(entry, query)`` again with
+    :data:`~fastattn.kernels.forward.exact_rows_kernel`. 16-bit inputs (a NaN met
+    their block products: a rare path, compiled for float32 only) are converted to
+    float32 for it, and the rows' results rounded into the 16-bit ``out``."""
+    if problem.kernel_dtype == problem.compute_dtype:
+        exact_rows_kernel(problem.compute_dtype)(*arguments, blocks, outputs, rows)
+        return
+    dtype = problem.compute_dtype
+    widened = dataclasses.replace(problem, query=problem.query.astype(dtype),
+                                  key=problem.key.astype(dtype),
+                                  value=problem.value.astype(dtype))
+    out = np.empty(outputs.out.shape, dtype)  # (N, Lq, Dv); only the rows are written
+    exact_rows_kernel(dtype)(*problem_arguments(widened, problem_hook(widened)), blocks,
+                             outputs._replace(out=out), rows)
+    entries, queries = rows[:, 0], rows[:, 1]
+    outputs.out.view(problem.out_dtype)[entries, queries] = out[entries, queries]
 
 
 def decode_supported(problem, return_weights):
@@ -101,7 +120,7 @@ def run_decode(problem):
     if n_batch:
         settings.apply()
         inputs, options, _, _, visibility = problem_arguments(problem, 0)  # no user hook
-        decode_kernel(dtype)(inputs, options, visibility,
+        decode_kernel(problem.kernel_dtype)(inputs, options, visibility,
                              Tiling(block_q=problem.q_len, block_k=block_k,
                                     slots=get_num_threads()),  # a slot per thread
                              ForwardOutputs(out, lse, placeholder(dtype, 3, writeable=True),
@@ -112,11 +131,12 @@ def run_decode(problem):
 
 
 def result_buffers(problem, n_batch):
-    """The forward's ``out (N, Lq, Dv)`` and ``lse (N, Lq)``, uninitialised, in the
-    compute dtype."""
-    dtype = problem.compute_dtype
-    return (np.empty((n_batch, problem.q_len, problem.value_dim), dtype),  # (N, Lq, Dv)
-            np.empty((n_batch, problem.q_len), dtype))  # (N, Lq)
+    """The forward's ``out (N, Lq, Dv)``, in the kernels' storage (16-bit results as
+    ``uint16``, written by the kernels directly), and ``lse (N, Lq)`` in the compute
+    dtype; uninitialised."""
+    return (np.empty((n_batch, problem.q_len, problem.value_dim),
+                     problem.kernel_dtype),  # (N, Lq, Dv)
+            np.empty((n_batch, problem.q_len), problem.compute_dtype))  # (N, Lq)
 
 
 def key_spans(problem, n_batch, span_len, n_spans):
@@ -134,12 +154,15 @@ def key_spans(problem, n_batch, span_len, n_spans):
 
 def shaped_results(problem, out, lse):
     """``out`` and ``lse`` of the flattened batch in the problem's shapes
-    ``(*batch, Lq, Dv)`` and ``(*batch, Lq)`` and its result dtype (float16 inputs are
-    computed in float32)."""
+    ``(*batch, Lq, Dv)`` and ``(*batch, Lq)``: ``out`` in its result dtype (16-bit
+    results viewed from their bits; other 16-bit inputs computed in float32 are
+    rounded here), ``lse`` in the compute dtype (float32 for 16-bit inputs)."""
     out = out.reshape(problem.out_shape)  # (*batch, Lq, Dv)
     lse = lse.reshape(problem.lse_shape)  # (*batch, Lq)
-    if problem.out_dtype != problem.compute_dtype:
-        out, lse = out.astype(problem.out_dtype), lse.astype(problem.out_dtype)
+    if problem.kernel_dtype == np.uint16:
+        out = out.view(problem.out_dtype)
+    elif problem.out_dtype != problem.compute_dtype:
+        out = out.astype(problem.out_dtype)
     return out, lse
 
 
@@ -152,17 +175,21 @@ def run_backward(problem, grad_out, out, lse, return_bias_grad=False):
     dtype, batch = problem.compute_dtype, problem.batch_shape
     n_batch, q_len, kv_len = math.prod(batch), problem.q_len, problem.kv_len
 
-    grad_out = np.ascontiguousarray(grad_out, dtype).reshape(n_batch, q_len, problem.value_dim)
-    out = np.asarray(out, dtype).reshape(n_batch, q_len, problem.value_dim)
+    grad_out = grad_out.reshape(n_batch, q_len, problem.value_dim)  # (N, Lq, Dv)
+    out = np.asarray(out).reshape(n_batch, q_len, problem.value_dim)  # (N, Lq, Dv)
     lse = np.ascontiguousarray(lse, dtype).reshape(n_batch, q_len)
-    delta = np.einsum("nqd,nqd->nq", grad_out, out)  # (N, Lq) D_i = rowsum(dO * O)
-    gradients = _run_backward(problem, grad_out, lse, np.ascontiguousarray(delta),
-                              return_bias_grad)
+    delta = row_dots(grad_out, out, dtype)  # (N, Lq) D_i = rowsum(dO * O)
+    # grad_out as the kernels read it: 16-bit as stored (another dtype rounded to the
+    # inputs' one), else in the compute dtype
+    if problem.kernel_dtype == np.uint16 and grad_out.dtype != problem.query.dtype:
+        grad_out = grad_out.astype(problem.query.dtype)
+    grad_out = as_stored(grad_out, problem.kernel_dtype)  # (N, Lq, Dv)
+    gradients = _run_backward(problem, grad_out, lse, delta, return_bias_grad)
     if gradients.nan_met.any():  # a NaN query or key: again, with those NaNs entering as 0
         gradients = _run_backward(
             dataclasses.replace(problem, query=without_nan(problem.query),
                                 key=without_nan(problem.key)),
-            grad_out, lse, np.ascontiguousarray(delta), return_bias_grad)
+            grad_out, lse, delta, return_bias_grad)
     query_grad_parts = gradients.query_parts  # (G, N, Lq, Dk)
     grad_query = query_grad_parts[0]  # (N, Lq, Dk)
     for part in query_grad_parts[1:]:  # a fixed order, whatever the thread count
@@ -217,10 +244,26 @@ def _run_backward(problem, grad_out, lse, delta, return_bias_grad):
     if n_batch and q_len and kv_len:
         settings.apply()
         with single_threaded_blas():
-            backward_kernel(dtype)(*arguments, Tiling(block_q=block_q, block_k=block_k,
+            backward_kernel(problem.kernel_dtype)(*arguments, Tiling(block_q=block_q, block_k=block_k,
                                                       slots=get_num_threads()),
                                    extra, gradients)  # a slot per thread
     return gradients
+
+
+def row_dots(grad_out, out, dtype, rows_per_chunk=65536):
+    """``rowsum(grad_out * out)`` ``(N, Lq)`` in ``dtype``, C-contiguous, from
+    ``(N, Lq, Dv)`` arrays; arrays of another dtype (16-bit ones) are converted a
+    chunk of ``rows_per_chunk`` rows at a time, never whole."""
+    if grad_out.dtype == dtype and out.dtype == dtype:
+        return np.ascontiguousarray(np.einsum("nqd,nqd->nq", grad_out, out))
+    flat_grad = grad_out.reshape(-1, grad_out.shape[-1])  # (N * Lq, Dv)
+    flat_out = out.reshape(-1, out.shape[-1])  # (N * Lq, Dv)
+    delta = np.empty(flat_grad.shape[0], dtype)  # (N * Lq,)
+    for start in range(0, flat_grad.shape[0], rows_per_chunk):
+        chunk = slice(start, start + rows_per_chunk)
+        delta[chunk] = np.einsum("rd,rd->r", flat_grad[chunk].astype(dtype),
+                                 flat_out[chunk].astype(dtype))
+    return delta.reshape(grad_out.shape[:2])
 
 
 def without_nan(array):

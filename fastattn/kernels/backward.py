@@ -42,6 +42,7 @@ from fastattn.kernels.config import jit_helper, kernel_per_dtype
 from fastattn.kernels.dropout import drop_in_place
 from fastattn.kernels.masking import entry_rule, key_block_rows
 from fastattn.kernels.groups import TILING_TYPE, backward_types, problem_types
+from fastattn.kernels.half import holds_nan, rows_in, staging
 from fastattn.kernels.scores import block_scores
 from fastattn.kernels.products import product, product_add
 from fastattn.kernels.vector_math import (LOG2E, block_view, cast_like, full_width_vectors,
@@ -117,7 +118,9 @@ def _attention_backward(inputs, options, mask, bias, visibility, tiling, extra, 
     # contiguous share of the tasks (their costs are alike: key groups stride).
     scratch = line_aligned_rows(slots, task_scratch_size(
         tiling.block_q, tiling.block_k, inputs.key.shape[2], inputs.value.shape[2],
-        options.has_softcap or options.has_score_mod), gradients.key)
+        options.has_softcap or options.has_score_mod) + staging(inputs.key, staging_size(
+            tiling.block_q, tiling.block_k, inputs.key.shape[2], inputs.value.shape[2])),
+        gradients.key)
     for slot in prange(slots):
         for task in range(slot * n_tasks // slots, (slot + 1) * n_tasks // slots):
             entry_group = task // n_groups
@@ -155,6 +158,12 @@ def backward_task(task, b, group, inputs, options, mask, bias, visibility, tilin
     has_chain = options.has_softcap or options.has_score_mod
     probs_buffer, score_grads_buffer, chain_buffer, key_grad_buffer, value_grad_buffer = \
         task_buffers(scratch, block_q, block_k, head_dim, value_dim, has_chain)
+    # 16-bit inputs: each query, output-gradient, key and value block converted to
+    # the compute dtype as it is used (no buffers for float inputs, read in place)
+    half_format = inputs.half_format
+    query_buffer, grad_buffer, key_buffer, value_buffer = staging_buffers(
+        scratch[task_scratch_size(block_q, block_k, head_dim, value_dim, has_chain):],
+        block_q, block_k, head_dim, value_dim, staging(queries, 1) > 0)
     # A NaN query among the rows this task's key blocks see, checked once (the rows
     # enter the products unscaled: the scale is the score product's alpha). Rows
     # between those blocks' ranges are checked too: at worst a NaN query that sees
@@ -168,7 +177,7 @@ def backward_task(task, b, group, inputs, options, mask, bias, visibility, tilin
             if row_last > row_first:
                 rows_first, rows_last = min(rows_first, row_first), max(rows_last, row_last)
     if rows_last > rows_first:
-        nan_met[task] |= has_nan(queries[rows_first:rows_last])
+        nan_met[task] |= holds_nan(queries[rows_first:rows_last], half_format)
     # Key blocks group, group + G, group + 2G, ...: under a causal mask early key
     # blocks are seen by more rows, so striding spreads the work evenly.
     for k_block in range(group, n_k_blocks, n_groups):
@@ -177,8 +186,9 @@ def backward_task(task, b, group, inputs, options, mask, bias, visibility, tilin
         if key_start >= key_stop:
             break
         cols = key_stop - key_start
-        keys = keys_all[key_start:key_stop]  # (cols, Dk)
-        values = values_all[key_start:key_stop]  # (cols, Dv)
+        keys = rows_in(keys_all, key_start, key_stop, key_buffer, half_format)  # (cols, Dk)
+        values = rows_in(values_all, key_start, key_stop, value_buffer,
+                         half_format)  # (cols, Dv)
         values_have_nan = has_nan(values)
         nan_met[task] |= has_nan(keys)
         row_first, row_last = key_block_rows(key_start, key_stop, rule, q_len)
@@ -198,8 +208,10 @@ def backward_task(task, b, group, inputs, options, mask, bias, visibility, tilin
                 if state == EMPTY:
                     continue
                 check_mask_mod = state == PARTIAL
-            q_rows = queries[row_start:row_stop]  # (rows, Dk)
-            grad_rows = grads[row_start:row_stop]  # (rows, Dv)
+            q_rows = rows_in(queries, row_start, row_stop, query_buffer,
+                             half_format)  # (rows, Dk)
+            grad_rows = rows_in(grads, row_start, row_stop, grad_buffer,
+                                half_format)  # (rows, Dv)
             probs = block_view(probs_buffer, rows, cols)  # (rows, cols)
             score_grads = block_view(score_grads_buffer, rows, cols)  # (rows, cols)
             chain = block_view(chain_buffer, rows if has_chain else 0,
@@ -284,6 +296,28 @@ def task_buffers(scratch, block_q, block_k, head_dim, value_dim, has_chain):
             scratch[chain_start:chain_start + chain_size],
             scratch[key_start:key_start + block_k * head_dim],
             scratch[value_start:value_start + block_k * value_dim])
+
+
+@njit(inline="always")
+def staging_size(block_q, block_k, head_dim, value_dim):
+    """Scratch entries a 16-bit task converts its blocks into (:func:`staging_buffers`)."""
+    return (whole_lines(block_q * head_dim) + whole_lines(block_q * value_dim)
+            + whole_lines(block_k * head_dim) + whole_lines(block_k * value_dim))
+
+
+@njit(inline="always")
+def staging_buffers(scratch, block_q, block_k, head_dim, value_dim, converts):
+    """The query, output-gradient, key and value conversion buffers of a 16-bit task,
+    carved from the end of its ``scratch`` (:func:`staging_size` entries); empty when
+    not ``converts`` (float inputs are read in place)."""
+    if not converts:
+        empty = scratch[:0]
+        return empty, empty, empty, empty
+    grad_start = whole_lines(block_q * head_dim)
+    key_start = grad_start + whole_lines(block_q * value_dim)
+    value_start = key_start + whole_lines(block_k * head_dim)
+    return (scratch[:grad_start], scratch[grad_start:key_start],
+            scratch[key_start:value_start], scratch[value_start:])
 
 
 def _backward_signature(dtype):

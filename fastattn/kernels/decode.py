@@ -56,6 +56,7 @@ from numba import prange, types
 
 from fastattn.kernels.config import jit_helper, kernel_per_dtype
 from fastattn.kernels.forward import merge_key_spans
+from fastattn.kernels.half import as_compute, stored_value
 from fastattn.kernels.groups import (TILING_TYPE, Inputs, ScoreOptions, Visibility,
                                       forward_result_types, group_type)
 from fastattn.kernels.masking import entry_rule, row_block_keys, visible_columns
@@ -86,14 +87,14 @@ def _decode_forward(inputs, options, visibility, tiling, outputs, spans):
     n_tasks, slots = n_batch * n_spans, tiling.slots
     block_k = min(tiling.block_k, max(inputs.key.shape[1], 1))
     scratch = line_aligned_rows(slots, decode_scratch_size(q_len, head_dim, value_dim, block_k),
-                                outputs.out)  # (slots, entries)
+                                outputs.lse)  # (slots, entries) in the compute dtype
     for slot in prange(slots):
         for task in range(slot * n_tasks // slots, (slot + 1) * n_tasks // slots):
             b = task // n_spans
             decode_task(b, task - b * n_spans, n_spans, block_k, inputs, options, visibility,
                         outputs, spans, scratch[slot])
     if n_spans > 1:
-        merge_key_spans(spans.out, spans.lse, outputs.out, outputs.lse)
+        merge_key_spans(spans.out, spans.lse, outputs.out, outputs.lse, inputs.half_format)
 
 
 @jit_helper
@@ -109,6 +110,7 @@ def decode_task(b, span, n_spans, block_k, inputs, options, visibility, outputs,
     keys = key[inputs.key_index[b]]  # (Lk, Dk)
     values = value[inputs.value_index[b]]  # (Lk, Dv)
     query_rows = query[inputs.query_index[b]]  # (rows, Dk)
+    half_format = inputs.half_format  # how 16-bit inputs are read
 
     taken = 0
     q_scaled = block_view(scratch, rows, head_dim)  # (rows, Dk) log2(e) * scale * q
@@ -123,7 +125,7 @@ def decode_task(b, span, n_spans, block_k, inputs, options, visibility, outputs,
     score_scale = cast_like(options.scale * LOG2E, scratch)
     for r in range(rows):
         for d in range(head_dim):
-            q_scaled[r, d] = query_rows[r, d] * score_scale
+            q_scaled[r, d] = as_compute(query_rows[r, d], half_format) * score_scale
         for d in range(value_dim):
             acc[r, d] = 0.0
         row_max[r] = -np.inf
@@ -136,47 +138,55 @@ def decode_task(b, span, n_spans, block_k, inputs, options, visibility, outputs,
     cap = cast_like(options.softcap * LOG2E, scratch)
     for key_start in range(first_key, last_key, block_k):
         cols = min(block_k, last_key - key_start)
-        decode_block_scores(q_scaled, keys[key_start:key_start + cols], scores, cols)
+        decode_block_scores(q_scaled, keys[key_start:key_start + cols], scores, cols,
+                            half_format)
         if options.has_softcap:  # the whole buffer: columns past cols are never read
             apply_softcap(scores, cap, scores, False)
         for r in range(rows):
             first, stop = visible_columns(r, key_start, cols, rule)
             decode_row_softmax(scores[r], first, stop, r, row_max, row_sum, acc)
         decode_block_values(scores, values[key_start:key_start + cols], key_start, rule, acc,
-                            cols)
+                            cols, half_format)
 
-    if n_spans == 1:
-        out_rows = outputs.out[b]  # (rows, Dv)
-        lse_rows = outputs.lse[b]  # (rows,) natural log
-        lse_unit = LN2
-    else:
-        out_rows = spans.out[span, b]  # (rows, Dv) this span's share
-        lse_rows = spans.lse[span, b]  # (rows,) log2 units, merged afterwards
-        lse_unit = 1.0
+    if n_spans == 1:  # (rows, Dv) in the inputs' storage, (rows,) natural log
+        decode_finish(outputs.out[b], outputs.lse[b], LN2, row_max, row_sum, acc, half_format)
+    else:  # this span's share (rows, Dv), its lse (rows,) in log2 units, merged afterwards
+        decode_finish(spans.out[span, b], spans.lse[span, b], 1.0, row_max, row_sum, acc,
+                      half_format)
+
+
+@jit_helper
+def decode_finish(out_rows, lse_rows, lse_unit, row_max, row_sum, acc, half_format):
+    """Write each row's output ``out_rows`` ``(rows, Dv)`` (any storage; 16-bit rounded
+    to nearest even) and lse ``lse_rows`` ``(rows,)`` (log2 sum-exp times
+    ``lse_unit``) from its running ``row_max``, ``row_sum`` and ``acc``; a row with no
+    visible key gets output 0 and lse ``-inf``."""
+    rows, value_dim = acc.shape
     for r in range(rows):
         if row_sum[r] > 0.0 or row_sum[r] != row_sum[r]:  # a visible key (or a NaN)
             inverse_sum = 1.0 / row_sum[r]
             for d in range(value_dim):
-                out_rows[r, d] = acc[r, d] * inverse_sum
+                out_rows[r, d] = stored_value(acc[r, d] * inverse_sum, out_rows, half_format)
             lse_rows[r] = (row_max[r] + math.log2(row_sum[r])) * lse_unit
         else:  # no visible key: output 0, lse -inf
-            out_rows[r, :] = 0.0
+            out_rows[r, :] = stored_value(0.0, out_rows, half_format)
             lse_rows[r] = -np.inf
 
 
 @jit_helper
-def decode_block_scores(q_scaled, keys, scores, cols):
+def decode_block_scores(q_scaled, keys, scores, cols, half_format):
     """``scores[r, c] = q_scaled[r] . keys[c]`` for ``c < cols``: ``q_scaled``
-    ``(rows, Dk)``, ``keys`` ``(cols, Dk)``, ``scores`` ``(rows, block_k)``. Each key
-    row is read from memory once and stays in L1 while every row takes its dot
-    product, a reduction LLVM vectorises at full width."""
+    ``(rows, Dk)``, ``keys`` ``(cols, Dk)`` (any storage: 16-bit keys are converted as
+    they are read), ``scores`` ``(rows, block_k)``. Each key row is read from memory
+    once and stays in L1 while every row takes its dot product, a reduction LLVM
+    vectorises at full width."""
     full_width_vectors()
     rows, head_dim = q_scaled.shape
     for c in range(cols):
         for r in range(rows):
             total = cast_like(0.0, scores)
             for d in range(head_dim):
-                total += q_scaled[r, d] * keys[c, d]
+                total += q_scaled[r, d] * as_compute(keys[c, d], half_format)
             scores[r, c] = total
 
 
@@ -215,10 +225,10 @@ def decode_row_softmax(scores, first, stop, r, row_max, row_sum, acc):
 
 
 @jit_helper
-def decode_block_values(probabilities, values, key_start, rule, acc, cols):
+def decode_block_values(probabilities, values, key_start, rule, acc, cols, half_format):
     """``acc[r] += sum_c probabilities[r, c] * values[c]`` over the columns ``c < cols``
     row ``r`` sees (keys ``key_start + c``): ``probabilities`` ``(rows, block_k)``,
-    ``values`` ``(cols, Dv)``, ``acc`` ``(rows, Dv)``. Each value row is read from
+    ``values`` ``(cols, Dv)`` (any storage, converted as read), ``acc`` ``(rows, Dv)``. Each value row is read from
     memory once and added into every row that sees it; a hidden key's value is never
     multiplied, so its NaN cannot reach a row."""
     full_width_vectors()
@@ -229,7 +239,7 @@ def decode_block_values(probabilities, values, key_start, rule, acc, cols):
             if first <= c < stop:
                 p = probabilities[r, c]
                 for d in range(value_dim):
-                    acc[r, d] += p * values[c, d]
+                    acc[r, d] += p * as_compute(values[c, d], half_format)
 
 
 @jit_helper

@@ -27,9 +27,10 @@ from fastattn.kernels.dropout import drop_in_place, keep_factor
 from fastattn.kernels.masking import entry_rule, row_block_keys
 from fastattn.kernels.groups import (TILING_TYPE, array_type, forward_result_types,
                                       problem_types)
+from fastattn.kernels.half import rows_in, staging, stored_value
 from fastattn.kernels.scores import block_scores
 from fastattn.kernels.products import product_add
-from fastattn.kernels.vector_math import (LN2, block_view, exp2, full_width_vectors,
+from fastattn.kernels.vector_math import (LN2, block_view, cast_like, exp2, full_width_vectors,
                                           has_nan, line_aligned_rows, row_maximum,
                                           softmax_exp2, whole_lines)
 
@@ -93,25 +94,30 @@ def online_softmax_block(scores, row_max, row_sum, acc):
 @jit_helper
 def attend_key_range(q_rows, row_start, key_first, key_last, keys, values, entry, rule,
                      options, mask, bias, check_mask_mod, block_k, score_buffer, row_max,
-                     row_sum, acc):
+                     row_sum, acc, key_buffer, value_buffer, half_format):
     """Fold keys ``[key_first, key_last)`` into the running softmax of some query rows.
 
     ``q_rows`` ``(rows, Dk)`` are queries ``row_start + r``; ``row_max``,
     ``row_sum`` ``(rows,)`` and ``acc`` ``(rows, Dv)`` are their running state, updated
     in place, one block of at most ``block_k`` keys at a time, scored into
     ``score_buffer``, its product with the values added to ``acc`` by gemm.
-    ``check_mask_mod``: whether the user's ``mask_mod`` must be applied.
+    ``check_mask_mod``: whether the user's ``mask_mod`` must be applied. 16-bit
+    ``keys`` and ``values`` are converted block by block into ``key_buffer`` and
+    ``value_buffer`` (:func:`fastattn.kernels.half.rows_in`; unused for float ones).
     """
     rows = q_rows.shape[0]
     for key_start in range(key_first, key_last, block_k):
         key_stop = min(key_start + block_k, key_last)
         scores = block_view(score_buffer, rows, key_stop - key_start)  # (rows, cols)
-        block_scores(scores, q_rows, keys[key_start:key_stop], row_start, key_start, entry,
+        key_block = rows_in(keys, key_start, key_stop, key_buffer, half_format)  # (cols, Dk)
+        block_scores(scores, q_rows, key_block, row_start, key_start, entry,
                      rule, options, mask, bias, scores, False, check_mask_mod)
         online_softmax_block(scores, row_max, row_sum, acc)  # scores -> probabilities
         if options.has_dropout:  # after the row sums: they (and lse) are before dropout
             drop_in_place(scores, row_start, key_start, entry, options)
-        product_add(options.gemm, scores, values[key_start:key_stop], acc)  # (rows, Dv)
+        product_add(options.gemm, scores,
+                    rows_in(values, key_start, key_stop, value_buffer, half_format),
+                    acc)  # (rows, Dv)
 
 
 @jit_helper
@@ -194,9 +200,11 @@ def _attention_forward(inputs, options, mask, bias, visibility, tiling, outputs,
     # allocated per task becomes a fresh, page-faulting mmap when the allocator is
     # told to trim (MALLOC_TRIM_THRESHOLD_, as in Dask's workers).
     n_tasks, slots = n_batch * n_q_blocks * n_splits, tiling.slots
-    scratch = line_aligned_rows(slots, task_scratch_size(
-        min(block_q, q_len), outputs.out.shape[2], min(tiling.block_k, inputs.key.shape[1])),
-        outputs.out)
+    rows, cols = min(block_q, q_len), min(tiling.block_k, inputs.key.shape[1])
+    scratch = line_aligned_rows(slots, task_scratch_size(rows, outputs.out.shape[2], cols)
+                                + staging(inputs.key, staging_size(
+                                    rows, cols, inputs.key.shape[2], inputs.value.shape[2])),
+                                outputs.lse)
     marked = 0
     for slot in prange(slots):
         # Slot s takes an equal contiguous share of the tasks. Under a causal mask a
@@ -213,7 +221,7 @@ def _attention_forward(inputs, options, mask, bias, visibility, tiling, outputs,
                                    inputs, options, mask, bias, visibility, tiling, outputs,
                                    spans, scratch[slot])
     if n_splits > 1:
-        merge_key_spans(spans.out, spans.lse, outputs.out, outputs.lse)
+        merge_key_spans(spans.out, spans.lse, outputs.out, outputs.lse, inputs.half_format)
     return marked
 
 
@@ -236,15 +244,25 @@ def forward_task(b, q_start, q_stop, split, n_splits, inputs, options, mask, bia
     # the BLAS reads the blocks in place instead of copying them.
     keys = key[inputs.key_index[b]]  # (Lk, Dk)
     values = value[inputs.value_index[b]]  # (Lk, Dv)
-    q_rows = query_rows[q_start:q_stop]  # (rows, Dk), scaled by the score product
+    half_format = inputs.half_format
     # each buffer starts on a 64-byte line, as the slot's scratch does: the BLAS
     # reads every block from the same alignment whichever slot runs the task
-    score_len = whole_lines(rows * min(block_k, kv_len))
+    cols = min(block_k, kv_len)
+    score_len = whole_lines(rows * cols)
     score_buffer = scratch[:score_len]
     acc = block_view(scratch[score_len:], rows, value_dim)  # (rows, Dv) unnormalised output
     taken = score_len + whole_lines(rows * value_dim)
     row_max = scratch[taken:taken + rows]  # (rows,) running max, log2 units
     row_sum = scratch[taken + rows:taken + 2 * rows]  # (rows,) running sum of exp2(s - max)
+    # 16-bit inputs: the query block, once, and each key and value block, converted
+    # to the compute dtype here (no buffers for float inputs, read in place)
+    taken += whole_lines(2 * rows)
+    head_dim = key.shape[2]
+    query_buffer, key_buffer, value_buffer = staging_buffers(
+        scratch[taken:taken + staging(key, staging_size(rows, cols, head_dim, value_dim))],
+        rows, cols, head_dim, value_dim)
+    q_rows = rows_in(query_rows, q_start, q_stop, query_buffer,
+                     half_format)  # (rows, Dk), scaled by the score product
     for r in range(rows):
         for d in range(value_dim):
             acc[r, d] = 0.0
@@ -282,7 +300,7 @@ def forward_task(b, q_start, q_stop, split, n_splits, inputs, options, mask, bia
             range_first, range_last, check_mask_mod = full_first, full_last, options.has_mask_mod
         attend_key_range(q_rows, q_start, range_first, range_last, keys, values, b, rule,
                          options, mask, bias, check_mask_mod, block_k, score_buffer, row_max,
-                         row_sum, acc)
+                         row_sum, acc, key_buffer, value_buffer, half_format)
     # 2. Without a block mask, the keys only some rows see (the causal diagonal,
     #    window edges): groups of EDGE_ROWS rows, each over its own visible range,
     #    so little is computed only to be masked.
@@ -306,45 +324,58 @@ def forward_task(b, q_start, q_stop, split, n_splits, inputs, options, mask, bia
                              strip_first, strip_last, keys, values, b, rule, options, mask, bias,
                              options.has_mask_mod, block_k, score_buffer,
                              row_max[group_start:group_stop], row_sum[group_start:group_stop],
-                             acc[group_start:group_stop])
+                             acc[group_start:group_stop], key_buffer, value_buffer, half_format)
 
-    if n_splits == 1:
-        out_rows = out[b]  # (Lq, Dv)
-        lse_rows = lse[b]  # (Lq,) natural log
-        lse_unit = LN2
-    else:
-        out_rows = spans.out[split, b]  # (Lq, Dv) this span's share
-        lse_rows = spans.lse[split, b]  # (Lq,) log2 units, merged below
-        lse_unit = 1.0
+    if n_splits == 1:  # (Lq, Dv) in the inputs' storage, (Lq,) natural log
+        marked = finish_rows(out[b], lse[b], LN2, q_start, row_max, row_sum, acc, half_format)
+    else:  # this span's share (Lq, Dv) and its lse (Lq,) in log2 units, merged below
+        marked = finish_rows(spans.out[split, b], spans.lse[split, b], 1.0, q_start, row_max,
+                             row_sum, acc, half_format)
+
+    if return_weights:
+        for key_start in range(first_key, last_key, block_k):
+            key_stop = min(key_start + block_k, last_key)
+            scores = block_view(score_buffer, rows, key_stop - key_start)  # (rows, cols)
+            block_scores(scores, q_rows, rows_in(keys, key_start, key_stop, key_buffer,
+                                                 half_format),  # (cols, Dk)
+                         q_start, key_start, b, rule, options, mask, bias, scores, False, True)
+            for r in range(rows):
+                if row_sum[r] > 0.0:
+                    for c in range(key_stop - key_start):
+                        weights[b, q_start + r, key_start + c] = exp2(scores[r, c] - row_max[r])
+    return marked
+
+
+@jit_helper
+def finish_rows(out_rows, lse_rows, lse_unit, q_start, row_max, row_sum, acc, half_format):
+    """Write a task's rows ``q_start + r`` of ``out_rows`` ``(Lq, Dv)`` (any storage,
+    16-bit rounded to nearest even) and ``lse_rows`` ``(Lq,)`` (log2 sum-exp times
+    ``lse_unit``) from its running state ``row_max``, ``row_sum`` ``(rows,)`` and
+    ``acc`` ``(rows, Dv)``; ``row_max`` becomes each row's log2-sum-exp. A row a NaN
+    met gets a NaN output and lse (marking it for :func:`exact_rows_kernel`) and a
+    zero ``row_sum``; a row with no visible key output 0 and lse ``-inf``. Returns
+    how many rows a NaN met."""
+    rows, value_dim = acc.shape
+    nan_entry = stored_value(np.nan, out_rows, half_format)
+    zero_entry = stored_value(0.0, out_rows, half_format)
     acc_has_nan = has_nan(acc)  # one pass; rows are looked at only if it finds one
     marked = 0
     for r in range(rows):
         row = q_start + r
         if row_sum[r] != row_sum[r] or (acc_has_nan and has_nan(acc[r:r + 1])):  # NaN met
-            out_rows[row, :] = np.nan  # lse NaN marks the row for exact_rows_kernel
+            out_rows[row, :] = nan_entry  # lse NaN marks the row for exact_rows_kernel
             lse_rows[row] = np.nan
             row_sum[r] = 0.0  # no weights from the pass below
             marked += 1
         elif row_sum[r] > 0.0:
             inverse_sum = 1.0 / row_sum[r]
             for d in range(value_dim):
-                out_rows[row, d] = acc[r, d] * inverse_sum
+                out_rows[row, d] = stored_value(acc[r, d] * inverse_sum, out_rows, half_format)
             row_max[r] += math.log2(row_sum[r])  # now log2 of the row's sum of exp
             lse_rows[row] = row_max[r] * lse_unit
         else:  # no visible key: output 0, lse -inf
-            out_rows[row, :] = 0.0
+            out_rows[row, :] = zero_entry
             lse_rows[row] = -np.inf
-
-    if return_weights:
-        for key_start in range(first_key, last_key, block_k):
-            key_stop = min(key_start + block_k, last_key)
-            scores = block_view(score_buffer, rows, key_stop - key_start)  # (rows, cols)
-            block_scores(scores, q_rows, keys[key_start:key_stop], q_start, key_start, b,
-                         rule, options, mask, bias, scores, False, True)
-            for r in range(rows):
-                if row_sum[r] > 0.0:
-                    for c in range(key_stop - key_start):
-                        weights[b, q_start + r, key_start + c] = exp2(scores[r, c] - row_max[r])
     return marked
 
 
@@ -394,22 +425,46 @@ def task_scratch_size(rows, value_dim, cols):
 
 
 @njit(inline="always")
+def staging_size(rows, cols, head_dim, value_dim):
+    """Scratch entries a 16-bit task converts its blocks into: the query block
+    ``(rows, Dk)``, a key block ``(cols, Dk)`` and a value block ``(cols, Dv)``."""
+    return whole_lines(rows * head_dim) + whole_lines(cols * head_dim) + whole_lines(
+        cols * value_dim)
+
+
+@njit(inline="always")
+def staging_buffers(staging_scratch, rows, cols, head_dim, value_dim):
+    """The query, key and value conversion buffers carved from ``staging_scratch``
+    (:func:`staging_size` entries, or empty for float inputs: then empty buffers)."""
+    if staging_scratch.shape[0] == 0:
+        return staging_scratch, staging_scratch, staging_scratch
+    key_start = whole_lines(rows * head_dim)
+    value_start = key_start + whole_lines(cols * head_dim)
+    return (staging_scratch[:key_start], staging_scratch[key_start:value_start],
+            staging_scratch[value_start:])
+
+
+@njit(inline="always")
 def aligned_count(count):
     """``count`` rounded up to a multiple of ``ALIGN`` (0 for ``count <= 0``)."""
     return -(-max(count, 0) // ALIGN) * ALIGN
 
 
 @jit_helper
-def merge_key_spans(split_out, split_lse, out, lse):
+def merge_key_spans(split_out, split_lse, out, lse, half_format):
     """Merge per-span results: ``out = sum_s w_s out_s / sum_s w_s`` with
     ``w_s = exp2(lse_s - max_s lse_s)``, and ``lse = ln 2 * (max + log2 sum_s w_s)``.
 
     ``split_out`` ``(splits, N, Lq, Dv)`` holds each span's normalised output and
     ``split_lse`` ``(splits, N, Lq)`` its log2-sum-exp (``-inf`` for a span with no
     visible key); a row with no visible key in any span gets output 0, lse ``-inf``;
-    a NaN lse in any span makes the row NaN.
+    a NaN lse in any span makes the row NaN. ``out`` may be 16-bit storage (each
+    entry rounded once, from the float sum).
     """
     n_splits, n_batch, q_len, value_dim = split_out.shape
+    weights = np.empty(n_splits, split_out.dtype)  # (splits,) each span's weight
+    nan_entry = stored_value(np.nan, out, half_format)
+    zero_entry = stored_value(0.0, out, half_format)
     for row_task in range(n_batch * q_len):
         b = row_task // q_len
         row = row_task - b * q_len
@@ -421,23 +476,24 @@ def merge_key_spans(split_out, split_lse, out, lse):
                 nan_lse = True
             elif span_lse > top:
                 top = span_lse
-        out[b, row, :] = 0.0
         if nan_lse:
-            out[b, row, :] = np.nan
+            out[b, row, :] = nan_entry
             lse[b, row] = np.nan
             continue
         if top == -np.inf:
+            out[b, row, :] = zero_entry
             lse[b, row] = -np.inf
             continue
         total = 0.0
         for split in range(n_splits):
-            weight = exp2(split_lse[split, b, row] - top)  # 0 for an empty span
-            total += weight
-            for d in range(value_dim):
-                out[b, row, d] += weight * split_out[split, b, row, d]
+            weights[split] = exp2(split_lse[split, b, row] - top)  # 0 for an empty span
+            total += weights[split]
         inverse_total = 1.0 / total
         for d in range(value_dim):
-            out[b, row, d] *= inverse_total
+            merged = cast_like(0.0, split_out)
+            for split in range(n_splits):
+                merged += weights[split] * split_out[split, b, row, d]
+            out[b, row, d] = stored_value(merged * inverse_total, out, half_format)
         lse[b, row] = (top + math.log2(total)) * LN2
 
 

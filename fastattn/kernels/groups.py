@@ -28,9 +28,23 @@ def array_type(dtype, ndim, readonly=True):
     return types.Array(numba.from_dtype(np.dtype(dtype)), ndim, "C", readonly=readonly)
 
 
-# Kinds of field. Each is a function of the group's data dtype to a Numba type.
+def compute_dtype(dtype):
+    """The dtype a kernel variant computes in: float32 for the 16-bit variant
+    (``uint16``: bfloat16 or float16 storage, :mod:`fastattn.kernels.half`), else the
+    variant's own dtype."""
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if dtype == np.uint16 else dtype
+
+
+# Kinds of field. Each is a function of the variant's dtype to a Numba type.
 def data(ndim, writable=False):
-    """An array of the group's data dtype (float32 or float64)."""
+    """An array of the compute dtype (float32 or float64)."""
+    return lambda dtype: array_type(compute_dtype(dtype), ndim, readonly=not writable)
+
+
+def stored(ndim, writable=False):
+    """An array in the storage of the variant's dtype: float32, float64, or uint16
+    holding 16-bit floats (read through :mod:`fastattn.kernels.half`)."""
     return lambda dtype: array_type(dtype, ndim, readonly=not writable)
 
 
@@ -61,11 +75,15 @@ def group_type(group, dtype):
     return types.BaseTuple.from_types(tuple(kind(dtype) for kind in group._kinds), group)
 
 
-Inputs = declare("Inputs", """Query, key and value stacks ``(n_own, L, D)`` and their
-int64 ``(N,)`` indices.""", [
-    ("query", data(3)), ("key", data(3)), ("value", data(3)),
+Inputs = declare("Inputs", """Query, key and value stacks ``(n_own, L, D)``, their
+int64 ``(N,)`` indices, and ``half_format``: how 16-bit stacks (``uint16``) are read,
+:data:`fastattn.kernels.half.BFLOAT16` or ``FLOAT16`` (ignored for float stacks;
+default bfloat16).""", [
+    ("query", stored(3)), ("key", stored(3)), ("value", stored(3)),
     ("query_index", INDEX), ("key_index", INDEX), ("value_index", INDEX),
+    ("half_format", INT),
 ])
+Inputs.__new__.__defaults__ = (0,)
 
 ScoreOperand = declare("ScoreOperand", """A mask or bias: its ``stack (n_own, 1 or Lq,
 1 or Lk)`` and ``index (N,)``; positions are multiplied by ``row_step`` and
@@ -114,10 +132,10 @@ forward's and backward's parallel ``slots`` (the thread count): each slot runs a
 equal contiguous share of the tasks one after another, with scratch memory of its
 own.""", [("block_q", INT), ("block_k", INT), ("slots", INT)])
 
-ForwardOutputs = declare("ForwardOutputs", """The forward's results: ``out (N, Lq, Dv)``,
-``lse (N, Lq)`` and, when ``return_weights``, ``weights (N, Lq, Lk)`` (zeroed; else a
+ForwardOutputs = declare("ForwardOutputs", """The forward's results: ``out (N, Lq, Dv)``
+(in the inputs' storage: 16-bit results written directly), ``lse (N, Lq)`` and, when ``return_weights``, ``weights (N, Lq, Lk)`` (zeroed; else a
 placeholder).""", [
-    ("out", data(3, writable=True)), ("lse", data(2, writable=True)),
+    ("out", stored(3, writable=True)), ("lse", data(2, writable=True)),
     ("weights", data(3, writable=True)), ("return_weights", FLAG),
 ])
 
@@ -129,12 +147,12 @@ split.""", [
 ])
 
 BackwardInputs = declare("BackwardInputs", """What the backward needs besides the
-problem: ``grad_out (N, Lq, Dv)``, the forward's ``lse (N, Lq)`` and ``delta =
+problem: ``grad_out (N, Lq, Dv)`` (in the inputs' storage), the forward's ``lse (N, Lq)`` and ``delta =
 rowsum(grad_out * out)`` ``(N, Lq)``; and how batch entries are grouped into tasks:
 entries ``entry_order[entry_starts[e]:entry_starts[e + 1]]`` (int64) run one after
 another in one task per key group (one entry per group, unless a bias gradient is
 wanted: then the entries sharing a bias entry, so that one task writes it).""", [
-    ("grad_out", data(3)), ("lse", data(2)), ("delta", data(2)),
+    ("grad_out", stored(3)), ("lse", data(2)), ("delta", data(2)),
     ("entry_order", INDEX), ("entry_starts", INDEX),
 ])
 
