@@ -56,7 +56,7 @@ from numba import prange, types
 
 from fastattn.kernels.config import jit_helper, kernel_per_dtype
 from fastattn.kernels.forward import merge_key_spans
-from fastattn.kernels.half import as_compute, stored_value
+from fastattn.kernels.half import BFLOAT16, FLOAT16, as_compute, stored_value
 from fastattn.kernels.groups import (TILING_TYPE, Inputs, ScoreOptions, Visibility,
                                       forward_result_types, group_type)
 from fastattn.kernels.masking import entry_rule, row_block_keys, visible_columns
@@ -185,8 +185,12 @@ def decode_block_scores(q_scaled, keys, scores, cols, half_format):
     for c in range(cols):
         for r in range(rows):
             total = cast_like(0.0, scores)
-            for d in range(head_dim):
-                total += q_scaled[r, d] * as_compute(keys[c, d], half_format)
+            if half_format == BFLOAT16:  # a loop per format, each with its conversion
+                for d in range(head_dim):
+                    total += q_scaled[r, d] * as_compute(keys[c, d], BFLOAT16)
+            else:
+                for d in range(head_dim):
+                    total += q_scaled[r, d] * as_compute(keys[c, d], FLOAT16)
             scores[r, c] = total
 
 
@@ -238,8 +242,12 @@ def decode_block_values(probabilities, values, key_start, rule, acc, cols, half_
             first, stop = visible_columns(r, key_start, cols, rule)
             if first <= c < stop:
                 p = probabilities[r, c]
-                for d in range(value_dim):
-                    acc[r, d] += p * as_compute(values[c, d], half_format)
+                if half_format == BFLOAT16:  # a loop per format, each with its conversion
+                    for d in range(value_dim):
+                        acc[r, d] += p * as_compute(values[c, d], BFLOAT16)
+                else:
+                    for d in range(value_dim):
+                        acc[r, d] += p * as_compute(values[c, d], FLOAT16)
 
 
 @jit_helper
