@@ -4,7 +4,10 @@ A thin adapter over :func:`fastattn.scaled_dot_product_attention` and its backwa
 CPU tensors go in and come out; float32 and float64 tensors are handed to the kernels
 as NumPy views of the same memory (``Tensor.numpy()``) and the results come back as
 tensors over the kernels' arrays (``torch.from_numpy``), so nothing is copied on the
-way. float16 and bfloat16 are computed in float32 and returned in the input dtype.
+way. float16 and bfloat16 tensors are handed over the same way (bfloat16 as an
+``ml_dtypes.bfloat16`` view, which needs ``pip install "fastattn[half]"``; without
+ml_dtypes a float32 copy is made): the kernels read them as they are, compute in
+float32 and write the output in the input dtype; ``lse`` is float32.
 
 Gradients come from :func:`fastattn.scaled_dot_product_attention_backward` through a
 ``torch.autograd.Function`` that keeps the forward's ``out`` and ``lse`` (never the
@@ -19,14 +22,21 @@ except ImportError as error:  # pragma: no cover - exercised in an environment w
     raise ImportError(
         'fastattn.torch needs PyTorch; install it with pip install "fastattn[torch]"') from error
 
+import numpy as np
+
 import fastattn
 from fastattn.attention import selected_results
 
 __all__ = ["scaled_dot_product_attention"]
 
-# Tensor dtypes computed natively, and those computed in float32 and cast back.
+# Tensor dtypes computed natively, and the 16-bit ones read as stored (float32 compute).
 NATIVE_DTYPES = (torch.float32, torch.float64)
 WIDENED_DTYPES = (torch.float16, torch.bfloat16)
+
+try:  # NumPy holds bfloat16 as ml_dtypes.bfloat16 (optional: fastattn[half])
+    from ml_dtypes import bfloat16 as _NUMPY_BFLOAT16
+except ImportError:  # pragma: no cover - exercised in an environment without ml_dtypes
+    _NUMPY_BFLOAT16 = None
 
 
 def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, kv_lengths=None,
@@ -49,9 +59,9 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, kv_
     query : torch.Tensor, shape ``(*batch, Lq, Dk)``
     key : torch.Tensor, shape ``(*batch, Lk, Dk)``
     value : torch.Tensor, shape ``(*batch, Lk, Dv)``
-        CPU tensors of one floating dtype: float32 or float64 (computed natively,
-        without copying the tensors), float16 or bfloat16 (computed in float32,
-        returned in the input dtype).
+        CPU tensors of one floating dtype: float32 or float64 (computed natively),
+        float16 or bfloat16 (read as stored, computed in float32, the output in the
+        input dtype and ``lse`` in float32); none is copied.
     mask : torch.Tensor or array_like of bool, optional
         Broadcastable to ``(*batch, Lq, Lk)``; **True = may attend** (as in
         ``torch.nn.functional.scaled_dot_product_attention``). A mask never
@@ -139,8 +149,8 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, kv_
         arrays = [_compute_array(tensor) for tensor in inputs]
         results = fastattn.scaled_dot_product_attention(
             *arrays, mask, return_weights=return_weights, return_lse=True, **options)
-        out, weights, lse = (_as_tensor(array, dtype)
-                             for array in _unpack(results, return_weights))
+        out, weights, lse = _unpack(results, return_weights)
+        out, weights, lse = _as_tensor(out, dtype), _as_tensor(weights, dtype), _lse_tensor(lse)
 
     return selected_results(out, weights, lse, return_weights, return_lse)
 
@@ -148,8 +158,8 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, kv_
 class _FusedAttention(torch.autograd.Function):
     """The autograd node: forward and backward are fastattn's fused kernels.
 
-    Saves ``query``, ``key``, ``value`` and the forward's ``out`` and ``lse`` in the
-    compute dtype (float32 for float16/bfloat16 inputs); the mask, the bias and the
+    Saves ``query``, ``key``, ``value`` and the forward's ``out`` (in the input dtype)
+    and ``lse`` (in the compute dtype: float32 for float16/bfloat16); the mask, the bias and the
     other options travel on ``ctx`` as NumPy arrays and Python values. A bias tensor is
     an input of the node: it gets a gradient when it requires one.
     """
@@ -162,17 +172,15 @@ class _FusedAttention(torch.autograd.Function):
         results = fastattn.scaled_dot_product_attention(
             *arrays, mask, return_weights=return_weights, return_lse=True, **options)
         out, weights, lse = _unpack(results, return_weights)
-        out_compute = torch.from_numpy(out)  # (*batch, Lq, Dv) in the compute dtype
-        lse_compute = torch.from_numpy(lse)  # (*batch, Lq)
-        ctx.save_for_backward(query, key, value, out_compute, lse_compute)
+        out_tensor = _as_tensor(out, dtype)  # (*batch, Lq, Dv)
+        lse_tensor = _lse_tensor(lse)  # (*batch, Lq) float32 for 16-bit inputs
+        ctx.save_for_backward(query, key, value, out_tensor, lse_tensor)
         ctx.mask, ctx.options = mask, dict(options)
         ctx.bias_like = bias if isinstance(bias, torch.Tensor) else None
         if score_mod_grad is not None:
             ctx.options["score_mod_grad"] = score_mod_grad
 
-        out_tensor = _as_tensor(out, dtype)
         weights_tensor = _as_tensor(weights, dtype)
-        lse_tensor = _as_tensor(lse, dtype)
         ctx.mark_non_differentiable(*(t for t in (weights_tensor, lse_tensor) if t is not None))
         return out_tensor, weights_tensor, lse_tensor
 
@@ -183,7 +191,7 @@ class _FusedAttention(torch.autograd.Function):
         grad_out = _compute_array(grad_out.to(out.dtype))  # (*batch, Lq, Dv)
         bias_needed = ctx.needs_input_grad[4]
         grads = fastattn.scaled_dot_product_attention_backward(
-            grad_out, *arrays, out.numpy(), lse.numpy(), ctx.mask,
+            grad_out, *arrays, _compute_array(out), lse.numpy(), ctx.mask,
             return_bias_grad=bias_needed, **ctx.options)
         sources = (query, key, value) + ((ctx.bias_like,) if bias_needed else ())
         needed = ctx.needs_input_grad[:3] + ((True,) if bias_needed else ())
@@ -246,20 +254,32 @@ def _bias_array(bias):
 
 
 def _compute_array(tensor):
-    """A NumPy array fastattn computes on: a view of a float32/float64 tensor, a
-    float32 copy of a float16/bfloat16 one."""
+    """A NumPy view of a tensor, as fastattn takes it: float16, float32 and float64
+    as they are, bfloat16 as ``ml_dtypes.bfloat16`` (a float32 copy without
+    ml_dtypes)."""
     tensor = tensor.detach()
-    if tensor.dtype in WIDENED_DTYPES:
-        tensor = tensor.float()
+    if tensor.dtype == torch.bfloat16:
+        if _NUMPY_BFLOAT16 is None:
+            return tensor.float().numpy()
+        return tensor.view(torch.int16).numpy().view(_NUMPY_BFLOAT16)
     return tensor.numpy()
 
 
 def _as_tensor(array, dtype):
-    """A NumPy result as a tensor of ``dtype`` (shares memory unless a cast is needed)."""
+    """A NumPy result as a tensor of ``dtype`` (shares memory unless a cast is needed;
+    an ``ml_dtypes.bfloat16`` array is viewed as a bfloat16 tensor)."""
     if array is None:
         return None
-    tensor = torch.from_numpy(array)
+    if _NUMPY_BFLOAT16 is not None and array.dtype == _NUMPY_BFLOAT16:
+        tensor = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    else:
+        tensor = torch.from_numpy(array)
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def _lse_tensor(lse):
+    """The forward's lse as a tensor: float32 for 16-bit inputs, else the compute dtype."""
+    return torch.from_numpy(lse)
 
 
 def _unpack(results, return_weights):
