@@ -52,7 +52,7 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, return_weights
     if return_weights:
         results += (weights.astype(problem.out_dtype),)
     if return_lse:
-        results += (lse.astype(problem.out_dtype),)
+        results += (lse.astype(problem.lse_dtype),)
     return results[0] if len(results) == 1 else results
 
 

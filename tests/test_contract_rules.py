@@ -19,9 +19,12 @@ ALL_OUTPUTS = dict(return_weights=True, return_lse=True)
     (np.int32, np.float64), (np.int64, np.float64), (np.uint8, np.float64), (np.bool_, np.float64),
 ])
 def test_result_dtype(attention, rng, dtype, out_dtype):
+    """out and weights in the result dtype; lse in the compute dtype (float32 for
+    16-bit inputs)."""
     query, key, value = (array.astype(dtype) for array in random_inputs(rng, (2, 5, 4), (2, 6, 4)))
-    for result in as_tuple(attention(query, key, value, **ALL_OUTPUTS)):
-        assert result.dtype == out_dtype
+    out, weights, lse = attention(query, key, value, **ALL_OUTPUTS)
+    assert out.dtype == weights.dtype == out_dtype
+    assert lse.dtype == (np.float32 if out_dtype == np.float16 else out_dtype)
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.int32, np.bool_])
@@ -35,8 +38,9 @@ def test_promoted_dtypes_match_reference(rng, dtype):
 def test_big_endian_inputs_give_native_results(rng, dtype):
     query, key, value = (array.astype(dtype) for array in random_inputs(rng, (2, 5, 4), (2, 6, 4)))
     out, weights, lse = assert_close_to_reference(query, key, value, **ALL_OUTPUTS)
-    for result in (out, weights, lse):
-        assert result.dtype == np.dtype(dtype).newbyteorder("=")
+    native = np.dtype(dtype).newbyteorder("=")
+    assert out.dtype == weights.dtype == native
+    assert lse.dtype == (np.float32 if native == np.float16 else native)
 
 
 def test_mixed_dtypes_follow_result_type(attention, rng):

@@ -44,6 +44,7 @@ EXAMPLE_IN_GUIDE = {
 
 # pages whose examples need an optional package
 PAGE_NEEDS = {"guide/torch_huggingface.rst": "transformers", "guide/layers.rst": "torch",
+              "guide/half.rst": "ml_dtypes",
               "guide/dask.rst": "dask"}
 
 

@@ -56,7 +56,8 @@ class AttentionProblem:
     gqa_group : int
         Query heads per kv head (1 without grouped-query attention).
     compute_dtype, out_dtype : numpy.dtype
-        Precision of the arithmetic (float32 or float64) and of the results.
+        Precision of the arithmetic (float32 or float64) and of the results (the lse
+        is in the compute dtype: :attr:`lse_dtype`).
     scale : float
         Multiplier of ``query @ key^T`` (the option, or its default ``1/sqrt(Dk)``).
     diag_offset : int
@@ -117,6 +118,12 @@ class AttentionProblem:
         """How the 16-bit variant reads the inputs (0 bfloat16, 1 float16; 0 when the
         inputs are not 16-bit)."""
         return half_format(self.query.dtype, self.key.dtype, self.value.dtype) or 0
+
+    @property
+    def lse_dtype(self):
+        """dtype of the lse: the compute dtype (float32 for 16-bit inputs: an lse in
+        16 bits would lose about three digits of every row's normaliser)."""
+        return self.compute_dtype
 
     @property
     def out_shape(self):

@@ -59,13 +59,14 @@ def forward_graph(plan, split_every):
         merged_key = (merge_name,) + batch_index + (q_index,)
         n_rows = plan.q_chunks[q_index]
         if keys:
-            finish = functools.partial(merge_parts, out_dtype=problem.out_dtype, n_rows=n_rows)
+            finish = functools.partial(merge_parts, out_dtype=problem.out_dtype,
+                                       lse_dtype=problem.lse_dtype, n_rows=n_rows)
             merge_tasks[merged_key] = _tree(merge_tasks, (merge_name + "-tree",) + batch_index
                                             + (q_index,), keys, split_every, merge_parts, finish)
         else:  # no key chunk visible to this query chunk
             merge_tasks[merged_key] = (functools.partial(
                 unseen_rows, shape=batch_shape + (n_rows,), value_dim=problem.value_dim,
-                out_dtype=problem.out_dtype),)
+                out_dtype=problem.out_dtype, lse_dtype=problem.lse_dtype),)
         out_tasks[(out_name,) + batch_index + (q_index, 0)] = (operator.getitem, merged_key, 0)
         lse_tasks[(lse_name,) + batch_index + (q_index,)] = (operator.getitem, merged_key, 1)
 
@@ -74,7 +75,7 @@ def forward_graph(plan, split_every):
     out = da.Array(_graph(layers + [(out_name, out_tasks)], inputs), out_name, plan.out_chunks,
                    meta=np.empty((0,) * (n_batch + 2), problem.out_dtype))
     lse = da.Array(_graph(layers + [(lse_name, lse_tasks)], inputs), lse_name, plan.lse_chunks,
-                   meta=np.empty((0,) * (n_batch + 1), problem.out_dtype))
+                   meta=np.empty((0,) * (n_batch + 1), problem.lse_dtype))
     return out, lse
 
 

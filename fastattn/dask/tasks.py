@@ -77,13 +77,13 @@ def score_block(array, row_lo, row_hi, key_lo, key_hi):
     return array[..., rows, cols]
 
 
-def merge_parts(*parts, out_dtype=None, n_rows=None):
+def merge_parts(*parts, out_dtype=None, lse_dtype=None, n_rows=None):
     """Merge chunk-pair results ``(out, lse, row_lo, row_hi)`` of one query chunk.
 
     Each part covers the rows ``[row_lo, row_hi)`` of the chunk; rows outside count as
     unseen by it (output 0, lse -inf). Without ``out_dtype`` the result is a part over
     the union of the rows, for the next level of the tree; with it, the whole chunk's
-    ``(out, lse)`` of ``n_rows`` rows, cast to ``out_dtype``.
+    ``(out, lse)`` of ``n_rows`` rows, cast to ``out_dtype`` and ``lse_dtype``.
     """
     row_lo = min(part[2] for part in parts)
     row_hi = max(part[3] for part in parts)
@@ -96,7 +96,7 @@ def merge_parts(*parts, out_dtype=None, n_rows=None):
     if out_dtype is None:
         return out, lse, row_lo, row_hi
     out, lse = _pad_rows(out, lse, row_lo, n_rows - row_hi)  # (*b, m, Dv), (*b, m)
-    return out.astype(out_dtype, copy=False), lse.astype(out_dtype, copy=False)
+    return out.astype(out_dtype, copy=False), lse.astype(lse_dtype, copy=False)
 
 
 def _pad_rows(out, lse, before, after):
@@ -109,9 +109,9 @@ def _pad_rows(out, lse, before, after):
     return out, lse
 
 
-def unseen_rows(shape, value_dim, out_dtype):
+def unseen_rows(shape, value_dim, out_dtype, lse_dtype):
     """A query chunk of ``shape`` ``(*b, m)`` that sees no key: output 0, lse -inf."""
-    return np.zeros(shape + (value_dim,), out_dtype), np.full(shape, -np.inf, out_dtype)
+    return np.zeros(shape + (value_dim,), out_dtype), np.full(shape, -np.inf, lse_dtype)
 
 
 # ------------------------------------------------------------------ backward
