@@ -171,6 +171,21 @@ def test_half_dtypes_computed_in_float32(dtype):
     assert query.grad.dtype == dtype and torch.isfinite(query.grad.float()).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_tensors_are_not_copied_and_lse_is_float32(dtype):
+    pytest.importorskip("ml_dtypes")
+    query, key, value = random_tensors((2, 4, 16, 8), (2, 4, 16, 8), dtype)
+    for tensor in (query, key, value, query.transpose(1, 2)):  # any strides: a view
+        array = fastattn_torch._compute_array(tensor)
+        assert array.__array_interface__["data"][0] == tensor.data_ptr()
+        assert array.strides == tuple(stride * 2 for stride in tensor.stride())
+    out, lse = fastattn_torch.scaled_dot_product_attention(query, key, value, return_lse=True)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    expected = torch.logsumexp(query.double() @ key.double().transpose(-1, -2)
+                               / np.sqrt(8), dim=-1)  # (2, 4, 16)
+    np.testing.assert_allclose(lse.numpy(), expected.numpy(), rtol=2e-5, atol=2e-5)
+
+
 def test_contiguous_float32_inputs_are_not_copied():
     query, key, value = random_tensors((2, 4, 16, 8), (2, 4, 16, 8), torch.float32)
     for tensor in (query, key, value, query.transpose(1, 2)):  # any strides: a view
