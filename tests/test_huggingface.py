@@ -378,3 +378,24 @@ def test_register_warns_outside_the_tested_transformers(monkeypatch):
     monkeypatch.setattr(transformers, "__version__", "99.0.0")
     with pytest.warns(UserWarning, match="tested with transformers >=5.24,<5.25; found 99.0.0"):
         fastattn_huggingface.register()
+
+
+def test_bfloat16_llama_as_close_to_float32_as_eager():
+    """A Llama-style model in bfloat16: fastattn's logits are no further from the
+    float32 model's than twice eager's bfloat16 logits are (largest and median
+    difference), and are bfloat16 themselves."""
+    pytest.importorskip("ml_dtypes")
+    models = make_models("llama", implementations=("eager", "fastattn", "sdpa"))
+    ids, attention_mask = batch("right")
+    tokens = attention_mask.bool()
+    with torch.no_grad():
+        exact = models["sdpa"](ids, attention_mask=attention_mask).logits[tokens]  # float32
+        errors = {}
+        for key in ("eager", "fastattn"):
+            logits = models[key].to(torch.bfloat16)(ids, attention_mask=attention_mask).logits
+            assert logits.dtype == torch.bfloat16
+            errors[key] = (logits[tokens].float() - exact).abs()
+    MAX_DIFFERENCES["llama bfloat16 logits vs float32 (fastattn)"] = float(errors["fastattn"].max())
+    MAX_DIFFERENCES["llama bfloat16 logits vs float32 (eager)"] = float(errors["eager"].max())
+    assert errors["fastattn"].max() <= 2 * errors["eager"].max()
+    assert errors["fastattn"].median() <= 2 * errors["eager"].median()
