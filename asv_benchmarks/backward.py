@@ -7,7 +7,7 @@ over a retained graph, so only the backward is timed). 4-D ``(1, 8, L, D)`` floa
 
 import numpy as np
 
-from .common import IMPLEMENTATIONS, random_qkv, skip_unsupported
+from .common import IMPLEMENTATIONS, as_tensor, random_qkv, skip_unsupported
 
 
 def backward_call(impl, query, key, value, causal):
@@ -19,9 +19,9 @@ def backward_call(impl, query, key, value, causal):
         import torch
         import torch.nn.functional as F
 
-        inputs = [torch.from_numpy(array.copy()).requires_grad_() for array in (query, key, value)]
+        inputs = [as_tensor(array).requires_grad_() for array in (query, key, value)]
         out = F.scaled_dot_product_attention(*inputs, is_causal=causal)
-        grad = torch.from_numpy(grad_out)
+        grad = as_tensor(grad_out)
 
         def call():
             return torch.autograd.grad(out, inputs, grad, retain_graph=True)

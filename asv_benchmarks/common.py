@@ -69,8 +69,32 @@ def attention_flops(batch, heads, q_len, kv_len, dim, causal=False):
     return flops // 2 if causal and q_len == kv_len else flops
 
 
+def numpy_dtype(name):
+    """The NumPy dtype of ``name``; ``"bfloat16"`` is ``ml_dtypes.bfloat16`` (skipped,
+    through ``NotImplementedError``, when ml_dtypes is not installed)."""
+    if name == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise NotImplementedError("ml_dtypes is not installed") from None
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def as_tensor(array):
+    """A NumPy array as a torch tensor of the same dtype (bfloat16 included), a copy."""
+    import torch
+
+    array = np.ascontiguousarray(array)
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(array.copy())
+
+
 def random_qkv(q_shape, kv_shape, dtype, kv_heads=None):
-    """Standard-normal ``(B, H, L, D)`` query, key and value of ``dtype``."""
+    """Standard-normal ``(B, H, L, D)`` query, key and value of ``dtype`` (a name;
+    ``"bfloat16"`` for ``ml_dtypes.bfloat16``)."""
+    dtype = numpy_dtype(dtype)
     rng = np.random.default_rng(0)
     if kv_heads is not None:
         kv_shape = kv_shape[:1] + (kv_heads,) + kv_shape[2:]
@@ -106,7 +130,7 @@ def attention_call(impl, query, key, value, warm_up=True, **options):
         import torch
         import torch.nn.functional as F
 
-        tensors = [torch.from_numpy(np.ascontiguousarray(array)) for array in (query, key, value)]
+        tensors = [as_tensor(array) for array in (query, key, value)]
         torch_options = {"is_causal": options.pop("causal", False), **options}
 
         def call():
