@@ -32,15 +32,19 @@ def half_format(*dtypes):
     float dtype (bfloat16 or float16), read as stored; else None (float32, float64 and
     mixed inputs are converted to the compute dtype)."""
     first = dtypes[0]
-    if any(dtype != first for dtype in dtypes[1:]) or not first.isnative:
+    if first.itemsize != 2 or not first.isnative:  # float32 and float64 leave here
         return None
-    return HALF_FORMATS.get(first.name) if first.itemsize == 2 else None
+    if any(dtype != first for dtype in dtypes[1:]):
+        return None
+    return HALF_FORMATS.get(first.name)
 
 
 def kernel_dtype(compute_dtype, *dtypes):
     """The kernels' variant for inputs of ``dtypes``: ``uint16`` (16-bit storage,
     computed in float32) when :func:`half_format` finds one 16-bit format, else
     ``compute_dtype``."""
+    if dtypes[0].itemsize != 2:  # the common case, quickly
+        return compute_dtype
     return _UINT16 if half_format(*dtypes) is not None else compute_dtype
 
 
