@@ -146,6 +146,16 @@ def attention_call(impl, query, key, value, warm_up=True, **options):
     return call
 
 
+def best_seconds(call, tries=3):
+    """The shortest of ``tries`` timed calls of ``call``, in seconds."""
+    best = np.inf
+    for _ in range(tries):
+        started = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
 def resident_bytes():
     """This process's resident set size (Linux ``/proc/self/statm``)."""
     with open("/proc/self/statm") as statm:

@@ -6,12 +6,8 @@ core (Numba's and PyTorch's defaults); ``setup`` runs the call once so compilati
 never lands in a timed region (compile cost has its own ``timeraw_*`` benchmarks).
 """
 
-import time
-
-import numpy as np
-
-from .common import (IMPLEMENTATIONS, attention_call, attention_flops, extra_memory_bytes,
-                     random_qkv, skip_unsupported)
+from .common import (IMPLEMENTATIONS, attention_call, attention_flops, best_seconds,
+                     extra_memory_bytes, random_qkv, skip_unsupported)
 
 BATCH, HEADS = 1, 8
 
@@ -49,12 +45,7 @@ class TrackForwardThroughput:
         self.flops = attention_flops(BATCH, HEADS, length, length, d_k, causal)
 
     def track_gflops(self, impl, length, d_k, causal):
-        best = np.inf
-        for _ in range(3):
-            started = time.perf_counter()
-            self.call()
-            best = min(best, time.perf_counter() - started)
-        return self.flops / best / 1e9
+        return self.flops / best_seconds(self.call) / 1e9
 
 
 class TimeCrossAttention:

@@ -244,9 +244,9 @@ def _run_backward(problem, grad_out, lse, delta, return_bias_grad):
     if n_batch and q_len and kv_len:
         settings.apply()
         with single_threaded_blas():
-            backward_kernel(problem.kernel_dtype)(*arguments, Tiling(block_q=block_q, block_k=block_k,
-                                                      slots=get_num_threads()),
-                                   extra, gradients)  # a slot per thread
+            backward_kernel(problem.kernel_dtype)(
+                *arguments, Tiling(block_q=block_q, block_k=block_k, slots=get_num_threads()),
+                extra, gradients)  # a slot per thread
     return gradients
 
 

@@ -232,9 +232,9 @@ def decode_row_softmax(scores, first, stop, r, row_max, row_sum, acc):
 def decode_block_values(probabilities, values, key_start, rule, acc, cols, half_format):
     """``acc[r] += sum_c probabilities[r, c] * values[c]`` over the columns ``c < cols``
     row ``r`` sees (keys ``key_start + c``): ``probabilities`` ``(rows, block_k)``,
-    ``values`` ``(cols, Dv)`` (any storage, converted as read), ``acc`` ``(rows, Dv)``. Each value row is read from
-    memory once and added into every row that sees it; a hidden key's value is never
-    multiplied, so its NaN cannot reach a row."""
+    ``values`` ``(cols, Dv)`` (any storage, converted as read), ``acc`` ``(rows, Dv)``.
+    Each value row is read from memory once and added into every row that sees it; a
+    hidden key's value is never multiplied, so its NaN cannot reach a row."""
     full_width_vectors()
     rows, value_dim = acc.shape
     for c in range(cols):

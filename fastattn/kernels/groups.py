@@ -133,8 +133,8 @@ equal contiguous share of the tasks one after another, with scratch memory of it
 own.""", [("block_q", INT), ("block_k", INT), ("slots", INT)])
 
 ForwardOutputs = declare("ForwardOutputs", """The forward's results: ``out (N, Lq, Dv)``
-(in the inputs' storage: 16-bit results written directly), ``lse (N, Lq)`` and, when ``return_weights``, ``weights (N, Lq, Lk)`` (zeroed; else a
-placeholder).""", [
+(in the inputs' storage: 16-bit results written directly), ``lse (N, Lq)`` and, when
+``return_weights``, ``weights (N, Lq, Lk)`` (zeroed; else a placeholder).""", [
     ("out", stored(3, writable=True)), ("lse", data(2, writable=True)),
     ("weights", data(3, writable=True)), ("return_weights", FLAG),
 ])
@@ -147,11 +147,12 @@ split.""", [
 ])
 
 BackwardInputs = declare("BackwardInputs", """What the backward needs besides the
-problem: ``grad_out (N, Lq, Dv)`` (in the inputs' storage), the forward's ``lse (N, Lq)`` and ``delta =
-rowsum(grad_out * out)`` ``(N, Lq)``; and how batch entries are grouped into tasks:
-entries ``entry_order[entry_starts[e]:entry_starts[e + 1]]`` (int64) run one after
-another in one task per key group (one entry per group, unless a bias gradient is
-wanted: then the entries sharing a bias entry, so that one task writes it).""", [
+problem: ``grad_out (N, Lq, Dv)`` (in the inputs' storage), the forward's ``lse (N,
+Lq)`` and ``delta = rowsum(grad_out * out)`` ``(N, Lq)``; and how batch entries are
+grouped into tasks: entries ``entry_order[entry_starts[e]:entry_starts[e + 1]]``
+(int64) run one after another in one task per key group (one entry per group, unless
+a bias gradient is wanted: then the entries sharing a bias entry, so that one task
+writes it).""", [
     ("grad_out", stored(3)), ("lse", data(2)), ("delta", data(2)),
     ("entry_order", INDEX), ("entry_starts", INDEX),
 ])
