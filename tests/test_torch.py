@@ -248,6 +248,19 @@ def test_import_without_torch_names_the_extra():
     assert 'pip install "fastattn[torch]"' in result.stdout
 
 
+def test_bfloat16_without_ml_dtypes_is_computed_from_a_float32_copy():
+    """fastattn and fastattn.torch import without ml_dtypes; a bfloat16 tensor is then
+    handed over as a float32 copy, and the results keep their dtypes."""
+    code = ("import sys; sys.modules['ml_dtypes'] = None\n"
+            "import torch, fastattn, fastattn.torch\n"
+            "q = torch.randn(2, 5, 8).to(torch.bfloat16)\n"
+            "out, lse = fastattn.torch.scaled_dot_product_attention(q, q, q, return_lse=True)\n"
+            "print(out.dtype, lse.dtype)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.split() == ["torch.bfloat16", "torch.float32"]
+
+
 def test_huggingface_import_without_transformers_names_the_extra():
     code = ("import sys; sys.modules['transformers'] = None\n"
             "try:\n    import fastattn.huggingface\n"
