@@ -272,3 +272,21 @@ def test_no_less_accurate_than_pytorchs_16_bit_attention(rng, dtype):
                          for t, w in zip((out, *grads), (want_out, *want_grads))]
     for ours, theirs in zip(results["fastattn"], results["torch"]):
         assert ours[0] <= 1.5 * theirs[0] and ours[1] <= 2.0 * theirs[1], (ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_dask_chunks_give_the_same_16_bit_results(rng, dtype):
+    dask = pytest.importorskip("dask")
+    import dask.array as da
+
+    import fastattn.dask
+
+    query, key, value = rounded_inputs(rng, (2, 29, 12), (2, 29, 12), dtype)
+    out, lse = fastattn.dask.scaled_dot_product_attention(
+        da.from_array(query, chunks=(1, 10, 12)), key, value, causal=True, return_lse=True)
+    got_out, got_lse = dask.compute(out, lse, scheduler="sync")
+    want_out, want_lse = fastattn.scaled_dot_product_attention(query, key, value, causal=True,
+                                                               return_lse=True)
+    assert got_out.dtype == dtype and got_lse.dtype == np.float32
+    np.testing.assert_allclose(as64(got_out), as64(want_out), rtol=UNIT_STEP[dtype], atol=1e-6)
+    np.testing.assert_allclose(got_lse, want_lse, rtol=1e-6, atol=1e-6)
