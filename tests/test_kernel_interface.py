@@ -9,7 +9,7 @@ import pytest
 from numba import types
 
 import fastattn
-from fastattn.kernels import backward, forward, projection as linear
+from fastattn.kernels import backward, decode, forward, projection as linear
 
 
 def writeable(numba_type):
@@ -45,7 +45,8 @@ def checked_kernels(monkeypatch):
 
     import fastattn._dispatch.run as run
     import fastattn.layers.linear as layers_linear
-    for module, names in ((run, ("forward_kernel", "exact_rows_kernel", "backward_kernel")),
+    for module, names in ((run, ("forward_kernel", "exact_rows_kernel", "backward_kernel",
+                                 "decode_kernel")),
                           (layers_linear, ("linear_kernel",))):
         for name in names:
             monkeypatch.setattr(module, name, checking(getattr(module, name)))
@@ -83,3 +84,29 @@ def test_dispatcher_is_the_same_compiled_kernel():
     dispatcher = forward.forward_kernel.dispatcher(np.float32)
     entry_point = forward.forward_kernel(np.float32)
     assert dispatcher.overloads[dispatcher.signatures[0]].entry_point is entry_point
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", np.float16])
+def test_16_bit_arguments_have_the_signatures_types(checked_kernels, rng, dtype):
+    """The kernels' 16-bit variant (``uint16`` storage, float32 compute): forward with
+    and without operands, backward, decode, and the exact rows of a NaN."""
+    if dtype == "bfloat16":
+        dtype = pytest.importorskip("ml_dtypes").bfloat16
+    query = rng.standard_normal((2, 4, 33, 8)).astype(dtype)
+    key = rng.standard_normal((2, 2, 1100, 8)).astype(dtype)
+    value = rng.standard_normal((2, 2, 1100, 5)).astype(dtype)
+    query.flags.writeable = False  # a read-only input, passed as it is
+    mask = rng.random((33, 1100)) < 0.9
+    bias = rng.standard_normal((1, 4, 1, 1100)).astype(np.float32)
+    for options in ({}, {"mask": mask, "bias": bias}):
+        out, lse = fastattn.scaled_dot_product_attention(query, key, value, enable_gqa=True,
+                                                         return_lse=True, **options)
+        fastattn.scaled_dot_product_attention_backward(out, query, key, value, out, lse,
+                                                       enable_gqa=True, **options)
+    fastattn.scaled_dot_product_attention(query[:, :, :1], key, value, enable_gqa=True)
+    nan_value = value.copy()
+    nan_value[0, 0, 3, 1] = np.nan  # marks rows for the exact kernel
+    fastattn.scaled_dot_product_attention(query, key, nan_value, enable_gqa=True)
+    assert {forward.forward_kernel.__doc__, forward.exact_rows_kernel.__doc__,
+            backward.backward_kernel.__doc__, decode.decode_kernel.__doc__} <= set(
+                checked_kernels)
