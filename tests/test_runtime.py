@@ -36,8 +36,9 @@ def test_show_config_returns_every_section():
     assert set(config["blas"]["routes"]) == set(blas.BACKENDS)
     for name, route in config["blas"]["routes"].items():
         assert route["usable"] == (blas.available()[name] is None)
-    assert set(config["cpu"]["features"]) == {"avx2", "fma", "avx512f", "avx512_bf16",
+    assert set(config["cpu"]["features"]) == {"avx2", "fma", "f16c", "avx512f", "avx512_bf16",
                                               "amx_tile"}
+    assert "converted to float32" in config["cpu"]["16-bit inputs"]
     import numba
 
     assert config["numba"]["version"] == numba.__version__

@@ -4,7 +4,11 @@ import os
 import platform
 
 MODES = ("stdout", "dicts")
-CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
+CPU_FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_tile")
+# How 16-bit inputs (bfloat16, float16) reach the block products (fastattn.kernels.half)
+SIXTEEN_BIT_ROUTE = ("converted to float32 block by block in cache, then the float32 "
+                     "gemm in use; bfloat16 dot-product instructions (avx512_bf16, "
+                     "amx) are not used yet")
 
 
 def show_config(mode="stdout"):
@@ -156,7 +160,7 @@ def _cpu():
         present = set(flags.split())
         features = {feature: feature in present for feature in CPU_FEATURES}
     return {"model": cpu_model(), "machine": platform.machine(), "cores": os.cpu_count(),
-            "features": features}
+            "features": features, "16-bit inputs": SIXTEEN_BIT_ROUTE}
 
 
 def _route_environment():
