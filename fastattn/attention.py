@@ -102,10 +102,10 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, return_weights
     return selected_results(out, weights, lse, return_weights, return_lse)
 
 
-@takes_options(after=("score_mod_grad", "return_bias_grad"))
+@takes_options(after=("score_mod_grad", "score_mod_args_grad", "return_bias_grad"))
 def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse, mask=None, *,
-                                          score_mod_grad=None, return_bias_grad=False,
-                                          **options):
+                                          score_mod_grad=None, score_mod_args_grad=None,
+                                          return_bias_grad=False, **options):
     r"""Gradients of :func:`fastattn.scaled_dot_product_attention`, by a fused kernel.
 
     The vector-Jacobian product of the forward under the same options, given the
@@ -133,8 +133,16 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
     lse : array_like, shape ``(*batch, Lq)``
         The forward's results.
     {options}
-    score_mod_grad : numba-compiled function ``(s, b, h, i, j) -> float``
-        ``d score_mod(s, b, h, i, j) / d s``; required with a ``score_mod``.
+    score_mod_grad : numba-compiled function ``(s, b, h, i, j, *score_mod_args) -> float``
+        ``d score_mod(s, b, h, i, j, *score_mod_args) / d s``; required with a
+        ``score_mod``.
+    score_mod_args_grad : numba-compiled function ``(g, s, b, h, i, j, grads, *score_mod_args)``, optional
+        Asks for the gradients of ``score_mod_args``: it adds ``g * d score_mod / d
+        arg`` into the arrays of the tuple ``grads`` (zeroed, shaped like the args,
+        of the compute dtype), where ``g`` is the loss gradient of ``score_mod``'s
+        result and ``s`` its input score; called for every score with ``g != 0``.
+        Each thread adds into arrays of its own, summed in a fixed order: the result
+        is the same for every thread count.
     return_bias_grad : bool, default False
         Also return the gradient of ``bias`` (learned relative-position biases,
         ALiBi-style tables). Needs a ``bias``; not with both ``softcap`` and
@@ -152,6 +160,9 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
         ``d loss / d bias`` in the bias's own shape and the compute dtype: ``dS`` at
         the score the bias is added to, summed over the axes the bias broadcasts
         along; 0 where the bias is ``-inf`` or the key is hidden.
+    grad_score_mod_args : tuple of ndarray, only with ``score_mod_args_grad``
+        ``d loss / d arg`` for each array of ``score_mod_args``, in its shape and the
+        compute dtype.
 
     See Also
     --------
@@ -177,12 +188,12 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
     """
     options = options_from(options, "scaled_dot_product_attention_backward")
     problem = check_score_mod_grad(check_attention(query, key, value, mask, options),
-                                   score_mod_grad)
+                                   score_mod_grad, score_mod_args_grad)
     check_bias_grad_request(problem, return_bias_grad)
     grad_out, out, lse = check_backward_arrays(problem, grad_out, out, lse)
     grads = run_backward(problem, grad_out, out, lse, return_bias_grad)
     if return_bias_grad:  # the bias as the caller gave it (before any added leading 1s)
-        grads = grads[:3] + (grads[3].reshape(np.shape(options.bias)),)
+        grads = grads[:3] + (grads[3].reshape(np.shape(options.bias)),) + grads[4:]
     return grads
 
 

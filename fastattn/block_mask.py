@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fastattn._contract.functions import check_score_function
+from fastattn._contract.functions import check_function_args, check_score_function
 from fastattn.kernels.tile_states import EMPTY, FULL, PARTIAL
 
 __all__ = ["BlockMask", "create_block_mask", "EMPTY", "PARTIAL", "FULL"]
@@ -42,6 +42,10 @@ class BlockMask:
         Queries and keys per tile.
     states : ndarray of int8, shape ``(prod(batch_shape), q tiles, key tiles)``
         :data:`EMPTY`, :data:`PARTIAL` or :data:`FULL` for each tile (read-only).
+    mask_mod_args : tuple of ndarray
+        The arrays passed to ``mask_mod`` after ``(b, h, i, j)`` (empty if none),
+        read in place by the calls it serves: the states describe them as they were
+        when the mask was made.
 
     Examples
     --------
@@ -62,6 +66,7 @@ class BlockMask:
     kv_len: int
     block_size: tuple
     states: np.ndarray
+    mask_mod_args: tuple = ()
 
     def sparsity(self):
         """Fraction of tiles that are empty (skipped), in ``[0, 1]``."""
@@ -74,7 +79,8 @@ class BlockMask:
                 f"{counts[EMPTY]} empty, {counts[PARTIAL]} partial, {counts[FULL]} full)")
 
 
-def create_block_mask(mask_mod, batch_shape, q_len, kv_len, *, block_size=DEFAULT_BLOCK_SIZE):
+def create_block_mask(mask_mod, batch_shape, q_len, kv_len, *, block_size=DEFAULT_BLOCK_SIZE,
+                      mask_mod_args=None):
     """Evaluate ``mask_mod`` over a whole problem and summarise it per tile.
 
     Parameters
@@ -93,6 +99,10 @@ def create_block_mask(mask_mod, batch_shape, q_len, kv_len, *, block_size=DEFAUL
         Queries and keys per tile: the kernels' blocks in calls with this mask.
         Smaller tiles skip more of a ragged mask; larger ones make faster block
         products.
+    mask_mod_args : tuple of arrays, optional
+        Arrays passed to ``mask_mod`` after ``(b, h, i, j)`` (document ids, say), as
+        the ``mask_mod_args`` option: new values compile nothing. The block mask
+        carries them to the calls it serves.
 
     Returns
     -------
@@ -124,7 +134,8 @@ def create_block_mask(mask_mod, batch_shape, q_len, kv_len, *, block_size=DEFAUL
     >>> bool(np.allclose(out, same))
     True
     """
-    mask_mod = check_score_function("mask_mod", mask_mod, np.float64)
+    mask_mod_args = check_function_args("mask_mod_args", mask_mod_args, "mask_mod")
+    mask_mod = check_score_function("mask_mod", mask_mod, np.float64, mask_mod_args)
     batch_shape = _check_sizes("batch_shape", batch_shape)
     q_len, kv_len = _check_sizes("q_len", (q_len,))[0], _check_sizes("kv_len", (kv_len,))[0]
     block_size = (block_size,) * 2 if np.ndim(block_size) == 0 else tuple(block_size)
@@ -139,9 +150,11 @@ def create_block_mask(mask_mod, batch_shape, q_len, kv_len, *, block_size=DEFAUL
     heads = batch_shape[-1] if len(batch_shape) >= 2 else 1
     states = np.zeros((n_batch, -(-q_len // block_q), -(-kv_len // block_k)),
                       np.int8)  # (N, q tiles, key tiles)
-    evaluate_block_states(mask_mod, heads, q_len, kv_len, block_q, block_k, states)
+    evaluate_block_states(mask_mod, heads, q_len, kv_len, block_q, block_k, states,
+                          mask_mod_args)
     states.flags.writeable = False
-    return BlockMask(mask_mod, batch_shape, q_len, kv_len, (block_q, block_k), states)
+    return BlockMask(mask_mod, batch_shape, q_len, kv_len, (block_q, block_k), states,
+                     mask_mod_args)
 
 
 def _check_sizes(name, values):

@@ -41,7 +41,8 @@ except ImportError:  # pragma: no cover - exercised in an environment without ml
 
 def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, kv_lengths=None,
                                  return_weights=False, return_lse=False, score_mod_grad=None,
-                                 dropout_p=0.0, generator=None, **options):
+                                 score_mod_args_grad=None, dropout_p=0.0, generator=None,
+                                 **options):
     r"""fastattn's fused attention on CPU ``torch.Tensor``\ s, differentiable.
 
     .. math::
@@ -80,6 +81,11 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, kv_
     score_mod_grad : numba-compiled function, optional
         With a ``score_mod``, its derivative, for the backward (see
         :func:`fastattn.scaled_dot_product_attention_backward`).
+    score_mod_args_grad : numba-compiled function, optional
+        Needed when a tensor of ``score_mod_args`` requires grad: it adds each
+        score's contribution to their gradients (see
+        :func:`fastattn.scaled_dot_product_attention_backward`); those tensors then
+        get their ``.grad`` (learned relative-position tables, per-head scales).
     dropout_p : float, default 0.0
         Attention dropout (PyTorch's ``dropout_p``). Unless ``dropout_seed=`` is
         given, the seed of the dropout decisions is drawn from ``generator`` (default:
@@ -91,7 +97,8 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, kv_
         Any other keyword of :func:`fastattn.scaled_dot_product_attention`
         (``causal``, ``causal_alignment``, ``window``, ``scale``, ``enable_gqa``,
         ``softcap``, ``score_mod``, ``block_mask``, ...), passed unchanged to the
-        forward and the backward.
+        forward and the backward; ``score_mod_args`` and ``mask_mod_args`` may hold
+        tensors (read in place; only ``score_mod_args`` may require grad).
 
     Returns
     -------
@@ -101,7 +108,9 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, kv_
     Raises
     ------
     ValueError
-        A tensor on another device than the CPU; a mask or bias that requires grad.
+        A tensor on another device than the CPU; a mask or ``mask_mod_args`` tensor
+        that requires grad; a ``score_mod_args`` tensor that requires grad without a
+        ``score_mod_args_grad``.
     TypeError
         ``query``, ``key`` and ``value`` of different or non-floating dtypes.
 
@@ -135,17 +144,26 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, kv_
     if dropout_p and options.get("dropout_seed") is None:  # PyTorch's random stream
         options["dropout_seed"] = int(torch.randint(0, 2 ** 63 - 1, (1,), dtype=torch.int64,
                                                     generator=generator).item())
+    if options.get("mask_mod_args") is not None:
+        options["mask_mod_args"] = tuple(_as_constant_array(arg, f"mask_mod_args[{position}]")
+                                         for position, arg
+                                         in enumerate(options["mask_mod_args"]))
+    arg_tensors = _score_mod_arg_tensors(options.get("score_mod_args"), score_mod_args_grad)
     inputs = (query, key, value)
     bias_tensor = bias if isinstance(bias, torch.Tensor) else None
     if bias_tensor is not None:
         _check_device(bias_tensor, "bias")
 
-    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in inputs
-                                       + ((bias_tensor,) if bias_tensor is not None else ())):
+    if torch.is_grad_enabled() and any(
+            isinstance(tensor, torch.Tensor) and tensor.requires_grad
+            for tensor in inputs + arg_tensors + (bias_tensor,)):
         out, weights, lse = _FusedAttention.apply(query, key, value, mask, bias, options,
-                                                  bool(return_weights), score_mod_grad)
+                                                  bool(return_weights), score_mod_grad,
+                                                  score_mod_args_grad, *arg_tensors)
     else:
         options["bias"] = _bias_array(bias)
+        if arg_tensors:
+            options["score_mod_args"] = tuple(_bias_array(arg) for arg in arg_tensors)
         arrays = [_compute_array(tensor) for tensor in inputs]
         results = fastattn.scaled_dot_product_attention(
             *arrays, mask, return_weights=return_weights, return_lse=True, **options)
@@ -161,13 +179,19 @@ class _FusedAttention(torch.autograd.Function):
     Saves ``query``, ``key``, ``value`` and the forward's ``out`` (in the input dtype)
     and ``lse`` (in the compute dtype: float32 for float16/bfloat16); the mask, the bias and the
     other options travel on ``ctx`` as NumPy arrays and Python values. A bias tensor is
-    an input of the node: it gets a gradient when it requires one.
+    an input of the node: it gets a gradient when it requires one; so do the tensors
+    of ``score_mod_args`` (the trailing inputs ``arg_tensors``).
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, mask, bias, options, return_weights, score_mod_grad):
+    def forward(ctx, query, key, value, mask, bias, options, return_weights, score_mod_grad,
+                score_mod_args_grad, *arg_tensors):
         dtype = query.dtype
         options = dict(options, bias=_bias_array(bias))
+        if arg_tensors:
+            options["score_mod_args"] = tuple(_bias_array(arg) for arg in arg_tensors)
+            ctx.arg_tensors = arg_tensors
+        ctx.score_mod_args_grad = score_mod_args_grad
         arrays = [_compute_array(tensor) for tensor in (query, key, value)]
         results = fastattn.scaled_dot_product_attention(
             *arrays, mask, return_weights=return_weights, return_lse=True, **options)
@@ -190,16 +214,24 @@ class _FusedAttention(torch.autograd.Function):
         arrays = [_compute_array(tensor) for tensor in (query, key, value)]
         grad_out = _compute_array(grad_out.to(out.dtype))  # (*batch, Lq, Dv)
         bias_needed = ctx.needs_input_grad[4]
+        args_needed = ctx.needs_input_grad[9:]
+        args_grad = ctx.score_mod_args_grad if any(args_needed) else None
         grads = fastattn.scaled_dot_product_attention_backward(
             grad_out, *arrays, _compute_array(out), lse.numpy(), ctx.mask,
-            return_bias_grad=bias_needed, **ctx.options)
+            return_bias_grad=bias_needed, score_mod_args_grad=args_grad, **ctx.options)
+        arg_grads = [None] * len(args_needed)
+        if args_grad is not None:
+            arg_grads = [_as_tensor(grad, tensor.dtype) if wanted else None
+                         for grad, tensor, wanted in zip(grads[-1], ctx.arg_tensors,
+                                                         args_needed)]
+            grads = grads[:-1]
         sources = (query, key, value) + ((ctx.bias_like,) if bias_needed else ())
         needed = ctx.needs_input_grad[:3] + ((True,) if bias_needed else ())
         grads = [_as_tensor(grad, source.dtype) if wanted else None
                  for grad, source, wanted in zip(grads, sources, needed)]
         if not bias_needed:
             grads.append(None)
-        return (*grads[:3], None, grads[3], None, None, None)
+        return (*grads[:3], None, grads[3], None, None, None, None, *arg_grads)
 
 
 def _check_tensors(query, key, value):
@@ -240,6 +272,25 @@ def _as_constant_array(value, name):
     if value.dtype == torch.bfloat16:
         value = value.float()
     return value.numpy()
+
+
+def _score_mod_arg_tensors(args, score_mod_args_grad):
+    """The tensors of ``score_mod_args`` (as a tuple; arrays are passed through),
+    checked: on the CPU, and a ``score_mod_args_grad`` for those that require grad."""
+    if args is None:
+        return ()
+    if not isinstance(args, (tuple, list)):
+        return (args,)  # fastattn's check names the mistake
+    for position, arg in enumerate(args):
+        if isinstance(arg, torch.Tensor):
+            _check_device(arg, f"score_mod_args[{position}]")
+            if arg.requires_grad and score_mod_args_grad is None and torch.is_grad_enabled():
+                raise ValueError(
+                    f"score_mod_args[{position}] requires grad (shape {tuple(arg.shape)}); "
+                    f"pass score_mod_args_grad=, the function that adds each score's "
+                    f"contribution to the gradients of score_mod_args, or pass "
+                    f"score_mod_args[{position}].detach()")
+    return tuple(args)
 
 
 def _bias_array(bias):

@@ -81,7 +81,8 @@ def masked_scores(problem, q, k):
     2. softcap: ``s = softcap * tanh(s / softcap)``;
     3. ALiBi: ``s -= slope[b] * |i + off - j|``;
     4. ``s += bias``;
-    5. ``s = score_mod(s, b, h, i, j)`` (a ``-inf`` score is left alone).
+    5. ``s = score_mod(s, b, h, i, j, *score_mod_args)`` (a ``-inf`` score is left
+       alone).
 
     A hidden key (by the visibility rules, the mask, ``mask_mod``, or a ``-inf``
     bias) is ``-inf`` whatever its score was, so a NaN score is never taken for a
@@ -90,7 +91,8 @@ def masked_scores(problem, q, k):
     scores, hidden = scores_before_mod(problem, q, k)  # (*batch, Lq, Lk) each
     if problem.score_mod is not None:  # (a -inf score is not even passed to it)
         finite = np.where(scores == -np.inf, 0.0, scores)  # (*batch, Lq, Lk)
-        modified = call_over_grid(problem.score_mod, problem, finite)  # (*batch, Lq, Lk)
+        modified = call_over_grid(problem.score_mod, problem, finite,
+                                  problem.score_mod_args)  # (*batch, Lq, Lk)
         scores = np.where(scores == -np.inf, -np.inf, modified)  # (*batch, Lq, Lk)
     return np.where(hidden, -np.inf, scores)  # (*batch, Lq, Lk)
 
@@ -115,25 +117,53 @@ def scores_before_mod(problem, q, k):
     return scores, hidden
 
 
-def call_over_grid(function, problem, scores=None):
+def call_over_grid(function, problem, scores=None, args=(), role=None):
     """A user function called from Python on every ``(b, h, i, j)`` of the problem:
-    ``function(s, b, h, i, j)`` with ``s`` from ``scores`` ``(*batch, Lq, Lk)``, or
-    ``function(b, h, i, j)`` without scores. Returns ``(*batch, Lq, Lk)``, float64
-    or bool.
+    ``function(s, b, h, i, j, *args)`` with ``s`` from ``scores`` ``(*batch, Lq,
+    Lk)``, or ``function(b, h, i, j, *args)`` without scores. Returns ``(*batch, Lq,
+    Lk)``, float64 or bool.
 
     ``b`` and ``h`` follow the contract: with two or more batch axes ``h`` indexes
     the last one and ``b`` the others, flattened in C order; with one, ``b``
-    indexes it and ``h = 0``; with none both are 0.
+    indexes it and ``h = 0``; with none both are 0. An ``IndexError`` inside the
+    function is raised again naming it (``role``: ``"score_mod"`` by default with
+    scores, else ``"mask_mod"``).
     """
+    b, h, i, j = grid_indices(problem)  # (*batch, 1, 1) each, (Lq, 1), (1, Lk)
+    python_function = function.py_func  # the user's code, run by Python
+    role = role or ("mask_mod" if scores is None else "score_mod")
+    with named_index_errors(role, python_function):
+        if scores is None:
+            return np.vectorize(lambda *indices: python_function(*indices, *args),
+                                otypes=[bool])(b, h, i, j)  # (*batch, Lq, Lk)
+        return np.vectorize(lambda *point: python_function(*point, *args),
+                            otypes=[np.float64])(scores, b, h, i, j)  # (*batch, Lq, Lk)
+
+
+def grid_indices(problem):
+    """``b``, ``h`` ``(*batch, 1, 1)``, ``i`` ``(Lq, 1)`` and ``j`` ``(1, Lk)``: the
+    indices the user functions see at every score of the problem."""
     batch = problem.batch_shape
     entry = np.arange(int(np.prod(batch))).reshape(batch + (1, 1))  # (*batch, 1, 1)
-    b, h = entry // problem.heads, entry % problem.heads  # (*batch, 1, 1) each
     i = np.arange(problem.q_len)[:, None]  # (Lq, 1) query positions
     j = np.arange(problem.kv_len)[None, :]  # (1, Lk) key positions
-    python_function = function.py_func  # the user's code, run by Python
-    if scores is None:
-        return np.vectorize(python_function, otypes=[bool])(b, h, i, j)  # (*batch, Lq, Lk)
-    return np.vectorize(python_function, otypes=[np.float64])(scores, b, h, i, j)
+    return entry // problem.heads, entry % problem.heads, i, j
+
+
+class named_index_errors:
+    """Context: an ``IndexError`` raised inside the user function ``python_function``
+    is raised again naming it and its ``role``, as fastattn's kernels do."""
+
+    def __init__(self, role, python_function):
+        self.role, self.name = role, python_function.__name__
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if kind is not None and issubclass(kind, IndexError):
+            raise IndexError(f"{self.role} {self.name!r} raised: {error}") from error
+        return False
 
 
 def visible_sum(weights, visible, values):
@@ -173,7 +203,8 @@ def visible_keys(problem):
     if problem.mask is not None:
         visible = visible & problem.mask  # (*batch, Lq, Lk)
     if problem.effective_mask_mod is not None:
-        visible = visible & call_over_grid(problem.effective_mask_mod, problem)  # (*batch, Lq, Lk)
+        visible = visible & call_over_grid(problem.effective_mask_mod, problem, None,
+                                           problem.effective_mask_mod_args)  # (*batch, Lq, Lk)
     return visible
 
 

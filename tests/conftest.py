@@ -87,8 +87,10 @@ def assert_close_to_reference(query, key, value, mask=None, **options):
 # ---------------------------------------------------------------- gradients
 
 def forward_options(options):
-    """``options`` without the backward-only ``score_mod_grad``."""
-    return {name: value for name, value in options.items() if name != "score_mod_grad"}
+    """``options`` without the backward-only ``score_mod_grad`` and
+    ``score_mod_args_grad``."""
+    return {name: value for name, value in options.items()
+            if name not in ("score_mod_grad", "score_mod_args_grad")}
 
 
 def forward_and_backward(function_pair, query, key, value, mask, grad_out, **options):

@@ -136,3 +136,41 @@ USER_ERRORS = {
     "block-mask-type": (dict(block_mask=np.ones((2, 3), bool)), TypeError,
                         ["block_mask", "create_block_mask"]),
 }
+
+
+# ---------------------------------------------------------------- functions of arrays
+# (score_mod_args, mask_mod_args: arrays passed at every call)
+
+@numba.njit
+def table_bias(s, b, h, i, j, table, scales):
+    """A learned relative-position table ``(H, 2 L - 1)`` (offset ``i - j`` at column
+    ``i - j + L - 1``, L = (columns + 1) / 2) and per-head scales ``(H,)``."""
+    return s * scales[h] + table[h, i - j + (table.shape[1] - 1) // 2]
+
+
+@numba.njit
+def table_bias_grad(s, b, h, i, j, table, scales):
+    return scales[h]
+
+
+@numba.njit
+def table_bias_args_grad(g, s, b, h, i, j, grads, table, scales):
+    grads[0][h, i - j + (table.shape[1] - 1) // 2] += g
+    grads[1][h] += g * s
+
+
+@numba.njit
+def same_document(b, h, i, j, document_of):
+    """Causal within the document of each token (``document_of`` ``(L,)``)."""
+    return document_of[i] == document_of[j] and j <= i
+
+
+def relative_table(rng, heads, length, dtype=np.float64):
+    """A table ``(H, 2 L - 1)`` and per-head scales ``(H,)`` for :func:`table_bias`."""
+    return (rng.standard_normal((heads, 2 * length - 1)).astype(dtype),
+            (1.0 + 0.5 * rng.standard_normal(heads)).astype(dtype))
+
+
+def document_ids(rng, length, documents=4):
+    """Sorted document ids ``(L,)`` of ``documents`` documents of random lengths."""
+    return np.sort(rng.integers(0, documents, length))

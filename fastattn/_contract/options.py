@@ -63,6 +63,8 @@ class AttentionOptions:
     score_mod: object = None
     mask_mod: object = None
     block_mask: object = None
+    score_mod_args: object = None
+    mask_mod_args: object = None
     dropout_p: float = 0.0
     dropout_seed: object = None
     chunk_of: object = None
@@ -83,7 +85,9 @@ class AttentionOptions:
             object.__setattr__(self, name, value)
         # whether a user function (score_mod, mask_mod, block mask) shapes the scores
         has_score_functions = (self.score_mod is not None or self.mask_mod is not None
-                               or self.block_mask is not None)
+                               or self.block_mask is not None
+                               or self.score_mod_args is not None
+                               or self.mask_mod_args is not None)
         object.__setattr__(self, "has_score_functions", has_score_functions)
         # whether any option beyond the plain scalar flags is set: such calls cannot
         # share their kernels' argument groups with other calls
@@ -347,21 +351,33 @@ OPTION_DOCS = {
         Real and finite, broadcastable to the batch shape (``(H,)`` for
         ``(B, H, L, D)`` inputs): ``s -= slope * |i + off - j|``, ``off`` as in
         ``causal_alignment`` (ALiBi; FlashAttention's ``alibi_slopes``)."""),
-    "score_mod": ("numba-compiled function ``(s, b, h, i, j) -> float``, optional", """
+    "score_mod": ("numba-compiled function ``(s, b, h, i, j, *score_mod_args) -> float``, optional", """
         Called on each score ``s`` of query ``i`` and key ``j`` inside the kernels
         (no ``(Lq, Lk)`` array is built); its result is the new score. ``b`` and
         ``h``: with two or more batch axes ``h`` indexes the last one (heads) and
         ``b`` the others, flattened in C order; with one, ``b`` indexes it and
         ``h = 0``; with none both are 0. A ``-inf`` score (a key hidden by a ``-inf``
-        bias) is left alone."""),
-    "mask_mod": ("numba-compiled function ``(b, h, i, j) -> bool``, optional", """
+        bias) is left alone. Arrays it captures are frozen when it is compiled;
+        pass arrays that change as ``score_mod_args``."""),
+    "mask_mod": ("numba-compiled function ``(b, h, i, j, *mask_mod_args) -> bool``, optional", """
         True where query ``i`` may attend to key ``j``; combined with the other
         visibility rules by AND. Evaluated on every score; for masks with whole
         empty tiles, a ``block_mask`` skips them."""),
     "block_mask": ("BlockMask, optional", """
         From :func:`fastattn.create_block_mask` for this batch shape, ``Lq`` and
         ``Lk``; it carries its ``mask_mod``. Empty tiles are skipped and full ones
-        need no ``mask_mod`` calls; the kernels then work in the mask's tiles."""),
+        need no ``mask_mod`` calls; the kernels then work in the mask's tiles.
+        It carries the ``mask_mod_args`` it was made with."""),
+    "score_mod_args": ("tuple of arrays, optional", """
+        NumPy arrays passed to ``score_mod`` (and ``score_mod_grad``) after ``(s, b,
+        h, i, j)``, read in place at each call: a relative-position table or per-head
+        scales that change from call to call. What is compiled depends on the
+        functions and the arrays' dtypes and dimensions only, so new values (or
+        shapes) compile nothing. Bool, integer, float32 or float64; an index out of
+        range inside the function raises ``IndexError``."""),
+    "mask_mod_args": ("tuple of arrays, optional", """
+        NumPy arrays passed to ``mask_mod`` after ``(b, h, i, j)`` (document ids per
+        token, say), read in place at each call, as ``score_mod_args``."""),
     "dropout_p": ("float, default 0.0", """
         Attention dropout, in ``[0, 1)``: each probability ``P[i, j]`` is kept with
         probability ``1 - dropout_p`` and scaled by ``1 / (1 - dropout_p)`` (PyTorch's

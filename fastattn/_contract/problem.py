@@ -20,7 +20,7 @@ import numpy as np
 from fastattn._contract.arguments import (as_mask_array, as_real_array, default_scale,
                                           diagonal_offset, half_format, kernel_dtype,
                                           result_dtypes)
-from fastattn._contract.functions import check_score_function
+from fastattn._contract.functions import check_function_args, check_score_function
 from fastattn._contract.options import DEFAULT_OPTIONS, AttentionOptions
 from fastattn._contract.shapes import (broadcast_batch, check_score_operand, gqa_group_size,
                                        matrix_dims)
@@ -64,6 +64,8 @@ class AttentionProblem:
         ``off`` of the causal and window rules (0 top-left, ``Lk - Lq`` bottom-right).
     score_mod_grad : numba dispatcher or None
         Only in a backward call with a ``score_mod``.
+    score_mod_args_grad : numba dispatcher or None
+        Only in a backward call that asks for the gradients of ``score_mod_args``.
     """
 
     query: np.ndarray
@@ -82,6 +84,7 @@ class AttentionProblem:
     scale: float
     diag_offset: int
     score_mod_grad: object = None
+    score_mod_args_grad: object = None
 
     def __getattr__(self, name):
         """The options, as attributes of the problem (only names not found above)."""
@@ -124,6 +127,24 @@ class AttentionProblem:
         """dtype of the lse: the compute dtype (float32 for 16-bit inputs: an lse in
         16 bits would lose about three digits of every row's normaliser)."""
         return self.compute_dtype
+
+    @property
+    def effective_mask_mod_args(self):
+        """The arrays passed to :attr:`effective_mask_mod` (a tuple, maybe empty)."""
+        block_mask = self.options.block_mask
+        args = block_mask.mask_mod_args if block_mask is not None else self.options.mask_mod_args
+        return args or ()
+
+    @property
+    def score_mod_args(self):
+        """The arrays passed to ``score_mod`` (a tuple, maybe empty)."""
+        return self.options.score_mod_args or ()
+
+    def user_functions(self):
+        """Each user function of the call by its role (for error messages)."""
+        return {"score_mod": self.options.score_mod, "mask_mod": self.effective_mask_mod,
+                "score_mod_grad": self.score_mod_grad,
+                "score_mod_args_grad": self.score_mod_args_grad}
 
     @property
     def out_shape(self):
@@ -222,9 +243,8 @@ def _checked_attention(query, key, value, mask, options):
     diag_offset = diagonal_offset(options.causal_alignment, q_len, kv_len)
     checked = dict(options.checked_arrays(batch_shape, kv_len), bias=bias)
     if options.has_score_functions:
-        checked.update(zip(("score_mod", "mask_mod", "block_mask"), check_user_functions(
-            options.score_mod, options.mask_mod, options.block_mask, batch_shape, q_len,
-            kv_len, compute_dtype)))
+        checked.update(check_user_functions(options, batch_shape, q_len, kv_len,
+                                            compute_dtype))
     if options.has_operands or mask is not None:
         options = options.replace(**checked)
 
@@ -236,23 +256,44 @@ def _checked_attention(query, key, value, mask, options):
         scale=default_scale(options.scale, head_dim), diag_offset=diag_offset)
 
 
-def check_user_functions(score_mod, mask_mod, block_mask, batch_shape, q_len, kv_len,
-                         dtype):
-    """Check the user's score functions and block mask for a call of this batch shape,
-    ``Lq``, ``Lk`` and compute ``dtype``; returns ``(score_mod, mask_mod,
-    block_mask)`` with ``mask_mod`` None when the block mask carries it."""
+def check_user_functions(options, batch_shape, q_len, kv_len, dtype):
+    """Check the user's score functions, the arrays passed to them and the block mask
+    of ``options`` for a call of this batch shape, ``Lq``, ``Lk`` and compute
+    ``dtype``; returns the checked ``score_mod``, ``mask_mod``, ``block_mask``,
+    ``score_mod_args`` and ``mask_mod_args`` as a dict (``mask_mod`` and its args
+    None when the block mask carries them)."""
     from fastattn.block_mask import check_block_mask
 
-    score_mod = check_score_function("score_mod", score_mod, dtype)
-    mask_mod = check_score_function("mask_mod", mask_mod, dtype)
-    block_mask = check_block_mask(block_mask, batch_shape, q_len, kv_len)
+    score_args = check_function_args("score_mod_args", options.score_mod_args, "score_mod")
+    mask_args = check_function_args("mask_mod_args", options.mask_mod_args, "mask_mod")
+    for name, args, function in (("score_mod_args", score_args, options.score_mod),
+                                 ("mask_mod_args", mask_args,
+                                  options.mask_mod or options.block_mask)):
+        if args and function is None:
+            raise ValueError(f"{name} was given without a {name[:-5]}: they are the "
+                             f"trailing arguments of that function")
+    score_mod = check_score_function("score_mod", options.score_mod, dtype, score_args)
+    mask_mod = check_score_function("mask_mod", options.mask_mod, dtype, mask_args)
+    block_mask = check_block_mask(options.block_mask, batch_shape, q_len, kv_len)
+    checked = dict(score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask,
+                   score_mod_args=score_args or None, mask_mod_args=mask_args or None)
     if block_mask is None:
-        return score_mod, mask_mod, None
+        return checked
     if mask_mod not in (None, block_mask.mask_mod):
         raise ValueError("pass either mask_mod or a block_mask made from it, not both: "
                          "block_mask carries its own mask_mod")
-    check_score_function("mask_mod", block_mask.mask_mod, dtype)
-    return score_mod, None, block_mask
+    if mask_args and not _same_arrays(mask_args, block_mask.mask_mod_args or ()):
+        raise ValueError("pass either mask_mod_args or a block_mask made with them, not "
+                         "both: block_mask carries its own mask_mod_args")
+    check_score_function("mask_mod", block_mask.mask_mod, dtype, block_mask.mask_mod_args or ())
+    return dict(checked, mask_mod=None, mask_mod_args=None)
+
+
+def _same_arrays(arrays, others):
+    """Whether two tuples of arrays hold the same arrays (the same memory)."""
+    return len(arrays) == len(others) and all(
+        a.shape == b.shape and a.dtype == b.dtype and a.ctypes.data == b.ctypes.data
+        for a, b in zip(arrays, others))
 
 
 # fields of AttentionProblem after query, key, value, mask and options
@@ -297,20 +338,29 @@ def checked_problem(query, key, value, *, mask=None, kv_lengths=None, causal=Fal
         scale=default_scale(None, head_dim), diag_offset=0)
 
 
-def check_score_mod_grad(problem, score_mod_grad):
+def check_score_mod_grad(problem, score_mod_grad, score_mod_args_grad=None):
     """The backward's ``problem`` with its checked ``score_mod_grad``, which a
-    ``score_mod`` needs (a ValueError naming it when missing)."""
+    ``score_mod`` needs (a ValueError naming it when missing), and
+    ``score_mod_args_grad``, which needs ``score_mod_args``."""
     if problem.score_mod is None:
-        if score_mod_grad is not None:
-            raise ValueError("score_mod_grad was given without a score_mod")
+        for name, function in (("score_mod_grad", score_mod_grad),
+                               ("score_mod_args_grad", score_mod_args_grad)):
+            if function is not None:
+                raise ValueError(f"{name} was given without a score_mod")
         return problem
     if score_mod_grad is None:
         raise ValueError(
-            "the backward of a score_mod needs score_mod_grad(s, b, h, i, j) = "
-            "d score_mod(s, b, h, i, j) / d s, a Numba-compiled function; pass it as "
+            "the backward of a score_mod needs score_mod_grad(s, b, h, i, j, "
+            "*score_mod_args) = d score_mod / d s, a Numba-compiled function; pass it as "
             "score_mod_grad=")
-    grad = check_score_function("score_mod_grad", score_mod_grad, problem.compute_dtype)
-    return dataclasses.replace(problem, score_mod_grad=grad)
+    args = problem.score_mod_args
+    grad = check_score_function("score_mod_grad", score_mod_grad, problem.compute_dtype, args)
+    if score_mod_args_grad is not None and not args:
+        raise ValueError("score_mod_args_grad was given without score_mod_args: it gives "
+                         "the gradients of those arrays")
+    args_grad = check_score_function("score_mod_args_grad", score_mod_args_grad,
+                                     problem.compute_dtype, args)
+    return dataclasses.replace(problem, score_mod_grad=grad, score_mod_args_grad=args_grad)
 
 
 def check_bias_grad_request(problem, return_bias_grad):

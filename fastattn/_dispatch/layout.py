@@ -26,6 +26,7 @@ they are.
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -33,27 +34,59 @@ from fastattn._contract.arguments import half_format
 from fastattn.blas import gemm_address
 from fastattn.kernels.dropout import dropout_threshold
 from fastattn.kernels.groups import Inputs, ScoreOperand, ScoreOptions, Visibility
-from fastattn.kernels.hooks import block_hook, no_hook
+from fastattn.kernels.hooks import argument_kinds, block_hook, hook_table, raise_hook_error
 
 
-def problem_hook(problem):
-    """The address of the block hook of an
-    :class:`~fastattn._contract.problem.AttentionProblem`: its ``score_mod``, the
-    ``mask_mod`` it applies (its own or its block mask's) and, in a backward problem,
-    its ``score_mod_grad`` (:mod:`fastattn.kernels.hooks`); the placeholder without
-    any."""
+class HookCall(NamedTuple):
+    """The block hook of a call (a ``numba.cfunc``, held while the kernels run so
+    that its address stays valid; None without user functions) and the call's int64
+    hook ``table`` (:func:`fastattn.kernels.hooks.hook_table`)."""
+
+    hook: object
+    table: np.ndarray
+
+    @property
+    def address(self):
+        return 0 if self.hook is None else self.hook.address
+
+    def raise_error(self, problem):
+        """Raise the error a user function met in the kernels (nothing if none)."""
+        raise_hook_error(self.table, problem.user_functions())
+
+
+def problem_hook(problem, grad_parts=()):
+    """The :class:`HookCall` of an
+    :class:`~fastattn._contract.problem.AttentionProblem`: the block hook of its
+    ``score_mod``, the ``mask_mod`` it applies (its own or its block mask's) and, in a
+    backward problem, its ``score_mod_grad`` and ``score_mod_args_grad``
+    (:mod:`fastattn.kernels.hooks`), compiled for the dtypes and dimensions of the
+    arrays passed to them; and the table of this call's arrays and of the
+    ``grad_parts`` ``(parts, *arg.shape)`` the arguments' gradients are added into.
+    The placeholder without user functions."""
     options = problem.options
     if not options.has_score_functions:
-        return no_hook(problem.compute_dtype)
-    return block_hook(options.score_mod, problem.effective_mask_mod, problem.score_mod_grad,
-                      problem.compute_dtype)
+        return NO_HOOK
+    score_args, mask_args = problem.score_mod_args, problem.effective_mask_mod_args
+    hook = block_hook(options.score_mod, problem.effective_mask_mod, problem.score_mod_grad,
+                      problem.compute_dtype, argument_kinds(score_args),
+                      argument_kinds(mask_args), problem.score_mod_args_grad)
+    return HookCall(hook, hook_table(score_args, mask_args, grad_parts))
+
+
+def _unset_table():
+    table = np.zeros(1, np.int64)  # (1,) never written: no hook is called
+    table.flags.writeable = False
+    return table
+
+
+# the hook of calls without user functions: never called
+NO_HOOK = HookCall(None, _unset_table())
 
 
 def problem_arguments(problem, hook):
     """The kernels' leading argument groups for ``problem``:
     ``(Inputs, ScoreOptions, mask ScoreOperand, bias ScoreOperand, Visibility)``;
-    ``hook`` is the address of the block hook of its user functions
-    (:func:`problem_hook`)."""
+    ``hook`` is the :class:`HookCall` of its user functions (:func:`problem_hook`)."""
     dtype, batch, group = problem.compute_dtype, problem.batch_shape, problem.gqa_group
     stored = problem.kernel_dtype  # uint16 for 16-bit inputs, read as they are
     query, query_index = stack_operand(problem.query, batch, stored)
@@ -103,19 +136,21 @@ UNSET_DROPOUT_ENTRIES.flags.writeable = False
 
 # ScoreOptions fields of a call that sets no score option (scale, heads and gemm vary)
 UNSET_SCORE_OPTIONS = dict(softcap=0.0, has_softcap=False, alibi_slopes=None, has_alibi=False,
-                           hook=0, has_score_mod=False, has_mask_mod=False,
+                           hook=0, hook_table=NO_HOOK.table, has_score_mod=False,
+                           has_mask_mod=False, has_args_grad=False,
                            has_dropout=False, dropout_threshold=0, dropout_keep_scale=1.0,
                            dropout_seed_low=0, dropout_seed_high=0, dropout_row_offset=0,
                            dropout_key_offset=0)
 
 
 def score_options(problem, hook):
-    """The :class:`ScoreOptions` of ``problem``, with its block ``hook``."""
+    """The :class:`ScoreOptions` of ``problem``, with its :class:`HookCall` ``hook``."""
     options = problem.options
     fields = dict(UNSET_SCORE_OPTIONS, scale=float(problem.scale), heads=problem.heads,
-                  gemm=gemm_address(problem.compute_dtype), hook=hook,
-                  has_score_mod=options.score_mod is not None,
-                  has_mask_mod=problem.effective_mask_mod is not None)
+                  gemm=gemm_address(problem.compute_dtype), hook=hook.address,
+                  hook_table=hook.table, has_score_mod=options.score_mod is not None,
+                  has_mask_mod=problem.effective_mask_mod is not None,
+                  has_args_grad=problem.score_mod_args_grad is not None)
     if options.softcap is not None:
         fields.update(softcap=options.softcap, has_softcap=True)
     if options.alibi_slopes is not None:

@@ -16,7 +16,7 @@ from numba import get_num_threads  # each call applies the process settings firs
 
 from fastattn._contract.shapes import sum_to_shape
 from fastattn._dispatch import tiling
-from fastattn._dispatch.layout import (as_stored, fold_query_groups, identity_index,
+from fastattn._dispatch.layout import (NO_HOOK, as_stored, fold_query_groups, identity_index,
                                        placeholder, problem_arguments, problem_hook)
 from fastattn._runtime import settings
 from fastattn._runtime.threads import single_threaded_blas
@@ -54,7 +54,8 @@ def run_forward(problem, return_weights):
     spans = key_spans(problem, n_batch, split_len, n_splits)
     if n_batch and problem.q_len:
         settings.apply()
-        arguments = problem_arguments(problem, problem_hook(problem))
+        hook = problem_hook(problem)
+        arguments = problem_arguments(problem, hook)
         outputs = ForwardOutputs(out, lse, weights, bool(return_weights))
         blocks = Tiling(block_q, block_k, get_num_threads())  # a slot per thread
         with single_threaded_blas(blas_threads):
@@ -63,6 +64,7 @@ def run_forward(problem, return_weights):
                 # again, summing visible keys only, so that a hidden NaN stays out
                 rows = np.ascontiguousarray(np.argwhere(np.isnan(lse)), np.int64)  # (K, 2)
                 exact_rows(problem, arguments, blocks, outputs, rows)
+        hook.raise_error(problem)
 
     out, lse = shaped_results(problem, out, lse)
     out_dtype = problem.out_dtype
@@ -119,7 +121,7 @@ def run_decode(problem):
     spans = key_spans(problem, n_batch, span_len, n_spans)
     if n_batch:
         settings.apply()
-        inputs, options, _, _, visibility = problem_arguments(problem, 0)  # no user hook
+        inputs, options, _, _, visibility = problem_arguments(problem, NO_HOOK)
         decode_kernel(problem.kernel_dtype)(inputs, options, visibility,
                              Tiling(block_q=problem.q_len, block_k=block_k,
                                     slots=get_num_threads()),  # a slot per thread
@@ -171,7 +173,9 @@ def run_backward(problem, grad_out, out, lse, return_bias_grad=False):
     ``problem`` (with its ``score_mod_grad``) from the checked ``grad_out``, ``out``
     and ``lse`` of the forward, shaped like the problem's inputs; with
     ``return_bias_grad``, also the bias gradient, shaped like the checked bias (at
-    least 2-D) in the compute dtype."""
+    least 2-D) in the compute dtype; with the problem's ``score_mod_args_grad``, then
+    the tuple of the gradients of ``score_mod_args`` (their shapes, the compute
+    dtype)."""
     dtype, batch = problem.compute_dtype, problem.batch_shape
     n_batch, q_len, kv_len = math.prod(batch), problem.q_len, problem.kv_len
 
@@ -184,9 +188,10 @@ def run_backward(problem, grad_out, out, lse, return_bias_grad=False):
     if problem.kernel_dtype == np.uint16 and grad_out.dtype != problem.query.dtype:
         grad_out = grad_out.astype(problem.query.dtype)
     grad_out = as_stored(grad_out, problem.kernel_dtype)  # (N, Lq, Dv)
-    gradients = _run_backward(problem, grad_out, lse, delta, return_bias_grad)
+    gradients, arg_parts = _run_backward(problem, grad_out, lse, delta,
+                                         return_bias_grad)
     if gradients.nan_met.any():  # a NaN query or key: again, with those NaNs entering as 0
-        gradients = _run_backward(
+        gradients, arg_parts = _run_backward(
             dataclasses.replace(problem, query=without_nan(problem.query),
                                 key=without_nan(problem.key)),
             grad_out, lse, delta, return_bias_grad)
@@ -205,18 +210,38 @@ def run_backward(problem, grad_out, out, lse, return_bias_grad=False):
              sum_to_shape(grad_value, problem.value.shape, group).astype(out_dtype, copy=False))
     if return_bias_grad:
         grads += (gradients.bias.reshape(problem.bias.shape),)  # the bias's own shape
+    if problem.score_mod_args_grad is not None:
+        grads += (tuple(summed_parts(parts) for parts in arg_parts),)
     return grads
 
 
+def summed_parts(parts):
+    """``parts`` ``(P, *shape)`` summed over the first axis in a fixed order: the same
+    bits for every thread count."""
+    total = parts[0].copy()  # (*shape)
+    for part in parts[1:]:
+        total += part
+    return total
+
+
 def _run_backward(problem, grad_out, lse, delta, return_bias_grad):
-    """Run the backward kernel on ``problem``; returns its :class:`Gradients`."""
+    """Run the backward kernel on ``problem``; returns its :class:`Gradients` and the
+    partitions ``(P, *arg.shape)`` of the gradients of ``score_mod_args`` (empty
+    without ``score_mod_args_grad``)."""
     dtype = problem.compute_dtype
     n_batch, q_len, kv_len = math.prod(problem.batch_shape), problem.q_len, problem.kv_len
     if problem.options.block_mask is not None:  # the kernel works in the mask's tiles
         block_q, block_k = problem.options.block_mask.block_size
     else:
         block_q, block_k = tiling.BACKWARD_BLOCK_Q, tiling.BACKWARD_BLOCK_K
-    arguments = problem_arguments(problem, problem_hook(problem))
+    arg_parts = ()
+    n_parts = 0
+    if problem.score_mod_args_grad is not None:
+        n_parts = argument_grad_parts(problem, n_batch, kv_len, block_k)
+        arg_parts = tuple(np.zeros((n_parts,) + arg.shape, dtype)  # (P, *arg.shape)
+                          for arg in problem.score_mod_args)
+    hook = problem_hook(problem, arg_parts)
+    arguments = problem_arguments(problem, hook)
     bias = arguments[3]  # the bias ScoreOperand
     if return_bias_grad:
         # one task writes each bias entry: the entries sharing it run in it, in order
@@ -240,14 +265,34 @@ def _run_backward(problem, grad_out, lse, delta, return_bias_grad):
         key=np.zeros((n_batch, kv_len, problem.head_dim), dtype),  # (N, Lk, Dk)
         value=np.zeros((n_batch, kv_len, problem.value_dim), dtype),  # (N, Lk, Dv)
         nan_met=np.zeros(n_batch * n_groups, np.bool_),  # (N * G,)
-        bias=bias_grad, has_bias=bool(return_bias_grad))
+        bias=bias_grad, has_bias=bool(return_bias_grad), arg_grad_parts=n_parts)
     if n_batch and q_len and kv_len:
         settings.apply()
         with single_threaded_blas():
             backward_kernel(problem.kernel_dtype)(
                 *arguments, Tiling(block_q=block_q, block_k=block_k, slots=get_num_threads()),
                 extra, gradients)  # a slot per thread
-    return gradients
+        hook.raise_error(problem)
+    return gradients, arg_parts
+
+
+# most partitions of the arguments' gradients (more tasks than threads, to balance
+# them; the count depends on the problem only, see argument_grad_parts)
+MAX_ARG_GRAD_PARTS = 64
+# memory the partitions of the arguments' gradients may take (bytes)
+ARG_GRAD_PARTS_BYTES = 256 * 2 ** 20
+
+
+def argument_grad_parts(problem, n_batch, kv_len, block_k):
+    """How many partitions the backward's tasks are cut into when the gradients of
+    ``score_mod_args`` are wanted: each adds into its own copy of them. At most
+    :data:`MAX_ARG_GRAD_PARTS` and the task count, and copies within
+    :data:`ARG_GRAD_PARTS_BYTES`; a function of the problem alone, never of the
+    thread count, so the summed gradients are the same for every thread count."""
+    n_tasks = n_batch * tiling.choose_key_groups(n_batch, kv_len, block_k)
+    arg_bytes = sum(arg.size for arg in problem.score_mod_args) * problem.compute_dtype.itemsize
+    within_memory = ARG_GRAD_PARTS_BYTES // max(arg_bytes, 1)
+    return max(1, min(n_tasks, MAX_ARG_GRAD_PARTS, within_memory))
 
 
 def row_dots(grad_out, out, dtype, rows_per_chunk=65536):

@@ -43,6 +43,7 @@ from fastattn.kernels.dropout import drop_in_place
 from fastattn.kernels.masking import entry_rule, key_block_rows
 from fastattn.kernels.groups import TILING_TYPE, backward_types, problem_types
 from fastattn.kernels.half import holds_nan, rows_in, staging
+from fastattn.kernels.hooks import ARGS_GRADS, call_hook
 from fastattn.kernels.scores import block_scores
 from fastattn.kernels.products import product, product_add
 from fastattn.kernels.vector_math import (LOG2E, block_view, cast_like, full_width_vectors,
@@ -116,27 +117,35 @@ def _attention_backward(inputs, options, mask, bias, visibility, tiling, extra, 
     # allocated per task become fresh, page-faulting mmaps when the allocator is told
     # to trim (MALLOC_TRIM_THRESHOLD_, as in Dask's workers). Slot s takes an equal
     # contiguous share of the tasks (their costs are alike: key groups stride).
+    # With gradients of the user's arguments, the tasks are cut into a number of
+    # partitions that depends on the problem only; each partition's tasks run in order
+    # on one slot, adding into the partition's own gradients, summed afterwards in a
+    # fixed order: the same result for every thread count. Else a task per partition.
+    n_parts = gradients.arg_grad_parts if options.has_args_grad else n_tasks
     scratch = line_aligned_rows(slots, task_scratch_size(
         tiling.block_q, tiling.block_k, inputs.key.shape[2], inputs.value.shape[2],
-        options.has_softcap or options.has_score_mod) + staging(inputs.key, staging_size(
-            tiling.block_q, tiling.block_k, inputs.key.shape[2], inputs.value.shape[2])),
+        options.has_softcap or options.has_score_mod, options.has_args_grad)
+        + staging(inputs.key, staging_size(tiling.block_q, tiling.block_k, inputs.key.shape[2],
+                                           inputs.value.shape[2])),
         gradients.key)
     for slot in prange(slots):
-        for task in range(slot * n_tasks // slots, (slot + 1) * n_tasks // slots):
-            entry_group = task // n_groups
-            group = task - entry_group * n_groups
-            for position in range(extra.entry_starts[entry_group],
-                                  extra.entry_starts[entry_group + 1]):
-                b = extra.entry_order[position]
-                backward_task(b * n_groups + group, b, group, inputs, options, mask, bias,
-                              visibility, tiling, extra, gradients, scratch[slot])
+        for part in range(slot * n_parts // slots, (slot + 1) * n_parts // slots):
+            for task in range(part * n_tasks // n_parts, (part + 1) * n_tasks // n_parts):
+                entry_group = task // n_groups
+                group = task - entry_group * n_groups
+                for position in range(extra.entry_starts[entry_group],
+                                      extra.entry_starts[entry_group + 1]):
+                    b = extra.entry_order[position]
+                    backward_task(b * n_groups + group, b, group, part, inputs, options, mask,
+                                  bias, visibility, tiling, extra, gradients, scratch[slot])
 
 
 @jit_helper
-def backward_task(task, b, group, inputs, options, mask, bias, visibility, tiling, extra,
-                  gradients, scratch):
+def backward_task(task, b, group, part, inputs, options, mask, bias, visibility, tiling,
+                  extra, gradients, scratch):
     """Task ``task`` of :func:`_attention_backward`: key group ``group`` of batch entry
-    ``b``, its buffers carved from the thread's ``scratch`` (:func:`task_scratch_size`)."""
+    ``b``, its buffers carved from the thread's ``scratch`` (:func:`task_scratch_size`),
+    adding the gradients of the user's arguments into partition ``part``."""
     query_grad_parts, grad_key, grad_value = gradients.query_parts, gradients.key, gradients.value
     nan_met = gradients.nan_met
     grad_out, lse, delta = extra.grad_out, extra.lse, extra.delta
@@ -156,13 +165,16 @@ def backward_task(task, b, group, inputs, options, mask, bias, visibility, tilin
     # task_scratch_size); chain: d score / d (scale q.k), from the softcap and
     # score_mod_grad, only with either.
     has_chain = options.has_softcap or options.has_score_mod
-    probs_buffer, score_grads_buffer, chain_buffer, key_grad_buffer, value_grad_buffer = \
-        task_buffers(scratch, block_q, block_k, head_dim, value_dim, has_chain)
+    has_args_grad = options.has_args_grad
+    (probs_buffer, score_grads_buffer, chain_buffer, before_buffer, key_grad_buffer,
+     value_grad_buffer) = task_buffers(scratch, block_q, block_k, head_dim, value_dim,
+                                       has_chain, has_args_grad)
     # 16-bit inputs: each query, output-gradient, key and value block converted to
     # the compute dtype as it is used (no buffers for float inputs, read in place)
     half_format = inputs.half_format
     query_buffer, grad_buffer, key_buffer, value_buffer = staging_buffers(
-        scratch[task_scratch_size(block_q, block_k, head_dim, value_dim, has_chain):],
+        scratch[task_scratch_size(block_q, block_k, head_dim, value_dim, has_chain,
+                                  has_args_grad):],
         block_q, block_k, head_dim, value_dim, staging(queries, 1) > 0)
     # A NaN query among the rows this task's key blocks see, checked once (the rows
     # enter the products unscaled: the scale is the score product's alpha). Rows
@@ -216,8 +228,10 @@ def backward_task(task, b, group, inputs, options, mask, bias, visibility, tilin
             score_grads = block_view(score_grads_buffer, rows, cols)  # (rows, cols)
             chain = block_view(chain_buffer, rows if has_chain else 0,
                                cols)  # (rows, cols) d score / d (scale q.k)
+            before_mod = block_view(before_buffer, rows if has_args_grad else 0,
+                                    cols)  # (rows, cols) scores before score_mod
             block_scores(probs, q_rows, keys, row_start, key_start, b, rule, options, mask,
-                         bias, chain, has_chain, check_mask_mod)
+                         bias, chain, has_chain, check_mask_mod, before_mod)
             product(options.gemm, grad_rows, values.T, score_grads)  # dP, then dS
             if options.has_dropout:  # the gradient of the kept, rescaled probabilities
                 drop_in_place(score_grads, row_start, key_start, b, options)
@@ -225,13 +239,20 @@ def backward_task(task, b, group, inputs, options, mask, bias, visibility, tilin
             # for the bias gradient (the score after score_mod's chain, before the
             # softcap's) the softcap's factor comes after (softcap with score_mod and a
             # bias gradient is refused by the front end)
-            chain_now = has_chain and not (gradients.has_bias and options.has_softcap)
+            # for the arguments' gradients, dS with respect to score_mod's result
+            chain_first = has_chain and not (gradients.has_bias and options.has_softcap)
+            chain_now = chain_first and not has_args_grad
             probabilities_and_score_grads(probs, score_grads, row_start, lse[b], delta[b],
                                           values_have_nan, chain, chain_now)
+            if has_args_grad:
+                call_hook(options, before_mod, score_grads, row_start, key_start, b,
+                          ARGS_GRADS, part)
+                if chain_first:
+                    multiply_in_place(score_grads, chain)
             if gradients.has_bias:
                 add_bias_grads(score_grads, gradients.bias[bias.index[b]], bias, row_start,
                                key_start)
-                if has_chain and not chain_now:
+                if has_chain and not chain_first:
                     multiply_in_place(score_grads, chain)
             if options.has_dropout:  # dV takes the probabilities the forward used
                 drop_in_place(probs, row_start, key_start, b, options)
@@ -271,29 +292,33 @@ def multiply_in_place(block, factors):
 
 
 @njit(inline="always")
-def task_scratch_size(block_q, block_k, head_dim, value_dim, has_chain):
+def task_scratch_size(block_q, block_k, head_dim, value_dim, has_chain, has_args_grad):
     """Scratch entries of a backward task (see :func:`task_buffers`)."""
     block = whole_lines(block_q * block_k)
-    return (block * (3 if has_chain else 2) + whole_lines(block_k * head_dim)
+    return (block * (2 + has_chain + has_args_grad) + whole_lines(block_k * head_dim)
             + whole_lines(block_k * value_dim))
 
 
 @njit(inline="always")
-def task_buffers(scratch, block_q, block_k, head_dim, value_dim, has_chain):
+def task_buffers(scratch, block_q, block_k, head_dim, value_dim, has_chain, has_args_grad):
     """A backward task's flat buffers carved from ``scratch``, each starting on a
     64-byte line (:func:`whole_lines`; the slot's scratch starts on one), so the BLAS
     sees every block at the same alignment whichever slot runs the task:
     probabilities and score gradients ``(block_q * block_k,)`` each, the chain factor
-    (as large with ``has_chain``, else empty), key and value gradient blocks
+    (as large with ``has_chain``, else empty), the scores before ``score_mod`` (as
+    large with ``has_args_grad``, else empty), key and value gradient blocks
     ``(block_k * Dk,)``, ``(block_k * Dv,)``."""
     block = block_q * block_k
     chain_size = block if has_chain else 0
+    before_size = block if has_args_grad else 0
     grads_start = whole_lines(block)
     chain_start = grads_start + whole_lines(block)
-    key_start = chain_start + whole_lines(chain_size)
+    before_start = chain_start + whole_lines(chain_size)
+    key_start = before_start + whole_lines(before_size)
     value_start = key_start + whole_lines(block_k * head_dim)
     return (scratch[:block], scratch[grads_start:grads_start + block],
             scratch[chain_start:chain_start + chain_size],
+            scratch[before_start:before_start + before_size],
             scratch[key_start:key_start + block_k * head_dim],
             scratch[value_start:value_start + block_k * value_dim])
 

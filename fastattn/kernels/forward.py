@@ -111,7 +111,7 @@ def attend_key_range(q_rows, row_start, key_first, key_last, keys, values, entry
         scores = block_view(score_buffer, rows, key_stop - key_start)  # (rows, cols)
         key_block = rows_in(keys, key_start, key_stop, key_buffer, half_format)  # (cols, Dk)
         block_scores(scores, q_rows, key_block, row_start, key_start, entry,
-                     rule, options, mask, bias, scores, False, check_mask_mod)
+                     rule, options, mask, bias, scores, False, check_mask_mod, scores)
         online_softmax_block(scores, row_max, row_sum, acc)  # scores -> probabilities
         if options.has_dropout:  # after the row sums: they (and lse) are before dropout
             drop_in_place(scores, row_start, key_start, entry, options)
@@ -143,7 +143,7 @@ def exact_row(q_row, row, key_first, key_last, keys, values, entry, rule, option
             key_stop = min(key_start + block_k, key_last)
             scores = block_view(score_buffer, 1, key_stop - key_start)  # (1, cols)
             block_scores(scores, q_row, keys[key_start:key_stop], row, key_start, entry, rule,
-                         options, mask, bias, scores, False, True)
+                         options, mask, bias, scores, False, True, scores)
             for c in range(key_stop - key_start):
                 score = scores[0, c]
                 if not summing:
@@ -338,7 +338,8 @@ def forward_task(b, q_start, q_stop, split, n_splits, inputs, options, mask, bia
             scores = block_view(score_buffer, rows, key_stop - key_start)  # (rows, cols)
             block_scores(scores, q_rows, rows_in(keys, key_start, key_stop, key_buffer,
                                                  half_format),  # (cols, Dk)
-                         q_start, key_start, b, rule, options, mask, bias, scores, False, True)
+                         q_start, key_start, b, rule, options, mask, bias, scores, False, True,
+                         scores)
             for r in range(rows):
                 if row_sum[r] > 0.0:
                     for c in range(key_stop - key_start):

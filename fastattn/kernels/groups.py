@@ -98,7 +98,10 @@ besides the mask and bias operands: the ``scale``; the ``softcap`` (read only wh
 ``has_softcap``); the ALiBi slope of every entry of the flattened batch, float64
 ``alibi_slopes (N,)`` (a ``(1,)`` placeholder unless ``has_alibi``); the address of
 the block ``hook`` applying the user's ``score_mod`` (``has_score_mod``) and
-``mask_mod`` (``has_mask_mod``) (:mod:`fastattn.kernels.hooks`); ``heads``, the size
+``mask_mod`` (``has_mask_mod``) (:mod:`fastattn.kernels.hooks`), and the call's int64
+``hook_table`` it reads the user's argument arrays from and reports errors into
+(``has_args_grad``: the backward also wants the gradients of ``score_mod_args``);
+``heads``, the size
 of the batch axis that the user functions' ``h`` indexes (``b, h = divmod(entry,
 heads)``); the address of the BLAS ``gemm`` that forms the block products
 (:mod:`fastattn.kernels.products`); and, with ``has_dropout``, the dropout
@@ -110,6 +113,7 @@ the seed's 32-bit halves, and where decisions are taken: entry ``n``'s ``(b, h)`
     ("scale", FLOAT), ("softcap", FLOAT), ("has_softcap", FLAG),
     ("alibi_slopes", fixed(np.float64, 1)), ("has_alibi", FLAG),
     ("hook", INT), ("has_score_mod", FLAG), ("has_mask_mod", FLAG),
+    ("hook_table", fixed(np.int64, 1, writable=True)), ("has_args_grad", FLAG),
     ("heads", INT), ("gemm", INT),
     ("has_dropout", FLAG), ("dropout_threshold", INT), ("dropout_keep_scale", FLOAT),
     ("dropout_seed_low", INT), ("dropout_seed_high", INT),
@@ -161,10 +165,13 @@ Gradients = declare("Gradients", """The backward's results: ``query_parts (G, N,
 Dk)``, one share of ``dQ / scale`` per key group, ``key (N, Lk, Dk)``, ``value (N,
 Lk, Dv)``, ``nan_met (N * G,)``: which (entry, key group) met a NaN query or key;
 and, with ``has_bias``, the bias gradient ``bias`` in the bias operand's stack shape
-``(n_own, 1 or Lq, 1 or Lk)`` (a placeholder otherwise).""", [
+``(n_own, 1 or Lq, 1 or Lk)`` (a placeholder otherwise). With
+``ScoreOptions.has_args_grad``, the gradients of ``score_mod_args`` are added into
+``arg_grad_parts`` partitions (their addresses are in the hook table): the tasks are
+cut into that many contiguous runs, each adding into its own partition.""", [
     ("query_parts", data(4, writable=True)), ("key", data(3, writable=True)),
     ("value", data(3, writable=True)), ("nan_met", fixed(np.bool_, 1, writable=True)),
-    ("bias", data(3, writable=True)), ("has_bias", FLAG),
+    ("bias", data(3, writable=True)), ("has_bias", FLAG), ("arg_grad_parts", INT),
 ])
 
 

@@ -33,7 +33,7 @@ from fastattn.kernels.vector_math import LOG2E, cast_like, full_width_vectors, t
 
 @jit_helper
 def block_scores(scores, q_rows, keys, row_start, key_start, entry, rule, options, mask, bias,
-                 score_grads, want_score_grads, check_mask_mod):
+                 score_grads, want_score_grads, check_mask_mod, before_mod):
     """Write the scores of ``q_rows`` against ``keys`` into ``scores``.
 
     Steps 2, 3 and 5 (softcap, ALiBi, the user's functions) run over the whole
@@ -64,6 +64,10 @@ def block_scores(scores, q_rows, keys, row_start, key_start, entry, rule, option
     check_mask_mod : bool
         Whether to apply the user's ``mask_mod`` (if any) to this block; False on
         a block a block mask knows to be full.
+    before_mod : array, shape ``(rows, cols)``, C-contiguous
+        With ``want_score_grads`` and ``options.has_args_grad``, overwritten with the
+        scores before ``score_mod`` (log2 units; the backward's ``score_mod_args_grad``
+        reads them); else never touched.
     """
     scaled_product(options.gemm, options.scale * LOG2E, q_rows, keys.T,
                    scores)  # (rows, cols) log2(e) * scale * q.k
@@ -89,6 +93,8 @@ def block_scores(scores, q_rows, keys, row_start, key_start, entry, rule, option
     hook_mode = APPLY_MASK if options.has_mask_mod and check_mask_mod else 0
     if want_score_grads and options.has_score_mod:
         hook_mode |= MULTIPLY_GRADS if options.has_softcap else WRITE_GRADS
+    if want_score_grads and options.has_args_grad:
+        before_mod[:, :] = scores
     if options.has_score_mod or hook_mode:  # the user's functions see the biased score
         call_hook(options, scores, score_grads, row_start, key_start, entry, hook_mode)
     if not mask.present and block_fully_visible(row_start, row_start + rows, key_start,
