@@ -28,6 +28,8 @@ _PUBLIC = {
     "set_num_threads": "fastattn._runtime.threads",
     "get_num_threads": "fastattn._runtime.threads",
     "show_config": "fastattn._runtime.config_report",
+    "varlen_attention": "fastattn.varlen",
+    "varlen_attention_backward": "fastattn.varlen",
 }
 
 # submodules reachable as attributes without their own import (cheap to import)

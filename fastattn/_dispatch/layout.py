@@ -33,7 +33,7 @@ import numpy as np
 from fastattn._contract.arguments import half_format
 from fastattn.blas import gemm_address
 from fastattn.kernels.dropout import dropout_threshold
-from fastattn.kernels.groups import Inputs, ScoreOperand, ScoreOptions, Visibility
+from fastattn.kernels.groups import Inputs, ScoreOperand, ScoreOptions, Segments, Visibility
 from fastattn.kernels.hooks import argument_kinds, block_hook, hook_table, raise_hook_error
 
 
@@ -297,3 +297,14 @@ def fold_query_groups(problem):
     return dataclasses.replace(
         problem, query=query, gqa_group=1, q_len=group,
         batch_shape=problem.batch_shape[:-1] + (kv_heads,))
+
+
+def _absent_segments():
+    """The :class:`Segments` of a call that is not packed: placeholders never read."""
+    index = identity_index(1)  # (1,)
+    return Segments(query_starts=index, key_starts=index, diag_offsets=index, heads=1,
+                    work=placeholder(np.int64, 2), work_cost=index, present=False)
+
+
+# the Segments group of every call but packed sequences' (fastattn._dispatch.varlen)
+NO_SEGMENTS = _absent_segments()

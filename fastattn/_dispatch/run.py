@@ -16,8 +16,9 @@ from numba import get_num_threads  # each call applies the process settings firs
 
 from fastattn._contract.shapes import sum_to_shape
 from fastattn._dispatch import tiling
-from fastattn._dispatch.layout import (NO_HOOK, as_stored, fold_query_groups, identity_index,
-                                       placeholder, problem_arguments, problem_hook)
+from fastattn._dispatch.layout import (NO_HOOK, NO_SEGMENTS, as_stored, fold_query_groups,
+                                       identity_index, placeholder, problem_arguments,
+                                       problem_hook)
 from fastattn._runtime import settings
 from fastattn._runtime.threads import single_threaded_blas
 from fastattn.kernels.backward import backward_kernel
@@ -59,7 +60,8 @@ def run_forward(problem, return_weights):
         outputs = ForwardOutputs(out, lse, weights, bool(return_weights))
         blocks = Tiling(block_q, block_k, get_num_threads())  # a slot per thread
         with single_threaded_blas(blas_threads):
-            marked = forward_kernel(problem.kernel_dtype)(*arguments, blocks, outputs, spans)
+            marked = forward_kernel(problem.kernel_dtype)(*arguments, blocks, outputs, spans,
+                                                          NO_SEGMENTS)
             if marked:  # rows where a NaN met the block products (their lse is NaN):
                 # again, summing visible keys only, so that a hidden NaN stays out
                 rows = np.ascontiguousarray(np.argwhere(np.isnan(lse)), np.int64)  # (K, 2)
@@ -79,7 +81,7 @@ def exact_rows(problem, arguments, blocks, outputs, rows):
     their block products: a rare path, compiled for float32 only) are converted to
     float32 for it, and the rows' results rounded into the 16-bit ``out``."""
     if problem.kernel_dtype == problem.compute_dtype:
-        exact_rows_kernel(problem.compute_dtype)(*arguments, blocks, outputs, rows)
+        exact_rows_kernel(problem.compute_dtype)(*arguments, blocks, outputs, rows, NO_SEGMENTS)
         return
     dtype = problem.compute_dtype
     widened = dataclasses.replace(problem, query=problem.query.astype(dtype),
@@ -87,7 +89,7 @@ def exact_rows(problem, arguments, blocks, outputs, rows):
                                   value=problem.value.astype(dtype))
     out = np.empty(outputs.out.shape, dtype)  # (N, Lq, Dv); only the rows are written
     exact_rows_kernel(dtype)(*problem_arguments(widened, problem_hook(widened)), blocks,
-                             outputs._replace(out=out), rows)
+                             outputs._replace(out=out), rows, NO_SEGMENTS)
     entries, queries = rows[:, 0], rows[:, 1]
     outputs.out.view(problem.out_dtype)[entries, queries] = out[entries, queries]
 
@@ -271,7 +273,7 @@ def _run_backward(problem, grad_out, lse, delta, return_bias_grad):
         with single_threaded_blas():
             backward_kernel(problem.kernel_dtype)(
                 *arguments, Tiling(block_q=block_q, block_k=block_k, slots=get_num_threads()),
-                extra, gradients)  # a slot per thread
+                extra, gradients, NO_SEGMENTS)  # a slot per thread
         hook.raise_error(problem)
     return gradients, arg_parts
 

@@ -41,10 +41,11 @@ from fastattn.kernels.tile_states import EMPTY, PARTIAL
 from fastattn.kernels.config import jit_helper, kernel_per_dtype
 from fastattn.kernels.dropout import drop_in_place
 from fastattn.kernels.masking import entry_rule, key_block_rows
-from fastattn.kernels.groups import TILING_TYPE, backward_types, problem_types
+from fastattn.kernels.groups import SEGMENTS_TYPE, TILING_TYPE, backward_types, problem_types
 from fastattn.kernels.half import holds_nan, rows_in, staging
 from fastattn.kernels.hooks import ARGS_GRADS, call_hook
 from fastattn.kernels.scores import block_scores
+from fastattn.kernels.segments import entry_segment, slot_share
 from fastattn.kernels.products import product, product_add
 from fastattn.kernels.vector_math import (LOG2E, block_view, cast_like, full_width_vectors,
                                           has_nan, line_aligned_rows, probability_exp2,
@@ -98,7 +99,8 @@ def probabilities_and_score_grads(scores, grad_probs, row_start, row_lse, row_de
                 grad_probs[r, c] = p * (grad_probs[r, c] - delta)
 
 
-def _attention_backward(inputs, options, mask, bias, visibility, tiling, extra, gradients):
+def _attention_backward(inputs, options, mask, bias, visibility, tiling, extra, gradients,
+                        segments):
     """Gradients for every entry ``b`` of the flattened batch (see the module docstring).
 
     ``extra`` (:class:`fastattn._dispatch.layout.BackwardInputs`) holds ``grad_out``
@@ -109,10 +111,17 @@ def _attention_backward(inputs, options, mask, bias, visibility, tiling, extra, 
     must be zeroed: keys no query sees, and rows that see no key, are never written.
     Sets ``gradients.nan_met[task]`` ``(N * G,)`` when a query or key block holding a
     NaN entered the task's products.
+
+    Packed sequences (``segments.present``, :mod:`fastattn.kernels.segments`): the
+    tasks are the rows ``(entry, key group, 0)`` of ``segments.work``, shared among
+    the threads by cost (by count into the arguments' gradient partitions), and the
+    inputs and gradients are ``(heads, total, D)`` stacks.
     """
     n_groups = gradients.query_parts.shape[0]
     n_entry_groups = extra.entry_starts.shape[0] - 1
     n_tasks, slots = n_entry_groups * n_groups, tiling.slots
+    if segments.present:
+        n_tasks = segments.work.shape[0]
     # Scratch memory of each slot (thread), allocated once per call: buffers
     # allocated per task become fresh, page-faulting mmaps when the allocator is told
     # to trim (MALLOC_TRIM_THRESHOLD_, as in Dask's workers). Slot s takes an equal
@@ -129,23 +138,33 @@ def _attention_backward(inputs, options, mask, bias, visibility, tiling, extra, 
                                            inputs.value.shape[2])),
         gradients.key)
     for slot in prange(slots):
-        for part in range(slot * n_parts // slots, (slot + 1) * n_parts // slots):
+        first_part, stop_part = slot_share(slot, slots, n_parts, segments.work_cost,
+                                           segments.present and not options.has_args_grad)
+        for part in range(first_part, stop_part):
             for task in range(part * n_tasks // n_parts, (part + 1) * n_tasks // n_parts):
+                if segments.present:  # one entry per task
+                    b, group = segments.work[task, 0], segments.work[task, 1]
+                    backward_task(b * n_groups + group, b, group, part, inputs, options, mask,
+                                  bias, visibility, tiling, extra, gradients, scratch[slot],
+                                  segments)
+                    continue
                 entry_group = task // n_groups
                 group = task - entry_group * n_groups
                 for position in range(extra.entry_starts[entry_group],
                                       extra.entry_starts[entry_group + 1]):
                     b = extra.entry_order[position]
                     backward_task(b * n_groups + group, b, group, part, inputs, options, mask,
-                                  bias, visibility, tiling, extra, gradients, scratch[slot])
+                                  bias, visibility, tiling, extra, gradients, scratch[slot],
+                                  segments)
 
 
 @jit_helper
 def backward_task(task, b, group, part, inputs, options, mask, bias, visibility, tiling,
-                  extra, gradients, scratch):
+                  extra, gradients, scratch, segments):
     """Task ``task`` of :func:`_attention_backward`: key group ``group`` of batch entry
     ``b``, its buffers carved from the thread's ``scratch`` (:func:`task_scratch_size`),
-    adding the gradients of the user's arguments into partition ``part``."""
+    adding the gradients of the user's arguments into partition ``part``; the rows of
+    the entry's sequence when packed (``segments.present``)."""
     query_grad_parts, grad_key, grad_value = gradients.query_parts, gradients.key, gradients.value
     nan_met = gradients.nan_met
     grad_out, lse, delta = extra.grad_out, extra.lse, extra.delta
@@ -153,7 +172,6 @@ def backward_task(task, b, group, part, inputs, options, mask, bias, visibility,
     kv_len = grad_key.shape[1]
     block_q, block_k = tiling.block_q, tiling.block_k
     scale = options.scale
-    n_k_blocks = (kv_len + block_k - 1) // block_k
     head_dim, value_dim = inputs.key.shape[2], inputs.value.shape[2]
     rule = entry_rule(visibility, b, kv_len)
     queries = inputs.query[inputs.query_index[b]]  # (Lq, Dk)
@@ -161,6 +179,19 @@ def backward_task(task, b, group, part, inputs, options, mask, bias, visibility,
     keys_all = inputs.key[inputs.key_index[b]]  # (Lk, Dk)
     values_all = inputs.value[inputs.value_index[b]]  # (Lk, Dv)
     query_grads = query_grad_parts[group, b]  # (Lq, Dk) this group's share of dQ / scale
+    key_grads, value_grads = grad_key[b], grad_value[b]  # (Lk, Dk), (Lk, Dv)
+    lse_rows, delta_rows = lse[b], delta[b]  # (Lq,) each
+    if segments.present:  # the entry's sequence: its rows of the (heads, total, D) stacks
+        head, q_first, q_len, k_first, kv_len, rule = entry_segment(segments, visibility, b)
+        query_span, key_span = slice(q_first, q_first + q_len), slice(k_first, k_first + kv_len)
+        queries = inputs.query[inputs.query_index[b], query_span]  # (Lq_s, Dk)
+        grads = grad_out[head, query_span]  # (Lq_s, Dv)
+        keys_all = inputs.key[inputs.key_index[b], key_span]  # (Lk_s, Dk)
+        values_all = inputs.value[inputs.value_index[b], key_span]  # (Lk_s, Dv)
+        query_grads = query_grad_parts[group, head, query_span]  # (Lq_s, Dk)
+        key_grads, value_grads = grad_key[head, key_span], grad_value[head, key_span]
+        lse_rows, delta_rows = lse[head, query_span], delta[head, query_span]  # (Lq_s,) each
+    n_k_blocks = (kv_len + block_k - 1) // block_k
     # Buffers for every block of this task, each starting on a 64-byte line (see
     # task_scratch_size); chain: d score / d (scale q.k), from the softcap and
     # score_mod_grad, only with either.
@@ -242,7 +273,7 @@ def backward_task(task, b, group, part, inputs, options, mask, bias, visibility,
             # for the arguments' gradients, dS with respect to score_mod's result
             chain_first = has_chain and not (gradients.has_bias and options.has_softcap)
             chain_now = chain_first and not has_args_grad
-            probabilities_and_score_grads(probs, score_grads, row_start, lse[b], delta[b],
+            probabilities_and_score_grads(probs, score_grads, row_start, lse_rows, delta_rows,
                                           values_have_nan, chain, chain_now)
             if has_args_grad:
                 call_hook(options, before_mod, score_grads, row_start, key_start, b,
@@ -263,10 +294,10 @@ def backward_task(task, b, group, part, inputs, options, mask, bias, visibility,
                         query_grads[row_start:row_stop])  # dQ / scale += dS K
         for c in range(cols):
             for d in range(head_dim):
-                grad_key[b, key_start + c, d] = key_grad[c, d] * scale
+                key_grads[key_start + c, d] = key_grad[c, d] * scale
         for c in range(cols):
             for d in range(value_dim):
-                grad_value[b, key_start + c, d] = value_grad[c, d]
+                value_grads[key_start + c, d] = value_grad[c, d]
 
 
 @jit_helper
@@ -346,7 +377,7 @@ def staging_buffers(scratch, block_q, block_k, head_dim, value_dim, converts):
 
 
 def _backward_signature(dtype):
-    return types.void(*problem_types(dtype), TILING_TYPE, *backward_types(dtype))
+    return types.void(*problem_types(dtype), TILING_TYPE, *backward_types(dtype), SEGMENTS_TYPE)
 
 
 backward_kernel = kernel_per_dtype(_attention_backward, _backward_signature)

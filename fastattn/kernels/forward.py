@@ -25,10 +25,11 @@ from fastattn.kernels.tile_states import EMPTY, PARTIAL
 from fastattn.kernels.config import jit_helper, kernel_per_dtype
 from fastattn.kernels.dropout import drop_in_place, keep_factor
 from fastattn.kernels.masking import entry_rule, row_block_keys
-from fastattn.kernels.groups import (TILING_TYPE, array_type, forward_result_types,
-                                      problem_types)
+from fastattn.kernels.groups import (SEGMENTS_TYPE, TILING_TYPE, array_type,
+                                      forward_result_types, problem_types)
 from fastattn.kernels.half import rows_in, staging, stored_value
 from fastattn.kernels.scores import block_scores
+from fastattn.kernels.segments import entry_segment, slot_share
 from fastattn.kernels.products import product_add
 from fastattn.kernels.vector_math import (LN2, block_view, cast_like, exp2, full_width_vectors,
                                           has_nan, line_aligned_rows, row_maximum,
@@ -170,7 +171,8 @@ def exact_row(q_row, row, key_first, key_last, keys, values, entry, rule, option
     return top + math.log2(total)  # NaN after a NaN score
 
 
-def _attention_forward(inputs, options, mask, bias, visibility, tiling, outputs, spans):
+def _attention_forward(inputs, options, mask, bias, visibility, tiling, outputs, spans,
+                       segments):
     """Compute attention for every batch entry ``b`` of the flattened batch.
 
     Entry ``b`` reads ``inputs.query[inputs.query_index[b]]`` ``(Lq, Dk)``, the key
@@ -189,6 +191,10 @@ def _attention_forward(inputs, options, mask, bias, visibility, tiling, outputs,
     ``(Lq, Dv)`` and its log2-sum-exp to ``spans.lse[s, b]`` ``(Lq,)``, and
     :func:`merge_key_spans` combines the spans weighted by ``exp2(lse)``.
 
+    Packed sequences (``segments.present``, :mod:`fastattn.kernels.segments`): the
+    tasks are the rows ``(entry, first row, stop row)`` of ``segments.work``, shared
+    among the threads by cost; the results are ``(heads, total_q, ...)``; no split.
+
     Returns the number of rows (of spans, when split) that a NaN met: their lse is
     NaN, and :func:`exact_rows_kernel` computes them again.
     """
@@ -200,6 +206,8 @@ def _attention_forward(inputs, options, mask, bias, visibility, tiling, outputs,
     # allocated per task becomes a fresh, page-faulting mmap when the allocator is
     # told to trim (MALLOC_TRIM_THRESHOLD_, as in Dask's workers).
     n_tasks, slots = n_batch * n_q_blocks * n_splits, tiling.slots
+    if segments.present:
+        n_tasks = segments.work.shape[0]
     rows, cols = min(block_q, q_len), min(tiling.block_k, inputs.key.shape[1])
     scratch = line_aligned_rows(slots, task_scratch_size(rows, outputs.out.shape[2], cols)
                                 + staging(inputs.key, staging_size(
@@ -211,15 +219,22 @@ def _attention_forward(inputs, options, mask, bias, visibility, tiling, outputs,
         # query block near the top sees few keys, so blocks are visited in zigzag
         # order (first, last, second, second to last, ...): every share mixes cheap
         # and costly blocks.
-        for task in range(slot * n_tasks // slots, (slot + 1) * n_tasks // slots):
-            split = task % n_splits
-            b = task // (n_q_blocks * n_splits)
-            step = task // n_splits - b * n_q_blocks
-            q_block_index = step // 2 if step % 2 == 0 else n_q_blocks - 1 - step // 2
-            q_start = q_block_index * block_q
-            marked += forward_task(b, q_start, min(q_start + block_q, q_len), split, n_splits,
-                                   inputs, options, mask, bias, visibility, tiling, outputs,
-                                   spans, scratch[slot])
+        first_task, stop_task = slot_share(slot, slots, n_tasks, segments.work_cost,
+                                           segments.present)
+        for task in range(first_task, stop_task):
+            if segments.present:
+                b, q_start, q_stop, split = (segments.work[task, 0], segments.work[task, 1],
+                                             segments.work[task, 2], 0)
+            else:
+                split = task % n_splits
+                b = task // (n_q_blocks * n_splits)
+                step = task // n_splits - b * n_q_blocks
+                q_block_index = step // 2 if step % 2 == 0 else n_q_blocks - 1 - step // 2
+                q_start = q_block_index * block_q
+                q_stop = min(q_start + block_q, q_len)
+            marked += forward_task(b, q_start, q_stop, split, n_splits, inputs, options, mask,
+                                   bias, visibility, tiling, outputs, spans, scratch[slot],
+                                   segments)
     if n_splits > 1:
         merge_key_spans(spans.out, spans.lse, outputs.out, outputs.lse, inputs.half_format)
     return marked
@@ -227,10 +242,11 @@ def _attention_forward(inputs, options, mask, bias, visibility, tiling, outputs,
 
 @jit_helper
 def forward_task(b, q_start, q_stop, split, n_splits, inputs, options, mask, bias, visibility,
-                 tiling, outputs, spans, scratch):
+                 tiling, outputs, spans, scratch, segments):
     """One task of :func:`_attention_forward`: query rows ``[q_start, q_stop)`` of batch
     entry ``b`` over key span ``split`` of ``n_splits`` (the whole key range when 1),
-    its buffers carved from the thread's ``scratch`` (:func:`task_scratch_size`).
+    its buffers carved from the thread's ``scratch`` (:func:`task_scratch_size`); rows
+    counted within the entry's sequence when packed (``segments.present``).
     Returns how many of its rows a NaN met (marked with a NaN lse)."""
     out, lse, weights, return_weights = outputs
     query, key, value = inputs.query, inputs.key, inputs.value
@@ -244,6 +260,14 @@ def forward_task(b, q_start, q_stop, split, n_splits, inputs, options, mask, bia
     # the BLAS reads the blocks in place instead of copying them.
     keys = key[inputs.key_index[b]]  # (Lk, Dk)
     values = value[inputs.value_index[b]]  # (Lk, Dv)
+    out_rows, lse_rows = out[b], lse[b]  # (Lq, Dv), (Lq,)
+    if segments.present:  # the entry's sequence: its rows of the (heads, total, D) stacks
+        head, q_first, q_len, k_first, kv_len, rule = entry_segment(segments, visibility, b)
+        query_rows = query[inputs.query_index[b], q_first:q_first + q_len]  # (Lq_s, Dk)
+        keys = key[inputs.key_index[b], k_first:k_first + kv_len]  # (Lk_s, Dk)
+        values = value[inputs.value_index[b], k_first:k_first + kv_len]  # (Lk_s, Dv)
+        out_rows = out[head, q_first:q_first + q_len]  # (Lq_s, Dv)
+        lse_rows = lse[head, q_first:q_first + q_len]  # (Lq_s,)
     half_format = inputs.half_format
     # each buffer starts on a 64-byte line, as the slot's scratch does: the BLAS
     # reads every block from the same alignment whichever slot runs the task
@@ -327,7 +351,8 @@ def forward_task(b, q_start, q_stop, split, n_splits, inputs, options, mask, bia
                              acc[group_start:group_stop], key_buffer, value_buffer, half_format)
 
     if n_splits == 1:  # (Lq, Dv) in the inputs' storage, (Lq,) natural log
-        marked = finish_rows(out[b], lse[b], LN2, q_start, row_max, row_sum, acc, half_format)
+        marked = finish_rows(out_rows, lse_rows, LN2, q_start, row_max, row_sum, acc,
+                             half_format)
     else:  # this span's share (Lq, Dv) and its lse (Lq,) in log2 units, merged below
         marked = finish_rows(spans.out[split, b], spans.lse[split, b], 1.0, q_start, row_max,
                              row_sum, acc, half_format)
@@ -392,10 +417,11 @@ def tile_key_range(k_tile, tile_states, block_k, first_key, last_key):
             state == PARTIAL)
 
 
-def _exact_rows(inputs, options, mask, bias, visibility, tiling, outputs, rows):
+def _exact_rows(inputs, options, mask, bias, visibility, tiling, outputs, rows, segments):
     """Compute the rows ``rows`` ``(K, 2)`` of ``(entry, query)`` again with
     :func:`exact_row` over every key, writing ``outputs`` (out, natural-log lse and,
-    if asked, weights) for those rows only.
+    if asked, weights) for those rows only. Packed sequences (``segments.present``):
+    ``query`` counts within the entry's sequence.
 
     The forward kernel marks the rows where a NaN met its block products with a NaN
     lse; this separate kernel is compiled only when such a row first occurs.
@@ -407,14 +433,23 @@ def _exact_rows(inputs, options, mask, bias, visibility, tiling, outputs, rows):
     for task in prange(rows.shape[0]):
         b, row = rows[task, 0], rows[task, 1]
         rule = entry_rule(visibility, b, kv_len)
-        q_row = query[inputs.query_index[b], row:row + 1]  # (1, Dk)
-        score_buffer = np.empty(min(block_k, kv_len), dtype=out.dtype)
+        keys = key[inputs.key_index[b]]  # (Lk, Dk)
+        values = value[inputs.value_index[b]]  # (Lk, Dv)
+        out_entry, at = b, row  # where the row's results go: out[out_entry, at]
+        q_at = row  # the row in the query stack
+        if segments.present:  # rows of the entry's sequence in the (heads, total, D) stacks
+            head, q_first, _, k_first, entry_kv_len, rule = entry_segment(segments, visibility,
+                                                                          b)
+            keys = key[inputs.key_index[b], k_first:k_first + entry_kv_len]  # (Lk_s, Dk)
+            values = value[inputs.value_index[b], k_first:k_first + entry_kv_len]  # (Lk_s, Dv)
+            out_entry, at, q_at = head, q_first + row, q_first + row
+        q_row = query[inputs.query_index[b], q_at:q_at + 1]  # (1, Dk)
+        score_buffer = np.empty(min(block_k, keys.shape[0]), dtype=out.dtype)
         first_key, last_key = row_block_keys(row, row + 1, rule)[:2]
         weights_row = weights[b, row] if return_weights else weights[0, 0]  # (Lk,)
-        lse[b, row] = LN2 * exact_row(
-            q_row, row, first_key, last_key, key[inputs.key_index[b]],
-            value[inputs.value_index[b]], b, rule, options, mask, bias, block_k, score_buffer,
-            out[b, row], weights_row, return_weights)
+        lse[out_entry, at] = LN2 * exact_row(
+            q_row, row, first_key, last_key, keys, values, b, rule, options, mask, bias,
+            block_k, score_buffer, out[out_entry, at], weights_row, return_weights)
 
 
 @njit(inline="always")
@@ -499,12 +534,13 @@ def merge_key_spans(split_out, split_lse, out, lse, half_format):
 
 
 def _forward_signature(dtype):
-    return types.int64(*problem_types(dtype), TILING_TYPE, *forward_result_types(dtype))
+    return types.int64(*problem_types(dtype), TILING_TYPE, *forward_result_types(dtype),
+                       SEGMENTS_TYPE)
 
 
 def _exact_rows_signature(dtype):
     return types.void(*problem_types(dtype), TILING_TYPE, forward_result_types(dtype)[0],
-                      array_type(np.int64, 2))
+                      array_type(np.int64, 2), SEGMENTS_TYPE)
 
 
 forward_kernel = kernel_per_dtype(_attention_forward, _forward_signature)

@@ -20,7 +20,8 @@ from numba import types
 
 __all__ = ["Inputs", "ScoreOperand", "ScoreOptions", "Visibility", "Tiling", "ForwardOutputs",
            "KeySpans", "BackwardInputs", "Gradients", "array_type", "group_type",
-           "problem_types", "forward_result_types", "backward_types", "TILING_TYPE"]
+           "problem_types", "forward_result_types", "backward_types", "TILING_TYPE",
+           "Segments", "SEGMENTS_TYPE"]
 
 
 def array_type(dtype, ndim, readonly=True):
@@ -194,3 +195,22 @@ def forward_result_types(dtype):
 def backward_types(dtype):
     """Types of ``(BackwardInputs, Gradients)`` for data of ``dtype``."""
     return group_type(BackwardInputs, dtype), group_type(Gradients, dtype)
+
+
+Segments = declare("Segments", """Packed sequences of different lengths
+(FlashAttention's varlen layout), when ``present``: the query, key and value stacks
+are ``(heads, total, D)``, sequence ``s`` holding rows ``query_starts[s]:
+query_starts[s + 1]`` of the queries and ``key_starts[s]:key_starts[s + 1]`` of the
+keys and values (int64 ``(n_seq + 1,)``); batch entry ``e`` is head ``e % heads`` of
+sequence ``e // heads``, seen with positions ``i``, ``j`` within its sequence and the
+diagonal offset ``diag_offsets[s]`` (int64 ``(n_seq,)``); results are written in the
+same ``(heads, total, D)`` layout. The kernels' tasks are the rows of ``work`` (int64
+``(n_items, 3)``: the forward's ``(entry, first row, stop row)``, the backward's
+``(entry, key group, 0)``), shared among the threads by their cumulative cost
+``work_cost`` (int64 ``(n_items + 1,)``). Absent (a placeholder never read) for the
+other calls.""", [
+    ("query_starts", INDEX), ("key_starts", INDEX), ("diag_offsets", INDEX), ("heads", INT),
+    ("work", fixed(np.int64, 2)), ("work_cost", INDEX), ("present", FLAG),
+])
+
+SEGMENTS_TYPE = group_type(Segments, np.float64)
