@@ -27,7 +27,7 @@ import numpy as np
 import fastattn
 from fastattn.attention import selected_results
 
-__all__ = ["scaled_dot_product_attention"]
+__all__ = ["scaled_dot_product_attention", "varlen_attention"]
 
 # Tensor dtypes computed natively, and the 16-bit ones read as stored (float32 compute).
 NATIVE_DTYPES = (torch.float32, torch.float64)
@@ -339,3 +339,116 @@ def _unpack(results, return_weights):
         return results
     out, lse = results
     return out, None, lse
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, return_lse=False,
+                     score_mod_grad=None, score_mod_args_grad=None, dropout_p=0.0,
+                     generator=None, **options):
+    r"""fastattn's packed attention (:func:`fastattn.varlen_attention`) on CPU
+    ``torch.Tensor``\ s, differentiable.
+
+    Sequence ``s`` holds rows ``cu_seqlens_q[s]:cu_seqlens_q[s + 1]`` of ``q`` and
+    ``cu_seqlens_k[s]:cu_seqlens_k[s + 1]`` of ``k`` and ``v`` (FlashAttention's
+    ``flash_attn_varlen_func`` layout); every rule of :func:`fastattn.varlen_attention`
+    applies. Tensors are handed over as in :func:`scaled_dot_product_attention`
+    (NumPy views, no copy: head-major tensors, ``(H, total, D)`` transposed to
+    ``(total, H, D)``, are read in place).
+
+    Parameters
+    ----------
+    q : torch.Tensor, shape ``(total_q, H, Dk)``
+    k : torch.Tensor, shape ``(total_k, Hkv, Dk)``
+    v : torch.Tensor, shape ``(total_k, Hkv, Dv)``
+    cu_seqlens_q, cu_seqlens_k : torch.Tensor or array_like of int, shape ``(n_seq + 1,)``
+    return_lse : bool, default False
+        Also return the log-sum-exp ``(H, total_q)`` (no gradient).
+    score_mod_grad, score_mod_args_grad, dropout_p, generator
+        As for :func:`scaled_dot_product_attention`.
+    **options
+        Any other keyword of :func:`fastattn.varlen_attention`.
+
+    Returns
+    -------
+    out : torch.Tensor, shape ``(total_q, H, Dv)``, or ``(out, lse)``
+
+    Examples
+    --------
+    >>> import torch, fastattn.torch
+    >>> generator = torch.Generator().manual_seed(0)
+    >>> cu_seqlens = torch.tensor([0, 5, 12], dtype=torch.int32)
+    >>> q, k, v = (torch.randn(12, 4, 8, generator=generator, requires_grad=True)
+    ...            for _ in range(3))
+    >>> out = fastattn.torch.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, causal=True)
+    >>> out.sum().backward()
+    >>> expected = torch.nn.functional.scaled_dot_product_attention(
+    ...     q[5:].detach().transpose(0, 1), k[5:].detach().transpose(0, 1),
+    ...     v[5:].detach().transpose(0, 1), is_causal=True)       # the second sequence
+    >>> bool(torch.allclose(out[5:], expected.transpose(0, 1), atol=1e-5)), q.grad.shape
+    (True, torch.Size([12, 4, 8]))
+    """
+    dtype = _check_tensors(q, k, v)
+    offsets = (_as_constant_array(cu_seqlens_q, "cu_seqlens_q"),
+               _as_constant_array(cu_seqlens_k, "cu_seqlens_k"))
+    options = dict(options, dropout_p=dropout_p)
+    if dropout_p and options.get("dropout_seed") is None:  # PyTorch's random stream
+        options["dropout_seed"] = int(torch.randint(0, 2 ** 63 - 1, (1,), dtype=torch.int64,
+                                                    generator=generator).item())
+    if options.get("mask_mod_args") is not None:
+        options["mask_mod_args"] = tuple(_as_constant_array(arg, f"mask_mod_args[{position}]")
+                                         for position, arg
+                                         in enumerate(options["mask_mod_args"]))
+    arg_tensors = _score_mod_arg_tensors(options.get("score_mod_args"), score_mod_args_grad)
+    if torch.is_grad_enabled() and any(
+            isinstance(tensor, torch.Tensor) and tensor.requires_grad
+            for tensor in (q, k, v) + arg_tensors):
+        out, lse = _VarlenAttention.apply(q, k, v, offsets, options, score_mod_grad,
+                                          score_mod_args_grad, *arg_tensors)
+    else:
+        if arg_tensors:
+            options["score_mod_args"] = tuple(_bias_array(arg) for arg in arg_tensors)
+        out, lse = fastattn.varlen_attention(*(_compute_array(tensor) for tensor in (q, k, v)),
+                                             *offsets, return_lse=True, **options)
+        out, lse = _as_tensor(out, dtype), _lse_tensor(lse)
+    return (out, lse) if return_lse else out
+
+
+class _VarlenAttention(torch.autograd.Function):
+    """The autograd node of :func:`varlen_attention`: fastattn's packed forward and
+    backward. Saves ``q``, ``k``, ``v``, ``out`` and ``lse``; the offsets and options
+    travel on ``ctx``; the tensors of ``score_mod_args`` are trailing inputs."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, offsets, options, score_mod_grad, score_mod_args_grad,
+                *arg_tensors):
+        options = dict(options)
+        if arg_tensors:
+            options["score_mod_args"] = tuple(_bias_array(arg) for arg in arg_tensors)
+            ctx.arg_tensors = arg_tensors
+        out, lse = fastattn.varlen_attention(*(_compute_array(tensor) for tensor in (q, k, v)),
+                                             *offsets, return_lse=True, **options)
+        out_tensor, lse_tensor = _as_tensor(out, q.dtype), _lse_tensor(lse)
+        ctx.save_for_backward(q, k, v, out_tensor, lse_tensor)
+        ctx.offsets, ctx.options = offsets, options
+        ctx.score_mod_grad, ctx.score_mod_args_grad = score_mod_grad, score_mod_args_grad
+        ctx.mark_non_differentiable(lse_tensor)
+        return out_tensor, lse_tensor
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        args_needed = ctx.needs_input_grad[7:]
+        args_grad = ctx.score_mod_args_grad if any(args_needed) else None
+        grads = fastattn.varlen_attention_backward(
+            _compute_array(grad_out.to(out.dtype)),
+            *(_compute_array(tensor) for tensor in (q, k, v)), _compute_array(out),
+            lse.numpy(), *ctx.offsets, score_mod_grad=ctx.score_mod_grad,
+            score_mod_args_grad=args_grad, **ctx.options)
+        arg_grads = [None] * len(args_needed)
+        if args_grad is not None:
+            arg_grads = [_as_tensor(grad, tensor.dtype) if wanted else None
+                         for grad, tensor, wanted in zip(grads[-1], ctx.arg_tensors,
+                                                         args_needed)]
+        input_grads = [_as_tensor(grad, source.dtype) if wanted else None
+                       for grad, source, wanted in zip(grads[:3], (q, k, v),
+                                                       ctx.needs_input_grad[:3])]
+        return (*input_grads, None, None, None, None, *arg_grads)

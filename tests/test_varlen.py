@@ -212,3 +212,47 @@ def test_bad_shapes_and_options(rng):
     out, lse = fastattn.varlen_attention(q, k, v, cu_q, cu_k, return_lse=True)
     with pytest.raises(ValueError, match=r"lse must have the forward's shape \(H, total_q\)"):
         fastattn.varlen_attention_backward(out, q, k, v, out, lse.T, cu_q, cu_k)
+
+
+def test_torch_gradients_match_autograd_of_per_sequence_calls():
+    torch = pytest.importorskip("torch")
+    import fastattn.torch
+
+    generator = torch.Generator().manual_seed(0)
+    cu = torch.tensor([0, 5, 5, 30, 31], dtype=torch.int32)
+    q = torch.randn(31, 4, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+    k, v = (torch.randn(31, 2, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+            for _ in range(2))
+    assert torch.autograd.gradcheck(lambda *tensors: fastattn.torch.varlen_attention(
+        *tensors, cu, cu, causal=True, causal_alignment="bottom_right"), (q, k, v))
+    out = fastattn.torch.varlen_attention(q, k, v, cu, cu, window=(3, 2))
+    out.square().sum().backward()
+    grads = [tensor.grad.clone() for tensor in (q, k, v)]
+    for tensor in (q, k, v):
+        tensor.grad = None
+    for s in range(4):  # torch's own attention, sequence by sequence
+        rows = slice(int(cu[s]), int(cu[s + 1]))
+        i = torch.arange(rows.stop - rows.start)[:, None]
+        visible = (i - 3 <= i.T) & (i.T <= i + 2)
+        alone = torch.nn.functional.scaled_dot_product_attention(
+            *(tensor[rows].transpose(0, 1) for tensor in (q, k, v)), attn_mask=visible,
+            enable_gqa=True)
+        alone.square().sum().backward()
+    for got, tensor in zip(grads, (q, k, v)):
+        torch.testing.assert_close(got, tensor.grad)
+
+
+def test_torch_head_major_views_without_autograd():
+    torch = pytest.importorskip("torch")
+    import fastattn.torch
+
+    heads_first = torch.randn(4, 12, 8)  # (H, total, D)
+    packed = heads_first.transpose(0, 1)  # (total, H, D), a view
+    cu = np.array([0, 7, 12])
+    with torch.no_grad():
+        out, lse = fastattn.torch.varlen_attention(packed, packed, packed, cu, cu,
+                                                   return_lse=True)
+    want = fastattn.varlen_attention(packed.numpy().copy(), packed.numpy().copy(),
+                                     packed.numpy().copy(), cu, cu)
+    np.testing.assert_array_equal(out.numpy(), want)
+    assert lse.shape == (4, 12) and not out.requires_grad
