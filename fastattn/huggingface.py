@@ -34,7 +34,15 @@ a 4-D boolean / float mask        ``mask`` / ``bias``
 ``softcap``                       ``softcap`` (Gemma 2's ``attn_logit_softcapping``)
 ``dropout`` (training mode)       ``dropout_p``, its seed drawn from PyTorch's generator
 ``position_bias`` (T5)            ``bias``, with its gradient when it requires one
+padding in an encoder's           the real tokens packed, ``varlen_attention``
+self-attention (BERT)             (no work on padding)
 ================================  ==============================================
+
+In an encoder's self-attention (a layer whose ``is_decoder`` is False: BERT and its
+relatives) with a padded batch and nothing else in the mask, the real tokens of every
+row are packed one after another and attended with
+:func:`fastattn.torch.varlen_attention`, so no work is spent on padded queries or keys;
+the outputs of padded positions, which no real token ever sees, are 0.
 
 PyTorch and transformers are optional dependencies:
 ``pip install "fastattn[huggingface]"``.
@@ -260,6 +268,10 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     (torch.Size([1, 6, 4, 8]), None)
     """
     options = _score_options(softcap)
+    tokens = _packed_tokens(module, query, key, attention_mask, output_attentions,
+                            position_bias)
+    if tokens is not None:  # an encoder's padded batch: the real tokens, packed
+        return _packed_attention(query, key, value, tokens, scaling, dropout, options), None
     q_length = query.shape[-2]
     mask = bias = None
     if isinstance(attention_mask, StructuralMask):
@@ -290,6 +302,47 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         dropout_p=float(dropout or 0.0), **options)
     out, weights = results if output_attentions else (results, None)  # out (B, Hq, Lq, D)
     return out.transpose(1, 2).contiguous(), weights  # (B, Lq, Hq, D)
+
+
+# ---------------------------------------------------------------- packed tokens
+
+def _packed_tokens(module, query, key, attention_mask, output_attentions, position_bias):
+    """Where the real tokens are, boolean ``(B, L)``, when a call can run on them alone:
+    the self-attention of an encoder (``module.is_decoder`` False, not causal, not a
+    cross-attention) whose mask is padding and nothing else; None otherwise (no
+    padding, another pattern, weights asked for, a position bias)."""
+    if (not isinstance(attention_mask, StructuralMask) or output_attentions
+            or position_bias is not None or getattr(module, "is_decoder", None) is not False
+            or getattr(module, "is_causal", False) or "Cross" in type(module).__name__):
+        return None
+    length = key.shape[-2]
+    if set(attention_mask.options) - {"kv_lengths"} or query.shape[-2] != length:
+        return None
+    if "kv_lengths" in attention_mask.options:  # right padding
+        return np.arange(length) < attention_mask.options["kv_lengths"][:, None]  # (B, L)
+    mask = attention_mask.mask
+    if mask is not None and mask.shape == (query.shape[0], 1, 1, length):  # other padding
+        return mask[:, 0, 0, :]  # (B, L)
+    return None
+
+
+def _packed_attention(query, key, value, tokens, scaling, dropout, options):
+    """Attention over the real tokens ``tokens`` ``(B, L)`` of each row only: gathered
+    head-major (one copy of each of ``query``, ``key`` and ``value`` ``(B, H, L, D)``),
+    attended by :func:`fastattn.torch.varlen_attention` and scattered back into a
+    zeroed ``(B, L, H, D)`` output (differentiable, as the gather and scatter are)."""
+    tokens = torch.from_numpy(np.ascontiguousarray(tokens))  # (B, L) bool
+    cu_seqlens = torch.zeros(tokens.shape[0] + 1, dtype=torch.int64)  # (B + 1,)
+    torch.cumsum(tokens.sum(dim=1), dim=0, out=cu_seqlens[1:])
+    packed = [tensor.transpose(0, 1)[:, tokens].transpose(0, 1)  # (total, H, D) views of
+              for tensor in (query, key, value)]  # head-major (H, total, D) gathers
+    out = fastattn.torch.varlen_attention(
+        *packed, cu_seqlens, cu_seqlens, scale=scaling, dropout_p=float(dropout or 0.0),
+        **options)  # (total, H, D)
+    batch, heads, length, _ = query.shape
+    full = out.new_zeros((batch, length, heads, out.shape[-1]))  # (B, L, H, D)
+    full[tokens] = out
+    return full
 
 
 # ---------------------------------------------------------------- score options

@@ -17,6 +17,7 @@ import copy
 import os
 import warnings
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: models ship in packages
@@ -399,3 +400,42 @@ def test_bfloat16_llama_as_close_to_float32_as_eager():
     MAX_DIFFERENCES["llama bfloat16 logits vs float32 (eager)"] = float(errors["eager"].max())
     assert errors["fastattn"].max() <= 2 * errors["eager"].max()
     assert errors["fastattn"].median() <= 2 * errors["eager"].median()
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_encoder_padding_runs_packed(monkeypatch, padding_side):
+    """A padded batch through BERT's self-attention runs on the real tokens alone
+    (fastattn.torch.varlen_attention over the packed tokens, none of the padding), with
+    logits and a training step's gradients equal to eager's on the real tokens."""
+    import fastattn.torch
+
+    packed_rows = []
+    varlen_attention = fastattn.torch.varlen_attention
+
+    def spy(q, k, v, cu_seqlens_q, cu_seqlens_k, **options):
+        packed_rows.append((q.shape[0], k.shape[0], cu_seqlens_q.tolist()))
+        return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, **options)
+
+    monkeypatch.setattr(fastattn.torch, "varlen_attention", spy)
+    models = make_models("bert")
+    ids, attention_mask = batch(padding_side)
+    tokens = attention_mask.bool()
+    with torch.no_grad():
+        logits = {key: model(ids, attention_mask=attention_mask).logits
+                  for key, model in models.items()}  # (B, L, vocab)
+    record(f"bert packed logits ({padding_side} padding)", logits["fastattn"][tokens],
+           logits["eager"][tokens])
+    real = int(attention_mask.sum())
+    lengths = attention_mask.sum(dim=1).tolist()
+    assert packed_rows == [(real, real, [0] + list(np.cumsum(lengths)))] * COMMON[
+        "num_hidden_layers"]
+    labels = ids.masked_fill(~tokens, -100)
+    gradients = {}
+    for key, model in models.items():
+        model.train()
+        model(ids, attention_mask=attention_mask, labels=labels).loss.backward()
+        gradients[key] = {name: parameter.grad for name, parameter in model.named_parameters()
+                          if parameter.grad is not None}
+    for name, gradient in gradients["fastattn"].items():
+        record(f"bert packed gradients ({padding_side} padding)", gradient,
+               gradients["eager"][name])
