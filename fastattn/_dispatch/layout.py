@@ -306,5 +306,5 @@ def _absent_segments():
                     work=placeholder(np.int64, 2), work_cost=index, present=False)
 
 
-# the Segments group of every call but packed sequences' (fastattn._dispatch.varlen)
+# the Segments group of every call but packed sequences' (fastattn._dispatch.packed_run)
 NO_SEGMENTS = _absent_segments()

@@ -1,4 +1,4 @@
-"""Run a packed call (:class:`~fastattn._contract.varlen.VarlenProblem`) through the
+"""Run a packed call (:class:`~fastattn._contract.packed_sequences.VarlenProblem`) through the
 forward and backward kernels, with no work on padding.
 
 The kernels see the packed arrays as head-major stacks ``(H, total, D)`` (the one
