@@ -256,3 +256,25 @@ def test_torch_head_major_views_without_autograd():
                                      packed.numpy().copy(), cu, cu)
     np.testing.assert_array_equal(out.numpy(), want)
     assert lse.shape == (4, 12) and not out.requires_grad
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "float16"])
+def test_16_bit_inputs_are_read_as_stored(rng, name):
+    """bfloat16 and float16 packed inputs: results in the input dtype within one
+    16-bit rounding of the reference on the same rounded inputs, lse in float32, and a
+    NaN's exact rows (computed in float32) written back in 16 bits."""
+    dtype = np.dtype(pytest.importorskip("ml_dtypes").bfloat16 if name == "bfloat16"
+                     else np.float16)
+    step = 2.0 ** -7 if name == "bfloat16" else 2.0 ** -10
+    q, k, v, cu_q, cu_k = packed_inputs(rng, [7, 0, 300], [9, 2, 300], dtype=np.float32)
+    q, k, v = (array.astype(dtype) for array in (q, k, v))
+    v[20, 1, 2] = np.nan
+    out, lse = fastattn.varlen_attention(q, k, v, cu_q, cu_k, return_lse=True, causal=True)
+    want, want_lse = reference.varlen_attention(*(array.astype(np.float64) for array in (q, k, v)),
+                                                cu_q, cu_k, return_lse=True, causal=True)
+    assert out.dtype == dtype and lse.dtype == np.float32
+    got = out.astype(np.float64)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    finite = ~np.isnan(want)
+    assert np.all(np.abs(got - want)[finite] <= step * np.abs(want)[finite] + 2e-5)
+    np.testing.assert_allclose(lse, want_lse, rtol=2e-5, atol=2e-5)
