@@ -176,11 +176,20 @@ def check_block_mask(block_mask, batch_shape, q_len, kv_len):
     if not isinstance(block_mask, BlockMask):
         raise TypeError(f"block_mask must be a fastattn BlockMask from "
                         f"fastattn.create_block_mask; got {type(block_mask).__name__}")
-    made_for = (block_mask.batch_shape, block_mask.q_len, block_mask.kv_len)
-    if made_for != (tuple(batch_shape), q_len, kv_len):
+    batch_shape = tuple(batch_shape)
+    if (block_mask.q_len, block_mask.kv_len) != (q_len, kv_len) or not broadcasts(
+            block_mask.batch_shape, batch_shape):
         raise ValueError(
             f"block_mask was made for batch shape {block_mask.batch_shape}, Lq = "
             f"{block_mask.q_len}, Lk = {block_mask.kv_len}; this call has batch shape "
-            f"{tuple(batch_shape)}, Lq = {q_len}, Lk = {kv_len}. Make one with "
-            f"fastattn.create_block_mask(mask_mod, {tuple(batch_shape)}, {q_len}, {kv_len})")
+            f"{batch_shape}, Lq = {q_len}, Lk = {kv_len} (a block mask's batch shape must "
+            f"broadcast to the call's: axes of size 1 serve every index). Make one with "
+            f"fastattn.create_block_mask(mask_mod, {batch_shape}, {q_len}, {kv_len})")
     return block_mask
+
+
+def broadcasts(shape, batch_shape):
+    """Whether ``shape`` broadcasts to ``batch_shape`` by NumPy's rules (it is no
+    longer, and each of its axes is 1 or ``batch_shape``'s)."""
+    return len(shape) <= len(batch_shape) and all(
+        size in (1, whole) for size, whole in zip(shape[::-1], batch_shape[::-1]))
