@@ -15,8 +15,10 @@ the per-round ratios is printed with their min and max)::
   over the same backward without it (goal <= 1.35).
 - ``new_table`` (float32 ``(1, 4, 256, 64)``, the issue's shape): a new table, and new
   document ids for a ``mask_mod``, at every call over the same call repeated (goal
-  <= 1.05); and the step that builds a new function capturing the new table (what a
-  new table cost before ``score_mod_args``), in seconds.
+  <= 1.05); the same with the documents in a broadcast ``(1, 1)`` block mask made at
+  every call (``create_block_mask`` and the call, new ids against the same ids); and
+  the step that builds a new function capturing the new table (what a new table cost
+  before ``score_mod_args``), in seconds.
 - ``bounds``: the relative-bias recipe with Numba's bounds checks in the user's
   function over the same recipe without them (reported: goal <= 1.05 or say so).
 """
@@ -136,11 +138,21 @@ def group_calls(group):
             return forward(query, key, value,
                            score_mod=score_functions.relative_position_bias(table))
 
+        def masked_call(table, document_of):  # a broadcast block mask of the documents
+            block_mask = fastattn.create_block_mask(mask_mod, (1, 1), length, length,
+                                                    block_size=64, mask_mod_args=(document_of,))
+            return forward(query, key, value, score_mod=score_mod, score_mod_args=(table,),
+                           block_mask=block_mask)
+
         return {"same table": lambda step: call(tables[0], documents[0]),
                 "new table and documents": lambda step: call(
                     tables[step % 4].copy(), documents[step % 4].copy()),
+                "same block mask documents": lambda step: masked_call(tables[0], documents[0]),
+                "new block mask documents": lambda step: masked_call(
+                    tables[step % 4].copy(), documents[step % 4].copy()),
                 "new captured-table function": new_function}, [
-            ("new table and documents", "same table", "<= 1.05")]
+            ("new table and documents", "same table", "<= 1.05"),
+            ("new block mask documents", "same block mask documents", "<= 1.05")]
     raise ValueError(group)
 
 
@@ -201,7 +213,8 @@ class TimeScoreArgsBackward:
 
 
 class TimeNewTable:
-    params = [["same table", "new table and documents"]]
+    params = [["same table", "new table and documents", "same block mask documents",
+               "new block mask documents"]]
     param_names = ["case"]
     timeout = 300
 

@@ -168,10 +168,3 @@ def test_empty_block_mask_tiles_make_no_task(rng):
                                fastattn.scaled_dot_product_attention(query, key, value,
                                                                      block_mask=block_mask),
                                rtol=1e-10, atol=1e-10)
-
-
-@pytest.mark.parametrize("option", [dict(softcap=2.0), dict(alibi_slopes=[0.5])])
-def test_other_score_options_are_still_refused(option):
-    query = da.zeros((1, 8, 4), chunks=(1, 4, 4))
-    with pytest.raises(NotImplementedError, match=f"does not support {next(iter(option))}"):
-        fdask.scaled_dot_product_attention(query, query, query, **option)
