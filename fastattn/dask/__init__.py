@@ -60,8 +60,6 @@ except ImportError as error:  # pragma: no cover - exercised without the extra
         "(dask[array] and distributed)"
     ) from error
 
-import dataclasses
-
 from fastattn._contract.options import options_from, takes_options
 from fastattn._contract.problem import check_score_mod_grad
 from fastattn.dask.graph import backward_graph, forward_graph
@@ -232,8 +230,7 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
     refuse_score_options(options)
     split_every = check_split_every(split_every)
     plan = plan_attention(query, key, value, mask, options)
-    plan = dataclasses.replace(plan, problem=check_score_mod_grad(
-        plan.problem, score_mod_grad, score_mod_args_grad))
+    check_score_mod_grad(plan.problem, score_mod_grad, score_mod_args_grad)  # the local rules
     grad_out, out, lse = checked_backward_arrays(plan, grad_out, out, lse)
     return backward_graph(plan, grad_out, out, lse, split_every, score_mod_grad,
                           score_mod_args_grad)

@@ -43,8 +43,9 @@ the score functions and that ``mask_mod`` see, 0 where they see the kernels' own
 then each argument array as its address and shape, then the address of each
 argument's gradient partitions. The positions let a call compute a piece of a
 larger one (:mod:`fastattn.dask`: global ``b``, ``h``, ``i``, ``j``) and a block
-mask made for a broadcast batch shape show ``mask_mod`` its own ``(b, h)``. The arrays are read in place, so what is compiled
-depends on the functions and on the arguments' dtypes and dimensions only. An
+mask made for a broadcast batch shape show ``mask_mod`` its own ``(b, h)``. The
+arrays are read in place, so what is compiled depends on the functions and on the
+arguments' dtypes and dimensions only. An
 exception inside a user function (an index out of bounds: Numba's bounds checks are
 on in the hooks) stops the hook and comes back to the kernel as Numba's error
 status; the hook keeps in ``running`` which function it was running, and
