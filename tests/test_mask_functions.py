@@ -237,7 +237,7 @@ def test_combination_checks_its_arguments(rng, attention):
 
 # ---------------------------------------------------------------- chunk_of
 
-@pytest.mark.parametrize("mask_batch", [None, (1, 1), (2, 1)])
+@pytest.mark.parametrize("mask_batch", [None, (1, 1), (2, 1), ()])
 def test_chunk_sees_the_larger_calls_positions(rng, mask_batch):
     """A batch block and rows of a call, computed alone with ``chunk_of``, equal the
     same block of the whole call: the user functions see the whole call's ``(b, h,

@@ -282,7 +282,7 @@ def _check_chunk_of(chunk_of):
         raise ValueError(f"chunk_of must be (batch_shape, batch_start, row_start, key_start) "
                          f"of non-negative ints, batch_start as long as batch_shape; got "
                          f"{chunk_of!r}")
-    return whole_batch, batch_start, row_start, key_start, mask_batch or None
+    return whole_batch, batch_start, row_start, key_start, mask_batch
 
 
 def _check_softcap(softcap):
