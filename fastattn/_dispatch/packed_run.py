@@ -46,7 +46,8 @@ def varlen_arguments(varlen, hook):
     reach_left, reach_right = problem.key_reach()
     visibility = Visibility(kv_lengths=identity_index(1), has_kv_lengths=False, diag_offset=0,
                             reach_left=reach_left, reach_right=reach_right,
-                            block_states=placeholder(np.int8), has_block_mask=False)
+                            block_states=placeholder(np.int8), has_block_mask=False,
+                            block_states_index=identity_index(1))
     return (inputs, score_options(problem, hook), absent_operand(np.dtype(np.bool_)),
             absent_operand(dtype), visibility)
 
