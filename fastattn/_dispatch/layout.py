@@ -101,7 +101,7 @@ def problem_arguments(problem, hook):
         # and decoding loops repeat them)
         return (inputs,) + plain_groups(dtype, problem.scale, problem.heads,
                                         problem.diag_offset, problem.key_reach(),
-                                        gemm_address(dtype))
+                                        gemm_address(dtype), options.softcap)
     block_mask = options.block_mask
     reach_left, reach_right = problem.key_reach()
     visibility = Visibility(
@@ -114,15 +114,17 @@ def problem_arguments(problem, hook):
 
 
 @functools.lru_cache(maxsize=256)
-def plain_groups(dtype, scale, heads, diag_offset, reach, gemm):
+def plain_groups(dtype, scale, heads, diag_offset, reach, gemm, softcap=None):
     """``(ScoreOptions, mask, bias, Visibility)`` of a call without mask, bias,
-    kv_lengths, score options or user functions, shared between such calls: the
+    kv_lengths, ALiBi slopes, dropout or user functions, shared between such calls: the
     ``scale``, the batch axis ``heads``, the diagonal offset, the ``(left, right)``
-    reach of :meth:`~fastattn._contract.problem.AttentionProblem.key_reach` and the BLAS
-    ``gemm`` address are all they hold."""
+    reach of :meth:`~fastattn._contract.problem.AttentionProblem.key_reach` (a window
+    included), the BLAS ``gemm`` address and the ``softcap`` (None: none) are all
+    they hold."""
+    capped = dict(softcap=softcap, has_softcap=True) if softcap is not None else {}
     options = ScoreOptions(**dict(UNSET_SCORE_OPTIONS, scale=float(scale), heads=heads,
                                   gemm=gemm, alibi_slopes=placeholder(np.float64, 1),
-                                  dropout_entries=UNSET_DROPOUT_ENTRIES))
+                                  dropout_entries=UNSET_DROPOUT_ENTRIES, **capped))
     visibility = Visibility(kv_lengths=identity_index(1), has_kv_lengths=False,
                             diag_offset=diag_offset, reach_left=reach[0], reach_right=reach[1],
                             block_states=placeholder(np.int8), has_block_mask=False)
@@ -287,7 +289,7 @@ def fold_query_groups(problem):
     if group == 1 or problem.q_len != 1 or problem.mask is not None:
         return None
     options = problem.options
-    if (not FOLDABLE_OPTIONS.issuperset(options.as_keywords())
+    if (not FOLDABLE_OPTIONS.issuperset(options.set_names)
             or (options.causal and problem.diag_offset < problem.kv_len - 1)
             or (options.kv_lengths is not None and len(problem.batch_shape) < 2)):
         return None

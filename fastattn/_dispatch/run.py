@@ -102,7 +102,7 @@ def decode_supported(problem, return_weights):
     goes to the forward kernel."""
     return (0 < problem.q_len <= tiling.DECODE_MAX_ROWS and not return_weights
             and problem.mask is None
-            and DECODE_OPTIONS.issuperset(problem.options.as_keywords()))
+            and DECODE_OPTIONS.issuperset(problem.options.set_names))
 
 
 # The options the decode kernel implements (any other one set sends a call elsewhere).
