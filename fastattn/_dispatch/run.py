@@ -19,7 +19,7 @@ from fastattn._dispatch import tiling
 from fastattn._dispatch.layout import (NO_HOOK, as_stored, fold_query_groups, identity_index,
                                        placeholder, problem_arguments, problem_hook)
 from fastattn._runtime import settings
-from fastattn._runtime.threads import single_threaded_blas
+from fastattn._runtime.threads import at_most_threads, single_threaded_blas
 from fastattn.kernels.backward import backward_kernel
 from fastattn.kernels.decode import decode_kernel
 from fastattn.kernels.forward import exact_rows_kernel, forward_kernel
@@ -122,12 +122,15 @@ def run_decode(problem):
     if n_batch:
         settings.apply()
         inputs, options, _, _, visibility = problem_arguments(problem, NO_HOOK)
-        decode_kernel(problem.kernel_dtype)(inputs, options, visibility,
-                             Tiling(block_q=problem.q_len, block_k=block_k,
-                                    slots=get_num_threads()),  # a slot per thread
-                             ForwardOutputs(out, lse, placeholder(dtype, 3, writeable=True),
-                                            False),
-                             spans)
+        threads = tiling.decode_threads(problem.key.nbytes + problem.value.nbytes,
+                                        get_num_threads())
+        with at_most_threads(threads):  # small calls: the calling thread alone
+            decode_kernel(problem.kernel_dtype)(
+                inputs, options, visibility,
+                Tiling(block_q=problem.q_len, block_k=block_k,
+                       slots=threads),  # a slot per thread
+                ForwardOutputs(out, lse, placeholder(dtype, 3, writeable=True), False),
+                spans)
     out, lse = shaped_results(problem, out, lse)
     return out, placeholder(problem.out_dtype, 3, writeable=True), lse
 
