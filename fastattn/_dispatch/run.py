@@ -122,9 +122,9 @@ def run_decode(problem):
     if n_batch:
         settings.apply()
         inputs, options, _, _, visibility = problem_arguments(problem, NO_HOOK)
-        threads = tiling.decode_threads(problem.key.nbytes + problem.value.nbytes,
-                                        get_num_threads())
-        with at_most_threads(threads):  # small calls: the calling thread alone
+        available = get_num_threads()
+        threads = tiling.decode_threads(problem.key.nbytes + problem.value.nbytes, available)
+        with at_most_threads(threads, available):  # small calls: the calling thread alone
             decode_kernel(problem.kernel_dtype)(
                 inputs, options, visibility,
                 Tiling(block_q=problem.q_len, block_k=block_k,

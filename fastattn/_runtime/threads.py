@@ -112,16 +112,17 @@ class at_most_threads:
     :func:`set_num_threads`.
     """
 
-    __slots__ = ("count", "saved")
+    __slots__ = ("count", "current", "saved")
 
-    def __init__(self, count):
+    def __init__(self, count, current=None):
         self.count = count
+        self.current = current  # the thread count in use, when the caller knows it
         self.saved = None
 
     def __enter__(self):
         import numba
 
-        current = numba.get_num_threads()
+        current = self.current if self.current is not None else numba.get_num_threads()
         if current > self.count:
             self.saved = current
             numba.set_num_threads(self.count)
