@@ -9,9 +9,8 @@ Goals (fastattn over sdpa, each in a process of its own, as asv runs parameters)
   attention function: linear layers, norms, the cache): <= 1.02, i.e. fastattn's
   threads do not slow PyTorch's down.
 
-The interleaved comparison with the per-part profile (the adapter, fastattn.torch, the
-NumPy-level call, the kernel) is ``/work/notes/decode_profile.py`` (and ``hf_models.py``'s
-``llama-decode`` case).
+The interleaved comparison (persistent workers, A B A B, the median of per-round
+ratios) is ``python asv_benchmarks/hf_models.py --cases llama-decode``.
 """
 
 import os
