@@ -1,8 +1,6 @@
 """The streaming decode kernel (fastattn.kernels.decode): few query rows against a
 long cache, against the float64 NumPy reference, and its dispatch by shape."""
 
-import sys
-
 import numba
 import numpy as np
 import pytest
@@ -167,16 +165,14 @@ def test_bitwise_identical_for_every_thread_count(rng, decode_calls, shape):
         assert one.tobytes() == two.tobytes()
 
 
-@pytest.mark.parametrize("kv_len", [3, 2000, 9000])
+@pytest.mark.parametrize("kv_len", [3, 2000])
 def test_small_calls_run_on_the_calling_thread(rng, monkeypatch, kv_len):
     """Below DECODE_SERIAL_BYTES of keys and values a decode call runs on one thread
     (one scratch slot), above it on every thread; the thread count the caller set is
     kept, and the results match the reference."""
     query, key, value = random_inputs(rng, (1, 8, 1, 64), (1, 2, kv_len, 64),
                                       dtype=np.float32)
-    limit = (tiling.DECODE_SERIAL_BYTES_BESIDE_TORCH if "torch" in sys.modules
-             else tiling.DECODE_SERIAL_BYTES)
-    small = key.nbytes + value.nbytes < limit
+    small = key.nbytes + value.nbytes < tiling.DECODE_SERIAL_BYTES
     seen = []
     getter = run.decode_kernel
 
@@ -273,12 +269,3 @@ def test_arguments_have_the_signatures_types(rng, monkeypatch, dtype):
     fastattn.scaled_dot_product_attention(query, full_key, full_value, causal=True,
                                           kv_lengths=[3, 1500], window=(9, 0), softcap=2.0)
     assert len(seen) == 3
-
-
-@pytest.mark.parametrize("beside_torch, kv_bytes, expected", [
-    (False, tiling.DECODE_SERIAL_BYTES - 1, 1), (False, tiling.DECODE_SERIAL_BYTES, 2),
-    (True, tiling.DECODE_SERIAL_BYTES, 1),
-    (True, tiling.DECODE_SERIAL_BYTES_BESIDE_TORCH - 1, 1),
-    (True, tiling.DECODE_SERIAL_BYTES_BESIDE_TORCH, 2)])
-def test_decode_threads_by_work(beside_torch, kv_bytes, expected):
-    assert tiling.decode_threads(kv_bytes, 2, beside_torch) == expected

@@ -19,7 +19,7 @@ from fastattn._dispatch import tiling
 from fastattn._dispatch.layout import (NO_HOOK, as_stored, fold_query_groups, identity_index,
                                        placeholder, problem_arguments, problem_hook)
 from fastattn._runtime import settings
-from fastattn._runtime.threads import at_most_threads, beside_torch, single_threaded_blas
+from fastattn._runtime.threads import at_most_threads, single_threaded_blas
 from fastattn.kernels.backward import backward_kernel
 from fastattn.kernels.decode import decode_kernel
 from fastattn.kernels.forward import exact_rows_kernel, forward_kernel
@@ -123,8 +123,7 @@ def run_decode(problem):
         settings.apply()
         inputs, options, _, _, visibility = problem_arguments(problem, NO_HOOK)
         available = get_num_threads()
-        threads = tiling.decode_threads(problem.key.nbytes + problem.value.nbytes, available,
-                                        beside_torch())
+        threads = tiling.decode_threads(problem.key.nbytes + problem.value.nbytes, available)
         with at_most_threads(threads, available):  # small calls: the calling thread alone
             decode_kernel(problem.kernel_dtype)(
                 inputs, options, visibility,

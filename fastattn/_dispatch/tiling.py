@@ -120,21 +120,9 @@ def decode_plan(n_batch, kv_len):
 # layers) 0.97, 0.97, 0.92, 0.81, 0.88 (/work/notes/decode_threads.py). The forward
 # kernel showed no such loss (16-256 queries: 0.58-1.02), so it keeps every thread.
 DECODE_SERIAL_BYTES = 512 * 1024
-# The same where PyTorch's OpenMP threads share the cores (a transformers model
-# decoding): after a call Numba's threads spin for a while, taking a core from the
-# PyTorch work that follows. Measured (Llama-style model, 4 layers, hidden 512, Hq=8
-# over Hkv=2, D=64, a 1024-token prompt, ~1 MiB of keys and values per layer call;
-# /work/notes/decode_profile.py): 1 thread, 7.92 ms a token and 6.68 ms of other work;
-# 2 threads, 8.50 and 7.44 ms (the kernel itself 171 and 125 us). A call and the
-# PyTorch products after it took the same time at 1 and 2 threads up to 4 MiB (0.98-1.01;
-# decode_threads.py --with-next).
-DECODE_SERIAL_BYTES_BESIDE_TORCH = 4 * 1024 * 1024
 
 
-def decode_threads(kv_bytes, threads, beside_torch=False):
+def decode_threads(kv_bytes, threads):
     """Threads a decode call reading ``kv_bytes`` of keys and values runs on, out of
-    the ``threads`` it may use: one below :data:`DECODE_SERIAL_BYTES` (or
-    :data:`DECODE_SERIAL_BYTES_BESIDE_TORCH` when PyTorch's threads share the cores,
-    ``beside_torch``), else all."""
-    limit = DECODE_SERIAL_BYTES_BESIDE_TORCH if beside_torch else DECODE_SERIAL_BYTES
-    return 1 if kv_bytes < limit else threads
+    the ``threads`` it may use: one below :data:`DECODE_SERIAL_BYTES`, else all."""
+    return 1 if kv_bytes < DECODE_SERIAL_BYTES else threads

@@ -12,7 +12,6 @@ oversubscribe the cores. MKL is loaded with its sequential layer; SciPy's BLAS i
 kept at one thread by :class:`single_threaded_blas`.
 """
 
-import sys
 import threading
 
 from fastattn import blas
@@ -136,9 +135,3 @@ class at_most_threads:
             numba.set_num_threads(self.saved)
             self.saved = None
         return False
-
-
-def beside_torch():
-    """Whether PyTorch is imported in this process: its OpenMP threads then share the
-    cores with Numba's (a second OpenMP runtime; see :mod:`fastattn._runtime.settings`)."""
-    return "torch" in sys.modules
