@@ -269,3 +269,10 @@ def test_arguments_have_the_signatures_types(rng, monkeypatch, dtype):
     fastattn.scaled_dot_product_attention(query, full_key, full_value, causal=True,
                                           kv_lengths=[3, 1500], window=(9, 0), softcap=2.0)
     assert len(seen) == 3
+
+
+@pytest.mark.parametrize("kv_bytes, threads, expected", [
+    (0, 2, 1), (tiling.DECODE_SERIAL_BYTES - 1, 2, 1), (tiling.DECODE_SERIAL_BYTES, 2, 2),
+    (tiling.DECODE_SERIAL_BYTES, 1, 1), (10 * tiling.DECODE_SERIAL_BYTES, 4, 4)])
+def test_decode_threads_by_work(kv_bytes, threads, expected):
+    assert tiling.decode_threads(kv_bytes, threads) == expected

@@ -119,6 +119,9 @@ def decode_plan(n_batch, kv_len):
 # 512 KiB 0.92, 1 MiB 0.82; after PyTorch products on 2 threads (a model's linear
 # layers) 0.97, 0.97, 0.92, 0.81, 0.88 (/work/notes/decode_threads.py). The forward
 # kernel showed no such loss (16-256 queries: 0.58-1.02), so it keeps every thread.
+# In a transformers model decoding (Llama-style, Hq=8 over Hkv=2, D=64, about 1 MiB of
+# keys and values per layer call) one thread did not pay either: 7.92 ms a token
+# against 7.75 at 2 threads, the other work the same (6.68, 6.67 ms; decode_profile.py).
 DECODE_SERIAL_BYTES = 512 * 1024
 
 
