@@ -6,7 +6,8 @@ measured in interleaved rounds (each round times every case of a group once in
 turn; each ratio is taken within the round, so machine drift cancels; the median of
 the per-round ratios is printed with their min and max)::
 
-    python asv_benchmarks/score_args.py [--groups table backward new_table bounds] [--rounds 15]
+    python asv_benchmarks/score_args.py [--groups table backward new_table new_function bounds]
+                                        [--rounds 15]
 
 - ``table`` (float32 ``(1, 8, 2048, 64)``): a relative-position ``score_mod`` reading
   a per-call ``(H, 2L - 1)`` table over the same function with the table captured
@@ -15,10 +16,16 @@ the per-round ratios is printed with their min and max)::
   over the same backward without it (goal <= 1.35).
 - ``new_table`` (float32 ``(1, 4, 256, 64)``, the issue's shape): a new table, and new
   document ids for a ``mask_mod``, at every call over the same call repeated (goal
-  <= 1.05); and the step that builds a new function capturing the new table (what a
-  new table cost before ``score_mod_args``), in seconds.
+  <= 1.05); the same with the documents in a broadcast ``(1, 1)`` block mask made at
+  every call (``create_block_mask`` and the call, new ids against the same ids).
+- ``new_function`` (same shape): the step that builds a new function capturing the
+  new table (what a new table cost before ``score_mod_args``: a compile per step),
+  beside the call with a per-call table.
 - ``bounds``: the relative-bias recipe with Numba's bounds checks in the user's
   function over the same recipe without them (reported: goal <= 1.05 or say so).
+
+Rounds alternate the order of the cases (A B, then B A), so that no case always
+follows the same one.
 """
 
 import argparse
@@ -118,7 +125,7 @@ def group_calls(group):
                                                   score_mod_args=(table,)),
                 "checked": lambda step: forward(query, key, value, **with_args)}, [
             ("checked", "unchecked", "<= 1.05 (else say so)")]
-    if group == "new_table":
+    if group in ("new_table", "new_function"):
         heads, length = 4, 256
         query, key, value = inputs(heads, length)
         tables = [table_for(heads, length, seed) for seed in range(4)]
@@ -136,11 +143,24 @@ def group_calls(group):
             return forward(query, key, value,
                            score_mod=score_functions.relative_position_bias(table))
 
+        def masked_call(table, document_of):  # a broadcast block mask of the documents
+            block_mask = fastattn.create_block_mask(mask_mod, (1, 1), length, length,
+                                                    block_size=64, mask_mod_args=(document_of,))
+            return forward(query, key, value, score_mod=score_mod, score_mod_args=(table,),
+                           block_mask=block_mask)
+
+        if group == "new_function":  # a compile per step: a group of its own, so that
+            # the calls after it do not pay for the threads it left asleep
+            return {"same table": lambda step: call(tables[0], documents[0]),
+                    "new captured-table function": new_function}, []
         return {"same table": lambda step: call(tables[0], documents[0]),
                 "new table and documents": lambda step: call(
                     tables[step % 4].copy(), documents[step % 4].copy()),
-                "new captured-table function": new_function}, [
-            ("new table and documents", "same table", "<= 1.05")]
+                "same block mask documents": lambda step: masked_call(tables[0], documents[0]),
+                "new block mask documents": lambda step: masked_call(
+                    tables[step % 4].copy(), documents[step % 4].copy())}, [
+            ("new table and documents", "same table", "<= 1.05"),
+            ("new block mask documents", "same block mask documents", "<= 1.05")]
     raise ValueError(group)
 
 
@@ -151,7 +171,8 @@ def run_group(group, rounds):
         call(-1)
     times = {name: [] for name in calls}
     for step in range(rounds):
-        for name, call in calls.items():
+        order = list(calls.items())
+        for name, call in (order if step % 2 == 0 else order[::-1]):  # A B, then B A
             started = time.perf_counter()
             call(step)
             times[name].append(time.perf_counter() - started)
@@ -201,7 +222,8 @@ class TimeScoreArgsBackward:
 
 
 class TimeNewTable:
-    params = [["same table", "new table and documents"]]
+    params = [["same table", "new table and documents", "same block mask documents",
+               "new block mask documents"]]
     param_names = ["case"]
     timeout = 300
 
@@ -218,7 +240,7 @@ class TimeNewTable:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--groups", nargs="+",
-                        default=["table", "backward", "new_table", "bounds"])
+                        default=["table", "backward", "new_table", "new_function", "bounds"])
     parser.add_argument("--rounds", type=int, default=15)
     arguments = parser.parse_args()
     for group in arguments.groups:

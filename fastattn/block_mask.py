@@ -35,7 +35,8 @@ class BlockMask:
     mask_mod : numba dispatcher
         ``mask_mod(b, h, i, j) -> bool``, True = may attend.
     batch_shape : tuple of int
-        The batch shape of the calls it serves.
+        The batch shape it was made for: it serves the calls whose batch shape this
+        one broadcasts to.
     q_len, kv_len : int
         ``Lq`` and ``Lk`` of those calls.
     block_size : (int, int)
@@ -92,7 +93,10 @@ def create_block_mask(mask_mod, batch_shape, q_len, kv_len, *, block_size=DEFAUL
         indexes it and ``h = 0``; with none both are 0).
     batch_shape : tuple of int
         The broadcast batch shape of the calls (``(B, H)`` for ``(B, H, L, D)``
-        inputs).
+        inputs), or a shape that broadcasts to it: an axis of size 1 (``(1, 1)``,
+        FlexAttention's ``B=None, H=None``) serves every index of the calls' axis,
+        with ``mask_mod`` evaluated and the tiles stored once for it; ``mask_mod``
+        then sees the mask's own ``(b, h)``, 0 along such an axis.
     q_len, kv_len : int
         ``Lq`` and ``Lk``.
     block_size : int or (int, int), default 128
@@ -109,12 +113,14 @@ def create_block_mask(mask_mod, batch_shape, q_len, kv_len, *, block_size=DEFAUL
     BlockMask
         Pass it as ``block_mask=`` (it carries its ``mask_mod``) to
         :func:`fastattn.scaled_dot_product_attention` and its backward, for any call
-        of this batch shape, ``Lq`` and ``Lk``.
+        of ``Lq`` and ``Lk`` whose batch shape ``batch_shape`` broadcasts to.
 
     Notes
     -----
     ``mask_mod`` is evaluated ``prod(batch_shape) * Lq * Lk`` times, in parallel
-    (about 1 ns each for simple functions); the result holds one byte per tile.
+    (about 1 ns each for simple functions), a few rows of a tile at a time (a tile
+    found partial is not evaluated further); the result holds one byte per tile. A
+    mask made for ``(1, 1)`` costs ``1 / (B * H)`` of the one made for ``(B, H)``.
 
     Examples
     --------
@@ -176,11 +182,20 @@ def check_block_mask(block_mask, batch_shape, q_len, kv_len):
     if not isinstance(block_mask, BlockMask):
         raise TypeError(f"block_mask must be a fastattn BlockMask from "
                         f"fastattn.create_block_mask; got {type(block_mask).__name__}")
-    made_for = (block_mask.batch_shape, block_mask.q_len, block_mask.kv_len)
-    if made_for != (tuple(batch_shape), q_len, kv_len):
+    batch_shape = tuple(batch_shape)
+    if (block_mask.q_len, block_mask.kv_len) != (q_len, kv_len) or not broadcasts(
+            block_mask.batch_shape, batch_shape):
         raise ValueError(
             f"block_mask was made for batch shape {block_mask.batch_shape}, Lq = "
             f"{block_mask.q_len}, Lk = {block_mask.kv_len}; this call has batch shape "
-            f"{tuple(batch_shape)}, Lq = {q_len}, Lk = {kv_len}. Make one with "
-            f"fastattn.create_block_mask(mask_mod, {tuple(batch_shape)}, {q_len}, {kv_len})")
+            f"{batch_shape}, Lq = {q_len}, Lk = {kv_len} (a block mask's batch shape must "
+            f"broadcast to the call's: axes of size 1 serve every index). Make one with "
+            f"fastattn.create_block_mask(mask_mod, {batch_shape}, {q_len}, {kv_len})")
     return block_mask
+
+
+def broadcasts(shape, batch_shape):
+    """Whether ``shape`` broadcasts to ``batch_shape`` by NumPy's rules (it is no
+    longer, and each of its axes is 1 or ``batch_shape``'s)."""
+    return len(shape) <= len(batch_shape) and all(
+        size in (1, whole) for size, whole in zip(shape[::-1], batch_shape[::-1]))

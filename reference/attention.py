@@ -125,13 +125,15 @@ def call_over_grid(function, problem, scores=None, args=(), role=None):
 
     ``b`` and ``h`` follow the contract: with two or more batch axes ``h`` indexes
     the last one and ``b`` the others, flattened in C order; with one, ``b``
-    indexes it and ``h = 0``; with none both are 0. An ``IndexError`` inside the
+    indexes it and ``h = 0``; with none both are 0 (:func:`grid_indices`: those of
+    a larger call with ``chunk_of``, and for ``mask_mod`` those of a broadcast
+    block mask's own batch shape). An ``IndexError`` inside the
     function is raised again naming it (``role``: ``"score_mod"`` by default with
     scores, else ``"mask_mod"``).
     """
-    b, h, i, j = grid_indices(problem)  # (*batch, 1, 1) each, (Lq, 1), (1, Lk)
-    python_function = function.py_func  # the user's code, run by Python
     role = role or ("mask_mod" if scores is None else "score_mod")
+    b, h, i, j = grid_indices(problem, role)  # (*batch, 1, 1) each, (Lq, 1), (1, Lk)
+    python_function = function.py_func  # the user's code, run by Python
     with named_index_errors(role, python_function):
         if scores is None:
             return np.vectorize(lambda *indices: python_function(*indices, *args),
@@ -140,14 +142,18 @@ def call_over_grid(function, problem, scores=None, args=(), role=None):
                             otypes=[np.float64])(scores, b, h, i, j)  # (*batch, Lq, Lk)
 
 
-def grid_indices(problem):
+def grid_indices(problem, role="score_mod"):
     """``b``, ``h`` ``(*batch, 1, 1)``, ``i`` ``(Lq, 1)`` and ``j`` ``(1, Lk)``: the
-    indices the user functions see at every score of the problem."""
+    indices the user function of ``role`` sees at every score of the problem
+    (:meth:`~fastattn._contract.problem.AttentionProblem.user_function_positions`:
+    ``mask_mod`` has its own ``b`` and ``h``)."""
     batch = problem.batch_shape
-    entry = np.arange(int(np.prod(batch))).reshape(batch + (1, 1))  # (*batch, 1, 1)
-    i = np.arange(problem.q_len)[:, None]  # (Lq, 1) query positions
-    j = np.arange(problem.kv_len)[None, :]  # (1, Lk) key positions
-    return entry // problem.heads, entry % problem.heads, i, j
+    b, h, mask_b, mask_h, row_offset, key_offset = problem.user_function_positions()
+    if role == "mask_mod":
+        b, h = mask_b, mask_h  # (N,) each
+    i = row_offset + np.arange(problem.q_len)[:, None]  # (Lq, 1) query positions
+    j = key_offset + np.arange(problem.kv_len)[None, :]  # (1, Lk) key positions
+    return b.reshape(batch + (1, 1)), h.reshape(batch + (1, 1)), i, j
 
 
 class named_index_errors:

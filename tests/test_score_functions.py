@@ -350,12 +350,3 @@ def test_create_block_mask_checks_its_arguments(arguments, error, word):
 def test_create_block_mask_checks_the_block_size(block_size):
     with pytest.raises((ValueError, TypeError), match="block_size"):
         fastattn.create_block_mask(prefix_lm, (2, 3), 4, 5, block_size=block_size)
-
-
-@pytest.mark.parametrize("kwargs", [dict(score_mod=wobble), dict(mask_mod=prefix_lm)],
-                         ids=["score_mod", "mask_mod"])
-def test_dask_refuses_score_functions(kwargs):
-    fastattn_dask = pytest.importorskip("fastattn.dask")
-    query, key, value = random_inputs(np.random.default_rng(0), (2, 3, 4, 8), (2, 3, 5, 8))
-    with pytest.raises(NotImplementedError, match=next(iter(kwargs))):
-        fastattn_dask.scaled_dot_product_attention(query, key, value, **kwargs)

@@ -134,17 +134,18 @@ class AttentionOptions:
         return dict(kv_lengths=check_kv_lengths(self.kv_lengths, batch_shape, kv_len),
                     alibi_slopes=_check_alibi_slopes(self.alibi_slopes, batch_shape))
 
-    def dropout_positions(self, batch_shape, heads):
-        """Where the dropout decisions of a call with this (local) ``batch_shape`` are
-        taken: ``(b, h, row_offset, key_offset)``, the int64 ``(N,)`` arrays ``b`` and
-        ``h`` of every entry of the flattened batch and the offsets added to query
-        and key positions. Those of the call itself (``divmod(entry, heads)``, no
-        offsets), or, with ``chunk_of``, of the larger call this one is a chunk of."""
+    def entry_positions(self, batch_shape, heads):
+        """Where the dropout decisions (and the user functions) of a call with this
+        (local) ``batch_shape`` are taken: ``(b, h, row_offset, key_offset)``, the int64
+        ``(N,)`` arrays ``b`` and ``h`` of every entry of the flattened batch and the
+        offsets added to query and key positions. Those of the call itself
+        (``divmod(entry, heads)``, no offsets), or, with ``chunk_of``, of the larger
+        call this one is a chunk of."""
         n_batch = int(np.prod(batch_shape, dtype=np.int64))
         if self.chunk_of is None:
             entries = np.arange(n_batch, dtype=np.int64)  # (N,)
             return entries // heads, entries % heads, 0, 0
-        whole_batch, batch_start, row_offset, key_offset = self.chunk_of
+        whole_batch, batch_start, row_offset, key_offset = self.chunk_of[:4]
         entries = np.zeros(n_batch, np.int64)  # (N,) entries of the whole call, C order
         if batch_shape:
             local = np.unravel_index(np.arange(n_batch), batch_shape)  # per axis (N,)
@@ -153,6 +154,8 @@ class AttentionOptions:
                                            whole_batch).astype(np.int64)  # (N,)
         whole_heads = whole_batch[-1] if len(whole_batch) >= 2 else 1
         return entries // whole_heads, entries % whole_heads, row_offset, key_offset
+
+    dropout_positions = entry_positions  # the name the dropout code reads
 
 
 FIELD_NAMES = tuple(field.name for field in dataclasses.fields(AttentionOptions)
@@ -257,24 +260,32 @@ def _check_dropout_seed(dropout_seed, dropout_p):
 
 
 def _check_chunk_of(chunk_of):
-    """``chunk_of`` as ``(batch_shape, batch_start, row_start, key_start)`` of
-    non-negative Python ints (two tuples, two ints), or None."""
+    """``chunk_of`` as ``(batch_shape, batch_start, row_start, key_start,
+    mask_batch_shape)`` of non-negative Python ints (two tuples, two ints, a tuple
+    that broadcasts to ``batch_shape`` or None; it may be left out), or None."""
     if chunk_of is None:
         return None
     try:
-        whole_batch, batch_start, row_start, key_start = chunk_of
+        whole_batch, batch_start, row_start, key_start, *mask_batch = chunk_of
+        if len(mask_batch) > 1:
+            raise ValueError("too many entries")
+        mask_batch = mask_batch[0] if mask_batch else None
+        if mask_batch is not None:
+            mask_batch = tuple(operator.index(size) for size in mask_batch)
+            np.broadcast_shapes(mask_batch, tuple(whole_batch))
         whole_batch = tuple(operator.index(size) for size in whole_batch)
         batch_start = tuple(operator.index(start) for start in batch_start)
         row_start, key_start = operator.index(row_start), operator.index(key_start)
     except (TypeError, ValueError):
-        raise ValueError(f"chunk_of must be (batch_shape, batch_start, row_start, key_start) "
-                         f"of non-negative ints; got {chunk_of!r}") from None
+        raise ValueError(f"chunk_of must be (batch_shape, batch_start, row_start, key_start"
+                         f"[, mask_batch_shape]) of non-negative ints, mask_batch_shape "
+                         f"broadcasting to batch_shape; got {chunk_of!r}") from None
     if (len(batch_start) != len(whole_batch) or min(whole_batch + batch_start, default=0) < 0
             or row_start < 0 or key_start < 0):
         raise ValueError(f"chunk_of must be (batch_shape, batch_start, row_start, key_start) "
                          f"of non-negative ints, batch_start as long as batch_shape; got "
                          f"{chunk_of!r}")
-    return whole_batch, batch_start, row_start, key_start
+    return whole_batch, batch_start, row_start, key_start, mask_batch
 
 
 def _check_softcap(softcap):
@@ -391,13 +402,17 @@ OPTION_DOCS = {
         function of ``(dropout_seed, b, h, i, j)`` (Philox4x32-10, a counter-based
         generator), so the backward regenerates it from the same seed, and it is the
         same for every thread count and tiling and in :mod:`reference`."""),
-    "chunk_of": ("(tuple, tuple, int, int), optional", """
-        ``(batch_shape, batch_start, row_start, key_start)``: this call computes the
-        block of a larger call of batch shape ``batch_shape`` whose batch starts at
-        index ``batch_start`` (one entry per batch axis), whose queries start at
-        ``row_start`` and keys at ``key_start``; dropout decisions are then the larger
-        call's, at its ``(b, h, i, j)``. For code that splits one call into pieces
-        (:mod:`fastattn.dask` passes it); without dropout it changes nothing."""),
+    "chunk_of": ("(tuple, tuple, int, int[, tuple]), optional", """
+        ``(batch_shape, batch_start, row_start, key_start[, mask_batch_shape])``:
+        this call computes the block of a larger call of batch shape ``batch_shape``
+        whose batch starts at index ``batch_start`` (one entry per batch axis), whose
+        queries start at ``row_start`` and keys at ``key_start``; dropout decisions
+        and the user functions' ``(b, h, i, j)`` are then the larger call's
+        (``mask_mod``'s ``(b, h)`` those of ``mask_batch_shape``, a shape that
+        broadcasts to ``batch_shape``, when given: a broadcast block mask's). For
+        code that splits one call into pieces (:mod:`fastattn.dask` passes it);
+        without dropout or user functions it changes nothing. Not with a
+        ``block_mask``."""),
 }
 assert tuple(OPTION_DOCS) == FIELD_NAMES
 

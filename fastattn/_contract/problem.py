@@ -100,13 +100,57 @@ class AttentionProblem:
     def heads(self):
         """Size of the batch axis that the user functions' ``h`` indexes: the last
         of two or more batch axes, else 1 (``b, h = divmod(entry, heads)``)."""
-        return self.batch_shape[-1] if len(self.batch_shape) >= 2 else 1
+        return batch_heads(self.batch_shape)
 
     @property
     def effective_mask_mod(self):
         """The ``mask_mod`` the call applies: its own, or its block mask's."""
         block_mask = self.options.block_mask
         return block_mask.mask_mod if block_mask is not None else self.options.mask_mod
+
+    def user_function_positions(self):
+        """Where the user functions are evaluated, for every entry of the flattened
+        batch: ``(b, h, mask_b, mask_h, row_offset, key_offset)``, the int64 ``(N,)``
+        ``b`` and ``h`` that ``score_mod`` (and its gradients) see, those that
+        ``mask_mod`` sees, and the offsets added to ``i`` and ``j``.
+
+        The call's own ``divmod(entry, heads)`` and no offsets, or, with
+        ``chunk_of``, the larger call's. ``mask_mod`` sees the ``(b, h)`` of the
+        batch shape it was made for (:attr:`mask_batch_shape`): along an axis of
+        size 1 that broadcasts, index 0.
+        """
+        batch, chunk_of = self.batch_shape, self.options.chunk_of
+        b, h, row_offset, key_offset = self.options.entry_positions(batch, self.heads)
+        mask_batch = self.mask_batch_shape
+        if mask_batch is None:
+            return b, h, b, h, row_offset, key_offset
+        whole_batch = chunk_of[0] if chunk_of is not None else batch
+        whole_entries = b * batch_heads(whole_batch) + h  # (N,) in the whole batch
+        mask_entries = broadcast_entries(mask_batch, whole_batch)[whole_entries]  # (N,)
+        mask_heads = batch_heads(mask_batch)
+        return b, h, mask_entries // mask_heads, mask_entries % mask_heads, row_offset, \
+            key_offset
+
+    @property
+    def mask_batch_shape(self):
+        """The batch shape whose ``(b, h)`` ``mask_mod`` sees when it is not the
+        call's: a block mask's own (made for a shape that broadcasts to the call's),
+        or the one ``chunk_of`` names; None otherwise."""
+        block_mask, chunk_of = self.options.block_mask, self.options.chunk_of
+        if block_mask is not None and block_mask.batch_shape != self.batch_shape:
+            return block_mask.batch_shape
+        if chunk_of is not None and chunk_of[4] is not None and chunk_of[4] != chunk_of[0]:
+            return chunk_of[4]
+        return None
+
+    def block_states_index(self):
+        """Which entry of the block mask's tile states each entry of the flattened
+        batch reads, int64 ``(N,)`` (broadcast axes read entry 0), or None when the
+        mask was made for the call's batch shape (entry ``n`` reads ``n``)."""
+        block_mask = self.options.block_mask
+        if block_mask is None or block_mask.batch_shape == self.batch_shape:
+            return None
+        return broadcast_entries(block_mask.batch_shape, self.batch_shape)
 
     @property
     def kernel_dtype(self):
@@ -169,6 +213,19 @@ class AttentionProblem:
         0; an unbounded side is returned as ``Lq + Lk``, which reaches every key.
         """
         return key_reach(self.options.window, self.options.causal, self.q_len, self.kv_len)
+
+
+def batch_heads(batch_shape):
+    """Size of the batch axis that the user functions' ``h`` indexes in a batch of
+    ``batch_shape``: the last of two or more axes, else 1."""
+    return batch_shape[-1] if len(batch_shape) >= 2 else 1
+
+
+def broadcast_entries(own_shape, batch_shape):
+    """For each entry of the flattened ``batch_shape``, the entry of the flattened
+    ``own_shape`` (which broadcasts to it) that it reads: int64 ``(prod(batch_shape),)``."""
+    own = np.arange(int(np.prod(own_shape, dtype=np.int64)), dtype=np.int64)
+    return np.ascontiguousarray(np.broadcast_to(own.reshape(own_shape), batch_shape).ravel())
 
 
 def key_reach(window, causal, q_len, kv_len):
@@ -273,6 +330,10 @@ def check_user_functions(options, batch_shape, q_len, kv_len, dtype):
     score_mod = check_score_function("score_mod", options.score_mod, dtype, score_args)
     mask_mod = check_score_function("mask_mod", options.mask_mod, dtype, mask_args)
     block_mask = check_block_mask(options.block_mask, batch_shape, q_len, kv_len)
+    if block_mask is not None and options.chunk_of is not None:
+        raise ValueError("chunk_of cannot be combined with a block_mask (its tiles are "
+                         "this call's): pass the block mask's mask_mod and mask_mod_args "
+                         "instead")
     checked = dict(score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask,
                    score_mod_args=score_args or None, mask_mod_args=mask_args or None)
     if block_mask is None:
@@ -322,11 +383,10 @@ def _plain_problem(query, key, value, options):
     except (TypeError, ValueError):  # the same checks on the real shapes: their message
         return AttentionProblem(query, key, value, None, options, *_plain_problem_fields(
             query.shape, key_shape, value_shape, query.dtype, key.dtype, value.dtype, options))
-    batch_shape, q_len, _, head_dim, value_dim, group, compute_dtype, out_dtype, scale = (
-        fields[:-1])
-    return AttentionProblem(query, key, value, None, options, batch_shape, q_len, kv_len,
-                            head_dim, value_dim, group, compute_dtype, out_dtype, scale,
-                            diagonal_offset(options.causal_alignment, q_len, kv_len))
+    shape_fields = dict(zip(_SHAPE_FIELDS, fields))
+    shape_fields.update(kv_len=kv_len, diag_offset=diagonal_offset(
+        options.causal_alignment, shape_fields["q_len"], kv_len))
+    return AttentionProblem(query, key, value, None, options, **shape_fields)
 
 
 # The Lk of the stand-ins that check plain calls whose key and value agree on Lk.

@@ -39,11 +39,13 @@ from fastattn.kernels.hooks import argument_kinds, block_hook, hook_table, raise
 
 class HookCall(NamedTuple):
     """The block hook of a call (a ``numba.cfunc``, held while the kernels run so
-    that its address stays valid; None without user functions) and the call's int64
-    hook ``table`` (:func:`fastattn.kernels.hooks.hook_table`)."""
+    that its address stays valid; None without user functions), the call's int64
+    hook ``table`` (:func:`fastattn.kernels.hooks.hook_table`) and the arrays of
+    positions whose addresses the table holds (kept alive with it)."""
 
     hook: object
     table: np.ndarray
+    positions: tuple = ()
 
     @property
     def address(self):
@@ -70,7 +72,26 @@ def problem_hook(problem, grad_parts=()):
     hook = block_hook(options.score_mod, problem.effective_mask_mod, problem.score_mod_grad,
                       problem.compute_dtype, argument_kinds(score_args),
                       argument_kinds(mask_args), problem.score_mod_args_grad)
-    return HookCall(hook, hook_table(score_args, mask_args, grad_parts))
+    positions = hook_positions(problem)
+    return HookCall(hook, hook_table(score_args, mask_args, grad_parts, positions),
+                    positions or ())
+
+
+def hook_positions(problem):
+    """The positions of a call's hook table (:func:`fastattn.kernels.hooks.hook_table`)
+    from :meth:`~fastattn._contract.problem.AttentionProblem.user_function_positions`:
+    ``(row_offset, key_offset, heads, score_entries, mask_entries)``, the entries
+    int64 ``(N, 2)`` arrays of ``(b, h)`` (None where the user functions see the
+    kernels' own ``divmod(entry, heads)``), or None when all see the kernels' own
+    positions."""
+    if problem.options.chunk_of is None and problem.mask_batch_shape is None:
+        return None
+    b, h, mask_b, mask_h, row_offset, key_offset = problem.user_function_positions()
+    score_entries = None
+    if problem.options.chunk_of is not None:
+        score_entries = np.stack([b, h], axis=1)  # (N, 2)
+    mask_entries = np.stack([mask_b, mask_h], axis=1)  # (N, 2)
+    return row_offset, key_offset, problem.heads, score_entries, mask_entries
 
 
 def _unset_table():
@@ -103,12 +124,15 @@ def problem_arguments(problem, hook):
                                               gemm_address(dtype), options.softcap) + (
             plain_visibility(problem.diag_offset, *problem.key_reach()),)
     block_mask = options.block_mask
+    states_index = problem.block_states_index()  # (N,) or None: entry n reads n
     reach_left, reach_right = problem.key_reach()
     visibility = Visibility(
         kv_lengths=flat_kv_lengths(problem), has_kv_lengths=options.kv_lengths is not None,
         diag_offset=problem.diag_offset, reach_left=reach_left, reach_right=reach_right,
         block_states=block_mask.states if block_mask is not None else placeholder(np.int8),
-        has_block_mask=block_mask is not None)  # states: (N, q tiles, key tiles)
+        has_block_mask=block_mask is not None,  # states: (M, q tiles, key tiles)
+        block_states_index=states_index if states_index is not None
+        else identity_index(math.prod(batch) if block_mask is not None else 1))  # (N,)
     return (inputs, score_options(problem, hook), score_operand(problem.mask, batch, np.bool_),
             score_operand(options.bias, batch, dtype), visibility)
 
@@ -132,7 +156,8 @@ def plain_visibility(diag_offset, reach_left, reach_right):
     :meth:`~fastattn._contract.problem.AttentionProblem.key_reach` (a window included)."""
     return Visibility(kv_lengths=identity_index(1), has_kv_lengths=False,
                       diag_offset=diag_offset, reach_left=reach_left, reach_right=reach_right,
-                      block_states=placeholder(np.int8), has_block_mask=False)
+                      block_states=placeholder(np.int8), has_block_mask=False,
+                      block_states_index=identity_index(1))
 
 
 # ScoreOptions' (b, h) of each entry when there is no dropout: a placeholder never read

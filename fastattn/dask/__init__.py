@@ -61,6 +61,7 @@ except ImportError as error:  # pragma: no cover - exercised without the extra
     ) from error
 
 from fastattn._contract.options import options_from, takes_options
+from fastattn._contract.problem import check_score_mod_grad
 from fastattn.dask.graph import backward_graph, forward_graph
 from fastattn.dask.plan import (check_split_every, checked_backward_arrays, plan_attention,
                                 refuse_score_options)
@@ -110,6 +111,13 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, return_weights
     dropout_p, dropout_seed
         As in the local call, with its decisions: each chunk takes them at the global
         ``(b, h, i, j)`` of its entries.
+    score_mod, mask_mod, score_mod_args, mask_mod_args, block_mask
+        As in the local call: each chunk calls the user functions at the global
+        ``(b, h, i, j)`` of its scores (through the local call's ``chunk_of``), with
+        the arrays given (NumPy arrays, sent to every task). A block mask is made for
+        the whole call; each chunk applies its ``mask_mod`` (with the mask's own
+        ``(b, h)`` where its batch shape broadcasts), and chunk pairs whose tiles
+        are all empty make no task.
     return_weights : bool, default False
         Must be False: the weights are ``(*batch, Lq, Lk)`` and would need every key
         chunk of a row in one place. Use the local call on a slice for them.
@@ -118,8 +126,8 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, return_weights
     split_every : int, optional
         Parts merged per task of the merge tree (at least 2; default 8).
     other options
-        The score options (softcap, ALiBi slopes, user functions, block masks) are
-        not supported yet: setting one raises ``NotImplementedError`` naming it.
+        The softcap and the ALiBi slopes are not supported yet: setting one raises
+        ``NotImplementedError`` naming it.
 
     Returns
     -------
@@ -161,9 +169,10 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, return_weights
     return (out, lse) if return_lse else out
 
 
-@takes_options(after=("split_every", "score_mod_grad"))
+@takes_options(after=("split_every", "score_mod_grad", "score_mod_args_grad"))
 def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse, mask=None, *,
-                                          split_every=None, score_mod_grad=None, **options):
+                                          split_every=None, score_mod_grad=None,
+                                          score_mod_args_grad=None, **options):
     r"""Gradients of :func:`scaled_dot_product_attention` on Dask arrays.
 
     With the forward's global ``out`` and ``lse``, each (query chunk, key chunk) task
@@ -193,10 +202,16 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
         Exactly as given to the forward.
     dropout_p, dropout_seed
         Exactly as given to the forward: the same decisions.
+    score_mod, mask_mod, score_mod_args, mask_mod_args, block_mask
+        Exactly as given to the forward.
     split_every : int, optional
         Shares summed per task (at least 2; default 8).
+    score_mod_grad, score_mod_args_grad : numba-compiled functions, optional
+        As in :func:`fastattn.scaled_dot_product_attention_backward`, called at the
+        global ``(b, h, i, j)``. Each chunk pair adds into gradients of its own;
+        they are summed in a tree, in the pairs' order (a fixed order).
     other options
-        As for the forward, the score options and ``score_mod_grad`` raise
+        As for the forward, the softcap and the ALiBi slopes raise
         ``NotImplementedError``.
 
     Returns
@@ -204,14 +219,18 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
     grad_query, grad_key, grad_value : dask.array.Array
         Shaped and chunked like ``query``, ``key`` and ``value`` (one chunk along
         ``Dk`` and ``Dv``), with the local call's dtypes.
+    grad_score_mod_args : tuple of dask.array.Array, only with ``score_mod_args_grad``
+        Shaped like ``score_mod_args`` (one chunk each), in the compute dtype.
 
     See Also
     --------
     fastattn.scaled_dot_product_attention_backward : the local call each task makes.
     """
     options = options_from(options, "fastattn.dask.scaled_dot_product_attention_backward")
-    refuse_score_options(options, score_mod_grad=score_mod_grad)
+    refuse_score_options(options)
     split_every = check_split_every(split_every)
     plan = plan_attention(query, key, value, mask, options)
+    check_score_mod_grad(plan.problem, score_mod_grad, score_mod_args_grad)  # the local rules
     grad_out, out, lse = checked_backward_arrays(plan, grad_out, out, lse)
-    return backward_graph(plan, grad_out, out, lse, split_every)
+    return backward_graph(plan, grad_out, out, lse, split_every, score_mod_grad,
+                          score_mod_args_grad)

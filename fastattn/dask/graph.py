@@ -23,7 +23,8 @@ import numpy as np
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from fastattn.dask.pairs import chunk_pairs
-from fastattn.dask.tasks import backward_pair, forward_pair, merge_parts, sum_shares, unseen_rows
+from fastattn.dask.tasks import (backward_pair, forward_pair, merge_parts, sum_arg_grads,
+                                 sum_shares, unseen_rows)
 
 __all__ = ["forward_graph", "backward_graph"]
 
@@ -81,13 +82,20 @@ def forward_graph(plan, split_every):
 
 # ------------------------------------------------------------------ backward
 
-def backward_graph(plan, grad_out, out, lse, split_every):
+def backward_graph(plan, grad_out, out, lse, split_every, score_mod_grad=None,
+                   score_mod_args_grad=None):
     """The gradients ``(grad_query, grad_key, grad_value)`` as Dask arrays chunked like
     the plan's query, key and value, for ``grad_out``, ``out`` and ``lse`` already
     checked and chunked like the forward's results
-    (:func:`~fastattn.dask.plan.checked_backward_arrays`)."""
+    (:func:`~fastattn.dask.plan.checked_backward_arrays`), with the user's
+    ``score_mod_grad``; with ``score_mod_args_grad``, also the tuple of the
+    gradients of ``score_mod_args`` (one-chunk Dask arrays shaped like them, the
+    chunk pairs' shares summed in a tree, in the pairs' C order)."""
     problem = plan.problem
-    token = dask.base.tokenize(plan.token, grad_out, out, lse, split_every)
+    functions = dict(score_mod_grad=score_mod_grad, score_mod_args_grad=score_mod_args_grad)
+    token = dask.base.tokenize(plan.token, grad_out, out, lse, split_every,
+                               *[(function.py_func.__qualname__, id(function))
+                                 for function in functions.values() if function is not None])
     pair_name = f"fastattn-attention-grad-pair-{token}"
     share_name = f"fastattn-attention-grad-share-{token}"
     sum_name = f"fastattn-attention-grad-sum-{token}"
@@ -97,6 +105,7 @@ def backward_graph(plan, grad_out, out, lse, split_every):
     pair_tasks, share_tasks, sum_tasks = {}, {}, {}
     targets = [plan.query, plan.key, plan.value]
     shares = [{}, {}, {}]  # per target: its block's key -> keys of its shares
+    arg_shares = []  # keys of the pairs' shares of the score_mod_args gradients
     for pair in chunk_pairs(plan):
         if pair.block is None:
             continue
@@ -108,8 +117,11 @@ def backward_graph(plan, grad_out, out, lse, split_every):
                      _block_key(plan.value, batch_index, n_batch, kv_index, 0),
                      _block_key(out, batch_index, n_batch, q_index, 0),
                      _block_key(lse, batch_index, n_batch, q_index)]
-        pair_tasks[pair_key] = (_pair_function(backward_pair, plan, pair),
+        pair_tasks[pair_key] = (_pair_function(backward_pair, plan, pair, **functions),
                                 *arguments, *_score_keys(plan, pair, n_batch))
+        if score_mod_args_grad is not None:
+            arg_shares.append((share_name,) + batch_index + (q_index, kv_index, 3))
+            share_tasks[arg_shares[-1]] = (operator.getitem, pair_key, 3)
         for which, (target, length_index) in enumerate(((plan.query, q_index),
                                                         (plan.key, kv_index),
                                                         (plan.value, kv_index))):
@@ -133,30 +145,69 @@ def backward_graph(plan, grad_out, out, lse, split_every):
 
     inputs = [grad_out, plan.query, plan.key, plan.value, out, lse, plan.mask, plan.bias]
     layers = [(pair_name, pair_tasks), (share_name, share_tasks), (sum_name, sum_tasks)]
-    return tuple(da.Array(_graph(layers + [(name, tasks)], inputs), name, target.chunks,
-                          meta=np.empty((0,) * target.ndim, problem.out_dtype))
-                 for target, name, tasks in zip(targets, names, grad_tasks))
+    grads = tuple(da.Array(_graph(layers + [(name, tasks)], inputs), name, target.chunks,
+                           meta=np.empty((0,) * target.ndim, problem.out_dtype))
+                  for target, name, tasks in zip(targets, names, grad_tasks))
+    if score_mod_args_grad is None:
+        return grads
+    return grads + (_arg_grads_arrays(problem, token, arg_shares, split_every, layers,
+                                      inputs),)
+
+
+def _arg_grads_arrays(problem, token, shares, split_every, layers, inputs):
+    """The gradients of ``score_mod_args``: the pairs' ``shares`` (keys of tuples of
+    arrays) summed in a tree (zeros without a pair), as one-chunk Dask arrays of the
+    compute dtype shaped like the arguments."""
+    total_name = f"fastattn-attention-grad-args-{token}"
+    args = problem.score_mod_args
+    tasks = {}
+    if shares:
+        tasks[(total_name,)] = _tree(tasks, (total_name + "-tree",), shares, split_every,
+                                     sum_arg_grads, sum_arg_grads)
+    else:  # no chunk pair: nothing added
+        tasks[(total_name,)] = (functools.partial(
+            tuple, [np.zeros(arg.shape, problem.compute_dtype) for arg in args]),)
+    arrays = []
+    for position, arg in enumerate(args):
+        name = f"fastattn-attention-grad-arg{position}-{token}"
+        block = (operator.getitem, (total_name,), position)
+        graph = _graph(layers + [(total_name, tasks), (name, {(name,) + (0,) * arg.ndim:
+                                                              block})], inputs)
+        arrays.append(da.Array(graph, name, tuple((size,) for size in arg.shape),
+                               meta=np.empty((0,) * arg.ndim, problem.compute_dtype)))
+    return tuple(arrays)
 
 
 # ------------------------------------------------------------------ pieces
 
-def _pair_function(task_function, plan, pair):
+def _pair_function(task_function, plan, pair, **backward_functions):
     """``task_function`` (:func:`~fastattn.dask.tasks.forward_pair` or
     :func:`~fastattn.dask.tasks.backward_pair`) bound to one chunk pair's sub-block
-    and the local call's options for it: what its task calls."""
-    checked = plan.problem.options
+    and the local call's options for it: what its task calls. The user functions
+    (a block mask's as ``mask_mod``) see the whole call's positions through
+    ``chunk_of``; ``backward_functions``: the backward's ``score_mod_grad`` and
+    ``score_mod_args_grad``."""
+    problem = plan.problem
+    checked = problem.options
     local_options = dict(causal=pair.block.causal, window=pair.block.window,
                          kv_lengths=pair.kv_lengths, scale=checked.scale,
                          enable_gqa=checked.enable_gqa)
-    if checked.dropout_p > 0.0:  # the whole call's decisions, at its (b, h, i, j)
+    if checked.dropout_p > 0.0:
+        local_options.update(dropout_p=checked.dropout_p, dropout_seed=checked.dropout_seed)
+    if checked.has_score_functions:  # a block mask's function (its tiles are the call's)
+        local_options.update(score_mod=checked.score_mod,
+                             score_mod_args=problem.score_mod_args or None,
+                             mask_mod=problem.effective_mask_mod,
+                             mask_mod_args=problem.effective_mask_mod_args or None,
+                             **backward_functions)
+    if checked.dropout_p > 0.0 or checked.has_score_functions:
+        # the dropout decisions and the user functions at the whole call's (b, h, i, j)
         row_lo, _, key_lo, _ = pair.block.span
         batch_start = tuple(sum(chunks[:index]) for chunks, index
                             in zip(plan.batch_chunks, pair.batch_index))
-        local_options.update(
-            dropout_p=checked.dropout_p, dropout_seed=checked.dropout_seed,
-            chunk_of=(plan.problem.batch_shape, batch_start,
-                      sum(plan.q_chunks[:pair.q_index]) + row_lo,
-                      sum(plan.kv_chunks[:pair.kv_index]) + key_lo))
+        local_options.update(chunk_of=(
+            problem.batch_shape, batch_start, sum(plan.q_chunks[:pair.q_index]) + row_lo,
+            sum(plan.kv_chunks[:pair.kv_index]) + key_lo, problem.mask_batch_shape))
     return functools.partial(
         task_function, span=pair.block.span, options=local_options,
         compute_dtype=plan.problem.compute_dtype, has_mask=plan.mask is not None,

@@ -18,6 +18,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from fastattn.block_mask import EMPTY
+
 __all__ = ["VisibleBlock", "ChunkPair", "chunk_pairs"]
 
 
@@ -82,7 +84,10 @@ def chunk_pairs(plan):
     problem = plan.problem
     kv_lengths = problem.options.kv_lengths
     q_starts, kv_starts = _starts(plan.q_chunks), _starts(plan.kv_chunks)
+    batch_starts = [_starts(chunks) for chunks in plan.batch_chunks]
     for batch_index, batch_shape, (first_lo, first_hi) in _batch_blocks(plan.batch_chunks):
+        tiles = _block_mask_tiles(problem, tuple(
+            starts[index] for starts, index in zip(batch_starts, batch_index)), batch_shape)
         lengths = None
         key_stop = problem.kv_len
         if kv_lengths is not None:
@@ -94,6 +99,10 @@ def chunk_pairs(plan):
                 if math.prod(batch_shape) > 0 and q_size > 0:
                     block = _visible_block(problem.diag_offset, plan.reach, q_start, q_size,
                                            k_start, k_size, key_stop)
+                if block is not None and tiles is not None and _all_empty(
+                        tiles, problem.options.block_mask.block_size, q_start + block.row_lo,
+                        q_start + block.row_hi, k_start + block.key_lo, k_start + block.key_hi):
+                    block = None
                 local_lengths = None
                 if block is not None and lengths is not None:
                     width = block.key_hi - block.key_lo
@@ -102,6 +111,29 @@ def chunk_pairs(plan):
                         local_lengths = None
                 yield ChunkPair(batch_index, batch_shape, q_index, kv_index, block,
                                 local_lengths)
+
+
+def _block_mask_tiles(problem, batch_start, batch_shape):
+    """The tile states ``(..., q tiles, key tiles)`` of the call's block mask that
+    the batch block at ``batch_start`` of ``batch_shape`` reads (an axis the mask
+    broadcasts along read whole), or None without a block mask."""
+    block_mask = problem.options.block_mask
+    if block_mask is None:
+        return None
+    own = (1,) * (len(problem.batch_shape) - len(block_mask.batch_shape)) + \
+        block_mask.batch_shape
+    states = block_mask.states.reshape(own + block_mask.states.shape[1:])
+    return states[tuple(slice(None) if size == 1 else slice(start, start + extent)
+                        for size, start, extent in zip(own, batch_start, batch_shape))]
+
+
+def _all_empty(tiles, block_size, row_lo, row_hi, key_lo, key_hi):
+    """Whether every tile of ``tiles`` ``(..., q tiles, key tiles)`` that meets the
+    global rows ``[row_lo, row_hi)`` and keys ``[key_lo, key_hi)`` is empty."""
+    block_q, block_k = block_size
+    seen = tiles[..., row_lo // block_q:-(-row_hi // block_q),
+                 key_lo // block_k:-(-key_hi // block_k)]
+    return bool((seen == EMPTY).all())
 
 
 def _starts(chunks):

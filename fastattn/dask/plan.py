@@ -97,21 +97,21 @@ class ChunkPlan:
 # The options a chunked call carries to its chunks; any other option set is refused,
 # so that an option added to the local call is never dropped silently here.
 CHUNKED_OPTIONS = frozenset({"bias", "causal", "causal_alignment", "window", "kv_lengths",
-                             "scale", "enable_gqa", "dropout_p", "dropout_seed"})
+                             "scale", "enable_gqa", "dropout_p", "dropout_seed",
+                             "score_mod", "mask_mod", "block_mask", "score_mod_args",
+                             "mask_mod_args"})
 
 
-def refuse_score_options(options, **extra):
-    """Raise ``NotImplementedError`` for an option set in ``options`` (or in ``extra``,
-    the backward's ``score_mod_grad``) that the chunks are not given
-    (:data:`CHUNKED_OPTIONS`).
+def refuse_score_options(options):
+    """Raise ``NotImplementedError`` for an option set in ``options`` that the chunks
+    are not given (:data:`CHUNKED_OPTIONS`).
 
-    The score options are not carried to the chunks yet: ALiBi and the user's score
-    functions need each chunk's batch entries and positions shifted to the chunk (the
-    local call sees chunk-local ``b``, ``h``, ``i`` and ``j``).
+    The softcap and the ALiBi slopes are not carried to the chunks yet (ALiBi needs
+    the chunk's positions shifted, as the user functions get them through
+    ``chunk_of``); ``chunk_of`` is the chunks' own.
     """
     refused = {name: value for name, value in options.as_keywords().items()
                if name not in CHUNKED_OPTIONS}
-    refused.update((name, value) for name, value in extra.items() if value is not None)
     for name in refused:
         raise NotImplementedError(
             f"fastattn.dask does not support {name} yet; call "
@@ -189,10 +189,25 @@ def plan_attention(query, key, value, mask, options: AttentionOptions) -> ChunkP
     checked = problem.options
     token = dask.base.tokenize(query, key, value, mask, bias, checked.kv_lengths,
                                checked.causal, checked.causal_alignment, checked.window,
-                               checked.scale, checked.enable_gqa)
+                               checked.scale, checked.enable_gqa, checked.dropout_p,
+                               checked.dropout_seed, *user_function_tokens(problem))
     return ChunkPlan(problem=problem, query=query, key=key, value=value, mask=mask, bias=bias,
                      batch_chunks=out_batch_chunks, q_chunks=q_chunks, kv_chunks=kv_chunks,
                      reach=problem.key_reach(), token=token)
+
+
+def user_function_tokens(problem):
+    """What names the graph for a call's user functions: each function, by its name
+    and its identity in this process (functions are compared as objects, as the
+    kernels' hooks compare them), and the arrays passed to them, by value."""
+    functions = [problem.options.score_mod, problem.effective_mask_mod]
+    names = [None if function is None else
+             (function.py_func.__module__, function.py_func.__qualname__, id(function))
+             for function in functions]
+    block_mask = problem.options.block_mask
+    mask_batch = None if block_mask is None else (block_mask.batch_shape,
+                                                  block_mask.block_size)
+    return names + [problem.score_mod_args, problem.effective_mask_mod_args, mask_batch]
 
 
 def checked_backward_arrays(plan, grad_out, out, lse):

@@ -21,7 +21,7 @@ import numpy as np
 import fastattn
 
 __all__ = ["forward_pair", "backward_pair", "merge_parts", "unseen_rows", "sum_shares",
-           "task_threads"]
+           "sum_arg_grads", "task_threads"]
 
 
 # ------------------------------------------------------------------ forward
@@ -124,14 +124,16 @@ def backward_pair(grad_out, query, key, value, out, lse, *scores, span, options,
     ``(*b, m, Dv)`` and of the forward's global ``out`` ``(*b, m, Dv)`` and ``lse``
     ``(*b, m)`` for the query chunk. Returns the shares of ``grad_query``,
     ``grad_key`` and ``grad_value``, shaped like the query, key and value blocks
-    (zero outside the sub-block).
+    (zero outside the sub-block), and, when ``options`` has a
+    ``score_mod_args_grad``, the chunk pair's share of the gradients of
+    ``score_mod_args`` (a tuple of arrays shaped like them).
     """
     row_lo, row_hi, key_lo, key_hi = span
     mask = score_block(scores[0] if has_mask else None, row_lo, row_hi, key_lo, key_hi)
     bias = score_block(scores[-1] if has_bias else None, row_lo, row_hi, key_lo, key_hi)
     rows, keys = slice(row_lo, row_hi), slice(key_lo, key_hi)
     with task_threads():
-        grad_query, grad_key, grad_value = fastattn.scaled_dot_product_attention_backward(
+        grads = fastattn.scaled_dot_product_attention_backward(
             grad_out[..., rows, :].astype(compute_dtype, copy=False),  # (*b, m, Dv)
             query[..., rows, :].astype(compute_dtype, copy=False),  # (*b, m, Dk)
             key[..., keys, :].astype(compute_dtype, copy=False),  # (*b, n, Dk)
@@ -139,9 +141,11 @@ def backward_pair(grad_out, query, key, value, out, lse, *scores, span, options,
             out[..., rows, :].astype(compute_dtype, copy=False),  # (*b, m, Dv) global out
             lse[..., rows].astype(compute_dtype, copy=False),  # (*b, m) global lse
             mask, bias=bias, **options)
+    grad_query, grad_key, grad_value, *arg_grads = grads
     return (_pad_axis(grad_query, query.shape[-2], row_lo, row_hi),  # like the query block
             _pad_axis(grad_key, key.shape[-2], key_lo, key_hi),  # like the key block
-            _pad_axis(grad_value, value.shape[-2], key_lo, key_hi))  # like the value block
+            _pad_axis(grad_value, value.shape[-2], key_lo, key_hi),  # like the value block
+            *arg_grads)  # (the tuple of score_mod_args' gradients, if asked for)
 
 
 def _pad_axis(grad, length, lo, hi):
@@ -158,6 +162,12 @@ def sum_shares(*shares, out_dtype=None):
     for share in shares[1:]:
         total += share
     return total if out_dtype is None else total.astype(out_dtype, copy=False)
+
+
+def sum_arg_grads(*shares):
+    """Sum chunk pairs' shares of the gradients of ``score_mod_args`` (each a tuple
+    of arrays), in the order given."""
+    return tuple(sum_shares(*arrays) for arrays in zip(*shares))
 
 
 # ------------------------------------------------------------------ threads

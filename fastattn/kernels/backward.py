@@ -216,7 +216,8 @@ def backward_task(task, b, group, part, inputs, options, mask, bias, visibility,
             rows = row_stop - row_start
             check_mask_mod = options.has_mask_mod
             if visibility.has_block_mask:
-                state = visibility.block_states[b, block_start // block_q, k_block]
+                state = visibility.block_states[visibility.block_states_index[b],
+                                                block_start // block_q, k_block]
                 if state == EMPTY:
                     continue
                 check_mask_mod = state == PARTIAL

@@ -11,32 +11,43 @@ from fastattn.kernels.hooks import (APPLY_MASK, argument_kinds, block_hook, call
                                     data_pointer, hook_table, raise_hook_error)
 
 
+# rows of a tile evaluated per call of the hook (the scratch block is this many rows
+# of a tile's keys, whatever the tile's height)
+STRIP_ROWS = 8
+
+
 def _block_states(hook, heads, q_len, kv_len, block_q, block_k, states, table):
     """Fill ``states`` ``(N, q tiles, key tiles)``: for batch entry ``n``
     (``b, h = divmod(n, heads)``), tile ``(t, u)`` covers queries
     ``[t * block_q, (t + 1) * block_q)`` and keys ``[u * block_k, (u + 1) * block_k)``
-    (cut at ``q_len`` and ``kv_len``); the hook at address ``hook`` applies ``mask_mod`` to a block of
-    zeros, and the count of ``-inf`` left says whether the tile is empty, partial
-    or full; ``table`` is the call's hook table (the arrays passed to ``mask_mod``)."""
+    (cut at ``q_len`` and ``kv_len``); the hook at address ``hook`` applies
+    ``mask_mod`` to blocks of zeros, :data:`STRIP_ROWS` rows of the tile at a time,
+    and the count of ``-inf`` left says whether the tile is empty, partial or full
+    (the first strips that show both hidden and seen keys end it: partial);
+    ``table`` is the call's hook table (the arrays passed to ``mask_mod``)."""
     n_batch, n_q_tiles, n_k_tiles = states.shape
     for task in prange(n_batch * n_q_tiles):
         entry = task // n_q_tiles
         q_tile = task - entry * n_q_tiles
         row_start = q_tile * block_q
         rows = min(block_q, q_len - row_start)
-        buffer = np.empty(rows * block_k, np.float32)
+        buffer = np.empty(min(rows, STRIP_ROWS) * block_k, np.float32)  # a strip
         for k_tile in range(n_k_tiles):
             key_start = k_tile * block_k
             cols = min(block_k, kv_len - key_start)
-            buffer[:] = 0.0
-            raised = call_hook_at(hook, data_pointer(buffer), data_pointer(buffer), rows,
-                                  cols, row_start, key_start, entry // heads, entry % heads,
-                                  APPLY_MASK, data_pointer(table), 0)
-            if raised:
-                table[0] = raised
             hidden = 0
-            for index in range(rows * cols):
-                hidden += buffer[index] == -np.inf
+            for strip_start in range(row_start, row_start + rows, STRIP_ROWS):
+                strip_rows = min(STRIP_ROWS, row_start + rows - strip_start)
+                buffer[:] = 0.0
+                raised = call_hook_at(hook, data_pointer(buffer), data_pointer(buffer),
+                                      strip_rows, cols, strip_start, key_start, entry // heads,
+                                      entry % heads, APPLY_MASK, data_pointer(table), 0)
+                if raised:
+                    table[0] = raised
+                for index in range(strip_rows * cols):
+                    hidden += buffer[index] == -np.inf
+                if 0 < hidden < (strip_start + strip_rows - row_start) * cols:
+                    break  # some keys hidden, some seen: partial, whatever follows
             states[entry, q_tile, k_tile] = (FULL if hidden == 0 else
                                              EMPTY if hidden == rows * cols else PARTIAL)
 

@@ -280,7 +280,8 @@ def forward_task(b, q_start, q_stop, split, n_splits, inputs, options, mask, bia
     #    mask_mod only if partial; else the keys every row of the block sees, in
     #    full-size blocks (masked only for a user mask, bias or mask_mod).
     if visibility.has_block_mask:
-        tile_states = visibility.block_states[b, q_start // tiling.block_q]  # (key tiles,)
+        tile_states = visibility.block_states[visibility.block_states_index[b],
+                                              q_start // tiling.block_q]  # (key tiles,)
         first_tile = first_key // block_k
         n_ranges = max(-(-last_key // block_k) - first_tile, 0)
         n_groups = 0

@@ -124,11 +124,14 @@ the seed's 32-bit halves, and where decisions are taken: entry ``n``'s ``(b, h)`
 Visibility = declare("Visibility", """The structural visibility rule (see
 :mod:`fastattn.kernels.masking`): ``kv_lengths (N,)`` when ``has_kv_lengths``, the
 diagonal offset and how far left and right of the diagonal a query reaches; with
-``has_block_mask``, the block mask's int8 ``block_states (N, q tiles, key tiles)``
-(:mod:`fastattn.kernels.tile_states`; the kernels' tiling is then the mask's).""", [
+``has_block_mask``, the block mask's int8 ``block_states (M, q tiles, key tiles)``
+(:mod:`fastattn.kernels.tile_states`; the kernels' tiling is then the mask's), entry
+``n`` of the flattened batch reading ``block_states[block_states_index[n]]`` (a mask
+made for a broadcast batch shape stores its tiles once).""", [
     ("kv_lengths", INDEX), ("has_kv_lengths", FLAG), ("diag_offset", INT),
     ("reach_left", INT), ("reach_right", INT),
     ("block_states", fixed(np.int8, 3)), ("has_block_mask", FLAG),
+    ("block_states_index", INDEX),
 ])
 
 Tiling = declare("Tiling", """Query rows and keys per block of a kernel's loops, and the

@@ -36,9 +36,16 @@ keys ``key_start + c`` of batch entry ``(b, h)``:
   arg_grads, *score_mod_args)`` adds into the gradient arrays of partition ``part``.
 
 ``table`` points to the call's int64 *hook table* (:func:`hook_table`): a status
-word, then each argument array as its address and shape, then the address of each
-argument's gradient partitions. The arrays are read in place, so what is compiled
-depends on the functions and on the arguments' dtypes and dimensions only. An
+word; the call's *positions* (:data:`POSITIONS_SIZE` words: the offsets added to
+``i`` and ``j``, the ``heads`` of the kernels' ``(b, h)``, and the addresses of two
+int64 ``(N, 2)`` arrays giving, for each entry ``b * heads + h``, the ``(b, h)`` that
+the score functions and that ``mask_mod`` see, 0 where they see the kernels' own);
+then each argument array as its address and shape, then the address of each
+argument's gradient partitions. The positions let a call compute a piece of a
+larger one (:mod:`fastattn.dask`: global ``b``, ``h``, ``i``, ``j``) and a block
+mask made for a broadcast batch shape show ``mask_mod`` its own ``(b, h)``. The
+arrays are read in place, so what is compiled depends on the functions and on the
+arguments' dtypes and dimensions only. An
 exception inside a user function (an index out of bounds: Numba's bounds checks are
 on in the hooks) stops the hook and comes back to the kernel as Numba's error
 status; the hook keeps in ``running`` which function it was running, and
@@ -71,6 +78,12 @@ ARGS_GRADS = 8
 # the status word of a hook table: 0, or which user function raised
 STATUS_FUNCTIONS = {1: "score_mod", 2: "mask_mod", 3: "score_mod_grad",
                     4: "score_mod_args_grad"}
+# the hook table's words: the status word, the positions (row offset, key offset,
+# heads, address of the score functions' (b, h) per entry, address of mask_mod's),
+# then the arguments
+POSITIONS_AT = 1
+POSITIONS_SIZE = 5
+ARGUMENTS_AT = POSITIONS_AT + POSITIONS_SIZE
 # how many hooks are kept (each holds its compiled code and the user's functions
 # compiled again)
 HOOK_CACHE_SIZE = 64
@@ -173,13 +186,20 @@ def argument_kinds(arrays):
     return tuple((array.dtype, array.ndim) for array in arrays)
 
 
-def hook_table(score_args=(), mask_args=(), grad_parts=()):
-    """The int64 hook table of a call (see the module docstring): ``[status, (address,
-    *shape) of each of score_args then mask_args, address of each of grad_parts]``.
-    The arrays must be C-contiguous and stay alive while the kernels run;
-    ``grad_parts`` are ``(parts, *shape)`` arrays of the compute dtype, one per
-    score argument (or none)."""
-    entries = [0]
+def hook_table(score_args=(), mask_args=(), grad_parts=(), positions=None):
+    """The int64 hook table of a call (see the module docstring): ``[status,
+    *positions, (address, *shape) of each of score_args then mask_args, address of
+    each of grad_parts]``. The arrays must be C-contiguous and stay alive while the
+    kernels run; ``grad_parts`` are ``(parts, *shape)`` arrays of the compute dtype,
+    one per score argument (or none). ``positions``: ``(row_offset, key_offset,
+    heads, score_entries, mask_entries)``, the entries int64 ``(N, 2)`` arrays of
+    ``(b, h)`` or None (the kernels' own); None: no offsets, the kernels' own
+    ``(b, h)`` everywhere."""
+    row_offset, key_offset, heads, score_entries, mask_entries = positions or (0, 0, 1,
+                                                                                None, None)
+    entries = [0, row_offset, key_offset, heads]
+    entries += [0 if array is None else array.ctypes.data for array in (score_entries,
+                                                                        mask_entries)]
     for array in tuple(score_args) + tuple(mask_args):
         entries += [array.ctypes.data, *array.shape]
     entries += [parts.ctypes.data for parts in grad_parts]
@@ -256,6 +276,16 @@ def arguments_reader(kinds, grads_kind=None, pointer_at=0):
 
 
 @njit(inline="always")
+def entry_indices(address, entry, b, h):
+    """``(b, h)`` of ``entry`` from the int64 ``(N, 2)`` array at ``address``, or the
+    given ``b`` and ``h`` where ``address`` is 0."""
+    if address == 0:
+        return b, h
+    indices = carray(pointer_to(address + 16 * entry, np.int64), (2,))
+    return indices[0], indices[1]
+
+
+@njit(inline="always")
 def _apply(function, arguments):
     """``function(*arguments)``."""
     return function(*arguments)
@@ -284,7 +314,7 @@ def block_hook(score_mod, mask_mod, score_mod_grad, dtype, score_kinds=(), mask_
     mask_mod = in_kernel(mask_mod) if has_mask_mod else _unused
     score_mod_grad = in_kernel(score_mod_grad) if has_grad else _unused
     args_grad = in_kernel(score_mod_args_grad) if has_args_grad else _unused
-    mask_at = 1 + sum(1 + ndim for _, ndim in score_kinds)
+    mask_at = ARGUMENTS_AT + sum(1 + ndim for _, ndim in score_kinds)
     pointers_at = mask_at + sum(1 + ndim for _, ndim in mask_kinds)
     table_size = pointers_at + len(score_kinds)
     read_score_args = arguments_reader(score_kinds)
@@ -297,10 +327,15 @@ def block_hook(score_mod, mask_mod, score_mod_grad, dtype, score_kinds=(), mask_
         scores = carray(scores_at, (rows, cols))
         table = carray(table_at, (table_size,))
         running = carray(running_at, (1,))  # which function runs, read if one raises
-        score_args = read_score_args(table, 1, 0)
+        score_args = read_score_args(table, ARGUMENTS_AT, 0)
+        row_start += table[POSITIONS_AT]  # the positions the user functions see
+        key_start += table[POSITIONS_AT + 1]
+        entry = b * table[POSITIONS_AT + 2] + h
+        mask_b, mask_h = entry_indices(table[POSITIONS_AT + 4], entry, b, h)
+        b, h = entry_indices(table[POSITIONS_AT + 3], entry, b, h)
         if has_args_grad and mode == ARGS_GRADS:
             grads = carray(grads_at, (rows, cols))
-            arg_grads = read_arg_grads(table, 1, part)
+            arg_grads = read_arg_grads(table, ARGUMENTS_AT, part)
             running[0] = 4
             for r in range(rows):
                 for c in range(cols):
@@ -333,7 +368,8 @@ def block_hook(score_mod, mask_mod, score_mod_grad, dtype, score_kinds=(), mask_
             running[0] = 2
             for r in range(rows):
                 for c in range(cols):
-                    if not _apply(mask_mod, (b, h, row_start + r, key_start + c) + mask_args):
+                    if not _apply(mask_mod, (mask_b, mask_h, row_start + r, key_start + c)
+                                  + mask_args):
                         scores[r, c] = -np.inf
 
     signature = hook_signature(dtype)
