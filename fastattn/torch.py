@@ -168,7 +168,8 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, kv_
         results = fastattn.scaled_dot_product_attention(
             *arrays, mask, return_weights=return_weights, return_lse=True, **options)
         out, weights, lse = _unpack(results, return_weights)
-        out, weights, lse = _as_tensor(out, dtype), _as_tensor(weights, dtype), _lse_tensor(lse)
+        out, weights = _as_tensor(out, dtype), _as_tensor(weights, dtype)
+        lse = _lse_tensor(lse) if return_lse else None  # no tensor made when not asked for
 
     return selected_results(out, weights, lse, return_weights, return_lse)
 
@@ -254,7 +255,7 @@ def _check_tensors(query, key, value):
 
 
 def _check_device(tensor, name):
-    if tensor.device.type != "cpu":
+    if not tensor.is_cpu:
         raise ValueError(f"{name} is on device {tensor.device}, but fastattn runs on the CPU; "
                          f"move it with {name}.cpu() (shape {tuple(tensor.shape)})")
 
@@ -308,7 +309,8 @@ def _compute_array(tensor):
     """A NumPy view of a tensor, as fastattn takes it: float16, float32 and float64
     as they are, bfloat16 as ``ml_dtypes.bfloat16`` (a float32 copy without
     ml_dtypes)."""
-    tensor = tensor.detach()
+    if tensor.requires_grad:
+        tensor = tensor.detach()
     if tensor.dtype == torch.bfloat16:
         if _NUMPY_BFLOAT16 is None:
             return tensor.float().numpy()

@@ -165,6 +165,41 @@ def test_bitwise_identical_for_every_thread_count(rng, decode_calls, shape):
         assert one.tobytes() == two.tobytes()
 
 
+@pytest.mark.parametrize("kv_len", [3, 2000])
+def test_small_calls_run_on_the_calling_thread(rng, monkeypatch, kv_len):
+    """Below DECODE_SERIAL_BYTES of keys and values a decode call runs on one thread
+    (one scratch slot), above it on every thread; the thread count the caller set is
+    kept, and the results match the reference."""
+    query, key, value = random_inputs(rng, (1, 8, 1, 64), (1, 2, kv_len, 64),
+                                      dtype=np.float32)
+    small = key.nbytes + value.nbytes < tiling.DECODE_SERIAL_BYTES
+    seen = []
+    getter = run.decode_kernel
+
+    def recording(dtype):
+        kernel = getter(dtype)
+
+        def call(*arguments):
+            seen.append((arguments[3].slots, numba.get_num_threads()))
+            return kernel(*arguments)
+        return call
+    monkeypatch.setattr(run, "decode_kernel", recording)
+    previous = fastattn.get_num_threads()
+    try:
+        fastattn.set_num_threads(2)
+        out = fastattn.scaled_dot_product_attention(
+            query, key, value, enable_gqa=True, causal=True, causal_alignment="bottom_right")
+        assert fastattn.get_num_threads() == 2
+    finally:
+        fastattn.set_num_threads(previous)
+    assert seen == ([(1, 1)] if small else [(2, 2)])
+    expected = reference.scaled_dot_product_attention(
+        query.astype(np.float64), key.astype(np.float64), value.astype(np.float64),
+        enable_gqa=True, causal=True, causal_alignment="bottom_right")
+    np.testing.assert_allclose(out, expected, rtol=TOLERANCE[np.dtype(np.float32)],
+                               atol=TOLERANCE[np.dtype(np.float32)])
+
+
 # NaN: B=2, H=2, Lq=4 rows against Lk=1300 keys (spans of whole blocks).
 NAN_KV_LEN, NAN_KEY = 1300, 1297  # a key that row 0 of a bottom-right causal call cannot see
 
@@ -234,3 +269,10 @@ def test_arguments_have_the_signatures_types(rng, monkeypatch, dtype):
     fastattn.scaled_dot_product_attention(query, full_key, full_value, causal=True,
                                           kv_lengths=[3, 1500], window=(9, 0), softcap=2.0)
     assert len(seen) == 3
+
+
+@pytest.mark.parametrize("kv_bytes, threads, expected", [
+    (0, 2, 1), (tiling.DECODE_SERIAL_BYTES - 1, 2, 1), (tiling.DECODE_SERIAL_BYTES, 2, 2),
+    (tiling.DECODE_SERIAL_BYTES, 1, 1), (10 * tiling.DECODE_SERIAL_BYTES, 4, 4)])
+def test_decode_threads_by_work(kv_bytes, threads, expected):
+    assert tiling.decode_threads(kv_bytes, threads) == expected

@@ -83,10 +83,28 @@ def test_shortcut_only_for_plain_arguments(rng):
     query = rng.standard_normal((1, 1, 4, 8))
     _plain_problem_fields.cache_clear()
     check_attention(query.view(np.ma.MaskedArray), query, query)
-    check_attention(query, query, query, None, AttentionOptions(scale=0.5))
+    check_attention(query, query, query, None, AttentionOptions(kv_lengths=np.array([3])))
     check_attention(query, query, query, np.ones((4, 4), bool))
     assert _plain_problem_fields.cache_info().currsize == 0
     check_attention(query, query, query, None, options_from(dict(causal=True)))
     assert _plain_problem_fields.cache_info().currsize == 1
     problem = check_attention(query, query, query, None, options_from(dict(causal=np.bool_(1))))
     assert problem.causal is True and _plain_problem_fields.cache_info().currsize == 1
+
+
+def test_scalar_options_take_the_shortcut(rng):
+    """scale, window and softcap are scalars: decoding loops (transformers passes the
+    scale) take the shortcut, with the same problem as the full checks."""
+    query = rng.standard_normal((1, 2, 1, 8))
+    key = rng.standard_normal((1, 2, 5, 8))
+    _plain_problem_fields.cache_clear()
+    keywords = dict(scale=0.5, window=(2, 0), softcap=20.0, causal=True,
+                    causal_alignment="bottom_right")
+    fast = check_attention(query, key, key, None, options_from(keywords))
+    assert _plain_problem_fields.cache_info().currsize == 1
+    full = _checked_attention(query, key, key, None, AttentionOptions(**keywords))
+    assert (fast.scale, fast.diag_offset, fast.window, fast.softcap) == (
+        full.scale, full.diag_offset, full.window, full.softcap) == (0.5, 4, (2, 0), 20.0)
+    out = fastattn.scaled_dot_product_attention(query, key, key, **keywords)
+    expected = reference.scaled_dot_product_attention(query, key, key, **keywords)
+    np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)

@@ -71,6 +71,7 @@ class AttentionOptions:
     # derived once, in __post_init__ (read on every call)
     has_score_functions: bool = dataclasses.field(init=False, repr=False, default=False)
     has_operands: bool = dataclasses.field(init=False, repr=False, default=False)
+    set_names: frozenset = dataclasses.field(init=False, repr=False, default=frozenset())
 
     def __post_init__(self):
         dropout_p = _check_dropout_p(self.dropout_p)
@@ -89,12 +90,14 @@ class AttentionOptions:
                                or self.score_mod_args is not None
                                or self.mask_mod_args is not None)
         object.__setattr__(self, "has_score_functions", has_score_functions)
-        # whether any option beyond the plain scalar flags is set: such calls cannot
-        # share their kernels' argument groups with other calls
+        # whether any option beyond the scalar ones (flags, scale, window, softcap) is
+        # set: such calls cannot share their kernels' argument groups with other calls
         object.__setattr__(self, "has_operands", not (
-            self.bias is None and self.kv_lengths is None and self.scale is None
-            and self.window is None and self.softcap is None and self.alibi_slopes is None
+            self.bias is None and self.kv_lengths is None and self.alibi_slopes is None
             and not has_score_functions and self.dropout_p == 0.0 and self.chunk_of is None))
+        # the names of the options not at their default (the keys of as_keywords()),
+        # read by the dispatch on every call
+        object.__setattr__(self, "set_names", frozenset(self.as_keywords()))
 
     def replace(self, **changes):
         """A copy with ``changes`` (checked as in the constructor)."""

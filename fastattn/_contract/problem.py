@@ -272,9 +272,7 @@ def check_attention(query, key, value, mask=None, options=DEFAULT_OPTIONS):
         # Plain ndarrays and no per-call operands: the checks depend on the shapes,
         # dtypes and the scalar options only, so their outcome is looked up (tiny
         # calls and decoding loops repeat shapes; see _plain_problem_fields).
-        return AttentionProblem(query, key, value, None, options, *_plain_problem_fields(
-            query.shape, key.shape, value.shape, query.dtype, key.dtype, value.dtype,
-            options))
+        return _plain_problem(query, key, value, options)
     return _checked_attention(query, key, value, mask, options)
 
 
@@ -360,6 +358,39 @@ def _same_arrays(arrays, others):
 # fields of AttentionProblem after query, key, value, mask and options
 _SHAPE_FIELDS = ("batch_shape", "q_len", "kv_len", "head_dim", "value_dim", "gqa_group",
                  "compute_dtype", "out_dtype", "scale", "diag_offset")
+
+
+def _plain_problem(query, key, value, options):
+    """The :class:`AttentionProblem` of plain ndarrays under scalar ``options``, its
+    fields looked up by :func:`_plain_problem_fields`.
+
+    A decoding loop grows ``Lk`` by one every step, so the lookup is keyed on the
+    shapes with ``Lk`` left out when key and value agree on it (no check of scalar
+    options depends on ``Lk`` otherwise): the fields that do depend on it,
+    ``kv_len`` and ``diag_offset``, are set from this call's ``Lk``. A call the
+    checks refuse is checked again with its real shapes, whose message it raises.
+    """
+    key_shape, value_shape = key.shape, value.shape
+    if len(key_shape) < 2 or len(value_shape) < 2 or key_shape[-2] != value_shape[-2]:
+        return AttentionProblem(query, key, value, None, options, *_plain_problem_fields(
+            query.shape, key_shape, value_shape, query.dtype, key.dtype, value.dtype, options))
+    kv_len = key_shape[-2]
+    try:
+        fields = _plain_problem_fields(
+            query.shape, key_shape[:-2] + (_ANY_KV_LEN,) + key_shape[-1:],
+            value_shape[:-2] + (_ANY_KV_LEN,) + value_shape[-1:], query.dtype, key.dtype,
+            value.dtype, options)
+    except (TypeError, ValueError):  # the same checks on the real shapes: their message
+        return AttentionProblem(query, key, value, None, options, *_plain_problem_fields(
+            query.shape, key_shape, value_shape, query.dtype, key.dtype, value.dtype, options))
+    shape_fields = dict(zip(_SHAPE_FIELDS, fields))
+    shape_fields.update(kv_len=kv_len, diag_offset=diagonal_offset(
+        options.causal_alignment, shape_fields["q_len"], kv_len))
+    return AttentionProblem(query, key, value, None, options, **shape_fields)
+
+
+# The Lk of the stand-ins that check plain calls whose key and value agree on Lk.
+_ANY_KV_LEN = 1
 
 
 @functools.lru_cache(maxsize=256)

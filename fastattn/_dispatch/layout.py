@@ -120,9 +120,9 @@ def problem_arguments(problem, hook):
     if problem.mask is None and not options.has_operands:
         # no per-call operand: the other groups depend on scalars only (tiny calls
         # and decoding loops repeat them)
-        return (inputs,) + plain_groups(dtype, problem.scale, problem.heads,
-                                        problem.diag_offset, problem.key_reach(),
-                                        gemm_address(dtype))
+        return (inputs,) + plain_score_groups(dtype, problem.scale, problem.heads,
+                                              gemm_address(dtype), options.softcap) + (
+            plain_visibility(problem.diag_offset, *problem.key_reach()),)
     block_mask = options.block_mask
     states_index = problem.block_states_index()  # (N,) or None: entry n reads n
     reach_left, reach_right = problem.key_reach()
@@ -138,21 +138,26 @@ def problem_arguments(problem, hook):
 
 
 @functools.lru_cache(maxsize=256)
-def plain_groups(dtype, scale, heads, diag_offset, reach, gemm):
-    """``(ScoreOptions, mask, bias, Visibility)`` of a call without mask, bias,
-    kv_lengths, score options or user functions, shared between such calls: the
-    ``scale``, the batch axis ``heads``, the diagonal offset, the ``(left, right)``
-    reach of :meth:`~fastattn._contract.problem.AttentionProblem.key_reach` and the BLAS
-    ``gemm`` address are all they hold."""
+def plain_score_groups(dtype, scale, heads, gemm, softcap=None):
+    """``(ScoreOptions, mask, bias)`` of a call without mask, bias, kv_lengths, ALiBi
+    slopes, dropout or user functions, shared between such calls: the ``scale``, the
+    batch axis ``heads``, the BLAS ``gemm`` address and the ``softcap`` (None: none)
+    are all they hold (none depends on ``Lk``, which a decoding loop grows)."""
+    capped = dict(softcap=softcap, has_softcap=True) if softcap is not None else {}
     options = ScoreOptions(**dict(UNSET_SCORE_OPTIONS, scale=float(scale), heads=heads,
                                   gemm=gemm, alibi_slopes=placeholder(np.float64, 1),
-                                  dropout_entries=UNSET_DROPOUT_ENTRIES))
-    visibility = Visibility(kv_lengths=identity_index(1), has_kv_lengths=False,
-                            diag_offset=diag_offset, reach_left=reach[0], reach_right=reach[1],
-                            block_states=placeholder(np.int8), has_block_mask=False,
-                            block_states_index=identity_index(1))
-    return (options, absent_operand(np.dtype(np.bool_)), absent_operand(np.dtype(dtype)),
-            visibility)
+                                  dropout_entries=UNSET_DROPOUT_ENTRIES, **capped))
+    return options, absent_operand(np.dtype(np.bool_)), absent_operand(np.dtype(dtype))
+
+
+def plain_visibility(diag_offset, reach_left, reach_right):
+    """The :class:`Visibility` of a call without kv_lengths or block mask: the
+    diagonal offset and the ``(left, right)`` reach of
+    :meth:`~fastattn._contract.problem.AttentionProblem.key_reach` (a window included)."""
+    return Visibility(kv_lengths=identity_index(1), has_kv_lengths=False,
+                      diag_offset=diag_offset, reach_left=reach_left, reach_right=reach_right,
+                      block_states=placeholder(np.int8), has_block_mask=False,
+                      block_states_index=identity_index(1))
 
 
 # ScoreOptions' (b, h) of each entry when there is no dropout: a placeholder never read
@@ -312,7 +317,7 @@ def fold_query_groups(problem):
     if group == 1 or problem.q_len != 1 or problem.mask is not None:
         return None
     options = problem.options
-    if (not FOLDABLE_OPTIONS.issuperset(options.as_keywords())
+    if (not FOLDABLE_OPTIONS.issuperset(options.set_names)
             or (options.causal and problem.diag_offset < problem.kv_len - 1)
             or (options.kv_lengths is not None and len(problem.batch_shape) < 2)):
         return None

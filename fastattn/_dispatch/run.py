@@ -20,7 +20,7 @@ from fastattn._dispatch.layout import (NO_HOOK, NO_SEGMENTS, as_stored, fold_que
                                        identity_index, placeholder, problem_arguments,
                                        problem_hook)
 from fastattn._runtime import settings
-from fastattn._runtime.threads import single_threaded_blas
+from fastattn._runtime.threads import at_most_threads, single_threaded_blas
 from fastattn.kernels.backward import backward_kernel
 from fastattn.kernels.decode import decode_kernel
 from fastattn.kernels.forward import exact_rows_kernel, forward_kernel
@@ -104,7 +104,7 @@ def decode_supported(problem, return_weights):
     goes to the forward kernel."""
     return (0 < problem.q_len <= tiling.DECODE_MAX_ROWS and not return_weights
             and problem.mask is None
-            and DECODE_OPTIONS.issuperset(problem.options.as_keywords()))
+            and DECODE_OPTIONS.issuperset(problem.options.set_names))
 
 
 # The options the decode kernel implements (any other one set sends a call elsewhere).
@@ -124,12 +124,15 @@ def run_decode(problem):
     if n_batch:
         settings.apply()
         inputs, options, _, _, visibility = problem_arguments(problem, NO_HOOK)
-        decode_kernel(problem.kernel_dtype)(inputs, options, visibility,
-                             Tiling(block_q=problem.q_len, block_k=block_k,
-                                    slots=get_num_threads()),  # a slot per thread
-                             ForwardOutputs(out, lse, placeholder(dtype, 3, writeable=True),
-                                            False),
-                             spans)
+        available = get_num_threads()
+        threads = tiling.decode_threads(problem.key.nbytes + problem.value.nbytes, available)
+        with at_most_threads(threads, available):  # small calls: the calling thread alone
+            decode_kernel(problem.kernel_dtype)(
+                inputs, options, visibility,
+                Tiling(block_q=problem.q_len, block_k=block_k,
+                       slots=threads),  # a slot per thread
+                ForwardOutputs(out, lse, placeholder(dtype, 3, writeable=True), False),
+                spans)
     out, lse = shaped_results(problem, out, lse)
     return out, placeholder(problem.out_dtype, 3, writeable=True), lse
 

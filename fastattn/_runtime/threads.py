@@ -99,3 +99,39 @@ class single_threaded_blas:
                     set_(count)
                 shared._saved.clear()
         return False
+
+
+class at_most_threads:
+    """Context manager: the kernels of this Python thread run on at most ``count``
+    threads inside, on as many as before after.
+
+    For calls too small to pay for waking a second thread
+    (:func:`fastattn._dispatch.tiling.decode_threads` says which): the work runs on
+    the calling thread, and Numba's other threads stay asleep. Results do not change:
+    every tiling depends on the shape alone. The count is per Python thread, as in
+    :func:`set_num_threads`.
+    """
+
+    __slots__ = ("count", "current", "saved")
+
+    def __init__(self, count, current=None):
+        self.count = count
+        self.current = current  # the thread count in use, when the caller knows it
+        self.saved = None
+
+    def __enter__(self):
+        import numba
+
+        current = self.current if self.current is not None else numba.get_num_threads()
+        if current > self.count:
+            self.saved = current
+            numba.set_num_threads(self.count)
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.saved is not None:
+            import numba
+
+            numba.set_num_threads(self.saved)
+            self.saved = None
+        return False

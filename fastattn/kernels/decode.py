@@ -237,9 +237,16 @@ def decode_block_values(probabilities, values, key_start, rule, acc, cols, half_
     hidden key's value is never multiplied, so its NaN cannot reach a row."""
     full_width_vectors()
     rows, value_dim = acc.shape
+    every_row_sees_all = True  # the usual decode block: no per-key visibility test
+    for r in range(rows):
+        first, stop = visible_columns(r, key_start, cols, rule)
+        every_row_sees_all = every_row_sees_all and first == 0 and stop == cols
     for c in range(cols):
         for r in range(rows):
-            first, stop = visible_columns(r, key_start, cols, rule)
+            if every_row_sees_all:
+                first, stop = 0, cols
+            else:
+                first, stop = visible_columns(r, key_start, cols, rule)
             if first <= c < stop:
                 p = probabilities[r, c]
                 if half_format == BFLOAT16:  # a loop per format, each with its conversion
