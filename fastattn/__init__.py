@@ -28,6 +28,8 @@ _PUBLIC = {
     "set_num_threads": "fastattn._runtime.threads",
     "get_num_threads": "fastattn._runtime.threads",
     "show_config": "fastattn._runtime.config_report",
+    "paged_attention": "fastattn.kv_cache",
+    "KVCache": "fastattn.kv_cache",
 }
 
 # submodules reachable as attributes without their own import (cheap to import)
