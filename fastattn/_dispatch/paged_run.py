@@ -64,7 +64,9 @@ def run_paged(problem):
     out, lse = result_buffers(layout, n_entries)  # (N, rows, Dv), (N, rows)
     max_len = problem.max_len
     if n_entries and rows and max_len:
-        block_k, span_len, n_spans = tiling.decode_plan(n_entries, max_len)
+        block_q = min(rows, PAGED_BLOCK_Q)
+        # tasks: one per sequence (all its entries), row block and key span
+        block_k, span_len, n_spans = tiling.decode_plan(batch * -(-rows // block_q), max_len)
         spans = key_spans(layout, n_entries, span_len, n_spans)
         paged = PagedInputs(
             query=np.ascontiguousarray(query, problem.compute_dtype).reshape(
@@ -87,7 +89,7 @@ def run_paged(problem):
         try:
             paged_kernel(problem.kernel_dtype)(
                 paged, options, visibility,
-                Tiling(block_q=min(rows, PAGED_BLOCK_Q), block_k=block_k,
+                Tiling(block_q=block_q, block_k=block_k,
                        slots=1 if serial else threads),
                 ForwardOutputs(out, lse, placeholder(problem.compute_dtype, 3, writeable=True),
                                False),
