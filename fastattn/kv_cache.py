@@ -187,6 +187,7 @@ class KVCache:
         self.page_size = None if page_size is None else int(page_size)
         self.grows = capacity is None
         self._lengths = np.zeros(self.batch, np.int64)  # (B,) tokens held
+        self._common_length = 0  # what every sequence holds, or None when they differ
         self._allocate(int(capacity) if capacity is not None else self.INITIAL_CAPACITY)
 
     @property
@@ -246,6 +247,8 @@ class KVCache:
             Shapes that do not match the cache, ``lengths`` out of range, or a
             sequence that would grow past a fixed ``capacity``.
         """
+        if lengths is None and self._fast_append(k, v):
+            return
         k, v = np.asarray(k), np.asarray(v)
         expected = (self.batch, self.kv_heads)
         for name, array in (("k", k), ("v", v)):
@@ -268,6 +271,39 @@ class KVCache:
         else:
             self._write_pages(k, v, counts, n_new)
         self._lengths = ends
+        self._common_length = int(ends[0]) if self.batch and (ends == ends[0]).all() else None
+
+    def _fast_append(self, k, v):
+        """The common step of a decoding loop, with the fewest NumPy calls: every
+        sequence holds as many tokens and takes all of ``k`` and ``v`` (arrays of the
+        expected shape), within the room there is. Returns whether it appended (else
+        :meth:`append` takes the general path, checks included)."""
+        start = self._common_length
+        if (start is None or type(k) is not np.ndarray or type(v) is not np.ndarray
+                or k.shape != v.shape or k.ndim != 4
+                or k.shape[:2] != (self.batch, self.kv_heads) or k.shape[3] != self.head_dim):
+            return False
+        n_new = k.shape[2]
+        stop = start + n_new
+        if stop > self._capacity:
+            return False
+        if self.page_size is None:
+            self._keys[:, :, start:stop] = k  # (B, Hkv, n, D)
+            self._values[:, :, start:stop] = v
+        elif n_new == 1:
+            logical, row = divmod(start, self.page_size)
+            if row == 0:  # a new page for every sequence, in batch order
+                used = self._pages_used
+                self._block_table[:, logical] = np.arange(used, used + self.batch)
+                self._pages_used = used + self.batch
+            pages = self._block_table[:, logical]  # (B,)
+            self._key_pages[pages, row] = k[:, :, 0]  # (B, Hkv, D)
+            self._value_pages[pages, row] = v[:, :, 0]
+        else:
+            return False
+        self._lengths += n_new
+        self._common_length = stop
+        return True
 
     def _counts(self, lengths, n_new):
         """New tokens per sequence, int64 ``(B,)``, from ``append``'s ``lengths``."""
