@@ -33,6 +33,8 @@ _PUBLIC = {
     "show_config": "fastattn._runtime.config_report",
     "varlen_attention": "fastattn.varlen",
     "varlen_attention_backward": "fastattn.varlen",
+    "paged_attention": "fastattn.kv_cache",
+    "KVCache": "fastattn.kv_cache",
 }
 
 # submodules reachable as attributes without their own import (cheap to import)

@@ -32,7 +32,7 @@ EXAMPLE_MODULES = ["fastattn.attention", "fastattn.block_mask", "fastattn.merge"
                    "fastattn.layers.norm", "fastattn.layers.positional",
                    "fastattn.layers.transformer", "fastattn._contract.options",
                    "fastattn.torch", "fastattn.huggingface", "fastattn.mask_functions",
-                   "fastattn.varlen"]
+                   "fastattn.varlen", "fastattn.kv_cache"]
 
 # Public names whose example is a guide page's (their docstrings live in modules
 # that other work of issue 19 is reshaping); the page must call them in a ``>>>`` line.

@@ -43,11 +43,13 @@ def checked_kernels(monkeypatch):
         kernel.__doc__ = getter.__doc__
         return kernel
 
+    import fastattn._dispatch.paged_run as paged_run
     import fastattn._dispatch.run as run
     import fastattn.layers.linear as layers_linear
     for module, names in ((run, ("forward_kernel", "exact_rows_kernel", "backward_kernel",
                                  "decode_kernel")),
-                          (layers_linear, ("linear_kernel",))):
+                          (layers_linear, ("linear_kernel",)),
+                          (paged_run, ("paged_kernel",))):
         for name in names:
             monkeypatch.setattr(module, name, checking(getattr(module, name)))
     return seen
@@ -130,3 +132,23 @@ def test_packed_arguments_have_the_signatures_types(checked_kernels, rng, dtype)
     fastattn.varlen_attention(query, key, nan_value, cu_seqlens, cu_seqlens)
     assert {forward.forward_kernel.__doc__, forward.exact_rows_kernel.__doc__,
             backward.backward_kernel.__doc__} <= set(checked_kernels)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, "bfloat16"])
+def test_paged_arguments_have_the_signatures_types(checked_kernels, rng, dtype):
+    """The paged kernel (fastattn.kernels.paged): decoding with grouped heads folded,
+    a prefill with a softcap, and a contiguous KVCache's one page per sequence."""
+    if dtype == "bfloat16":
+        dtype = pytest.importorskip("ml_dtypes").bfloat16
+    from fastattn.kernels import paged
+
+    k_pages, v_pages = rng.standard_normal((2, 6, 16, 2, 8)).astype(dtype)
+    k_pages.flags.writeable = False  # read-only pages, passed as they are
+    table = np.array([[3, 1, 0], [5, 2, 4]])  # int64: converted to int32
+    for q_len, options in ((1, {}), (5, {"softcap": 2.0, "causal": True})):
+        query = rng.standard_normal((2, 4, q_len, 8)).astype(np.float32)
+        fastattn.paged_attention(query, k_pages, v_pages, table, [40, 33], **options)
+    cache = fastattn.KVCache(2, 2, 8, dtype=dtype)
+    cache.append(k_pages[:2].transpose(2, 0, 1, 3), k_pages[2:4].transpose(2, 0, 1, 3))
+    cache.attend(rng.standard_normal((2, 4, 3, 8)))
+    assert paged.paged_kernel.__doc__ in checked_kernels

@@ -107,11 +107,33 @@ def decode_task(b, span, n_spans, block_k, inputs, options, visibility, outputs,
     rows, head_dim = query.shape[1], query.shape[2]
     kv_len, value_dim = key.shape[1], value.shape[2]
     rule = entry_rule(visibility, b, kv_len)
-    keys = key[inputs.key_index[b]]  # (Lk, Dk)
-    values = value[inputs.value_index[b]]  # (Lk, Dv)
+    keys = key[inputs.key_index[b]].reshape((kv_len, 1, head_dim))  # (Lk, 1, Dk)
+    values = value[inputs.value_index[b]].reshape((kv_len, 1, value_dim))  # (Lk, 1, Dv)
     query_rows = query[inputs.query_index[b]]  # (rows, Dk)
     half_format = inputs.half_format  # how 16-bit inputs are read
 
+    q_scaled, scores, acc, row_max, row_sum = decode_buffers(scratch, rows, head_dim,
+                                                             value_dim, block_k)
+    decode_start(query_rows, options.scale, half_format, q_scaled, acc, row_max, row_sum)
+
+    span_first = span * spans.span_len
+    span_last = min(kv_len, span_first + spans.span_len)
+    first_key, last_key = row_block_keys(0, rows, rule)[:2]  # keys some row may see
+    first_key, last_key = max(first_key, span_first), min(last_key, span_last)
+    for key_start in range(first_key, last_key, block_k):
+        cols = min(block_k, last_key - key_start)
+        decode_block(q_scaled, keys[key_start:key_start + cols],
+                     values[key_start:key_start + cols], 0, key_start, cols, rule, options,
+                     scores, row_max, row_sum, acc, half_format)
+    decode_write(b, 0, span, n_spans, outputs, spans, row_max, row_sum, acc, half_format)
+
+
+@jit_helper
+def decode_buffers(scratch, rows, head_dim, value_dim, block_k):
+    """A decode task's buffers carved from a thread's ``scratch``
+    (:func:`decode_scratch_size` entries), each on whole 64-byte lines:
+    ``(q_scaled (rows, Dk), scores (rows, block_k), acc (rows, Dv), row_max (rows,),
+    row_sum (rows,))``."""
     taken = 0
     q_scaled = block_view(scratch, rows, head_dim)  # (rows, Dk) log2(e) * scale * q
     taken += whole_lines(rows * head_dim)
@@ -121,37 +143,57 @@ def decode_task(b, span, n_spans, block_k, inputs, options, visibility, outputs,
     taken += whole_lines(rows * value_dim)
     row_max = scratch[taken:taken + rows]  # (rows,) running max, log2 units
     row_sum = scratch[taken + rows:taken + 2 * rows]  # (rows,) running sum of 2**(s - max)
+    return q_scaled, scores, acc, row_max, row_sum
 
-    score_scale = cast_like(options.scale * LOG2E, scratch)
+
+@jit_helper
+def decode_start(query_rows, scale, half_format, q_scaled, acc, row_max, row_sum):
+    """Start a decode task: ``q_scaled = log2(e) * scale * query_rows`` ``(rows, Dk)``
+    (any storage, converted as read), ``acc`` ``(rows, Dv)`` and ``row_sum`` zero,
+    ``row_max`` ``-inf``."""
+    score_scale = cast_like(scale * LOG2E, q_scaled)
+    rows, head_dim = q_scaled.shape
     for r in range(rows):
         for d in range(head_dim):
             q_scaled[r, d] = as_compute(query_rows[r, d], half_format) * score_scale
-        for d in range(value_dim):
+        for d in range(acc.shape[1]):
             acc[r, d] = 0.0
         row_max[r] = -np.inf
         row_sum[r] = 0.0
 
-    span_first = span * spans.span_len
-    span_last = min(kv_len, span_first + spans.span_len)
-    first_key, last_key = row_block_keys(0, rows, rule)[:2]  # keys some row may see
-    first_key, last_key = max(first_key, span_first), min(last_key, span_last)
-    cap = cast_like(options.softcap * LOG2E, scratch)
-    for key_start in range(first_key, last_key, block_k):
-        cols = min(block_k, last_key - key_start)
-        decode_block_scores(q_scaled, keys[key_start:key_start + cols], scores, cols,
-                            half_format)
-        if options.has_softcap:  # the whole buffer: columns past cols are never read
-            apply_softcap(scores, cap, scores, False)
-        for r in range(rows):
-            first, stop = visible_columns(r, key_start, cols, rule)
-            decode_row_softmax(scores[r], first, stop, r, row_max, row_sum, acc)
-        decode_block_values(scores, values[key_start:key_start + cols], key_start, rule, acc,
-                            cols, half_format)
 
+@jit_helper
+def decode_block(q_scaled, keys, values, head, key_start, cols, rule, options, scores,
+                 row_max, row_sum, acc, half_format):
+    """Fold ``cols`` keys from ``key_start`` into a task's running softmax: head
+    ``head`` of ``keys`` ``(cols, heads, Dk)`` and ``values`` ``(cols, heads, Dv)``
+    (any storage; a page of a paged cache, or ``heads`` 1), the rows' visibility by
+    ``rule``, ``options``' softcap;
+    ``scores`` ``(rows, block_k)`` is the block buffer, ``row_max``, ``row_sum``
+    ``(rows,)`` and ``acc`` ``(rows, Dv)`` the running state."""
+    decode_block_scores(q_scaled, keys, head, scores, cols, half_format)
+    if options.has_softcap:  # the whole buffer: columns past cols are never read
+        apply_softcap(scores, cast_like(options.softcap * LOG2E, scores), scores, False)
+    for r in range(q_scaled.shape[0]):
+        first, stop = visible_columns(r, key_start, cols, rule)
+        decode_row_softmax(scores[r], first, stop, r, row_max, row_sum, acc)
+    decode_block_values(scores, values, head, key_start, rule, acc, cols, half_format)
+
+
+@jit_helper
+def decode_write(b, row_start, span, n_spans, outputs, spans, row_max, row_sum, acc,
+                 half_format):
+    """Write a task's rows ``row_start + r`` of entry ``b``: to ``outputs`` (output in
+    the inputs' storage, natural-log lse) when the keys are not split, else its span's
+    share to ``spans.out[span, b]`` and log2 lse to ``spans.lse[span, b]``, merged
+    afterwards (:func:`decode_finish`)."""
+    row_stop = row_start + acc.shape[0]
     if n_spans == 1:  # (rows, Dv) in the inputs' storage, (rows,) natural log
-        decode_finish(outputs.out[b], outputs.lse[b], LN2, row_max, row_sum, acc, half_format)
+        decode_finish(outputs.out[b, row_start:row_stop], outputs.lse[b, row_start:row_stop],
+                      LN2, row_max, row_sum, acc, half_format)
     else:  # this span's share (rows, Dv), its lse (rows,) in log2 units, merged afterwards
-        decode_finish(spans.out[span, b], spans.lse[span, b], 1.0, row_max, row_sum, acc,
+        decode_finish(spans.out[span, b, row_start:row_stop],
+                      spans.lse[span, b, row_start:row_stop], 1.0, row_max, row_sum, acc,
                       half_format)
 
 
@@ -174,10 +216,10 @@ def decode_finish(out_rows, lse_rows, lse_unit, row_max, row_sum, acc, half_form
 
 
 @jit_helper
-def decode_block_scores(q_scaled, keys, scores, cols, half_format):
-    """``scores[r, c] = q_scaled[r] . keys[c]`` for ``c < cols``: ``q_scaled``
-    ``(rows, Dk)``, ``keys`` ``(cols, Dk)`` (any storage: 16-bit keys are converted as
-    they are read), ``scores`` ``(rows, block_k)``. Each key row is read from memory
+def decode_block_scores(q_scaled, keys, head, scores, cols, half_format):
+    """``scores[r, c] = q_scaled[r] . keys[c, head]`` for ``c < cols``: ``q_scaled``
+    ``(rows, Dk)``, ``keys`` ``(cols, heads, Dk)`` (any storage: 16-bit keys are
+    converted as they are read), ``scores`` ``(rows, block_k)``. Each key row is read from memory
     once and stays in L1 while every row takes its dot product, a reduction LLVM
     vectorises at full width."""
     full_width_vectors()
@@ -187,10 +229,10 @@ def decode_block_scores(q_scaled, keys, scores, cols, half_format):
             total = cast_like(0.0, scores)
             if half_format == BFLOAT16:  # a loop per format, each with its conversion
                 for d in range(head_dim):
-                    total += q_scaled[r, d] * as_compute(keys[c, d], BFLOAT16)
+                    total += q_scaled[r, d] * as_compute(keys[c, head, d], BFLOAT16)
             else:
                 for d in range(head_dim):
-                    total += q_scaled[r, d] * as_compute(keys[c, d], FLOAT16)
+                    total += q_scaled[r, d] * as_compute(keys[c, head, d], FLOAT16)
             scores[r, c] = total
 
 
@@ -229,10 +271,11 @@ def decode_row_softmax(scores, first, stop, r, row_max, row_sum, acc):
 
 
 @jit_helper
-def decode_block_values(probabilities, values, key_start, rule, acc, cols, half_format):
-    """``acc[r] += sum_c probabilities[r, c] * values[c]`` over the columns ``c < cols``
-    row ``r`` sees (keys ``key_start + c``): ``probabilities`` ``(rows, block_k)``,
-    ``values`` ``(cols, Dv)`` (any storage, converted as read), ``acc`` ``(rows, Dv)``.
+def decode_block_values(probabilities, values, head, key_start, rule, acc, cols, half_format):
+    """``acc[r] += sum_c probabilities[r, c] * values[c, head]`` over the columns
+    ``c < cols`` row ``r`` sees (keys ``key_start + c``): ``probabilities`` ``(rows,
+    block_k)``, ``values`` ``(cols, heads, Dv)`` (any storage, converted as read),
+    ``acc`` ``(rows, Dv)``.
     Each value row is read from memory once and added into every row that sees it; a
     hidden key's value is never multiplied, so its NaN cannot reach a row."""
     full_width_vectors()
@@ -251,10 +294,10 @@ def decode_block_values(probabilities, values, key_start, rule, acc, cols, half_
                 p = probabilities[r, c]
                 if half_format == BFLOAT16:  # a loop per format, each with its conversion
                     for d in range(value_dim):
-                        acc[r, d] += p * as_compute(values[c, d], BFLOAT16)
+                        acc[r, d] += p * as_compute(values[c, head, d], BFLOAT16)
                 else:
                     for d in range(value_dim):
-                        acc[r, d] += p * as_compute(values[c, d], FLOAT16)
+                        acc[r, d] += p * as_compute(values[c, head, d], FLOAT16)
 
 
 @jit_helper

@@ -21,7 +21,8 @@ from numba import types
 __all__ = ["Inputs", "ScoreOperand", "ScoreOptions", "Visibility", "Tiling", "ForwardOutputs",
            "KeySpans", "BackwardInputs", "Gradients", "array_type", "group_type",
            "problem_types", "forward_result_types", "backward_types", "TILING_TYPE",
-           "Segments", "SEGMENTS_TYPE"]
+           "Segments", "SEGMENTS_TYPE",
+           "PagedInputs"]
 
 
 def array_type(dtype, ndim, readonly=True):
@@ -176,6 +177,19 @@ cut into that many contiguous runs, each adding into its own partition.""", [
     ("query_parts", data(4, writable=True)), ("key", data(3, writable=True)),
     ("value", data(3, writable=True)), ("nan_met", fixed(np.bool_, 1, writable=True)),
     ("bias", data(3, writable=True)), ("has_bias", FLAG), ("arg_grad_parts", INT),
+])
+
+PagedInputs = declare("PagedInputs", """A paged KV cache and the queries attending to it
+(:mod:`fastattn.kernels.paged`): ``query (N, Lq, Dk)`` in the compute dtype; the page
+pools ``key_pages (n_pages, page_size, Hkv, Dk)`` and ``value_pages (n_pages,
+page_size, Hkv, Dv)`` in the variant's storage, read in place; int32 ``block_table
+(rows, max_pages)`` of physical pages and int64 ``seq_lens (rows,)`` (tokens held,
+the ``Lq`` new ones included) per table row; entry ``e`` reads table row
+``table_row[e]`` and kv head ``kv_head[e]`` (int64 ``(N,)``); ``half_format`` as in
+:class:`Inputs`.""", [
+    ("query", data(3)), ("key_pages", stored(4)), ("value_pages", stored(4)),
+    ("block_table", fixed(np.int32, 2)), ("seq_lens", INDEX), ("table_row", INDEX),
+    ("kv_head", INDEX), ("half_format", INT),
 ])
 
 
