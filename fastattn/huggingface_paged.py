@@ -19,21 +19,19 @@ no dense masks and passes the packed layout instead.
 
 What each step hands the attention function, and what fastattn does with it:
 
-=============================  ==========================================================
-transformers                   fastattn
-=============================  ==========================================================
-prefill or mixed step:         :func:`fastattn.torch.varlen_attention` with
-queries ``(1, H, total_q, D)``, ``causal=True, causal_alignment="bottom_right"``: each
-keys and values gathered from  request's queries are its last tokens. The gather is
-the cache ``(1, Hkv, total_k,  transformers' (its cache's ``update`` runs in the model's
-D)``, ``cu_seq_lens_q/k``      layer before the attention function is called).
-decode step (every request     the new keys and values written into the pages, then
-one new token): ``k_cache``,   :func:`fastattn.paged_attention` reads the pages in
-``v_cache`` ``(n_pages,        place: no gather. Transformers enables this path only for
-page_size, Hkv, D)``,          FlashAttention on CUDA/XPU; :func:`continuous_batching`
-``block_table``,               turns it on (``max_blocks_per_request``), since
-``cu_seq_lens_k``              transformers' page views are fastattn's layout.
-=============================  ==========================================================
+- A prefill or mixed step: the queries of every request packed, ``(1, H, total_q, D)``,
+  every request's keys and values ``(1, Hkv, total_k, D)``, gathered from the cache by
+  its ``update`` in the model's layer before the attention function is called, and
+  ``cu_seq_lens_q/k``. fastattn runs :func:`fastattn.torch.varlen_attention` with
+  ``causal=True, causal_alignment="bottom_right"`` (each request's queries are its
+  newest tokens; a chunked prefill's too).
+- A decode step (one new token per request) with a block table: the cache's page
+  views ``k_cache``, ``v_cache`` ``(n_pages, page_size, Hkv, D)``, ``block_table``
+  and ``cu_seq_lens_k``, the new keys and values not yet written. fastattn writes
+  them into the pages and :func:`fastattn.paged_attention` reads the pages in place:
+  no gather. Transformers enables this path only for FlashAttention on CUDA or XPU;
+  :func:`continuous_batching` turns it on (``max_blocks_per_request``), since
+  transformers' page views are fastattn's layout.
 
 PyTorch and transformers are optional dependencies:
 ``pip install "fastattn[huggingface]"``.
@@ -41,8 +39,8 @@ PyTorch and transformers are optional dependencies:
 
 try:
     import torch
-    import transformers
     from transformers import ContinuousBatchingConfig
+    from transformers.generation.continuous_batching.utils import WorkloadHints
     from transformers.modeling_utils import AttentionInterface
 except ImportError as error:  # pragma: no cover - exercised in an environment without them
     raise ImportError(
@@ -293,7 +291,8 @@ def _blocks_for(workload_hints, page_size):
 
 
 def generate_batch(model, inputs, generation_config=None, continuous_batching_config=None, *,
-                   max_new_tokens=None, decode_in_place=True, timeout=None):
+                   max_new_tokens=None, decode_in_place=True, record_timestamps=False,
+                   timeout=None):
     """``model.generate_batch`` with fastattn as the attention.
 
     Parameters
@@ -310,6 +309,8 @@ def generate_batch(model, inputs, generation_config=None, continuous_batching_co
         Default ``generation_config.max_new_tokens``.
     decode_in_place : bool, default True
         As for :func:`continuous_batching`.
+    record_timestamps : bool, default False
+        Record when each token was generated (each output's ``timestamps``).
     timeout : float, optional
         Seconds to wait for each result; None waits as long as the manager runs.
 
@@ -354,7 +355,8 @@ def generate_batch(model, inputs, generation_config=None, continuous_batching_co
     results = {}
     with continuous_batching(model, generation_config, continuous_batching_config,
                              workload_hints=hints, decode_in_place=decode_in_place) as manager:
-        request_ids = manager.add_requests(inputs=inputs, max_new_tokens=max_new_tokens)
+        request_ids = manager.add_requests(inputs=inputs, max_new_tokens=max_new_tokens,
+                                           record_timestamps=record_timestamps)
         while len(results) < len(request_ids) * copies:
             result = manager.get_result(timeout=1 if timeout is None else timeout)
             if result is None:
@@ -382,7 +384,6 @@ def generate_batch(model, inputs, generation_config=None, continuous_batching_co
 def _workload_hints(inputs, max_new_tokens, copies):
     """Transformers' ``WorkloadHints`` for a batch of prompts (as its ``generate_batch``
     builds them)."""
-    from transformers.generation.continuous_batching.utils import WorkloadHints
     return WorkloadHints(max_prompt_length=max((len(ids) for ids in inputs), default=0),
                          max_generated_length=max_new_tokens or 0,
                          num_requests=len(inputs) * copies)

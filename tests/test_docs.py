@@ -22,7 +22,7 @@ OPTION_FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
 # the integrations' modules, and the package each needs
 INTEGRATIONS = {"fastattn.torch": "torch", "fastattn.huggingface": "transformers",
-                "fastattn.dask": "dask"}
+                "fastattn.huggingface_paged": "transformers", "fastattn.dask": "dask"}
 # public functions of fastattn.blas (the rest of the module serves the kernels)
 BLAS_PUBLIC = ("use", "current", "available")
 
@@ -32,7 +32,7 @@ EXAMPLE_MODULES = ["fastattn.attention", "fastattn.block_mask", "fastattn.merge"
                    "fastattn.layers.norm", "fastattn.layers.positional",
                    "fastattn.layers.transformer", "fastattn._contract.options",
                    "fastattn.torch", "fastattn.huggingface", "fastattn.mask_functions",
-                   "fastattn.varlen", "fastattn.kv_cache"]
+                   "fastattn.varlen", "fastattn.kv_cache", "fastattn.huggingface_paged"]
 
 # Public names whose example is a guide page's (their docstrings live in modules
 # that other work of issue 19 is reshaping); the page must call them in a ``>>>`` line.
