@@ -51,6 +51,8 @@ import contextlib
 import copy
 import math
 
+import numpy as np
+
 import fastattn
 import fastattn.torch
 
@@ -180,21 +182,24 @@ def _decode_in_place(query, key, value, cu_seq_lens_k, block_table, k_cache, v_c
                      options):
     """One new token per request: its key and value written into the pages ``k_cache``,
     ``v_cache`` ``(n_pages, page_size, Hkv, D)`` at position ``n_s - 1``, then
-    :func:`fastattn.paged_attention` over the pages in place. Returns ``(1, B, H, D)``."""
+    :func:`fastattn.paged_attention` over the pages in place. Returns ``(1, B, H, D)``.
+
+    The index arithmetic and the writes run on NumPy views of the tensors (no thread
+    team wakes for a few rows)."""
     requests = query.shape[2]
-    bounds = cu_seq_lens_k[:requests + 1].to(torch.int64)  # (B + 1,)
-    seq_lens = bounds[1:] - bounds[:-1]  # (B,) tokens held, the new one included
-    table = block_table[:requests].to(torch.int64)  # (B, max_pages)
-    page_size = k_cache.shape[1]
-    position = seq_lens - 1  # (B,)
-    pages = table.gather(1, (position // page_size)[:, None])[:, 0]  # (B,)
-    rows = position % page_size  # (B,)
-    k_cache[pages, rows] = key[0].transpose(0, 1).to(k_cache.dtype)  # (B, Hkv, D)
-    v_cache[pages, rows] = value[0].transpose(0, 1).to(v_cache.dtype)
-    queries = fastattn.torch._compute_array(query[0].transpose(0, 1)[:, :, None])  # (B, H, 1, D)
-    out = fastattn.paged_attention(
-        queries, fastattn.torch._compute_array(k_cache), fastattn.torch._compute_array(v_cache),
-        block_table[:requests].numpy(), seq_lens.numpy(), **options)  # (B, H, 1, D)
+    bounds = cu_seq_lens_k.numpy()  # (>= B + 1,)
+    seq_lens = (bounds[1:requests + 1] - bounds[:requests]).astype(np.int64)  # (B,) with new
+    table = block_table[:requests].numpy()  # (B, max_pages), -1 past each request's pages
+    key_pages, value_pages = (fastattn.torch._compute_array(cache)
+                              for cache in (k_cache, v_cache))  # (n_pages, page_size, Hkv, D)
+    position = seq_lens - 1  # (B,) where the new token goes
+    pages = table[np.arange(requests), position // key_pages.shape[1]]  # (B,)
+    rows = position % key_pages.shape[1]  # (B,)
+    key_pages[pages, rows] = fastattn.torch._compute_array(key[0]).transpose(1, 0, 2)  # (B, Hkv, D)
+    value_pages[pages, rows] = fastattn.torch._compute_array(value[0]).transpose(1, 0, 2)
+    queries = fastattn.torch._compute_array(query[0]).transpose(1, 0, 2)[:, :, None]  # (B, H, 1, D)
+    out = fastattn.paged_attention(queries, key_pages, value_pages, table, seq_lens,
+                                   **options)  # (B, H, 1, D)
     out = fastattn.torch._as_tensor(out, query.dtype)
     return out.transpose(1, 2).reshape(1, requests, out.shape[1], out.shape[3])  # (1, B, H, D)
 
