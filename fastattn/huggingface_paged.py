@@ -96,12 +96,13 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     Request ``s`` holds query rows ``cu_seq_lens_q[s]:cu_seq_lens_q[s + 1]`` (its
     newest tokens) and ``n_s = cu_seq_lens_k[s + 1] - cu_seq_lens_k[s]`` tokens in all;
     its query ``i`` sits at position ``p_i = n_s - Lq_s + i`` and sees keys
-    ``j <= p_i`` of its own request:
+    ``j <= p_i`` of its own request (and ``j > p_i - w`` with a sliding window ``w``):
 
     .. math::
 
-        \mathrm{out}_{s,i} = \sum_{j \le p_i} \mathrm{softmax}_j\big(\mathrm{scaling}\;
-        q_{s,i} \cdot k_{s,j}\big)\, v_{s,j}.
+        \mathrm{out}_{s,i} = \sum_{j \in V(i)} \mathrm{softmax}_j\big(\mathrm{scaling}\;
+        q_{s,i} \cdot k_{s,j}\big)\, v_{s,j}, \qquad
+        V(i) = \{\, j \le p_i \,\}\ (\cap \{\, j > p_i - w \,\}).
 
     Parameters
     ----------
@@ -116,8 +117,12 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         Continuous batching builds no mask for this implementation.
     scaling : float, optional
         Default ``1 / sqrt(D)``.
+    sliding_window : int, optional
+        A sliding layer's window ``w``: query ``i`` sees keys ``p_i - w < j <= p_i``
+        (``window=(w - 1, 0)``). Transformers' sliding-window cache hands over each
+        request's last ``min(past, w - 1)`` cached tokens, in order, then its new ones.
     softcap : float, optional
-        Score soft-capping.
+        Score soft-capping (Gemma 2's ``attn_logit_softcapping``).
     cu_seq_lens_q, cu_seq_lens_k : torch.Tensor of int, shape ``(n_requests + 1,)``
         Each request's first query row and first key row.
     block_table : torch.Tensor of int, shape ``(n_requests, max_pages)``, optional
@@ -135,8 +140,6 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     ValueError
         A call without ``cu_seq_lens_q`` and ``cu_seq_lens_k`` (outside continuous
         batching: use ``attn_implementation="fastattn"``).
-    NotImplementedError
-        ``sliding_window`` (transformers' sliding-window cache reads a rolling buffer).
 
     Examples
     --------
@@ -162,11 +165,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         raise ValueError(
             f"{PAGED_NAME} is the attention of transformers' continuous batching and needs "
             "cu_seq_lens_q and cu_seq_lens_k; use attn_implementation='fastattn' elsewhere")
-    if sliding_window is not None:
-        raise NotImplementedError(
-            f"{PAGED_NAME} does not take sliding_window: transformers' sliding-window cache "
-            "reads a rolling buffer whose order the packed layout does not state")
     options = {"scale": scaling, "causal": True, "causal_alignment": "bottom_right"}
+    if sliding_window is not None:  # a sliding layer's cache reads its last w - 1 tokens
+        options["window"] = (sliding_window - 1, 0)
     if softcap is not None:
         options["softcap"] = softcap
     if block_table is not None and k_cache is not None and v_cache is not None:

@@ -1,13 +1,15 @@
 """fastattn as the attention of transformers' continuous batching (``generate_batch``).
 
-Small randomly initialised Llama (grouped-query heads, 2 query heads per kv head) and
-Qwen2 (one kv head) models generate greedily for prompts of awkward lengths (1 token,
-within a page, a page plus one, longer than a step's token budget so its prefill is
-chunked) with ``fastattn.huggingface_paged.generate_batch``: the tokens equal those of
+Small randomly initialised Llama (grouped-query heads, 2 query heads per kv head),
+Qwen2 (one kv head), Mistral (sliding window 8 in every layer) and Gemma 2 (sliding and
+full layers, softcap) models generate greedily for prompts of awkward lengths (1 token,
+within a page, a page plus one, longer than the window, longer than a step's token
+budget so its prefill is chunked) with ``fastattn.huggingface_paged.generate_batch``: the tokens equal those of
 the same model's continuous batching with ``"sdpa"`` and of ordinary ``generate``; the
 log-probabilities of the chosen tokens agree within 1e-4. Both paths are checked to
-run: decode steps reading the cache's pages in place (``fastattn.paged_attention``)
-and every step on keys gathered by transformers (``decode_in_place=False``).
+run: decode steps reading the cache's pages in place (``fastattn.paged_attention``;
+transformers offers it for models without sliding layers) and every step on keys
+gathered by transformers (``decode_in_place=False``).
 Skipped when PyTorch or transformers is not installed.
 """
 
@@ -34,10 +36,28 @@ PROMPTS = [[7], [3, 1, 4], [2, 7, 1, 8, 2], [5, 9, 2, 6, 5, 3, 5, 8, 9, 7],
 
 COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
               num_attention_heads=4, max_position_embeddings=128, pad_token_id=0)
+SLIDING_WINDOW = 8  # shorter than the longer prompts
 CONFIGS = {
     "llama": (transformers.LlamaConfig, dict(num_key_value_heads=2)),
     "qwen2": (transformers.Qwen2Config, dict(num_key_value_heads=1)),
+    "mistral": (transformers.MistralConfig, dict(num_key_value_heads=2,
+                                                 sliding_window=SLIDING_WINDOW)),
+    "gemma2": (transformers.Gemma2Config, dict(
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+        sliding_window=SLIDING_WINDOW, layer_types=["sliding_attention", "full_attention"],
+        attn_logit_softcapping=50.0)),
 }
+# transformers' block-table (in-place decode) path needs every layer's cache to keep
+# pages; its sliding-window cache is a rolling buffer
+IN_PLACE_DECODING = {"llama", "qwen2"}
+# transformers' continuous batching and generate compared against: sdpa, where the model
+# has it (Gemma 2 has eager attention only)
+REFERENCE = {"gemma2": ("paged|eager", "eager")}
+
+
+def reference_implementations(name):
+    """``(for continuous batching, for generate)``."""
+    return REFERENCE.get(name, ("sdpa", "sdpa"))
 
 
 def make_model(name, implementation="sdpa"):
@@ -75,10 +95,11 @@ def counted(monkeypatch):
 @pytest.mark.parametrize("decode_in_place", [True, False])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_generate_batch_matches_sdpa_and_generate(name, decode_in_place, counted):
-    model = make_model(name)
+    batching, generating = reference_implementations(name)
+    model = make_model(name, batching)
     expected = model.generate_batch(PROMPTS, generation_config=generation_config(),
                                     continuous_batching_config=batching_config())
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == batching
     assert counted == {"varlen_attention": 0, "paged_attention": 0}  # sdpa ran alone
 
     got = huggingface_paged.generate_batch(model, PROMPTS, generation_config(),
@@ -91,9 +112,10 @@ def test_generate_batch_matches_sdpa_and_generate(name, decode_in_place, counted
                                    torch.tensor(expected[request].logprobs),
                                    rtol=0, atol=LOGPROB_TOLERANCE, msg=request)
     assert counted["varlen_attention"] > 0  # prefill and mixed steps
-    assert (counted["paged_attention"] > 0) == decode_in_place
-    assert model.config._attn_implementation == "sdpa"  # restored
+    assert (counted["paged_attention"] > 0) == (decode_in_place and name in IN_PLACE_DECODING)
+    assert model.config._attn_implementation == batching  # restored
 
+    model.set_attn_implementation(generating)
     for prompt, result in zip(PROMPTS, got.values()):  # ordinary generate, one prompt
         alone = model.generate(torch.tensor([prompt]), generation_config=generation_config())
         assert result.generated_tokens == alone[0, len(prompt):].tolist()
@@ -149,14 +171,9 @@ def test_failed_requests_raise(monkeypatch):
 
 
 def test_attention_forward_needs_the_packed_layout():
-    layer = torch.nn.Module()
     query, key = torch.zeros(1, 4, 3, 8), torch.zeros(1, 2, 3, 8)
     with pytest.raises(ValueError, match="cu_seq_lens_q"):
-        huggingface_paged.attention_forward(layer, query, key, key, None)
-    offsets = torch.tensor([0, 3])
-    with pytest.raises(NotImplementedError, match="sliding_window"):
-        huggingface_paged.attention_forward(layer, query, key, key, None, sliding_window=4,
-                                            cu_seq_lens_q=offsets, cu_seq_lens_k=offsets)
+        huggingface_paged.attention_forward(torch.nn.Module(), query, key, key, None)
 
 
 def test_decode_in_place_writes_the_new_token_and_matches_the_gathered_keys():
