@@ -140,6 +140,48 @@ def test_manager_streams_requests_added_while_others_decode():
     assert list(results.values()) == [result.generated_tokens for result in expected.values()]
 
 
+def test_shared_prefix_pages_are_read(monkeypatch):
+    """A prompt that starts with a finished request's prompt reuses its full pages
+    (transformers' prefix sharing): its prefill's queries are only the tokens after
+    them, attending to the shared pages too."""
+    model = make_model("llama")
+    prompt = PROMPTS[3]  # two full pages and a half
+    longer = prompt + [3, 3]
+    steps = []
+    original = fastattn.torch.varlen_attention
+
+    def recording(q, k, v, cu_seqlens_q, cu_seqlens_k, **options):
+        steps.append((cu_seqlens_q.diff().tolist(), cu_seqlens_k.diff().tolist()))
+        return original(q, k, v, cu_seqlens_q, cu_seqlens_k, **options)
+    with huggingface_paged.continuous_batching(model, generation_config(),
+                                               batching_config()) as manager:
+        for ids in (prompt, longer):
+            if ids is longer:  # the first request has finished: record the second's steps
+                monkeypatch.setattr(fastattn.torch, "varlen_attention", recording)
+            request = manager.add_request(ids, max_new_tokens=NEW_TOKENS)
+            result = manager.get_result(request_id=request, timeout=120)
+            while not result.is_finished():
+                result = manager.get_result(request_id=request, timeout=120)
+    shared = 2 * PAGE_SIZE
+    assert steps[0] == ([len(longer) - shared], [len(longer)])
+    alone = model.generate(torch.tensor([longer]), generation_config=generation_config())
+    assert result.generated_tokens == alone[0, len(longer):].tolist()
+
+
+def test_forked_requests_match_sdpa():
+    """num_return_sequences=2: each prompt's second sequence is a fork of the first's
+    pages; results come in transformers' order (children, then the request)."""
+    model = make_model("llama")
+    config = generation_config()
+    config.num_return_sequences = 2
+    expected = model.generate_batch(PROMPTS[:3], generation_config=config,
+                                    continuous_batching_config=batching_config())
+    got = huggingface_paged.generate_batch(model, PROMPTS[:3], config, batching_config())
+    assert list(got) == list(expected)
+    assert [result.generated_tokens for result in got.values()] == [
+        result.generated_tokens for result in expected.values()]
+
+
 def test_model_restored_to_fastattn_after_generate_batch():
     """A model on attn_implementation="fastattn" generates in continuous batching
     through this module (transformers' own generate_batch refuses it) and is back on
