@@ -4,12 +4,16 @@ Small randomly initialised Llama (grouped-query heads, 2 query heads per kv head
 Qwen2 (one kv head), Mistral (sliding window 8 in every layer) and Gemma 2 (sliding and
 full layers, softcap) models generate greedily for prompts of awkward lengths (1 token,
 within a page, a page plus one, longer than the window, longer than a step's token
-budget so its prefill is chunked) with ``fastattn.huggingface_paged.generate_batch``: the tokens equal those of
-the same model's continuous batching with ``"sdpa"`` and of ordinary ``generate``; the
+budget so its prefill is chunked) with ``fastattn.huggingface_paged.generate_batch``:
+the tokens equal those of the same model's continuous batching with ``"sdpa"``
+(``"paged|eager"`` for Gemma 2, which has no sdpa) and of ordinary ``generate``; the
 log-probabilities of the chosen tokens agree within 1e-4. Both paths are checked to
 run: decode steps reading the cache's pages in place (``fastattn.paged_attention``;
 transformers offers it for models without sliding layers) and every step on keys
-gathered by transformers (``decode_in_place=False``).
+gathered by transformers (``decode_in_place=False``). Also: a request joining a running
+batch, a prefill attending to pages shared with an earlier request (prefix sharing),
+forked requests (``num_return_sequences=2``), failures raised, the model's
+``attn_implementation`` restored.
 Skipped when PyTorch or transformers is not installed.
 """
 
