@@ -65,6 +65,7 @@ import numpy as np
 
 import fastattn
 import fastattn.torch
+from fastattn._dispatch import token_packing
 
 __all__ = ["register", "attention_forward", "attention_mask", "StructuralMask"]
 
@@ -352,22 +353,20 @@ def _packed_attention(query, key, value, tokens, scaling, dropout, options):
               for tensor in (query, key, value)]  # (total, H, D) each
     out = fastattn.torch.varlen_attention(*packed, cu_seqlens, cu_seqlens,
                                           **attention_options)  # (total, H, D)
-    full = np.zeros((batch * length, heads, out.shape[-1]), _compute_dtype(out))
-    full[rows] = fastattn.torch._compute_array(out)  # (B * L, H, D), padding 0
+    source_of = np.full(batch * length, -1, np.int64)  # (B * L,) packed row, -1 padding
+    source_of[rows] = np.arange(rows.shape[0])
+    full = token_packing.padded_rows(fastattn.torch._compute_array(out),
+                                     source_of)  # (B * L, H, D), padding 0
     return fastattn.torch._as_tensor(full, out.dtype).view(batch, length, heads, -1)
 
 
 def _gathered_rows(tensor, rows):
     """The rows ``rows`` of the tokens of ``tensor`` ``(B, H, L, D)``: a NumPy
-    ``(total, H, D)`` view of a head-major ``(H, total, D)`` copy."""
+    ``(total, H, D)`` view of a head-major ``(H, total, D)`` copy, made in one
+    threaded pass."""
     tokens_first = fastattn.torch._compute_array(tensor).transpose(0, 2, 1, 3)  # (B, L, H, D)
     flat = tokens_first.reshape((-1,) + tokens_first.shape[2:])  # (B * L, H, D)
-    return np.ascontiguousarray(flat[rows].transpose(1, 0, 2)).transpose(1, 0, 2)
-
-
-def _compute_dtype(tensor):
-    """The NumPy dtype ``fastattn.torch`` hands ``tensor`` over as."""
-    return fastattn.torch._compute_array(tensor[:0]).dtype
+    return token_packing.packed_rows(flat, rows)  # (total, H, D)
 
 
 # ---------------------------------------------------------------- score options

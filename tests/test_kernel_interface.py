@@ -45,11 +45,13 @@ def checked_kernels(monkeypatch):
 
     import fastattn._dispatch.paged_run as paged_run
     import fastattn._dispatch.run as run
+    import fastattn._dispatch.token_packing as token_packing
     import fastattn.layers.linear as layers_linear
     for module, names in ((run, ("forward_kernel", "exact_rows_kernel", "backward_kernel",
                                  "decode_kernel")),
                           (layers_linear, ("linear_kernel",)),
-                          (paged_run, ("paged_kernel",))):
+                          (paged_run, ("paged_kernel",)),
+                          (token_packing, ("gather_kernel", "scatter_kernel"))):
         for name in names:
             monkeypatch.setattr(module, name, checking(getattr(module, name)))
     return seen
@@ -86,6 +88,18 @@ def test_dispatcher_is_the_same_compiled_kernel():
     dispatcher = forward.forward_kernel.dispatcher(np.float32)
     entry_point = forward.forward_kernel(np.float32)
     assert dispatcher.overloads[dispatcher.signatures[0]].entry_point is entry_point
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", np.float16, np.float32, np.float64])
+def test_token_moves_have_the_signatures_types(checked_kernels, rng, dtype):
+    """The packing kernels, over every float dtype seen as unsigned integers."""
+    if dtype == "bfloat16":
+        dtype = pytest.importorskip("ml_dtypes").bfloat16
+    from fastattn._dispatch import token_packing
+    tokens = rng.standard_normal((30, 3, 4)).astype(dtype)  # (R, H, D)
+    packed = token_packing.packed_rows(tokens, np.array([1, 4, 29]))  # (3, H, D)
+    token_packing.padded_rows(packed, np.array([-1, 0, 2, -1]))
+    assert len(set(checked_kernels)) == 2
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", np.float16])
