@@ -66,8 +66,8 @@ def run_paged(problem):
     max_len = problem.max_len
     if n_entries and rows and max_len:
         block_q = min(rows, PAGED_BLOCK_Q)
-        # tasks: one per sequence (all its entries), row block and key span
-        # (blocks never cross a page: smaller pages make smaller score buffers)
+        # tasks: one per sequence (all its entries), row block and key span; key
+        # blocks span pages
         block_k, span_len, n_spans = tiling.decode_plan(batch * -(-rows // block_q), max_len)
         spans = key_spans(layout, n_entries, span_len, n_spans)
         paged = PagedInputs(
@@ -90,7 +90,7 @@ def run_paged(problem):
         try:
             paged_kernel(problem.kernel_dtype)(
                 paged, options, visibility,
-                Tiling(block_q=block_q, block_k=min(block_k, problem.page_size),
+                Tiling(block_q=block_q, block_k=block_k,
                        slots=1 if serial else threads),
                 ForwardOutputs(out, lse, placeholder(problem.compute_dtype, 3, writeable=True),
                                False),

@@ -22,58 +22,31 @@ Work: one task per sequence (its entries), block of at most ``tiling.block_q`` q
 rows and key span (:func:`fastattn._dispatch.tiling.decode_plan`); each thread runs an equal
 contiguous share of the tasks and spans are merged in span order
 (:func:`fastattn.kernels.forward.merge_key_spans`), so results are bitwise identical
-for every thread count. A task walks its keys in blocks that never cross a page
-(at most ``tiling.block_k`` keys), each a view of the page's rows ``(cols, Hkv, D)``
-of which the task reads its kv head's, through the decode kernel's block step
-(:func:`fastattn.kernels.decode.decode_block`): no page is gathered or copied.
+for every thread count. A task walks its keys in blocks of ``tiling.block_k`` that
+may span several pages (each key row found through the block table), with the
+decode kernel's online softmax (:func:`fastattn.kernels.decode.decode_row_softmax`)
+but its own score and value loops: a page row holds every kv head's key
+``(Hkv, D)``, one contiguous run, so the loops take each row once, in the order it
+lies in memory, for every entry of the task (every kv head) in turn. A pass per
+head would read one head's ``D`` entries of each row, ``Hkv * D`` apart, which the
+CPU's prefetchers do not follow (they stop at every 4 KiB memory page); this way
+memory is read as in the contiguous decode kernel. No page is gathered or copied.
 16-bit pages are read as stored (``uint16`` variant, ``half_format``); queries come
 in the compute dtype.
 """
 
-from llvmlite import ir
 from numba import prange, types
-from numba.extending import intrinsic
 
 from fastattn.kernels.config import jit_helper, kernel_per_dtype
-from fastattn.kernels.decode import (decode_block, decode_buffers, decode_scratch_size,
-                                     decode_start, decode_write)
+from fastattn.kernels.decode import decode_row_softmax, decode_start, decode_write
 from fastattn.kernels.forward import merge_key_spans
 from fastattn.kernels.groups import (TILING_TYPE, PagedInputs, ScoreOptions, Visibility,
                                      forward_result_types, group_type)
-from fastattn.kernels.masking import KeyRule, row_block_keys
-from fastattn.kernels.vector_math import line_aligned_rows
-
-
-@intrinsic
-def prefetch_line(typingctx, array, byte_offset):
-    """Ask the CPU to bring the 64-byte line ``byte_offset`` bytes into ``array``'s data
-    into its caches (``llvm.prefetch``: a read, kept close); no effect on results, and
-    never a fault, whatever the offset."""
-    if not (isinstance(array, types.Array) and isinstance(byte_offset, types.Integer)):
-        return None
-
-    def codegen(context, builder, signature, args):
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        address = builder.gep(builder.bitcast(data, ir.IntType(8).as_pointer()), [args[1]])
-        int32 = ir.IntType(32)
-        function = builder.module.declare_intrinsic(
-            "llvm.prefetch", [address.type],
-            ir.FunctionType(ir.VoidType(), [address.type, int32, int32, int32]))
-        builder.call(function, [address, ir.Constant(int32, 0), ir.Constant(int32, 3),
-                                ir.Constant(int32, 1)])
-        return context.get_dummy_value()
-    return types.void(array, byte_offset), codegen
-
-
-@jit_helper
-def prefetch_rows(pages, page, first, cols):
-    """Prefetch rows ``first`` to ``first + cols - 1`` of page ``page`` of ``pages``
-    ``(n_pages, page_size, Hkv, D)`` (every kv head: one contiguous range), line by
-    line."""
-    row_bytes = pages.shape[2] * pages.shape[3] * pages.itemsize
-    start = (page * pages.shape[1] + first) * row_bytes
-    for line in range(0, cols * row_bytes, 64):
-        prefetch_line(pages, start + line)
+from fastattn.kernels.half import BFLOAT16, FLOAT16, as_compute
+from fastattn.kernels.masking import KeyRule, row_block_keys, visible_columns
+from fastattn.kernels.scores import apply_softcap
+from fastattn.kernels.vector_math import (LOG2E, cast_like, full_width_vectors,
+                                          line_aligned_rows, whole_lines)
 
 
 def _paged_forward(paged, options, visibility, tiling, outputs, spans):
@@ -99,8 +72,8 @@ def _paged_forward(paged, options, visibility, tiling, outputs, spans):
     n_row_blocks = -(-q_len // block_q)
     n_spans = spans.out.shape[0]  # 1 for the placeholder: no split
     n_tasks, slots = n_groups * n_row_blocks * n_spans, tiling.slots
-    scratch = line_aligned_rows(slots, group_size * decode_scratch_size(
-        min(block_q, q_len), paged.query.shape[2], value_dim, tiling.block_k),
+    scratch = line_aligned_rows(slots, paged_scratch_size(
+        group_size, min(block_q, q_len), paged.query.shape[2], value_dim, tiling.block_k),
         outputs.lse)  # (slots, entries) in the compute dtype
     for slot in prange(slots):
         for task in range(slot * n_tasks // slots, (slot + 1) * n_tasks // slots):
@@ -119,56 +92,142 @@ def paged_task(first_entry, group_size, row_start, row_stop, span, n_spans, bloc
                options, visibility, outputs, spans, scratch):
     """One task of :func:`_paged_forward`: query rows ``[row_start, row_stop)`` of the
     ``group_size`` entries from ``first_entry`` (one sequence) over key span ``span``
-    of ``n_spans``, in blocks of at most ``block_k`` keys within a page, each block
-    taken by every entry in turn; each entry's buffers carved from its share of the
-    thread's ``scratch``."""
+    of ``n_spans``, in blocks of at most ``block_k`` keys (across pages), each block's
+    rows walked once in memory order for every entry (:func:`paged_block`); the
+    entries' buffers carved from the thread's ``scratch``."""
     key_pages, value_pages = paged.key_pages, paged.value_pages
-    page_size, kv_heads = key_pages.shape[1], key_pages.shape[2]
     head_dim, value_dim = key_pages.shape[3], value_pages.shape[3]
     rows = row_stop - row_start
     table = paged.block_table[paged.table_row[first_entry]]  # (max_pages,) physical pages
     seq_len = paged.seq_lens[paged.table_row[first_entry]]
+    heads = paged.kv_head[first_entry:first_entry + group_size]  # (entries,) kv head of each
     # rows r of the task are queries row_start + r, at seq_len + diag_offset + row_start + r
     rule = KeyRule(seq_len, seq_len + visibility.diag_offset + row_start,
                    visibility.reach_left, visibility.reach_right)
-    share = decode_scratch_size(rows, head_dim, value_dim, block_k)  # entries per entry
+    q_scaled, scores, acc, row_max, row_sum = paged_buffers(scratch, group_size, rows,
+                                                            head_dim, value_dim, block_k)
     for e in range(group_size):
-        q_scaled, _, acc, row_max, row_sum = decode_buffers(
-            scratch[e * share:(e + 1) * share], rows, head_dim, value_dim, block_k)
         decode_start(paged.query[first_entry + e, row_start:row_stop], options.scale,
-                     paged.half_format, q_scaled, acc, row_max, row_sum)
+                     paged.half_format, q_scaled[e], acc[e], row_max[e], row_sum[e])
 
     span_first = span * spans.span_len
     first_key, last_key = row_block_keys(0, rows, rule)[:2]  # keys some row may see
-    key_start = max(first_key, span_first)
+    first_key = max(first_key, span_first)
     last_key = min(last_key, span_first + spans.span_len)
-    page = table[key_start // page_size] if key_start < last_key else 0
-    while key_start < last_key:  # blocks within one page each
-        first = key_start % page_size  # the block's first row in its page
-        cols = min(block_k, page_size - first, last_key - key_start)
-        next_start = key_start + cols
-        next_page = table[next_start // page_size] if next_start < last_key else page
-        if next_start < last_key and (next_page != page or kv_heads > 1):
-            # the next block's rows, while this one is computed: the CPU's own
-            # prefetchers stop at each 4 KiB memory page (a page jump; a kv head's
-            # rows lie a row of every head apart)
-            next_first = next_start % page_size
-            next_cols = min(block_k, page_size - next_first, last_key - next_start)
-            prefetch_rows(key_pages, next_page, next_first, next_cols)
-            prefetch_rows(value_pages, next_page, next_first, next_cols)
-        for e in range(group_size):
-            q_scaled, scores, acc, row_max, row_sum = decode_buffers(
-                scratch[e * share:(e + 1) * share], rows, head_dim, value_dim, block_k)
-            decode_block(q_scaled, key_pages[page, first:first + cols],
-                         value_pages[page, first:first + cols], paged.kv_head[first_entry + e],
-                         key_start, cols, rule, options, scores, row_max, row_sum, acc,
-                         paged.half_format)
-        key_start, page = next_start, next_page
+    for key_start in range(first_key, last_key, block_k):  # blocks across pages
+        cols = min(block_k, last_key - key_start)
+        paged_block(q_scaled, key_pages, value_pages, table, heads, key_start, cols, rule,
+                    options, scores, row_max, row_sum, acc, paged.half_format)
     for e in range(group_size):
-        acc, row_max, row_sum = decode_buffers(scratch[e * share:(e + 1) * share], rows,
-                                               head_dim, value_dim, block_k)[2:]
-        decode_write(first_entry + e, row_start, span, n_spans, outputs, spans, row_max,
-                     row_sum, acc, paged.half_format)
+        decode_write(first_entry + e, row_start, span, n_spans, outputs, spans, row_max[e],
+                     row_sum[e], acc[e], paged.half_format)
+
+
+@jit_helper
+def paged_buffers(scratch, entries, rows, head_dim, value_dim, block_k):
+    """A paged task's buffers carved from a thread's ``scratch``
+    (:func:`paged_scratch_size` entries), each on whole 64-byte lines:
+    ``(q_scaled (entries, rows, Dk), scores (entries, rows, block_k), acc (entries,
+    rows, Dv), row_max (entries, rows), row_sum (entries, rows))``."""
+    taken = 0
+    q_scaled = scratch[:entries * rows * head_dim].reshape((entries, rows, head_dim))
+    taken += whole_lines(entries * rows * head_dim)
+    scores = scratch[taken:taken + entries * rows * block_k].reshape((entries, rows, block_k))
+    taken += whole_lines(entries * rows * block_k)
+    acc = scratch[taken:taken + entries * rows * value_dim].reshape((entries, rows, value_dim))
+    taken += whole_lines(entries * rows * value_dim)
+    row_max = scratch[taken:taken + entries * rows].reshape((entries, rows))
+    taken += whole_lines(entries * rows)
+    row_sum = scratch[taken:taken + entries * rows].reshape((entries, rows))
+    return q_scaled, scores, acc, row_max, row_sum
+
+
+@jit_helper
+def paged_scratch_size(entries, rows, head_dim, value_dim, block_k):
+    """Scratch entries of a paged task (:func:`paged_buffers`)."""
+    return (whole_lines(entries * rows * head_dim) + whole_lines(entries * rows * block_k)
+            + whole_lines(entries * rows * value_dim) + 2 * whole_lines(entries * rows))
+
+
+@jit_helper
+def paged_block(q_scaled, key_pages, value_pages, table, heads, key_start, cols, rule,
+                options, scores, row_max, row_sum, acc, half_format):
+    """Fold ``cols`` keys from ``key_start`` into every entry's running softmax: entry
+    ``e`` reads kv head ``heads[e]`` of the key and value rows of tokens ``key_start``
+    to ``key_start + cols - 1``, found in ``key_pages`` ``(n_pages, page_size, Hkv,
+    Dk)`` and ``value_pages`` through the sequence's ``table`` ``(max_pages,)``; its
+    rows' visibility by ``rule`` (the same for every entry); ``scores`` ``(entries, rows, block_k)``, ``row_max``, ``row_sum``
+    ``(entries, rows)`` and ``acc`` ``(entries, rows, Dv)`` as in
+    :func:`fastattn.kernels.decode.decode_block`, one per entry."""
+    paged_block_scores(q_scaled, key_pages, table, heads, key_start, scores, cols, half_format)
+    entries, rows = row_max.shape
+    for e in range(entries):
+        if options.has_softcap:  # the whole buffer: columns past cols are never read
+            apply_softcap(scores[e], cast_like(options.softcap * LOG2E, scores), scores[e],
+                          False)
+        for r in range(rows):
+            first, stop = visible_columns(r, key_start, cols, rule)
+            decode_row_softmax(scores[e, r], first, stop, r, row_max[e], row_sum[e], acc[e])
+    paged_block_values(scores, value_pages, table, heads, key_start, rule, acc, cols,
+                       half_format)
+
+
+@jit_helper
+def paged_block_scores(q_scaled, key_pages, table, heads, key_start, scores, cols,
+                       half_format):
+    """``scores[e, r, c] = q_scaled[e, r] . keys[c, heads[e]]`` for ``c < cols``, key
+    row by key row, every entry in turn: the block's memory read once, in the order
+    it lies (``heads`` ascending)."""
+    full_width_vectors()
+    entries, rows, head_dim = q_scaled.shape
+    page_size = key_pages.shape[1]
+    for c in range(cols):
+        page, row = divmod(key_start + c, page_size)
+        keys = key_pages[table[page], row]  # (Hkv, Dk)
+        for e in range(entries):
+            head = heads[e]
+            for r in range(rows):
+                total = cast_like(0.0, scores)
+                if half_format == BFLOAT16:  # a loop per format, each with its conversion
+                    for d in range(head_dim):
+                        total += q_scaled[e, r, d] * as_compute(keys[head, d], BFLOAT16)
+                else:
+                    for d in range(head_dim):
+                        total += q_scaled[e, r, d] * as_compute(keys[head, d], FLOAT16)
+                scores[e, r, c] = total
+
+
+@jit_helper
+def paged_block_values(probabilities, value_pages, table, heads, key_start, rule, acc, cols,
+                       half_format):
+    """``acc[e, r] += sum_c probabilities[e, r, c] * values[c, heads[e]]`` over the
+    columns ``c < cols`` row ``r`` sees, value row by value row, every entry in turn
+    (memory order); a hidden key's value is never multiplied."""
+    full_width_vectors()
+    entries, rows, value_dim = acc.shape
+    every_row_sees_all = True  # the usual decode block: no per-key visibility test
+    for r in range(rows):
+        first, stop = visible_columns(r, key_start, cols, rule)
+        every_row_sees_all = every_row_sees_all and first == 0 and stop == cols
+    page_size = value_pages.shape[1]
+    for c in range(cols):
+        page, row = divmod(key_start + c, page_size)
+        values = value_pages[table[page], row]  # (Hkv, Dv)
+        for e in range(entries):
+            head = heads[e]
+            for r in range(rows):
+                if every_row_sees_all:
+                    first, stop = 0, cols
+                else:
+                    first, stop = visible_columns(r, key_start, cols, rule)
+                if first <= c < stop:
+                    p = probabilities[e, r, c]
+                    if half_format == BFLOAT16:
+                        for d in range(value_dim):
+                            acc[e, r, d] += p * as_compute(values[head, d], BFLOAT16)
+                    else:
+                        for d in range(value_dim):
+                            acc[e, r, d] += p * as_compute(values[head, d], FLOAT16)
 
 
 def _paged_signature(dtype):
