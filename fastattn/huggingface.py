@@ -65,7 +65,8 @@ import numpy as np
 
 import fastattn
 import fastattn.torch
-from fastattn._dispatch import token_packing
+from fastattn._contract.options import options_from
+from fastattn._dispatch import decode_steps, token_packing
 
 __all__ = ["register", "attention_forward", "attention_mask", "StructuralMask"]
 
@@ -268,6 +269,10 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     >>> out.shape, weights                              # (B, L, H, D)
     (torch.Size([1, 6, 4, 8]), None)
     """
+    out = _decoding_step(query, key, value, attention_mask, dropout, scaling, softcap,
+                         output_attentions, position_bias)
+    if out is not None:  # a generation loop's decoding step, prepared once per shape
+        return out, None
     options = _score_options(softcap)
     tokens = _packed_tokens(module, query, key, attention_mask, output_attentions,
                             position_bias)
@@ -303,6 +308,43 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         dropout_p=float(dropout or 0.0), **options)
     out, weights = results if output_attentions else (results, None)  # out (B, Hq, Lq, D)
     return out.transpose(1, 2).contiguous(), weights  # (B, Lq, Hq, D)
+
+
+# ---------------------------------------------------------------- decoding steps
+
+def _decoding_step(query, key, value, attention_mask, dropout, scaling, softcap,
+                   output_attentions, position_bias):
+    """The output ``(B, 1, Hq, D)`` of a decoding step (one query per head, no
+    gradient, no weights, no dropout, no position bias, a mask that is causal or
+    absent: every cached key is visible), run through the step prepared for its
+    shapes (:func:`fastattn._dispatch.decode_steps.decode_step`: checks and argument
+    groups kept between tokens, bitwise the same results as the general path); None
+    for any other call, which takes the general path."""
+    if (query.shape[-2] != 1 or output_attentions or position_bias is not None or dropout
+            or not query.is_cpu):
+        return None
+    if attention_mask is None:  # one query: nothing to hide
+        keywords = {}
+    elif (type(attention_mask) is StructuralMask and attention_mask.mask is None
+          and "kv_lengths" not in attention_mask.options):
+        keywords = dict(attention_mask.options)
+    else:
+        return None
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
+                                    or value.requires_grad):
+        return None
+    dtype = query.dtype
+    if (dtype not in fastattn.torch.NATIVE_DTYPES + fastattn.torch.WIDENED_DTYPES
+            or key.dtype != dtype or value.dtype != dtype or not (key.is_cpu and value.is_cpu)):
+        return None  # the general path says what is wrong
+    keywords.update(scale=scaling, enable_gqa=key.shape[-3] != query.shape[-3],
+                    **_score_options(softcap))
+    arrays = [fastattn.torch._compute_array(tensor) for tensor in (query, key, value)]
+    step = decode_steps.decode_step(*arrays, options_from(keywords))
+    if step is None:
+        return None
+    out = step(*arrays)  # (B, Hq, 1, D)
+    return fastattn.torch._as_tensor(out, dtype).transpose(1, 2).contiguous()  # (B, 1, Hq, D)
 
 
 # ---------------------------------------------------------------- packed tokens

@@ -143,6 +143,37 @@ def test_greedy_generation_matches_eager(name, padding_side, cache):
     assert torch.equal(generated["fastattn"], generated["eager"])
 
 
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_decoding_steps_run_prepared(monkeypatch, name):
+    """Generation without padding: every decoding call runs through a step prepared
+    once for its layer's shapes (fastattn._dispatch.decode_steps), and the scores of
+    every new token are bitwise those of the general path."""
+    from fastattn._dispatch import decode_steps
+
+    model = make_models(name, implementations=("fastattn",))["fastattn"]
+    ids = batch("none")[0]
+    calls = []
+    step_call = decode_steps.DecodeStep.__call__
+
+    def counting(step, *arrays):
+        calls.append(id(step))
+        return step_call(step, *arrays)
+
+    def generate():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                              min_new_tokens=6, do_sample=False, pad_token_id=0,
+                              output_scores=True, return_dict_in_generate=True)
+
+    monkeypatch.setattr(decode_steps.DecodeStep, "__call__", counting)
+    prepared = generate()
+    assert len(calls) == 5 * COMMON["num_hidden_layers"]  # the 5 steps after the prompt
+    monkeypatch.setattr(fastattn_huggingface, "_decoding_step", lambda *args: None)
+    general = generate()
+    assert torch.equal(prepared.sequences, general.sequences)
+    for got, expected in zip(prepared.scores, general.scores):
+        assert torch.equal(got, expected)
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_training_step_gradients_match_eager(name):
     models = make_models(name)

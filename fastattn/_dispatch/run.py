@@ -116,25 +116,36 @@ def run_decode(problem):
     """Run a ``problem`` that :func:`decode_supported` accepts through the decode
     kernel; returns ``(out, weights placeholder, lse)`` shaped like
     :func:`run_forward`'s."""
-    dtype = problem.compute_dtype
     n_batch = math.prod(problem.batch_shape)
     out, lse = result_buffers(problem, n_batch)  # (N, Lq, Dv), (N, Lq)
-    block_k, span_len, n_spans = tiling.decode_plan(n_batch, problem.kv_len)
-    spans = key_spans(problem, n_batch, span_len, n_spans)
     if n_batch:
         settings.apply()
         inputs, options, _, _, visibility = problem_arguments(problem, NO_HOOK)
-        available = get_num_threads()
-        threads = tiling.decode_threads(problem.key.nbytes + problem.value.nbytes, available)
-        with at_most_threads(threads, available):  # small calls: the calling thread alone
-            decode_kernel(problem.kernel_dtype)(
-                inputs, options, visibility,
-                Tiling(block_q=problem.q_len, block_k=block_k,
-                       slots=threads),  # a slot per thread
-                ForwardOutputs(out, lse, placeholder(dtype, 3, writeable=True), False),
-                spans)
+        decode_into(problem.kernel_dtype, inputs, options, visibility, out, lse)
     out, lse = shaped_results(problem, out, lse)
     return out, placeholder(problem.out_dtype, 3, writeable=True), lse
+
+
+def decode_into(kernel_dtype, inputs, options, visibility, out, lse):
+    """Run the decode kernel of ``kernel_dtype`` on its argument groups ``inputs``,
+    ``options`` and ``visibility`` (:func:`problem_arguments`), writing ``out``
+    ``(N, Lq, Dv)`` and ``lse`` ``(N, Lq)``: tiled by
+    :func:`~fastattn._dispatch.tiling.decode_plan`, on the threads
+    :func:`~fastattn._dispatch.tiling.decode_threads` gives (small calls run on the
+    calling thread). Shared by :func:`run_decode` and the prepared decoding steps of
+    :mod:`fastattn._dispatch.decode_steps`."""
+    n_batch, q_len, value_dim = out.shape
+    kv_len = inputs.key.shape[1]
+    dtype = lse.dtype
+    block_k, span_len, n_spans = tiling.decode_plan(n_batch, kv_len)
+    spans = span_buffers(dtype, n_batch, q_len, value_dim, span_len, n_spans)
+    available = get_num_threads()
+    threads = tiling.decode_threads(inputs.key.nbytes + inputs.value.nbytes, available)
+    with at_most_threads(threads, available):  # small calls: the calling thread alone
+        decode_kernel(kernel_dtype)(
+            inputs, options, visibility,
+            Tiling(block_q=q_len, block_k=block_k, slots=threads),  # a slot per thread
+            ForwardOutputs(out, lse, placeholder(dtype, 3, writeable=True), False), spans)
 
 
 def result_buffers(problem, n_batch):
@@ -148,13 +159,19 @@ def result_buffers(problem, n_batch):
 
 def key_spans(problem, n_batch, span_len, n_spans):
     """The :class:`KeySpans` of a call whose keys are cut into ``n_spans`` spans of
-    ``span_len``: each span's ``out (spans, N, Lq, Dv)`` and ``lse (spans, N, Lq)``, or
+    ``span_len`` (:func:`span_buffers` for the problem's sizes)."""
+    return span_buffers(problem.compute_dtype, n_batch, problem.q_len, problem.value_dim,
+                        span_len, n_spans)
+
+
+def span_buffers(dtype, n_batch, q_len, value_dim, span_len, n_spans):
+    """The :class:`KeySpans` of ``n_spans`` spans of ``span_len`` keys: each span's
+    ``out (spans, N, Lq, Dv)`` and ``lse (spans, N, Lq)`` in ``dtype``, or
     placeholders the kernels never write when there is one span."""
-    dtype = problem.compute_dtype
     if n_spans > 1:
-        return KeySpans(span_len, np.empty((n_spans, n_batch, problem.q_len, problem.value_dim),
+        return KeySpans(span_len, np.empty((n_spans, n_batch, q_len, value_dim),
                                            dtype),  # (spans, N, Lq, Dv)
-                        np.empty((n_spans, n_batch, problem.q_len), dtype))  # (spans, N, Lq)
+                        np.empty((n_spans, n_batch, q_len), dtype))  # (spans, N, Lq)
     return KeySpans(span_len, placeholder(dtype, 4, writeable=True),
                     placeholder(dtype, 3, writeable=True))
 

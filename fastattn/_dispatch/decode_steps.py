@@ -1,0 +1,146 @@
+"""Decoding steps prepared once: the Python work of a decoding loop's attention call,
+done once per shape instead of once per token.
+
+A model decoding token by token calls attention with the same shapes every step but
+one: the key length, which grows by one. :func:`fastattn.scaled_dot_product_attention`
+checks every call, folds the query heads of each kv group into one block
+(:func:`~fastattn._dispatch.layout.fold_query_groups`) and builds the kernel's argument
+groups, about 30 us of Python on a Zen 3 CPU, more between a model's layers, where
+the interpreter's caches are cold; the decode kernel itself needs 20-60 us at the
+sizes of a small model. A :class:`DecodeStep` does that work for the first call of a
+signature (full checks, on the real arrays) and keeps what does not depend on ``Lk``;
+each later call only lays the arrays out, sets the key length's two numbers
+(:func:`~fastattn._contract.problem.key_reach`, the diagonal offset) and runs the
+kernel through the same :func:`~fastattn._dispatch.run.decode_into` as the general
+path, so its results are bitwise those of
+:func:`fastattn.scaled_dot_product_attention` for the same call.
+
+:func:`decode_step` finds (or prepares) the step of a call; the Hugging Face adapter
+(:mod:`fastattn.huggingface`) takes it for the decoding calls of a generation loop.
+"""
+
+import functools
+import math
+
+import numpy as np
+
+from fastattn._contract.arguments import diagonal_offset
+from fastattn._contract.problem import check_attention, key_reach
+from fastattn._dispatch.layout import (NO_HOOK, as_stored, fold_query_groups,
+                                       plain_visibility, problem_arguments)
+from fastattn._dispatch.run import decode_into, decode_supported
+from fastattn._runtime import settings
+
+__all__ = ["DecodeStep", "decode_step"]
+
+
+class DecodeStep:
+    """The attention of one decoding step, for every call of one signature: the
+    shapes of ``query`` ``(*batch, Hq, Lq, Dk)``, ``key`` ``(*batch, Hkv, Lk, Dk)`` and
+    ``value`` ``(*batch, Hkv, Lk, Dv)`` but ``Lk``, their dtypes, and the scalar
+    options (:class:`~fastattn._contract.options.AttentionOptions` without arrays).
+
+    Built from the checked problem of a first call that the decode kernel takes
+    (:func:`~fastattn._dispatch.run.decode_supported`, after GQA folding) with no
+    ``kv_lengths``; calling it with arrays of the same signature returns what
+    :func:`fastattn.scaled_dot_product_attention` returns for them, ``out``
+    ``(*batch, Hq, Lq, Dv)`` in the result dtype, bitwise the same.
+
+    Attributes
+    ----------
+    signature : tuple
+        What a call must match: ``(query shape, key shape without Lk, value shape
+        without Lk, the three dtypes)``.
+    """
+
+    __slots__ = ("signature", "_kernel_dtype", "_inputs", "_options", "_out_shape",
+                 "_out_dtype", "_lse_dtype", "_stacks", "_causal", "_alignment", "_window",
+                 "_q_len", "_rows")
+
+    def __init__(self, problem, signature):
+        folded = fold_query_groups(problem) or problem  # GQA: a kv head's queries as rows
+        self.signature = signature
+        self._kernel_dtype = folded.kernel_dtype
+        self._inputs, self._options = problem_arguments(folded, NO_HOOK)[:2]
+        self._out_shape = problem.out_shape  # (*batch, Hq, Lq, Dv)
+        self._out_dtype, self._lse_dtype = problem.out_dtype, folded.compute_dtype
+        n_batch, n_kv = math.prod(folded.batch_shape), self._inputs.key.shape[0]
+        # (N, rows, Dk) queries, (N_kv, Lk, Dk) keys and (N_kv, Lk, Dv) values
+        self._stacks = ((n_batch, folded.q_len, folded.head_dim), (n_kv, folded.head_dim),
+                        (n_kv, folded.value_dim))
+        options = folded.options
+        self._causal, self._alignment, self._window = (options.causal,
+                                                       options.causal_alignment, options.window)
+        self._q_len, self._rows = problem.q_len, folded.q_len  # per head, per block
+        settings.apply()  # before the first kernel call, as the general path does
+
+    def __call__(self, query, key, value):
+        """``out`` ``(*batch, Hq, Lq, Dv)`` of ``query``, ``key`` and ``value``, ndarrays
+        of this step's :attr:`signature` (the caller looks it up: :func:`decode_step`)."""
+        kv_len = key.shape[-2]
+        query_shape, key_shape, value_shape = self._stacks
+        stored = self._kernel_dtype
+        inputs = self._inputs._replace(
+            query=as_stored(query, stored).reshape(query_shape),  # (N, rows, Dk)
+            key=as_stored(key, stored).reshape((key_shape[0], kv_len,
+                                                key_shape[1])),  # (N_kv, Lk, Dk)
+            value=as_stored(value, stored).reshape((value_shape[0], kv_len,
+                                                    value_shape[1])))  # (N_kv, Lk, Dv)
+        visibility = plain_visibility(diagonal_offset(self._alignment, self._q_len, kv_len),
+                                      *key_reach(self._window, self._causal, self._rows,
+                                                 kv_len))
+        out = np.empty(query_shape[:2] + (value_shape[1],), stored)  # (N, rows, Dv)
+        lse = np.empty(query_shape[:2], self._lse_dtype)  # (N, rows)
+        decode_into(stored, inputs, self._options, visibility, out, lse)
+        out = out.reshape(self._out_shape)  # (*batch, Hq, Lq, Dv)
+        if stored == np.uint16:  # 16-bit results, written as their bits
+            return out.view(self._out_dtype)
+        return out if out.dtype == self._out_dtype else out.astype(self._out_dtype)
+
+
+def decode_step(query, key, value, options):
+    """The :class:`DecodeStep` for a call of ``query``, ``key`` and ``value`` (ndarrays)
+    under the scalar ``options`` (an :class:`~fastattn._contract.options.AttentionOptions`
+    holding no arrays), or None when the decode kernel does not take such a call
+    (too many query rows, an option it does not implement, top-left causal) or the
+    arrays do not agree on ``Lk``. The checks run once per signature, on stand-ins
+    of its shapes; a call they refuse is checked again on its own arrays, which
+    raises its error."""
+    if (options.has_operands or key.ndim < 2 or value.ndim < 2
+            or key.shape[-2] != value.shape[-2]):
+        return None
+    signature = (query.shape, key.shape[:-2] + key.shape[-1:],
+                 value.shape[:-2] + value.shape[-1:], query.dtype, key.dtype, value.dtype)
+    step = _prepared(signature, options)
+    if step is _REFUSED:
+        check_attention(query, key, value, None, options)  # raises the call's own error
+        return None
+    return step
+
+
+# what _prepared holds for a signature whose checks failed
+_REFUSED = object()
+
+
+@functools.lru_cache(maxsize=64)
+def _prepared(signature, options):
+    """The :class:`DecodeStep` of a signature under ``options``, prepared from
+    stand-ins of its shapes and dtypes (zero-strided views of one element, ``Lk``
+    1: no memory, as :func:`fastattn._contract.problem.check_attention` checks plain
+    calls); None where the decode kernel does not take the call, ``_REFUSED`` where
+    the checks refuse it."""
+    query_shape, key_shape, value_shape, *dtypes = signature
+    shapes = (query_shape, key_shape[:-1] + (1,) + key_shape[-1:],
+              value_shape[:-1] + (1,) + value_shape[-1:])
+    query, key, value = (np.broadcast_to(np.zeros((), dtype), shape)
+                         for shape, dtype in zip(shapes, dtypes))
+    try:
+        problem = check_attention(query, key, value, None, options)
+    except (TypeError, ValueError):
+        return _REFUSED
+    if options.causal and options.causal_alignment != "bottom_right":
+        return None  # top-left: whether GQA heads fold depends on Lk
+    folded = fold_query_groups(problem) or problem
+    if not decode_supported(folded, False):
+        return None
+    return DecodeStep(problem, signature)
