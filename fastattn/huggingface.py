@@ -65,7 +65,6 @@ import numpy as np
 
 import fastattn
 import fastattn.torch
-from fastattn._contract.options import options_from
 from fastattn._dispatch import decode_steps, token_packing
 
 __all__ = ["register", "attention_forward", "attention_mask", "StructuralMask"]
@@ -330,21 +329,30 @@ def _decoding_step(query, key, value, attention_mask, dropout, scaling, softcap,
         keywords = dict(attention_mask.options)
     else:
         return None
-    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
-                                    or value.requires_grad):
+    tracked = query.requires_grad or key.requires_grad or value.requires_grad
+    if tracked and torch.is_grad_enabled():
         return None
     dtype = query.dtype
-    if (dtype not in fastattn.torch.NATIVE_DTYPES + fastattn.torch.WIDENED_DTYPES
-            or key.dtype != dtype or value.dtype != dtype or not (key.is_cpu and value.is_cpu)):
+    if (dtype not in _DECODE_DTYPES or key.dtype != dtype or value.dtype != dtype
+            or not (key.is_cpu and value.is_cpu)):
         return None  # the general path says what is wrong
     keywords.update(scale=scaling, enable_gqa=key.shape[-3] != query.shape[-3],
                     **_score_options(softcap))
-    arrays = [fastattn.torch._compute_array(tensor) for tensor in (query, key, value)]
-    step = decode_steps.decode_step(*arrays, options_from(keywords))
+    if dtype in fastattn.torch.NATIVE_DTYPES and not tracked:  # NumPy views as they are
+        arrays = (query.numpy(), key.numpy(), value.numpy())
+    else:
+        arrays = tuple(fastattn.torch._compute_array(tensor) for tensor in (query, key, value))
+    step = decode_steps.decode_step(*arrays, keywords)
     if step is None:
         return None
     out = step(*arrays)  # (B, Hq, 1, D)
-    return fastattn.torch._as_tensor(out, dtype).transpose(1, 2).contiguous()  # (B, 1, Hq, D)
+    batch, heads, _, value_dim = out.shape
+    # one query per head: (B, Hq, 1, D) is laid out as (B, 1, Hq, D) already
+    return fastattn.torch._as_tensor(out.reshape(batch, 1, heads, value_dim), dtype)
+
+
+# the tensor dtypes of decoding steps (float16 and bfloat16 read as stored)
+_DECODE_DTYPES = fastattn.torch.NATIVE_DTYPES + fastattn.torch.WIDENED_DTYPES
 
 
 # ---------------------------------------------------------------- packed tokens

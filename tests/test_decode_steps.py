@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 import fastattn
-from fastattn._contract.options import AttentionOptions, options_from
 from fastattn._dispatch import decode_steps
 from fastattn._dispatch.tiling import DECODE_BLOCK_K as BLOCK_K
 
@@ -47,12 +46,11 @@ def keywords_for(options, q_heads, kv_heads):
 @pytest.mark.parametrize("batch, q_heads, kv_heads, q_len", HEADS)
 def test_step_is_bitwise_the_general_path(batch, q_heads, kv_heads, q_len, option_name, dtype):
     keywords = keywords_for(OPTIONS[option_name], q_heads, kv_heads)
-    options = options_from(keywords)
     steps = set()
     for kv_len in KV_LENGTHS:  # one step serves every key length of a decoding loop
         query, key, value = inputs(batch, q_heads, kv_heads, q_len, kv_len, dtype,
                                    seed=kv_len)
-        step = decode_steps.decode_step(query, key, value, options)
+        step = decode_steps.decode_step(query, key, value, keywords)
         assert step is not None
         steps.add(step)
         got = step(query, key, value)
@@ -66,7 +64,7 @@ def test_value_dim_differs_from_key_dim():
     keywords = keywords_for({}, 8, 2)
     for kv_len in (3, 300):
         query, key, value = inputs(1, 8, 2, 1, kv_len, np.float32, head_dim=16, value_dim=24)
-        step = decode_steps.decode_step(query, key, value, options_from(keywords))
+        step = decode_steps.decode_step(query, key, value, keywords)
         np.testing.assert_array_equal(
             step(query, key, value),
             fastattn.scaled_dot_product_attention(query, key, value, **keywords))
@@ -81,7 +79,7 @@ def test_nan_and_layout_as_the_general_path():
     buffer = np.zeros((1, 2, 1024, 64), np.float32)  # a cache with room to grow
     buffer[:, :, :700] = value
     value = buffer[:, :, :700]
-    step = decode_steps.decode_step(query, key, value, options_from(keywords))
+    step = decode_steps.decode_step(query, key, value, keywords)
     got = step(query, key, value)
     expected = fastattn.scaled_dot_product_attention(query, key, value, **keywords)
     assert np.isnan(got[0, 4:]).all() and not np.isnan(got[0, :4]).any()
@@ -101,12 +99,12 @@ def test_calls_the_decode_kernel_does_not_take_get_no_step(case, keywords, shape
     query = rng.standard_normal(query_shape).astype(np.float32)
     key = rng.standard_normal(key_shape).astype(np.float32)
     keywords = dict(keywords, enable_gqa=query_shape[1] != key_shape[1])
-    assert decode_steps.decode_step(query, key, key, AttentionOptions(**keywords)) is None, case
+    assert decode_steps.decode_step(query, key, key, keywords) is None, case
 
 
 def test_key_and_value_lengths_differ():
     query, key, value = inputs(1, 2, 2, 1, 10, np.float32)
-    assert decode_steps.decode_step(query, key, value[:, :, :9], options_from({})) is None
+    assert decode_steps.decode_step(query, key, value[:, :, :9], {}) is None
 
 
 @pytest.mark.parametrize("query_shape, key_shape, message", [
@@ -120,5 +118,5 @@ def test_a_refused_call_raises_its_own_error(query_shape, key_shape, message):
     with pytest.raises(ValueError, match=message) as general:
         fastattn.scaled_dot_product_attention(query, key, key, enable_gqa=True)
     with pytest.raises(ValueError) as stepped:
-        decode_steps.decode_step(query, key, key, options_from(dict(enable_gqa=True)))
+        decode_steps.decode_step(query, key, key, dict(enable_gqa=True))
     assert str(stepped.value) == str(general.value)

@@ -25,6 +25,7 @@ import math
 import numpy as np
 
 from fastattn._contract.arguments import diagonal_offset
+from fastattn._contract.options import options_from
 from fastattn._contract.problem import check_attention, key_reach
 from fastattn._dispatch.layout import (NO_HOOK, as_stored, fold_query_groups,
                                        plain_visibility, problem_arguments)
@@ -55,7 +56,7 @@ class DecodeStep:
 
     __slots__ = ("signature", "_kernel_dtype", "_inputs", "_options", "_out_shape",
                  "_out_dtype", "_lse_dtype", "_stacks", "_causal", "_alignment", "_window",
-                 "_q_len", "_rows")
+                 "_q_len", "_rows", "_visibility")
 
     def __init__(self, problem, signature):
         folded = fold_query_groups(problem) or problem  # GQA: a kv head's queries as rows
@@ -72,6 +73,7 @@ class DecodeStep:
         self._causal, self._alignment, self._window = (options.causal,
                                                        options.causal_alignment, options.window)
         self._q_len, self._rows = problem.q_len, folded.q_len  # per head, per block
+        self._visibility = (-1, None)  # (Lk, its Visibility): a model's layers share it
         settings.apply()  # before the first kernel call, as the general path does
 
     def __call__(self, query, key, value):
@@ -86,9 +88,12 @@ class DecodeStep:
                                                 key_shape[1])),  # (N_kv, Lk, Dk)
             value=as_stored(value, stored).reshape((value_shape[0], kv_len,
                                                     value_shape[1])))  # (N_kv, Lk, Dv)
-        visibility = plain_visibility(diagonal_offset(self._alignment, self._q_len, kv_len),
-                                      *key_reach(self._window, self._causal, self._rows,
-                                                 kv_len))
+        seen_len, visibility = self._visibility
+        if seen_len != kv_len:
+            visibility = plain_visibility(diagonal_offset(self._alignment, self._q_len, kv_len),
+                                          *key_reach(self._window, self._causal, self._rows,
+                                                     kv_len))
+            self._visibility = (kv_len, visibility)
         out = np.empty(query_shape[:2] + (value_shape[1],), stored)  # (N, rows, Dv)
         lse = np.empty(query_shape[:2], self._lse_dtype)  # (N, rows)
         decode_into(stored, inputs, self._options, visibility, out, lse)
@@ -98,27 +103,45 @@ class DecodeStep:
         return out if out.dtype == self._out_dtype else out.astype(self._out_dtype)
 
 
-def decode_step(query, key, value, options):
+def decode_step(query, key, value, keywords):
     """The :class:`DecodeStep` for a call of ``query``, ``key`` and ``value`` (ndarrays)
-    under the scalar ``options`` (an :class:`~fastattn._contract.options.AttentionOptions`
-    holding no arrays), or None when the decode kernel does not take such a call
-    (too many query rows, an option it does not implement, top-left causal) or the
-    arrays do not agree on ``Lk``. The checks run once per signature, on stand-ins
-    of its shapes; a call they refuse is checked again on its own arrays, which
-    raises its error."""
-    if (options.has_operands or key.ndim < 2 or value.ndim < 2
-            or key.shape[-2] != value.shape[-2]):
+    with the keyword options ``keywords`` (a dict of scalar options, as given to
+    :func:`fastattn.scaled_dot_product_attention`), or None when the decode kernel
+    does not take such a call (too many query rows, an option it does not implement,
+    top-left causal, an array option such as ``kv_lengths``) or the arrays do not
+    agree on ``Lk``.
+
+    Steps are looked up by the shapes (``Lk`` left out), dtypes and keywords as
+    given, hashed as they are (no options object is built once a signature is
+    known). The checks run once per signature, on stand-ins of its shapes; a call
+    they refuse is checked again on its own arrays, which raises its error.
+    """
+    if key.ndim < 2 or value.ndim < 2 or key.shape[-2] != value.shape[-2]:
         return None
     signature = (query.shape, key.shape[:-2] + key.shape[-1:],
                  value.shape[:-2] + value.shape[-1:], query.dtype, key.dtype, value.dtype)
-    step = _prepared(signature, options)
+    try:
+        lookup = signature + tuple(keywords.items())
+        step = _STEPS.get(lookup, _UNKNOWN)
+    except TypeError:  # an unhashable option (an array): not a plain decoding step
+        return None
+    if step is _UNKNOWN:
+        options = options_from(keywords)
+        step = None if options.has_operands else _prepared(signature, options)
+        if len(_STEPS) >= _MOST_STEPS:
+            _STEPS.clear()
+        _STEPS[lookup] = step
     if step is _REFUSED:
-        check_attention(query, key, value, None, options)  # raises the call's own error
+        check_attention(query, key, value, None, options_from(keywords))  # raises its error
         return None
     return step
 
 
-# what _prepared holds for a signature whose checks failed
+# Steps by signature and keywords as given (None: not a decoding step; _REFUSED: the
+# checks refuse the signature), at most _MOST_STEPS of them
+_STEPS = {}
+_MOST_STEPS = 256
+_UNKNOWN = object()
 _REFUSED = object()
 
 

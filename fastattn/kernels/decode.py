@@ -65,8 +65,8 @@ from fastattn.kernels.groups import (TILING_TYPE, Inputs, ScoreOptions, Visibili
 from fastattn.kernels.masking import entry_rule, row_block_keys, visible_columns
 from fastattn.kernels.scores import apply_softcap
 from fastattn.kernels.vector_math import (LN2, LOG2E, block_view, cast_like,
-                                          full_width_vectors, line_aligned_rows, softmax_exp2,
-                                          whole_lines)
+                                          full_width_vectors, line_aligned_rows, row_maximum,
+                                          softmax_exp2, whole_lines)
 
 def _decode_forward(inputs, options, visibility, tiling, outputs, spans):
     """Attention of the few rows of every batch entry ``b`` of the flattened batch.
@@ -268,17 +268,20 @@ def decode_row_softmax(scores, first, stop, r, row_max, row_sum, acc):
     units) into its running maximum ``row_max[r]``, sum ``row_sum[r]`` and
     accumulator ``acc[r]`` ``(Dv,)``; overwrite them with ``2**(s - max)``. A larger
     maximum rescales the sum and accumulator by ``2**(old - new)``. NaN scores are
-    skipped by the maximum and make the sum NaN."""
+    skipped by the maximum and make the sum NaN.
+
+    The loops run over the slice of seen columns from index 0 (an index that could
+    be negative keeps Numba's wraparound test in the loop, which LLVM then does not
+    vectorise): the maximum is :func:`~fastattn.kernels.vector_math.row_maximum`'s
+    explicit vector loop, the probabilities and their sum SIMD at full width."""
     full_width_vectors()
-    top = row_max[r]
-    for c in range(first, stop):
-        score = scores[c]
-        top = score if score > top else top  # NaN never wins
+    seen = scores[first:stop]  # (stop - first,) the columns the row sees
+    top = row_maximum(seen, row_max[r])  # NaN never wins
     if top == -np.inf:  # nothing seen yet but -inf or NaN scores
-        for c in range(first, stop):
-            if scores[c] != scores[c]:
+        for c in range(seen.shape[0]):
+            if seen[c] != seen[c]:
                 row_sum[r] = np.nan  # a NaN score the row sees: the row is NaN
-            scores[c] = 0.0
+            seen[c] = 0.0
         return
     reference = row_max[r]
     if top > reference:  # a new maximum: rescale what the row holds
@@ -289,9 +292,9 @@ def decode_row_softmax(scores, first, stop, r, row_max, row_sum, acc):
                 acc[r, d] *= correction
         row_max[r] = top
     total = row_sum[r] - row_sum[r]  # 0 of the dtype (or NaN)
-    for c in range(first, stop):
-        p = softmax_exp2(scores[c] - top)  # in [0, 1], NaN stays
-        scores[c] = p
+    for c in range(seen.shape[0]):
+        p = softmax_exp2(seen[c] - top)  # in [0, 1], NaN stays
+        seen[c] = p
         total += p
     row_sum[r] += total
 
