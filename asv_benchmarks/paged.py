@@ -1,14 +1,24 @@
 """KV caches for decoding (issue 23): paged decoding against the same data contiguous,
 and filling a KVCache one token at a time against all at once.
 
-Goals (float32, 2 threads, Zen 3; ratios from interleaved rounds in separate
-processes, ``/work/notes/paged_bench.py``-style, not from these absolute figures):
+usage: python asv_benchmarks/paged.py [--rounds 11] [--threads 2]
+
+Goals (float32, 2 threads; ratios from interleaved rounds, not from the absolute
+figures asv records):
 
 - paged decode ``B=8, H=32, Hkv=8, D=128``, 2048 tokens in pages of 16 (a shuffled
   block table) at most 1.15x the contiguous decode of the same keys and values;
 - ``KVCache.append`` one token at a time up to 4096 tokens at most 2x appending the
   4096 at once (capacity given up front, contiguous and paged).
+
+The script times each pair in interleaved rounds in this process (one sample of each
+in turn, the order flipping every round) and prints the median of the per-round ratios
+with their min and max; run it alone on the machine (``flock -x`` where the CPU is
+shared).
 """
+
+import argparse
+import time
 
 import numpy as np
 
@@ -86,3 +96,53 @@ class TimeKVCacheAppend:
 
     def time_fill(self, appends, page_size):
         self.fill()
+
+
+def pairs():
+    """``{case: (first, second, goal)}``: the calls whose time ratio each goal bounds."""
+    decode = {layout: TimePagedDecode() for layout in ("paged", "contiguous")}
+    for layout, case in decode.items():
+        case.setup(layout)
+    fills = {}
+    for page_size in (0, 16):
+        for appends in ("one token at a time", "all at once"):
+            case = fills[appends, page_size] = TimeKVCacheAppend()
+            case.setup(appends, page_size)
+    return {
+        "paged decode / contiguous": (decode["paged"].call, decode["contiguous"].call, 1.15),
+        "append 1 at a time / all, contiguous": (fills["one token at a time", 0].fill,
+                                                 fills["all at once", 0].fill, 2.0),
+        "append 1 at a time / all, pages of 16": (fills["one token at a time", 16].fill,
+                                                  fills["all at once", 16].fill, 2.0),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--threads", type=int, default=2)
+    arguments = parser.parse_args()
+    import fastattn
+
+    fastattn.set_num_threads(arguments.threads)
+    print(f"B={B}, H={H}, Hkv={KV_HEADS}, D={D}, {LENGTH} tokens (decode), pages of {PAGE}, "
+          f"float32, {arguments.threads} threads, {arguments.rounds} rounds")
+    print(f"{'case':<40}{'first ms':>10}{'second ms':>11}  ratio med [min max]   goal")
+    for name, (first, second, goal) in pairs().items():
+        times, ratios = ([], []), []
+        for round_index in range(arguments.rounds):
+            seconds = [0.0, 0.0]
+            for which in ((0, 1) if round_index % 2 == 0 else (1, 0)):
+                start = time.perf_counter()
+                (first, second)[which]()
+                seconds[which] = time.perf_counter() - start
+                times[which].append(seconds[which])
+            ratios.append(seconds[0] / seconds[1])
+        ratio = float(np.median(ratios))
+        print(f"{name:<40}{1e3 * np.median(times[0]):10.2f}{1e3 * np.median(times[1]):11.2f}"
+              f"  {ratio:.3f} [{min(ratios):.3f} {max(ratios):.3f}]  <= {goal} "
+              f"{'met' if ratio <= goal else 'MISSED'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

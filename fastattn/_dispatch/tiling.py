@@ -117,11 +117,12 @@ def decode_plan(n_batch, kv_len):
 # float32, Zen 3, 2 cores; each call after a pause, 1 and 2 threads alternating, time
 # at 2 threads over 1): after a 0.3 ms sleep 64 KiB 2.19, 128 KiB 5.53, 256 KiB 2.91,
 # 512 KiB 0.92, 1 MiB 0.82; after PyTorch products on 2 threads (a model's linear
-# layers) 0.97, 0.97, 0.92, 0.81, 0.88 (/work/notes/decode_threads.py). The forward
+# layers) 0.97, 0.97, 0.92, 0.81, 0.88. The forward
 # kernel showed no such loss (16-256 queries: 0.58-1.02), so it keeps every thread.
 # In a transformers model decoding (Llama-style, Hq=8 over Hkv=2, D=64, about 1 MiB of
 # keys and values per layer call) one thread did not pay either: 7.92 ms a token
-# against 7.75 at 2 threads, the other work the same (6.68, 6.67 ms; decode_profile.py).
+# against 7.75 at 2 threads, the other work the same (6.68, 6.67 ms;
+# asv_benchmarks/hf_decode.py).
 DECODE_SERIAL_BYTES = 512 * 1024
 
 

@@ -316,22 +316,26 @@ def decode_block_values(probabilities, values, head, key_start, rule, acc, cols,
         first, stop = visible_columns(r, key_start, cols, rule)
         every_row_sees_all = every_row_sees_all and first == 0 and stop == cols
     quads = cols - cols % 4 if every_row_sees_all else 0
-    for c in range(0, quads, 4):
+    for quad in range(quads // 4):
+        c = 4 * quad
+        v0, v1 = values[c, head], values[c + 1, head]  # (Dv,) each: four value rows
+        v2, v3 = values[c + 2, head], values[c + 3, head]
         for r in range(rows):
             p0, p1 = probabilities[r, c], probabilities[r, c + 1]
             p2, p3 = probabilities[r, c + 2], probabilities[r, c + 3]
+            acc_row = acc[r]  # (Dv,): whole-row views keep index arithmetic out of the loop
             if half_format == BFLOAT16:  # a loop per format, each with its conversion
                 for d in range(value_dim):
-                    acc[r, d] += ((p0 * as_compute(values[c, head, d], BFLOAT16)
-                                   + p1 * as_compute(values[c + 1, head, d], BFLOAT16))
-                                  + (p2 * as_compute(values[c + 2, head, d], BFLOAT16)
-                                     + p3 * as_compute(values[c + 3, head, d], BFLOAT16)))
+                    acc_row[d] += ((p0 * as_compute(v0[d], BFLOAT16)
+                                    + p1 * as_compute(v1[d], BFLOAT16))
+                                   + (p2 * as_compute(v2[d], BFLOAT16)
+                                      + p3 * as_compute(v3[d], BFLOAT16)))
             else:
                 for d in range(value_dim):
-                    acc[r, d] += ((p0 * as_compute(values[c, head, d], FLOAT16)
-                                   + p1 * as_compute(values[c + 1, head, d], FLOAT16))
-                                  + (p2 * as_compute(values[c + 2, head, d], FLOAT16)
-                                     + p3 * as_compute(values[c + 3, head, d], FLOAT16)))
+                    acc_row[d] += ((p0 * as_compute(v0[d], FLOAT16)
+                                    + p1 * as_compute(v1[d], FLOAT16))
+                                   + (p2 * as_compute(v2[d], FLOAT16)
+                                      + p3 * as_compute(v3[d], FLOAT16)))
     for c in range(quads, cols):
         for r in range(rows):
             if every_row_sees_all:
