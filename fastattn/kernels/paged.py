@@ -27,7 +27,10 @@ may span several pages (each key row found through the block table), with the
 decode kernel's online softmax (:func:`fastattn.kernels.decode.decode_row_softmax`)
 but its own score and value loops: a page row holds every kv head's key
 ``(Hkv, D)``, one contiguous run, so the loops take each row once, in the order it
-lies in memory, for every entry of the task (every kv head) in turn. A pass per
+lies in memory, for every entry of the task (every kv head) in turn, four key rows
+at a time as in the decode kernel (one load of each query element and of each
+accumulator element for the four; rows found one by one, so four may span a page
+boundary). A pass per
 head would read one head's ``D`` entries of each row, ``Hkv * D`` apart, which the
 CPU's prefetchers do not follow (they stop at every 4 KiB memory page); this way
 memory is read as in the contiguous decode kernel. No page is gathered or copied.
@@ -175,25 +178,59 @@ def paged_block(q_scaled, key_pages, value_pages, table, heads, key_start, cols,
 @jit_helper
 def paged_block_scores(q_scaled, key_pages, table, heads, key_start, scores, cols,
                        half_format):
-    """``scores[e, r, c] = q_scaled[e, r] . keys[c, heads[e]]`` for ``c < cols``, key
-    row by key row, every entry in turn: the block's memory read once, in the order
-    it lies (``heads`` ascending)."""
+    """``scores[e, r, c] = q_scaled[e, r] . keys[c, heads[e]]`` for ``c < cols``: four
+    key rows at a time (found through ``table``, a page apart or not), every entry in
+    turn, each row taking its four dot products in one pass over ``Dk`` (each query
+    element loaded once for the four, as in
+    :func:`fastattn.kernels.decode.decode_block_scores`); the block's memory read once,
+    in the order it lies (``heads`` ascending)."""
     full_width_vectors()
     entries, rows, head_dim = q_scaled.shape
     page_size = key_pages.shape[1]
-    for c in range(cols):
-        page, row = divmod(key_start + c, page_size)
-        keys = key_pages[table[page], row]  # (Hkv, Dk)
+    quads = cols - cols % 4
+    for quad in range(quads // 4):
+        c = 4 * quad
+        keys0 = page_row(key_pages, table, key_start + c, page_size)  # (Hkv, Dk) each
+        keys1 = page_row(key_pages, table, key_start + c + 1, page_size)
+        keys2 = page_row(key_pages, table, key_start + c + 2, page_size)
+        keys3 = page_row(key_pages, table, key_start + c + 3, page_size)
         for e in range(entries):
             head = heads[e]
+            k0, k1, k2, k3 = keys0[head], keys1[head], keys2[head], keys3[head]  # (Dk,)
             for r in range(rows):
-                total = cast_like(0.0, scores)
+                q_row = q_scaled[e, r]  # (Dk,)
+                t0 = t1 = t2 = t3 = cast_like(0.0, scores)
                 if half_format == BFLOAT16:  # a loop per format, each with its conversion
                     for d in range(head_dim):
-                        total += q_scaled[e, r, d] * as_compute(keys[head, d], BFLOAT16)
+                        q_d = q_row[d]
+                        t0 += q_d * as_compute(k0[d], BFLOAT16)
+                        t1 += q_d * as_compute(k1[d], BFLOAT16)
+                        t2 += q_d * as_compute(k2[d], BFLOAT16)
+                        t3 += q_d * as_compute(k3[d], BFLOAT16)
                 else:
                     for d in range(head_dim):
-                        total += q_scaled[e, r, d] * as_compute(keys[head, d], FLOAT16)
+                        q_d = q_row[d]
+                        t0 += q_d * as_compute(k0[d], FLOAT16)
+                        t1 += q_d * as_compute(k1[d], FLOAT16)
+                        t2 += q_d * as_compute(k2[d], FLOAT16)
+                        t3 += q_d * as_compute(k3[d], FLOAT16)
+                scores[e, r, c] = t0
+                scores[e, r, c + 1] = t1
+                scores[e, r, c + 2] = t2
+                scores[e, r, c + 3] = t3
+    for c in range(quads, cols):
+        keys = page_row(key_pages, table, key_start + c, page_size)  # (Hkv, Dk)
+        for e in range(entries):
+            key = keys[heads[e]]  # (Dk,)
+            for r in range(rows):
+                q_row = q_scaled[e, r]  # (Dk,)
+                total = cast_like(0.0, scores)
+                if half_format == BFLOAT16:
+                    for d in range(head_dim):
+                        total += q_row[d] * as_compute(key[d], BFLOAT16)
+                else:
+                    for d in range(head_dim):
+                        total += q_row[d] * as_compute(key[d], FLOAT16)
                 scores[e, r, c] = total
 
 
@@ -201,8 +238,10 @@ def paged_block_scores(q_scaled, key_pages, table, heads, key_start, scores, col
 def paged_block_values(probabilities, value_pages, table, heads, key_start, rule, acc, cols,
                        half_format):
     """``acc[e, r] += sum_c probabilities[e, r, c] * values[c, heads[e]]`` over the
-    columns ``c < cols`` row ``r`` sees, value row by value row, every entry in turn
-    (memory order); a hidden key's value is never multiplied."""
+    columns ``c < cols`` row ``r`` sees, every entry in turn (memory order); where
+    every row sees the whole block, four value rows at a time (one load and store of
+    ``acc`` for the four, as in :func:`fastattn.kernels.decode.decode_block_values`).
+    A hidden key's value is never multiplied."""
     full_width_vectors()
     entries, rows, value_dim = acc.shape
     every_row_sees_all = True  # the usual decode block: no per-key visibility test
@@ -210,11 +249,36 @@ def paged_block_values(probabilities, value_pages, table, heads, key_start, rule
         first, stop = visible_columns(r, key_start, cols, rule)
         every_row_sees_all = every_row_sees_all and first == 0 and stop == cols
     page_size = value_pages.shape[1]
-    for c in range(cols):
-        page, row = divmod(key_start + c, page_size)
-        values = value_pages[table[page], row]  # (Hkv, Dv)
+    quads = cols - cols % 4 if every_row_sees_all else 0
+    for quad in range(quads // 4):
+        c = 4 * quad
+        values0 = page_row(value_pages, table, key_start + c, page_size)  # (Hkv, Dv) each
+        values1 = page_row(value_pages, table, key_start + c + 1, page_size)
+        values2 = page_row(value_pages, table, key_start + c + 2, page_size)
+        values3 = page_row(value_pages, table, key_start + c + 3, page_size)
         for e in range(entries):
             head = heads[e]
+            v0, v1, v2, v3 = values0[head], values1[head], values2[head], values3[head]
+            for r in range(rows):
+                p0, p1 = probabilities[e, r, c], probabilities[e, r, c + 1]
+                p2, p3 = probabilities[e, r, c + 2], probabilities[e, r, c + 3]
+                acc_row = acc[e, r]  # (Dv,)
+                if half_format == BFLOAT16:  # a loop per format, each with its conversion
+                    for d in range(value_dim):
+                        acc_row[d] += ((p0 * as_compute(v0[d], BFLOAT16)
+                                        + p1 * as_compute(v1[d], BFLOAT16))
+                                       + (p2 * as_compute(v2[d], BFLOAT16)
+                                          + p3 * as_compute(v3[d], BFLOAT16)))
+                else:
+                    for d in range(value_dim):
+                        acc_row[d] += ((p0 * as_compute(v0[d], FLOAT16)
+                                        + p1 * as_compute(v1[d], FLOAT16))
+                                       + (p2 * as_compute(v2[d], FLOAT16)
+                                          + p3 * as_compute(v3[d], FLOAT16)))
+    for c in range(quads, cols):
+        values = page_row(value_pages, table, key_start + c, page_size)  # (Hkv, Dv)
+        for e in range(entries):
+            value = values[heads[e]]  # (Dv,)
             for r in range(rows):
                 if every_row_sees_all:
                     first, stop = 0, cols
@@ -222,12 +286,21 @@ def paged_block_values(probabilities, value_pages, table, heads, key_start, rule
                     first, stop = visible_columns(r, key_start, cols, rule)
                 if first <= c < stop:
                     p = probabilities[e, r, c]
+                    acc_row = acc[e, r]  # (Dv,)
                     if half_format == BFLOAT16:
                         for d in range(value_dim):
-                            acc[e, r, d] += p * as_compute(values[head, d], BFLOAT16)
+                            acc_row[d] += p * as_compute(value[d], BFLOAT16)
                     else:
                         for d in range(value_dim):
-                            acc[e, r, d] += p * as_compute(values[head, d], FLOAT16)
+                            acc_row[d] += p * as_compute(value[d], FLOAT16)
+
+
+@jit_helper
+def page_row(pages, table, token, page_size):
+    """Token ``token``'s row ``(Hkv, D)`` of a sequence's ``pages`` ``(n_pages,
+    page_size, Hkv, D)``, found through its ``table`` ``(max_pages,)``."""
+    page, row = divmod(token, page_size)
+    return pages[table[page], row]
 
 
 def _paged_signature(dtype):
