@@ -59,7 +59,9 @@ def kernel_per_dtype(function, signature):
         if entry_point is None:
             compiled = dispatcher(dtype)
             entry_point = compiled.overloads[compiled.signatures[0]].entry_point
-            entry_points[np.dtype(dtype)] = entry_point
+            # under the key as given (a type such as np.uint16, or a dtype) and as a
+            # dtype: a later call with either finds it without Numba's lookup
+            entry_points[dtype] = entry_points[np.dtype(dtype)] = entry_point
         return entry_point
 
     kernel.dispatcher = dispatcher
