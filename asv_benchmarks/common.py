@@ -58,6 +58,20 @@ class WorkerProcess:
         self.process.stdin.close()
         self.process.wait()
 
+def interleaved_rounds(first, second, rounds):
+    """Time the calls ``first`` and ``second`` in this process, one sample of each per
+    round, the order flipping every round. Returns ``(first seconds, second seconds,
+    per-round ratios first / second)``, lists of ``rounds`` entries."""
+    import time
+
+    times = ([], [])
+    for round_index in range(rounds):
+        for which in ((0, 1) if round_index % 2 == 0 else (1, 0)):
+            start = time.perf_counter()
+            (first, second)[which]()
+            times[which].append(time.perf_counter() - start)
+    return times[0], times[1], [a / b for a, b in zip(*times)]
+
 # The reference materialises (B, H, Lq, Lk) float64 scores: skipped beyond this.
 REFERENCE_MAX_LENGTH = 2048
 

@@ -18,9 +18,13 @@ shared).
 """
 
 import argparse
-import time
 
 import numpy as np
+
+try:  # imported by asv as part of the asv_benchmarks package
+    from .common import interleaved_rounds
+except ImportError:  # run as a script: python asv_benchmarks/paged.py
+    from common import interleaved_rounds
 
 B, H, KV_HEADS, D, LENGTH, PAGE = 8, 32, 8, 128, 2048, 16
 
@@ -129,15 +133,8 @@ def main():
           f"float32, {arguments.threads} threads, {arguments.rounds} rounds")
     print(f"{'case':<40}{'first ms':>10}{'second ms':>11}  ratio med [min max]   goal")
     for name, (first, second, goal) in pairs().items():
-        times, ratios = ([], []), []
-        for round_index in range(arguments.rounds):
-            seconds = [0.0, 0.0]
-            for which in ((0, 1) if round_index % 2 == 0 else (1, 0)):
-                start = time.perf_counter()
-                (first, second)[which]()
-                seconds[which] = time.perf_counter() - start
-                times[which].append(seconds[which])
-            ratios.append(seconds[0] / seconds[1])
+        times = interleaved_rounds(first, second, arguments.rounds)
+        ratios = times[2]
         ratio = float(np.median(ratios))
         print(f"{name:<40}{1e3 * np.median(times[0]):10.2f}{1e3 * np.median(times[1]):11.2f}"
               f"  {ratio:.3f} [{min(ratios):.3f} {max(ratios):.3f}]  <= {goal} "

@@ -18,11 +18,15 @@ CPU is shared).
 """
 
 import argparse
-import time
 
 import numpy as np
 
 import fastattn
+
+try:  # imported by asv as part of the asv_benchmarks package
+    from .common import interleaved_rounds
+except ImportError:  # run as a script: python asv_benchmarks/varlen.py
+    from common import interleaved_rounds
 
 SEQUENCES, HEADS, HEAD_DIM = 8, 8, 64
 LENGTHS = np.random.default_rng(23).integers(64, 2049, SEQUENCES)  # (8,) tokens each
@@ -109,17 +113,9 @@ def main():
             pair = calls(causal, backward)
             for call in pair.values():
                 call()
-            times = {name: [] for name in pair}
-            ratios = []
-            for round_index in range(arguments.rounds):
-                order = list(pair) if round_index % 2 == 0 else list(pair)[::-1]
-                seconds = {}
-                for name in order:
-                    start = time.perf_counter()
-                    pair[name]()
-                    seconds[name] = time.perf_counter() - start
-                    times[name].append(seconds[name])
-                ratios.append(seconds["varlen"] / seconds["padded"])
+            varlen_times, padded_times, ratios = interleaved_rounds(
+                pair["varlen"], pair["padded"], arguments.rounds)
+            times = {"varlen": varlen_times, "padded": padded_times}
             goal = work_ratio(LENGTHS, causal) * 1.15 + 0.05
             ratio = float(np.median(ratios))
             name = ("causal " if causal else "") + ("forward+backward" if backward else "forward")

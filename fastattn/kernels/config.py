@@ -80,6 +80,16 @@ def jit_helper(func):
     return numba.njit(**options)(func)
 
 
+def jit_inlined(func):
+    """Decorator for the few small helpers of the kernels' innermost loops: the same
+    options as :func:`jit_helper`, inlined into each caller by Numba
+    (``inline="always"``), so their loops compile with the caller's attributes (full
+    vector width). Called out of line, such a helper took 2.5x the time per (row, key)
+    in the decode kernel."""
+    options = {key: value for key, value in _KERNEL_OPTIONS.items() if key != "parallel"}
+    return numba.njit(inline="always", **options)(func)
+
+
 def jit_kernel(signature):
     """Decorator: compile ``func`` for exactly ``signature`` with the project's options.
 

@@ -57,7 +57,7 @@ import math
 import numpy as np
 from numba import prange, types
 
-from fastattn.kernels.config import jit_helper, kernel_per_dtype
+from fastattn.kernels.config import jit_helper, jit_inlined, kernel_per_dtype
 from fastattn.kernels.forward import merge_key_spans
 from fastattn.kernels.half import BFLOAT16, FLOAT16, as_compute, stored_value
 from fastattn.kernels.groups import (TILING_TYPE, Inputs, ScoreOptions, Visibility,
@@ -231,35 +231,17 @@ def decode_block_scores(q_scaled, keys, head, scores, cols, half_format):
     quads = cols - cols % 4
     for c in range(0, quads, 4):
         for r in range(rows):
-            t0 = t1 = t2 = t3 = cast_like(0.0, scores)
-            if half_format == BFLOAT16:  # a loop per format, each with its conversion
-                for d in range(head_dim):
-                    q_d = q_scaled[r, d]
-                    t0 += q_d * as_compute(keys[c, head, d], BFLOAT16)
-                    t1 += q_d * as_compute(keys[c + 1, head, d], BFLOAT16)
-                    t2 += q_d * as_compute(keys[c + 2, head, d], BFLOAT16)
-                    t3 += q_d * as_compute(keys[c + 3, head, d], BFLOAT16)
-            else:
-                for d in range(head_dim):
-                    q_d = q_scaled[r, d]
-                    t0 += q_d * as_compute(keys[c, head, d], FLOAT16)
-                    t1 += q_d * as_compute(keys[c + 1, head, d], FLOAT16)
-                    t2 += q_d * as_compute(keys[c + 2, head, d], FLOAT16)
-                    t3 += q_d * as_compute(keys[c + 3, head, d], FLOAT16)
+            t0, t1, t2, t3 = dot_four(q_scaled[r], keys[c, head], keys[c + 1, head],
+                                      keys[c + 2, head], keys[c + 3, head], half_format,
+                                      cast_like(0.0, scores))
             scores[r, c] = t0
             scores[r, c + 1] = t1
             scores[r, c + 2] = t2
             scores[r, c + 3] = t3
     for c in range(quads, cols):
         for r in range(rows):
-            total = cast_like(0.0, scores)
-            if half_format == BFLOAT16:
-                for d in range(head_dim):
-                    total += q_scaled[r, d] * as_compute(keys[c, head, d], BFLOAT16)
-            else:
-                for d in range(head_dim):
-                    total += q_scaled[r, d] * as_compute(keys[c, head, d], FLOAT16)
-            scores[r, c] = total
+            scores[r, c] = dot_one(q_scaled[r], keys[c, head], half_format,
+                                   cast_like(0.0, scores))
 
 
 @jit_helper
@@ -323,19 +305,7 @@ def decode_block_values(probabilities, values, head, key_start, rule, acc, cols,
         for r in range(rows):
             p0, p1 = probabilities[r, c], probabilities[r, c + 1]
             p2, p3 = probabilities[r, c + 2], probabilities[r, c + 3]
-            acc_row = acc[r]  # (Dv,): whole-row views keep index arithmetic out of the loop
-            if half_format == BFLOAT16:  # a loop per format, each with its conversion
-                for d in range(value_dim):
-                    acc_row[d] += ((p0 * as_compute(v0[d], BFLOAT16)
-                                    + p1 * as_compute(v1[d], BFLOAT16))
-                                   + (p2 * as_compute(v2[d], BFLOAT16)
-                                      + p3 * as_compute(v3[d], BFLOAT16)))
-            else:
-                for d in range(value_dim):
-                    acc_row[d] += ((p0 * as_compute(v0[d], FLOAT16)
-                                    + p1 * as_compute(v1[d], FLOAT16))
-                                   + (p2 * as_compute(v2[d], FLOAT16)
-                                      + p3 * as_compute(v3[d], FLOAT16)))
+            add_four(acc[r], p0, p1, p2, p3, v0, v1, v2, v3, half_format)
     for c in range(quads, cols):
         for r in range(rows):
             if every_row_sees_all:
@@ -343,13 +313,73 @@ def decode_block_values(probabilities, values, head, key_start, rule, acc, cols,
             else:
                 first, stop = visible_columns(r, key_start, cols, rule)
             if first <= c < stop:
-                p = probabilities[r, c]
-                if half_format == BFLOAT16:
-                    for d in range(value_dim):
-                        acc[r, d] += p * as_compute(values[c, head, d], BFLOAT16)
-                else:
-                    for d in range(value_dim):
-                        acc[r, d] += p * as_compute(values[c, head, d], FLOAT16)
+                add_one(acc[r], probabilities[r, c], values[c, head], half_format)
+
+
+@jit_inlined
+def dot_four(q_row, k0, k1, k2, k3, half_format, zero):
+    """``(q_row . k0, q_row . k1, q_row . k2, q_row . k3)`` for a query row ``(Dk,)``
+    and four key rows ``(Dk,)`` (any storage, converted as read), starting from
+    ``zero`` (of the compute dtype): one pass over ``Dk``, each query element loaded
+    once for the four; reductions LLVM vectorises at the caller's full width (inlined)."""
+    t0 = t1 = t2 = t3 = zero
+    if half_format == BFLOAT16:  # a loop per format, each with its conversion
+        for d in range(q_row.shape[0]):
+            q_d = q_row[d]
+            t0 += q_d * as_compute(k0[d], BFLOAT16)
+            t1 += q_d * as_compute(k1[d], BFLOAT16)
+            t2 += q_d * as_compute(k2[d], BFLOAT16)
+            t3 += q_d * as_compute(k3[d], BFLOAT16)
+    else:
+        for d in range(q_row.shape[0]):
+            q_d = q_row[d]
+            t0 += q_d * as_compute(k0[d], FLOAT16)
+            t1 += q_d * as_compute(k1[d], FLOAT16)
+            t2 += q_d * as_compute(k2[d], FLOAT16)
+            t3 += q_d * as_compute(k3[d], FLOAT16)
+    return t0, t1, t2, t3
+
+
+@jit_inlined
+def add_four(acc_row, p0, p1, p2, p3, v0, v1, v2, v3, half_format):
+    """``acc_row += p0 v0 + p1 v1 + p2 v2 + p3 v3`` for an accumulator row ``(Dv,)``
+    and four value rows ``(Dv,)`` (any storage, converted as read): one load and
+    store of each accumulator element for the four (this helper is inlined)."""
+    if half_format == BFLOAT16:  # a loop per format, each with its conversion
+        for d in range(acc_row.shape[0]):
+            acc_row[d] += ((p0 * as_compute(v0[d], BFLOAT16) + p1 * as_compute(v1[d], BFLOAT16))
+                           + (p2 * as_compute(v2[d], BFLOAT16)
+                              + p3 * as_compute(v3[d], BFLOAT16)))
+    else:
+        for d in range(acc_row.shape[0]):
+            acc_row[d] += ((p0 * as_compute(v0[d], FLOAT16) + p1 * as_compute(v1[d], FLOAT16))
+                           + (p2 * as_compute(v2[d], FLOAT16) + p3 * as_compute(v3[d], FLOAT16)))
+
+
+@jit_inlined
+def dot_one(q_row, key, half_format, zero):
+    """``q_row . key`` for a query row and a key row ``(Dk,)`` (any storage, converted
+    as read), starting from ``zero``; inlined, as :func:`dot_four`."""
+    total = zero
+    if half_format == BFLOAT16:
+        for d in range(q_row.shape[0]):
+            total += q_row[d] * as_compute(key[d], BFLOAT16)
+    else:
+        for d in range(q_row.shape[0]):
+            total += q_row[d] * as_compute(key[d], FLOAT16)
+    return total
+
+
+@jit_inlined
+def add_one(acc_row, p, value, half_format):
+    """``acc_row += p value`` for an accumulator row and a value row ``(Dv,)`` (any
+    storage, converted as read); inlined, as :func:`add_four`."""
+    if half_format == BFLOAT16:
+        for d in range(acc_row.shape[0]):
+            acc_row[d] += p * as_compute(value[d], BFLOAT16)
+    else:
+        for d in range(acc_row.shape[0]):
+            acc_row[d] += p * as_compute(value[d], FLOAT16)
 
 
 @jit_helper

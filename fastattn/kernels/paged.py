@@ -40,8 +40,9 @@ in the compute dtype.
 
 from numba import prange, types
 
-from fastattn.kernels.config import jit_helper, kernel_per_dtype
-from fastattn.kernels.decode import decode_row_softmax, decode_start, decode_write
+from fastattn.kernels.config import jit_helper, jit_inlined, kernel_per_dtype
+from fastattn.kernels.decode import (add_four, add_one, decode_row_softmax, decode_start,
+                                     decode_write, dot_four, dot_one)
 from fastattn.kernels.forward import merge_key_spans
 from fastattn.kernels.groups import (TILING_TYPE, PagedInputs, ScoreOptions, Visibility,
                                      forward_result_types, group_type)
@@ -180,40 +181,23 @@ def paged_block_scores(q_scaled, key_pages, table, heads, key_start, scores, col
                        half_format):
     """``scores[e, r, c] = q_scaled[e, r] . keys[c, heads[e]]`` for ``c < cols``: four
     key rows at a time (found through ``table``, a page apart or not), every entry in
-    turn, each row taking its four dot products in one pass over ``Dk`` (each query
-    element loaded once for the four, as in
-    :func:`fastattn.kernels.decode.decode_block_scores`); the block's memory read once,
-    in the order it lies (``heads`` ascending)."""
+    turn, each row taking its four dot products in one pass over ``Dk``
+    (:func:`fastattn.kernels.decode.dot_four`); the block's memory read once, in the
+    order it lies (``heads`` ascending)."""
     full_width_vectors()
-    entries, rows, head_dim = q_scaled.shape
+    entries, rows = scores.shape[:2]
     page_size = key_pages.shape[1]
+    zero = cast_like(0.0, scores)
     quads = cols - cols % 4
     for quad in range(quads // 4):
         c = 4 * quad
-        keys0 = page_row(key_pages, table, key_start + c, page_size)  # (Hkv, Dk) each
-        keys1 = page_row(key_pages, table, key_start + c + 1, page_size)
-        keys2 = page_row(key_pages, table, key_start + c + 2, page_size)
-        keys3 = page_row(key_pages, table, key_start + c + 3, page_size)
+        keys0, keys1, keys2, keys3 = four_page_rows(key_pages, table, key_start + c,
+                                                    page_size)  # (Hkv, Dk) each
         for e in range(entries):
             head = heads[e]
-            k0, k1, k2, k3 = keys0[head], keys1[head], keys2[head], keys3[head]  # (Dk,)
             for r in range(rows):
-                q_row = q_scaled[e, r]  # (Dk,)
-                t0 = t1 = t2 = t3 = cast_like(0.0, scores)
-                if half_format == BFLOAT16:  # a loop per format, each with its conversion
-                    for d in range(head_dim):
-                        q_d = q_row[d]
-                        t0 += q_d * as_compute(k0[d], BFLOAT16)
-                        t1 += q_d * as_compute(k1[d], BFLOAT16)
-                        t2 += q_d * as_compute(k2[d], BFLOAT16)
-                        t3 += q_d * as_compute(k3[d], BFLOAT16)
-                else:
-                    for d in range(head_dim):
-                        q_d = q_row[d]
-                        t0 += q_d * as_compute(k0[d], FLOAT16)
-                        t1 += q_d * as_compute(k1[d], FLOAT16)
-                        t2 += q_d * as_compute(k2[d], FLOAT16)
-                        t3 += q_d * as_compute(k3[d], FLOAT16)
+                t0, t1, t2, t3 = dot_four(q_scaled[e, r], keys0[head], keys1[head],
+                                          keys2[head], keys3[head], half_format, zero)
                 scores[e, r, c] = t0
                 scores[e, r, c + 1] = t1
                 scores[e, r, c + 2] = t2
@@ -221,17 +205,8 @@ def paged_block_scores(q_scaled, key_pages, table, heads, key_start, scores, col
     for c in range(quads, cols):
         keys = page_row(key_pages, table, key_start + c, page_size)  # (Hkv, Dk)
         for e in range(entries):
-            key = keys[heads[e]]  # (Dk,)
             for r in range(rows):
-                q_row = q_scaled[e, r]  # (Dk,)
-                total = cast_like(0.0, scores)
-                if half_format == BFLOAT16:
-                    for d in range(head_dim):
-                        total += q_row[d] * as_compute(key[d], BFLOAT16)
-                else:
-                    for d in range(head_dim):
-                        total += q_row[d] * as_compute(key[d], FLOAT16)
-                scores[e, r, c] = total
+                scores[e, r, c] = dot_one(q_scaled[e, r], keys[heads[e]], half_format, zero)
 
 
 @jit_helper
@@ -239,11 +214,11 @@ def paged_block_values(probabilities, value_pages, table, heads, key_start, rule
                        half_format):
     """``acc[e, r] += sum_c probabilities[e, r, c] * values[c, heads[e]]`` over the
     columns ``c < cols`` row ``r`` sees, every entry in turn (memory order); where
-    every row sees the whole block, four value rows at a time (one load and store of
-    ``acc`` for the four, as in :func:`fastattn.kernels.decode.decode_block_values`).
-    A hidden key's value is never multiplied."""
+    every row sees the whole block, four value rows at a time
+    (:func:`fastattn.kernels.decode.add_four`). A hidden key's value is never
+    multiplied."""
     full_width_vectors()
-    entries, rows, value_dim = acc.shape
+    entries, rows = acc.shape[:2]
     every_row_sees_all = True  # the usual decode block: no per-key visibility test
     for r in range(rows):
         first, stop = visible_columns(r, key_start, cols, rule)
@@ -252,50 +227,38 @@ def paged_block_values(probabilities, value_pages, table, heads, key_start, rule
     quads = cols - cols % 4 if every_row_sees_all else 0
     for quad in range(quads // 4):
         c = 4 * quad
-        values0 = page_row(value_pages, table, key_start + c, page_size)  # (Hkv, Dv) each
-        values1 = page_row(value_pages, table, key_start + c + 1, page_size)
-        values2 = page_row(value_pages, table, key_start + c + 2, page_size)
-        values3 = page_row(value_pages, table, key_start + c + 3, page_size)
+        values0, values1, values2, values3 = four_page_rows(value_pages, table,
+                                                            key_start + c,
+                                                            page_size)  # (Hkv, Dv) each
         for e in range(entries):
             head = heads[e]
-            v0, v1, v2, v3 = values0[head], values1[head], values2[head], values3[head]
             for r in range(rows):
-                p0, p1 = probabilities[e, r, c], probabilities[e, r, c + 1]
-                p2, p3 = probabilities[e, r, c + 2], probabilities[e, r, c + 3]
-                acc_row = acc[e, r]  # (Dv,)
-                if half_format == BFLOAT16:  # a loop per format, each with its conversion
-                    for d in range(value_dim):
-                        acc_row[d] += ((p0 * as_compute(v0[d], BFLOAT16)
-                                        + p1 * as_compute(v1[d], BFLOAT16))
-                                       + (p2 * as_compute(v2[d], BFLOAT16)
-                                          + p3 * as_compute(v3[d], BFLOAT16)))
-                else:
-                    for d in range(value_dim):
-                        acc_row[d] += ((p0 * as_compute(v0[d], FLOAT16)
-                                        + p1 * as_compute(v1[d], FLOAT16))
-                                       + (p2 * as_compute(v2[d], FLOAT16)
-                                          + p3 * as_compute(v3[d], FLOAT16)))
+                add_four(acc[e, r], probabilities[e, r, c], probabilities[e, r, c + 1],
+                         probabilities[e, r, c + 2], probabilities[e, r, c + 3],
+                         values0[head], values1[head], values2[head], values3[head],
+                         half_format)
     for c in range(quads, cols):
         values = page_row(value_pages, table, key_start + c, page_size)  # (Hkv, Dv)
         for e in range(entries):
-            value = values[heads[e]]  # (Dv,)
             for r in range(rows):
                 if every_row_sees_all:
                     first, stop = 0, cols
                 else:
                     first, stop = visible_columns(r, key_start, cols, rule)
                 if first <= c < stop:
-                    p = probabilities[e, r, c]
-                    acc_row = acc[e, r]  # (Dv,)
-                    if half_format == BFLOAT16:
-                        for d in range(value_dim):
-                            acc_row[d] += p * as_compute(value[d], BFLOAT16)
-                    else:
-                        for d in range(value_dim):
-                            acc_row[d] += p * as_compute(value[d], FLOAT16)
+                    add_one(acc[e, r], probabilities[e, r, c], values[heads[e]], half_format)
 
 
-@jit_helper
+@jit_inlined
+def four_page_rows(pages, table, token, page_size):
+    """The rows ``(Hkv, D)`` of tokens ``token`` to ``token + 3`` (:func:`page_row`)."""
+    return (page_row(pages, table, token, page_size),
+            page_row(pages, table, token + 1, page_size),
+            page_row(pages, table, token + 2, page_size),
+            page_row(pages, table, token + 3, page_size))
+
+
+@jit_inlined
 def page_row(pages, table, token, page_size):
     """Token ``token``'s row ``(Hkv, D)`` of a sequence's ``pages`` ``(n_pages,
     page_size, Hkv, D)``, found through its ``table`` ``(max_pages,)``."""
