@@ -58,6 +58,17 @@ class WorkerProcess:
         self.process.stdin.close()
         self.process.wait()
 
+def runner_arguments(description, rounds):
+    """The command line of an in-process interleaved runner: ``--rounds`` (default
+    ``rounds``) and ``--threads`` (default 2), parsed."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--threads", type=int, default=2)
+    return parser.parse_args()
+
+
 def interleaved_rounds(first, second, rounds):
     """Time the calls ``first`` and ``second`` in this process, one sample of each per
     round, the order flipping every round. Returns ``(first seconds, second seconds,
@@ -71,6 +82,17 @@ def interleaved_rounds(first, second, rounds):
             (first, second)[which]()
             times[which].append(time.perf_counter() - start)
     return times[0], times[1], [a / b for a, b in zip(*times)]
+
+def ratio_line(name, first, second, ratios, goal, width):
+    """One printed row of an interleaved runner: ``name`` (padded to ``width``), the
+    median milliseconds of ``first`` and ``second`` (seconds), the median [min max]
+    of ``ratios`` and whether it meets ``goal``."""
+    import statistics
+
+    ratio = statistics.median(ratios)
+    return (f"{name:<{width}}{1e3 * statistics.median(first):11.2f}"
+            f"{1e3 * statistics.median(second):11.2f}  {ratio:.3f} [{min(ratios):.3f} "
+            f"{max(ratios):.3f}]  <= {goal:.3g} {'met' if ratio <= goal else 'MISSED'}")
 
 # The reference materialises (B, H, Lq, Lk) float64 scores: skipped beyond this.
 REFERENCE_MAX_LENGTH = 2048

@@ -17,14 +17,12 @@ with their min and max; run it alone on the machine (``flock -x`` where the CPU 
 shared).
 """
 
-import argparse
-
 import numpy as np
 
 try:  # imported by asv as part of the asv_benchmarks package
-    from .common import interleaved_rounds
+    from .common import interleaved_rounds, ratio_line, runner_arguments
 except ImportError:  # run as a script: python asv_benchmarks/paged.py
-    from common import interleaved_rounds
+    from common import interleaved_rounds, ratio_line, runner_arguments
 
 B, H, KV_HEADS, D, LENGTH, PAGE = 8, 32, 8, 128, 2048, 16
 
@@ -122,24 +120,16 @@ def pairs():
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=11)
-    parser.add_argument("--threads", type=int, default=2)
-    arguments = parser.parse_args()
+    arguments = runner_arguments(__doc__.splitlines()[0], rounds=11)
     import fastattn
 
     fastattn.set_num_threads(arguments.threads)
     print(f"B={B}, H={H}, Hkv={KV_HEADS}, D={D}, {LENGTH} tokens (decode), pages of {PAGE}, "
           f"float32, {arguments.threads} threads, {arguments.rounds} rounds")
-    print(f"{'case':<40}{'first ms':>10}{'second ms':>11}  ratio med [min max]   goal")
+    print(f"{'case':<40}{'first ms':>11}{'second ms':>11}  ratio med [min max]   goal")
     for name, (first, second, goal) in pairs().items():
-        times = interleaved_rounds(first, second, arguments.rounds)
-        ratios = times[2]
-        ratio = float(np.median(ratios))
-        print(f"{name:<40}{1e3 * np.median(times[0]):10.2f}{1e3 * np.median(times[1]):11.2f}"
-              f"  {ratio:.3f} [{min(ratios):.3f} {max(ratios):.3f}]  <= {goal} "
-              f"{'met' if ratio <= goal else 'MISSED'}", flush=True)
-
+        print(ratio_line(name, *interleaved_rounds(first, second, arguments.rounds), goal, 40),
+              flush=True)
 
 if __name__ == "__main__":
     main()

@@ -17,16 +17,14 @@ ratios with their min and max; run it alone on the machine (``flock -x`` where t
 CPU is shared).
 """
 
-import argparse
-
 import numpy as np
 
 import fastattn
 
 try:  # imported by asv as part of the asv_benchmarks package
-    from .common import interleaved_rounds
+    from .common import interleaved_rounds, ratio_line, runner_arguments
 except ImportError:  # run as a script: python asv_benchmarks/varlen.py
-    from common import interleaved_rounds
+    from common import interleaved_rounds, ratio_line, runner_arguments
 
 SEQUENCES, HEADS, HEAD_DIM = 8, 8, 64
 LENGTHS = np.random.default_rng(23).integers(64, 2049, SEQUENCES)  # (8,) tokens each
@@ -100,10 +98,7 @@ class VarlenVsPadded:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=2)
-    arguments = parser.parse_args()
+    arguments = runner_arguments(__doc__.splitlines()[0], rounds=15)
     fastattn.set_num_threads(arguments.threads)
     print(f"lengths {LENGTHS.tolist()}, H={HEADS}, D={HEAD_DIM}, float32, "
           f"{arguments.threads} threads, {arguments.rounds} rounds")
@@ -113,17 +108,10 @@ def main():
             pair = calls(causal, backward)
             for call in pair.values():
                 call()
-            varlen_times, padded_times, ratios = interleaved_rounds(
-                pair["varlen"], pair["padded"], arguments.rounds)
-            times = {"varlen": varlen_times, "padded": padded_times}
             goal = work_ratio(LENGTHS, causal) * 1.15 + 0.05
-            ratio = float(np.median(ratios))
             name = ("causal " if causal else "") + ("forward+backward" if backward else "forward")
-            print(f"{name:<28}{1e3 * np.median(times['varlen']):11.1f}"
-                  f"{1e3 * np.median(times['padded']):11.1f}  {ratio:.3f} [{min(ratios):.3f} "
-                  f"{max(ratios):.3f}]  <= {goal:.3f} {'met' if ratio <= goal else 'MISSED'}",
-                  flush=True)
-
+            print(ratio_line(name, *interleaved_rounds(pair["varlen"], pair["padded"],
+                                                       arguments.rounds), goal, 28), flush=True)
 
 if __name__ == "__main__":
     main()

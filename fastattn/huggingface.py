@@ -338,10 +338,8 @@ def _decoding_step(query, key, value, attention_mask, dropout, scaling, softcap,
         return None  # the general path says what is wrong
     keywords.update(scale=scaling, enable_gqa=key.shape[-3] != query.shape[-3],
                     **_score_options(softcap))
-    if dtype in fastattn.torch.NATIVE_DTYPES and not tracked:  # NumPy views as they are
-        arrays = (query.numpy(), key.numpy(), value.numpy())
-    else:
-        arrays = tuple(fastattn.torch._compute_array(tensor) for tensor in (query, key, value))
+    arrays = tuple(fastattn.torch._compute_array(tensor)
+                   for tensor in (query, key, value))  # NumPy views, no copy
     step = decode_steps.decode_step(*arrays, keywords)
     if step is None:
         return None

@@ -26,7 +26,8 @@ from fastattn._contract.shapes import (broadcast_batch, check_score_operand, gqa
                                        matrix_dims)
 
 __all__ = ["AttentionProblem", "check_attention", "check_backward_arrays",
-           "check_bias_grad_request", "check_score_mod_grad", "checked_problem"]
+           "check_bias_grad_request", "check_score_mod_grad", "checked_problem",
+           "stand_in_problem"]
 
 
 @dataclass(slots=True)
@@ -402,10 +403,19 @@ def _plain_problem_fields(q_shape, k_shape, v_shape, q_dtype, k_dtype, v_dtype, 
     (zero-strided views of one element, no memory), so a bad combination raises
     exactly what it raises for real arrays (and an exception is never cached).
     """
-    q, k, v = (np.broadcast_to(np.zeros((), dtype), shape) for shape, dtype in (
-        (q_shape, q_dtype), (k_shape, k_dtype), (v_shape, v_dtype)))
-    problem = _checked_attention(q, k, v, None, options)
+    problem = stand_in_problem((q_shape, k_shape, v_shape), (q_dtype, k_dtype, v_dtype),
+                               options)
     return tuple(getattr(problem, name) for name in _SHAPE_FIELDS)
+
+
+def stand_in_problem(shapes, dtypes, options):
+    """The :class:`AttentionProblem` of stand-ins for query, key and value of these
+    ``shapes`` and ``dtypes`` under scalar ``options``: zero-strided views of one
+    element (no memory), checked in full, so a bad combination raises exactly what
+    real arrays of those shapes raise."""
+    query, key, value = (np.broadcast_to(np.zeros((), dtype), shape)
+                         for shape, dtype in zip(shapes, dtypes))
+    return _checked_attention(query, key, value, None, options)
 
 
 def checked_problem(query, key, value, *, mask=None, kv_lengths=None, causal=False,

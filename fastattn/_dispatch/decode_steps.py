@@ -19,14 +19,13 @@ path, so its results are bitwise those of
 (:mod:`fastattn.huggingface`) takes it for the decoding calls of a generation loop.
 """
 
-import functools
 import math
 
 import numpy as np
 
 from fastattn._contract.arguments import diagonal_offset
 from fastattn._contract.options import options_from
-from fastattn._contract.problem import check_attention, key_reach
+from fastattn._contract.problem import check_attention, key_reach, stand_in_problem
 from fastattn._dispatch.layout import (NO_HOOK, as_stored, fold_query_groups,
                                        plain_visibility, problem_arguments)
 from fastattn._dispatch.run import decode_into, decode_supported
@@ -55,8 +54,8 @@ class DecodeStep:
     """
 
     __slots__ = ("signature", "_kernel_dtype", "_inputs", "_options", "_out_shape",
-                 "_out_dtype", "_lse_dtype", "_stacks", "_causal", "_alignment", "_window",
-                 "_q_len", "_rows", "_visibility")
+                 "_out_dtype", "_lse_dtype", "_stacks", "_rule", "_q_len", "_rows",
+                 "_visibility")
 
     def __init__(self, problem, signature):
         folded = fold_query_groups(problem) or problem  # GQA: a kv head's queries as rows
@@ -69,9 +68,7 @@ class DecodeStep:
         # (N, rows, Dk) queries, (N_kv, Lk, Dk) keys and (N_kv, Lk, Dv) values
         self._stacks = ((n_batch, folded.q_len, folded.head_dim), (n_kv, folded.head_dim),
                         (n_kv, folded.value_dim))
-        options = folded.options
-        self._causal, self._alignment, self._window = (options.causal,
-                                                       options.causal_alignment, options.window)
+        self._rule = folded.options  # causal, causal_alignment and window: who sees what
         self._q_len, self._rows = problem.q_len, folded.q_len  # per head, per block
         self._visibility = (-1, None)  # (Lk, its Visibility): a model's layers share it
         settings.apply()  # before the first kernel call, as the general path does
@@ -90,9 +87,10 @@ class DecodeStep:
                                                     value_shape[1])))  # (N_kv, Lk, Dv)
         seen_len, visibility = self._visibility
         if seen_len != kv_len:
-            visibility = plain_visibility(diagonal_offset(self._alignment, self._q_len, kv_len),
-                                          *key_reach(self._window, self._causal, self._rows,
-                                                     kv_len))
+            rule = self._rule
+            visibility = plain_visibility(
+                diagonal_offset(rule.causal_alignment, self._q_len, kv_len),
+                *key_reach(rule.window, rule.causal, self._rows, kv_len))
             self._visibility = (kv_len, visibility)
         out = np.empty(query_shape[:2] + (value_shape[1],), stored)  # (N, rows, Dv)
         lse = np.empty(query_shape[:2], self._lse_dtype)  # (N, rows)
@@ -138,27 +136,23 @@ def decode_step(query, key, value, keywords):
 
 
 # Steps by signature and keywords as given (None: not a decoding step; _REFUSED: the
-# checks refuse the signature), at most _MOST_STEPS of them
+# checks refuse the signature), at most _MOST_STEPS of them (the one cache of steps)
 _STEPS = {}
 _MOST_STEPS = 256
 _UNKNOWN = object()
 _REFUSED = object()
 
 
-@functools.lru_cache(maxsize=64)
 def _prepared(signature, options):
     """The :class:`DecodeStep` of a signature under ``options``, prepared from
-    stand-ins of its shapes and dtypes (zero-strided views of one element, ``Lk``
-    1: no memory, as :func:`fastattn._contract.problem.check_attention` checks plain
-    calls); None where the decode kernel does not take the call, ``_REFUSED`` where
-    the checks refuse it."""
+    stand-ins of its shapes and dtypes (``Lk`` 1, no memory:
+    :func:`~fastattn._contract.problem.stand_in_problem`); None where the decode kernel
+    does not take the call, ``_REFUSED`` where the checks refuse it."""
     query_shape, key_shape, value_shape, *dtypes = signature
     shapes = (query_shape, key_shape[:-1] + (1,) + key_shape[-1:],
               value_shape[:-1] + (1,) + value_shape[-1:])
-    query, key, value = (np.broadcast_to(np.zeros((), dtype), shape)
-                         for shape, dtype in zip(shapes, dtypes))
     try:
-        problem = check_attention(query, key, value, None, options)
+        problem = stand_in_problem(shapes, dtypes, options)
     except (TypeError, ValueError):
         return _REFUSED
     if options.causal and options.causal_alignment != "bottom_right":

@@ -141,14 +141,11 @@ def decode_into(kernel_dtype, inputs, options, visibility, out, lse):
     spans = span_buffers(dtype, n_batch, q_len, value_dim, span_len, n_spans)
     available = get_num_threads()
     threads = tiling.decode_threads(inputs.key.nbytes + inputs.value.nbytes, available)
-    arguments = (inputs, options, visibility,
-                 Tiling(block_q=q_len, block_k=block_k, slots=threads),  # a slot per thread
-                 ForwardOutputs(out, lse, placeholder(dtype, 3, writeable=True), False), spans)
-    if threads == available:
-        decode_kernel(kernel_dtype)(*arguments)
-    else:
-        with at_most_threads(threads, available):  # small calls: the calling thread alone
-            decode_kernel(kernel_dtype)(*arguments)
+    with at_most_threads(threads, available):  # small calls: the calling thread alone
+        decode_kernel(kernel_dtype)(
+            inputs, options, visibility,
+            Tiling(block_q=q_len, block_k=block_k, slots=threads),  # a slot per thread
+            ForwardOutputs(out, lse, placeholder(dtype, 3, writeable=True), False), spans)
 
 
 def result_buffers(problem, n_batch):
