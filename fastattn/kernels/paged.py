@@ -30,7 +30,12 @@ but its own score and value loops: a page row holds every kv head's key
 lies in memory, for every entry of the task (every kv head) in turn, four key rows
 at a time as in the decode kernel (one load of each query element and of each
 accumulator element for the four; rows found one by one, so four may span a page
-boundary). A pass per
+boundary). The CPU's prefetchers stop at every 4 KiB memory page and a page of the
+cache lies anywhere in the pool, so each loop asks, :data:`PREFETCH_AHEAD` tokens
+ahead, for the first two lines of every 4 KiB of the rows it will read
+(:func:`prefetch_row_starts`): the hardware streams the rest. (Whole rows asked for
+measured slower than none; two lines per 4 KiB, 16 tokens ahead, took paged decoding
+from about 1.14 to 1.01-1.06 x the contiguous kernel on an AMD EPYC Zen 4.) A pass per
 head would read one head's ``D`` entries of each row, ``Hkv * D`` apart, which the
 CPU's prefetchers do not follow (they stop at every 4 KiB memory page); this way
 memory is read as in the contiguous decode kernel. No page is gathered or copied.
@@ -50,7 +55,11 @@ from fastattn.kernels.half import BFLOAT16, FLOAT16, as_compute
 from fastattn.kernels.masking import KeyRule, row_block_keys, visible_columns
 from fastattn.kernels.scores import apply_softcap
 from fastattn.kernels.vector_math import (LOG2E, cast_like, full_width_vectors,
-                                          line_aligned_rows, whole_lines)
+                                          line_aligned_rows, prefetch_line, whole_lines)
+
+PREFETCH_AHEAD = 16
+"""How many tokens ahead of the rows being read the score and value loops ask for the
+first lines of each 4 KiB of the rows (:func:`prefetch_row_starts`)."""
 
 
 def _paged_forward(paged, options, visibility, tiling, outputs, spans):
@@ -163,7 +172,8 @@ def paged_block(q_scaled, key_pages, value_pages, table, heads, key_start, cols,
     rows' visibility by ``rule`` (the same for every entry); ``scores`` ``(entries, rows, block_k)``, ``row_max``, ``row_sum``
     ``(entries, rows)`` and ``acc`` ``(entries, rows, Dv)`` as in
     :func:`fastattn.kernels.decode.decode_block`, one per entry."""
-    paged_block_scores(q_scaled, key_pages, table, heads, key_start, scores, cols, half_format)
+    paged_block_scores(q_scaled, key_pages, table, heads, key_start, scores, cols,
+                       rule.kv_stop, half_format)
     entries, rows = row_max.shape
     for e in range(entries):
         if options.has_softcap:  # the whole buffer: columns past cols are never read
@@ -177,13 +187,14 @@ def paged_block(q_scaled, key_pages, value_pages, table, heads, key_start, cols,
 
 
 @jit_helper
-def paged_block_scores(q_scaled, key_pages, table, heads, key_start, scores, cols,
+def paged_block_scores(q_scaled, key_pages, table, heads, key_start, scores, cols, kv_stop,
                        half_format):
     """``scores[e, r, c] = q_scaled[e, r] . keys[c, heads[e]]`` for ``c < cols``: four
     key rows at a time (found through ``table``, a page apart or not), every entry in
     turn, each row taking its four dot products in one pass over ``Dk``
     (:func:`fastattn.kernels.decode.dot_four`); the block's memory read once, in the
-    order it lies (``heads`` ascending)."""
+    order it lies (``heads`` ascending), the rows :data:`PREFETCH_AHEAD` tokens on
+    (below ``kv_stop``, the sequence's length) asked for meanwhile."""
     full_width_vectors()
     entries, rows = scores.shape[:2]
     page_size = key_pages.shape[1]
@@ -193,6 +204,7 @@ def paged_block_scores(q_scaled, key_pages, table, heads, key_start, scores, col
         c = 4 * quad
         keys0, keys1, keys2, keys3 = four_page_rows(key_pages, table, key_start + c,
                                                     page_size)  # (Hkv, Dk) each
+        prefetch_row_starts(key_pages, table, key_start + c + PREFETCH_AHEAD, kv_stop)
         for e in range(entries):
             head = heads[e]
             for r in range(rows):
@@ -215,8 +227,8 @@ def paged_block_values(probabilities, value_pages, table, heads, key_start, rule
     """``acc[e, r] += sum_c probabilities[e, r, c] * values[c, heads[e]]`` over the
     columns ``c < cols`` row ``r`` sees, every entry in turn (memory order); where
     every row sees the whole block, four value rows at a time
-    (:func:`fastattn.kernels.decode.add_four`). A hidden key's value is never
-    multiplied."""
+    (:func:`fastattn.kernels.decode.add_four`), asking for the rows
+    :data:`PREFETCH_AHEAD` tokens on. A hidden key's value is never multiplied."""
     full_width_vectors()
     entries, rows = acc.shape[:2]
     every_row_sees_all = True  # the usual decode block: no per-key visibility test
@@ -230,6 +242,7 @@ def paged_block_values(probabilities, value_pages, table, heads, key_start, rule
         values0, values1, values2, values3 = four_page_rows(value_pages, table,
                                                             key_start + c,
                                                             page_size)  # (Hkv, Dv) each
+        prefetch_row_starts(value_pages, table, key_start + c + PREFETCH_AHEAD, rule.kv_stop)
         for e in range(entries):
             head = heads[e]
             for r in range(rows):
@@ -247,6 +260,23 @@ def paged_block_values(probabilities, value_pages, table, heads, key_start, rule
                     first, stop = visible_columns(r, key_start, cols, rule)
                 if first <= c < stop:
                     add_one(acc[e, r], probabilities[e, r, c], values[heads[e]], half_format)
+
+
+@jit_inlined
+def prefetch_row_starts(pages, table, token, kv_stop):
+    """Ask for the first two 64-byte lines of every 4 KiB of the rows of tokens
+    ``token`` to ``token + 3`` below ``kv_stop`` in ``pages`` ``(n_pages, page_size,
+    Hkv, D)`` (found through ``table``): the CPU's prefetchers then stream the rest,
+    but they do not start on their own where a new 4 KiB memory page begins. Changes
+    no value."""
+    page_size = pages.shape[1]
+    row_bytes = pages.shape[2] * pages.shape[3] * pages.itemsize
+    for t in range(token, min(token + 4, kv_stop)):
+        page, row = divmod(t, page_size)
+        start = (table[page] * page_size + row) * row_bytes  # the row's first byte
+        for offset in range(0, row_bytes, 4096):
+            prefetch_line(pages, start + offset)
+            prefetch_line(pages, start + offset + 64)
 
 
 @jit_inlined

@@ -432,3 +432,24 @@ def row_maximum(typingctx, row, start):
             builder.store(take_larger(builder.load(result), value), result)
         return builder.load(result)
     return start(row, start), codegen
+
+
+@intrinsic
+def prefetch_line(typingctx, array, byte_offset):
+    """Ask the CPU to bring the 64-byte line ``byte_offset`` bytes into ``array``'s data
+    into its caches (``llvm.prefetch``: a read, kept close); it computes nothing and
+    never faults, whatever the offset."""
+    if not (isinstance(array, types.Array) and isinstance(byte_offset, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        address = builder.gep(builder.bitcast(data, ir.IntType(8).as_pointer()), [args[1]])
+        int32 = ir.IntType(32)
+        function = builder.module.declare_intrinsic(
+            "llvm.prefetch", [address.type],
+            ir.FunctionType(ir.VoidType(), [address.type, int32, int32, int32]))
+        builder.call(function, [address, ir.Constant(int32, 0), ir.Constant(int32, 3),
+                                ir.Constant(int32, 1)])
+        return context.get_dummy_value()
+    return types.void(array, byte_offset), codegen
