@@ -35,7 +35,7 @@ cache lies anywhere in the pool, so each loop asks, :data:`PREFETCH_AHEAD` token
 ahead, for the first two lines of every 4 KiB of the rows it will read
 (:func:`prefetch_row_starts`): the hardware streams the rest. (Whole rows asked for
 measured slower than none; two lines per 4 KiB, 16 tokens ahead, took paged decoding
-from about 1.14 to 1.01-1.06 x the contiguous kernel on an AMD EPYC Zen 4.) A pass per
+from about 1.14 to 1.01-1.07 x the contiguous kernel on an AMD EPYC Zen 4.) A pass per
 head would read one head's ``D`` entries of each row, ``Hkv * D`` apart, which the
 CPU's prefetchers do not follow (they stop at every 4 KiB memory page); this way
 memory is read as in the contiguous decode kernel. No page is gathered or copied.
