@@ -57,3 +57,23 @@ def test_row_maximum_skips_nan(dtype):
     assert row_maximum_check(row, dtype(-np.inf)) == -np.inf
     row[50] = 2.0
     assert row_maximum_check(row, dtype(-np.inf)) == 2.0
+
+
+def test_prefetch_line_changes_nothing_and_never_faults():
+    """``prefetch_line`` is a hint: offsets inside, just past and far outside the array
+    (even negative) leave it as it was and do not crash the process."""
+    from numba import njit
+
+    from fastattn.kernels.vector_math import prefetch_line
+
+    @njit
+    def touch(array, offsets):
+        for offset in offsets:
+            prefetch_line(array, offset)
+        return array.sum()
+
+    data = np.arange(1000, dtype=np.float32)  # (1000,)
+    before = data.copy()
+    offsets = np.array([0, 64, 3999, 4000, 1 << 40, -(1 << 40)], np.int64)
+    assert touch(data, offsets) == before.sum()
+    np.testing.assert_array_equal(data, before)
